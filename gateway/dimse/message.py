@@ -1,0 +1,286 @@
+"""DIMSE messages over presentation data values, sans-I/O.
+
+Pure: no I/O, no Twisted.
+
+A DIMSE message is a command set, optionally followed by a data set, both
+carried in P-DATA-TF PDUs as presentation data value (PDV) fragments
+(PS3.7 section 6.3.1 and Annex E; PS3.8 section 9.3.5 and Annex E.2).  Each
+PDV has a message control header: bit 0 set for a command fragment, clear
+for a data set fragment; bit 1 set on the last fragment of the command or of
+the data set.  All fragments of one message use the same presentation
+context, and a data set follows its command only when the command's Command
+Data Set Type (0000,0800) says so.
+
+Receiving: :class:`MessageAssembler` turns PDVs into events.  Command
+fragments are small and are joined before decoding; data set fragments are
+passed on as they arrive (no buffering, no copy) so that a storage service
+can stream them to disk.
+
+Sending: :func:`fragment_message` and :func:`fragment_stream` cut a message
+into P-DATA-TF PDUs that respect the peer's Maximum Length (PS3.8 D.1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Optional, Union
+
+from gateway.dimse.commands import MAX_COMMAND_LENGTH, Command, DIMSEError, decode_command
+from gateway.ul.pdu import PDV, encode_pdata
+
+__all__ = [
+    "CommandReceived",
+    "DataFragment",
+    "MessageAssembler",
+    "fragment_message",
+    "fragment_stream",
+    "pdv_data_limit",
+    "UNLIMITED_FRAGMENT_SIZE",
+]
+
+# Message control header bits (PS3.8 Annex E.2).
+CONTROL_COMMAND = 0x01
+CONTROL_LAST = 0x02
+
+#: PDU bytes that are not PDV data: the PDV item length (4), presentation
+#: context ID (1) and message control header (1) (PS3.8 Table 9-23).  The
+#: peer's Maximum Length counts the PDU variable field, i.e. these plus the
+#: data but not the 6-byte PDU header (PS3.8 D.1.1).
+PDV_OVERHEAD = 6
+
+#: Fragment size used when the peer announced no limit (Maximum Length 0).
+UNLIMITED_FRAGMENT_SIZE = 1 << 20
+
+Buffer = Union[bytes, bytearray, memoryview]
+
+
+# ---------------------------------------------------------------------------
+# Receiving
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CommandReceived:
+    """A complete, decoded command set arrived on ``context_id``."""
+
+    context_id: int
+    command: Command
+
+
+@dataclass(frozen=True)
+class DataFragment:
+    """One fragment of the data set that follows the last command.
+
+    ``data`` is the PDV's own buffer (often a memoryview into the received
+    PDU): consume or copy it before the PDU buffer is reused.  ``last`` is
+    set on the final fragment of the data set.
+    """
+
+    context_id: int
+    data: Buffer
+    last: bool
+
+
+Event = Union[CommandReceived, DataFragment]
+
+
+class MessageAssembler:
+    """Reassembles DIMSE messages from the PDVs of one association.
+
+    Feed every PDV received, in order, to :meth:`feed`.  It returns the
+    events they complete: a :class:`CommandReceived` when the last command
+    fragment arrives, then, if that command announced a data set, one
+    :class:`DataFragment` per data set PDV.
+
+    A PDV that breaks the message structure of PS3.7 6.3.1 / PS3.8 Annex E
+    raises :class:`DIMSEError`; so does a command set that is too large or
+    cannot be decoded.  The association must then be aborted: the assembler
+    refuses any further PDV.
+    """
+
+    def __init__(self) -> None:
+        self._command = bytearray()  # command fragments received so far
+        self._command_context: Optional[int] = None  # set while collecting
+        self._dataset_context: Optional[int] = None  # set while a data set is due
+        self._last_had_no_dataset = False  # only to word errors precisely
+        self._failed = False
+
+    @property
+    def idle(self) -> bool:
+        """True between messages (no command or data set half received)."""
+        return self._command_context is None and self._dataset_context is None
+
+    @property
+    def expecting_dataset(self) -> bool:
+        """True once a command announced a data set, until its last fragment."""
+        return self._dataset_context is not None
+
+    def feed(self, pdv: PDV) -> list[Event]:
+        """Process one PDV; return the events it completes (maybe none)."""
+        if self._failed:
+            raise DIMSEError("message assembler already failed; abort the association")
+        try:
+            if pdv.control & CONTROL_COMMAND:
+                return self._feed_command(pdv)
+            return self._feed_dataset(pdv)
+        except DIMSEError:
+            self._failed = True
+            raise
+
+    def _feed_command(self, pdv: PDV) -> list[Event]:
+        if self._dataset_context is not None:
+            raise DIMSEError(
+                f"command PDV on context {pdv.context_id} while the data set of the "
+                f"previous command on context {self._dataset_context} is incomplete"
+            )
+        if self._command_context is not None and pdv.context_id != self._command_context:
+            raise DIMSEError(
+                f"command fragment on context {pdv.context_id} inside a command "
+                f"on context {self._command_context}"
+            )
+        # Check the cap before appending: a peer never makes us hold more.
+        if len(self._command) + len(pdv.data) > MAX_COMMAND_LENGTH:
+            raise DIMSEError(f"command set exceeds {MAX_COMMAND_LENGTH} bytes")
+        self._command += pdv.data
+        self._command_context = pdv.context_id
+        if not pdv.control & CONTROL_LAST:
+            return []
+
+        context_id = self._command_context
+        try:
+            command = decode_command(self._command)
+        finally:
+            self._command = bytearray()
+            self._command_context = None
+        if command.has_dataset:
+            self._dataset_context = context_id
+        self._last_had_no_dataset = not command.has_dataset
+        return [CommandReceived(context_id, command)]
+
+    def _feed_dataset(self, pdv: PDV) -> list[Event]:
+        if self._dataset_context is None:
+            if self._command_context is not None:
+                reason = "data set PDV before the last fragment of its command"
+            elif self._last_had_no_dataset:
+                reason = "data set PDV after a command announcing no data set"
+            else:
+                reason = "data set PDV without a preceding command"
+            raise DIMSEError(f"{reason} (context {pdv.context_id})")
+        if pdv.context_id != self._dataset_context:
+            raise DIMSEError(
+                f"data set PDV on context {pdv.context_id} for a command "
+                f"received on context {self._dataset_context}"
+            )
+        last = bool(pdv.control & CONTROL_LAST)
+        if last:
+            self._dataset_context = None
+            self._last_had_no_dataset = False
+        return [DataFragment(pdv.context_id, pdv.data, last)]
+
+
+# ---------------------------------------------------------------------------
+# Sending
+# ---------------------------------------------------------------------------
+
+
+def pdv_data_limit(max_pdu_length: int) -> int:
+    """Most data bytes one PDV may carry in a PDU of the peer's Maximum Length.
+
+    ``max_pdu_length`` is the Maximum Length Received the peer announced in
+    its User Information (PS3.8 D.1); 0 means unlimited, in which case
+    fragments of :data:`UNLIMITED_FRAGMENT_SIZE` bytes are used.
+    """
+    if max_pdu_length == 0:
+        return UNLIMITED_FRAGMENT_SIZE
+    if max_pdu_length <= PDV_OVERHEAD:
+        raise ValueError(f"maximum PDU length {max_pdu_length} leaves no room for data")
+    return min(max_pdu_length - PDV_OVERHEAD, 0xFFFFFFFF - PDV_OVERHEAD)
+
+
+def _byte_view(data: Buffer) -> memoryview:
+    view = memoryview(data)
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
+def _fragments(context_id: int, data: Buffer, limit: int, kind: int) -> Iterator[bytes]:
+    """PDUs for one command or data set held in memory; slices, no copies."""
+    view = _byte_view(data)
+    size = len(view)
+    start = 0
+    while True:
+        end = start + limit
+        if end >= size:
+            yield encode_pdata(context_id, kind | CONTROL_LAST, view[start:])
+            return
+        yield encode_pdata(context_id, kind, view[start:end])
+        start = end
+
+
+def fragment_message(
+    context_id: int,
+    command_bytes: Buffer,
+    max_pdu_length: int,
+    dataset: Optional[Buffer] = None,
+) -> Iterator[bytes]:
+    """Yield the P-DATA-TF PDUs of one DIMSE message, one PDV each.
+
+    The encoded command set is cut into command fragments, then ``dataset``
+    (if given) into data set fragments, each at most
+    ``pdv_data_limit(max_pdu_length)`` bytes, the last of each marked with
+    the "last" bit (PS3.8 Annex E.2).  An empty data set still gets one
+    (empty) last fragment.
+    """
+    limit = pdv_data_limit(max_pdu_length)
+    yield from _fragments(context_id, command_bytes, limit, CONTROL_COMMAND)
+    if dataset is not None:
+        yield from _fragments(context_id, dataset, limit, 0)
+
+
+def fragment_stream(
+    context_id: int, chunks: Iterable[Buffer], max_pdu_length: int
+) -> Iterator[bytes]:
+    """Yield the data set PDUs for a data set read in chunks (e.g. a file).
+
+    Chunks of any size are re-cut to full-size fragments of
+    ``pdv_data_limit(max_pdu_length)`` bytes; only the final fragment may be
+    shorter, and it alone carries the "last" bit, so a fragment is held back
+    until the next non-empty chunk (or the end of ``chunks``) shows whether
+    more data follows.  Send the command first (``fragment_message`` with no
+    data set).
+
+    Each chunk is consumed before the next one is requested, except for a
+    tail of fewer than ``limit`` bytes that is copied, so the caller may
+    reuse its chunk buffer.  Empty chunks are skipped; no chunks at all give
+    one empty last fragment.
+    """
+    limit = pdv_data_limit(max_pdu_length)
+    carry = bytearray()  # data not yet sent: at most `limit` bytes
+    for chunk in chunks:
+        # Our own view, released when done with the chunk, so the caller is
+        # free to resize its buffer once it is asked for the next chunk.
+        with memoryview(chunk) as raw:
+            view = _byte_view(raw)
+            try:
+                if not view:
+                    continue
+                pos = 0
+                if carry:
+                    # More data follows `carry` now: it goes once it is full.
+                    take = min(limit - len(carry), len(view))
+                    carry += view[:take]
+                    pos = take
+                    if pos == len(view):
+                        continue  # chunk used up; is carry last? not known yet
+                    yield encode_pdata(context_id, 0, carry)
+                    carry = bytearray()
+                # Whole fragments straight from the chunk, keeping at least
+                # one byte back: the fragment that turns out to be the last
+                # must not be sent before we know it is.
+                while len(view) - pos > limit:
+                    yield encode_pdata(context_id, 0, view[pos : pos + limit])
+                    pos += limit
+                carry = bytearray(view[pos:])
+            finally:
+                if view is not raw:
+                    view.release()
+    yield encode_pdata(context_id, CONTROL_LAST, carry)

@@ -1,0 +1,437 @@
+"""The upper-layer protocol machine for one association (PS3.8 section 9), sans I/O.
+
+Bytes go in with :meth:`Association.receive_data`, local primitives with the
+other methods; every call returns a list of *effects* (send these bytes,
+start or stop ARTIM, close the transport, tell the user something) and never
+touches a socket, a timer or a clock.  The caller (the Twisted Protocol)
+carries the effects out in order.
+
+Framing: each PDU starts with a 6-byte header (type, reserved, 32-bit
+length).  The declared length is checked against a limit *before* any of the
+body is buffered, so a peer cannot make us allocate what it announces.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from gateway.ul import fsm
+from gateway.ul.pdu import (
+    A_ABORT,
+    A_ASSOCIATE_AC,
+    A_ASSOCIATE_RJ,
+    A_ASSOCIATE_RQ,
+    A_RELEASE_RP,
+    A_RELEASE_RQ,
+    ABORT_INVALID_PDU_PARAMETER_VALUE,
+    ABORT_REASON_NOT_SPECIFIED,
+    ABORT_SOURCE_PROVIDER,
+    ABORT_SOURCE_USER,
+    ABORT_UNEXPECTED_PDU,
+    ABORT_UNRECOGNIZED_PDU,
+    P_DATA_TF,
+    RJ_ACSE_PROTOCOL_VERSION_NOT_SUPPORTED,
+    RJ_PERMANENT,
+    RJ_SOURCE_ACSE,
+    Abort,
+    AssociateAC,
+    AssociateRJ,
+    AssociateRQ,
+    PDataTF,
+    PDUError,
+    ReleaseRP,
+    ReleaseRQ,
+    decode_pdu,
+    encode_pdu,
+)
+
+# The largest non-P-DATA PDU we accept.  An A-ASSOCIATE-RQ with 128
+# presentation contexts, each proposing a dozen transfer syntaxes, stays far
+# below this; anything bigger is an attack or a broken peer.
+MAX_ASSOCIATION_PDU = 1 << 20
+# When we advertise "no maximum" (0) we still refuse P-DATA PDUs above this.
+MAX_UNLIMITED_PDATA = 16 << 20
+# Some peers count the 6 header bytes into the maximum they respect; accept
+# that much over what we advertised rather than aborting them.
+PDATA_SLACK = 6
+
+_HEADER = struct.Struct(">BxL")
+
+_EVENT_FOR_TYPE = {
+    A_ASSOCIATE_AC: "Evt3",
+    A_ASSOCIATE_RJ: "Evt4",
+    A_ASSOCIATE_RQ: "Evt6",
+    P_DATA_TF: "Evt10",
+    A_RELEASE_RQ: "Evt12",
+    A_RELEASE_RP: "Evt13",
+    A_ABORT: "Evt16",
+}
+
+
+# ---- effects ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Send:
+    data: bytes
+
+
+@dataclass(frozen=True)
+class StartARTIM:
+    pass
+
+
+@dataclass(frozen=True)
+class StopARTIM:
+    pass
+
+
+@dataclass(frozen=True)
+class CloseTransport:
+    pass
+
+
+@dataclass(frozen=True)
+class ConnectTransport:
+    pass
+
+
+@dataclass(frozen=True)
+class AssociateIndication:
+    """A-ASSOCIATE indication: the peer asks; answer with accept() or reject()."""
+
+    request: AssociateRQ
+
+
+@dataclass(frozen=True)
+class AssociateAccepted:
+    """A-ASSOCIATE confirmation (accept), requestor side."""
+
+    response: AssociateAC
+
+
+@dataclass(frozen=True)
+class AssociateRejected:
+    """A-ASSOCIATE confirmation (reject), requestor side."""
+
+    response: AssociateRJ
+
+
+@dataclass(frozen=True)
+class PDataIndication:
+    pdu: PDataTF
+
+
+@dataclass(frozen=True)
+class ReleaseIndication:
+    collision: bool = False
+
+
+@dataclass(frozen=True)
+class ReleaseConfirmation:
+    pass
+
+
+@dataclass(frozen=True)
+class AbortIndication:
+    """A-ABORT (peer user, ``provider`` false) or A-P-ABORT (``provider`` true).
+
+    ``local`` is true when the provider abort was raised here (we sent the
+    A-ABORT because of the peer's protocol error), false when the peer
+    aborted or the connection was lost.
+    """
+
+    source: int
+    reason: int
+    provider: bool
+    local: bool = False
+    detail: str = ""
+
+
+_START, _STOP, _CLOSE = StartARTIM(), StopARTIM(), CloseTransport()
+
+
+class InvalidPrimitive(Exception):
+    """A local primitive was issued in a state where PS3.8 has no cell for it."""
+
+
+class Association:
+    """One association's protocol machine.
+
+    ``requestor`` selects the side (it only matters for release collisions
+    and the reject a provider may send).  ``max_pdu_length`` is what we
+    advertise for receiving; P-DATA PDUs above it are aborted.
+    """
+
+    def __init__(self, requestor: bool, max_pdu_length: int):
+        self.requestor = requestor
+        self.state = "Sta1"
+        self._buf = bytearray()
+        self._discard = False  # stream cannot be framed any more
+        limit = max_pdu_length + PDATA_SLACK if max_pdu_length else MAX_UNLIMITED_PDATA
+        self._pdata_limit = min(limit, MAX_UNLIMITED_PDATA)
+        self._pending: AssociateRQ | None = None
+        self._abort: Abort | None = None
+        self._detail = ""
+        self.last_event = ""
+
+    # ---- local service-user primitives ---------------------------------
+
+    def connection_made(self) -> list:
+        """Transport connected: Evt5 for an acceptor, Evt2 for a requestor."""
+        return self._event("Evt2" if self.requestor else "Evt5")
+
+    def request(self, rq: AssociateRQ) -> list:
+        """A-ASSOCIATE request (Evt1); the RQ PDU goes out on Evt2."""
+        self._pending = rq
+        return self._event("Evt1")
+
+    def accept(self, ac: AssociateAC) -> list:
+        return self._event("Evt7", ac)
+
+    def reject(self, rj: AssociateRJ) -> list:
+        return self._event("Evt8", rj)
+
+    def send_pdata(self, pdu_bytes: bytes) -> list:
+        """P-DATA request with an already encoded P-DATA-TF PDU (Evt9)."""
+        return self._event("Evt9", pdu_bytes)
+
+    def release_request(self) -> list:
+        return self._event("Evt11")
+
+    def release_response(self) -> list:
+        return self._event("Evt14")
+
+    def abort(self, reason: int = ABORT_REASON_NOT_SPECIFIED) -> list:
+        """A-ABORT request from the local user (Evt15)."""
+        if self.state in ("Sta1", "Sta2", "Sta13"):
+            # Nothing to abort, or already aborting: just make sure the
+            # connection goes away.
+            return [] if self.state == "Sta1" else [_CLOSE]
+        self._abort = Abort(ABORT_SOURCE_USER, reason)
+        return self._event("Evt15")
+
+    def provider_abort(self, reason: int, detail: str = "") -> list:
+        """Abort because the peer broke a rule above this layer (e.g. DIMSE).
+
+        Handled like an invalid PDU (Evt19): A-ABORT with service-provider
+        source, an A-P-ABORT indication, ARTIM.
+        """
+        self._detail = detail
+        self._abort = Abort(ABORT_SOURCE_PROVIDER, reason)
+        if self.state in ("Sta1", "Sta13"):
+            return []
+        return self._event("Evt19")
+
+    def connection_lost(self) -> list:
+        if self.state == "Sta1":
+            return []
+        return self._event("Evt17")
+
+    def artim_expired(self) -> list:
+        if (("Evt18", self.state)) not in fsm.TABLE:
+            return []
+        return self._event("Evt18")
+
+    @property
+    def established(self) -> bool:
+        return self.state == "Sta6"
+
+    # ---- bytes from the peer --------------------------------------------
+
+    def receive_data(self, data) -> list:
+        if self._discard:
+            return []
+        buf = self._buf
+        buf += data
+        effects: list = []
+        while len(buf) >= 6 and not self._discard:
+            pdu_type, length = _HEADER.unpack_from(buf)
+            event = _EVENT_FOR_TYPE.get(pdu_type)
+            if event is None:
+                effects += self._invalid(ABORT_UNRECOGNIZED_PDU, f"unrecognized PDU type 0x{pdu_type:02x}")
+                break
+            limit = self._pdata_limit if pdu_type == P_DATA_TF else MAX_ASSOCIATION_PDU
+            if length > limit:
+                effects += self._invalid(
+                    ABORT_INVALID_PDU_PARAMETER_VALUE,
+                    f"PDU type 0x{pdu_type:02x} declares {length} bytes, limit {limit}",
+                )
+                break
+            end = 6 + length
+            if len(buf) < end:
+                break
+            body = bytes(memoryview(buf)[6:end])
+            del buf[:end]
+            try:
+                pdu = decode_pdu(pdu_type, body)
+            except PDUError as e:
+                effects += self._invalid(e.reason, str(e))
+                break
+            effects += self._event(event, pdu)
+        return effects
+
+    def _invalid(self, reason: int, detail: str) -> list:
+        self._discard = True
+        self._buf.clear()
+        self._detail = detail
+        self._abort = Abort(ABORT_SOURCE_PROVIDER, reason)
+        return self._event("Evt19")
+
+    # ---- dispatch ------------------------------------------------------
+
+    def _event(self, event: str, arg=None) -> list:
+        action = fsm.TABLE.get((event, self.state))
+        if action is None:
+            raise InvalidPrimitive(f"{fsm.EVENTS[event]} ({event}) is not valid in {self.state}")
+        self.last_event = event
+        effects: list = []
+        self.state = _ACTIONS[action](self, effects, event, arg)
+        return effects
+
+    # ---- actions (PS3.8 Tables 9-6 to 9-9) -------------------------------
+
+    def _ae1(self, fx, event, arg):
+        fx.append(ConnectTransport())
+        return "Sta4"
+
+    def _ae2(self, fx, event, arg):
+        fx.append(Send(encode_pdu(self._pending)))
+        return "Sta5"
+
+    def _ae3(self, fx, event, ac):
+        fx.append(AssociateAccepted(ac))
+        return "Sta6"
+
+    def _ae4(self, fx, event, rj):
+        fx += [AssociateRejected(rj), _CLOSE]
+        return "Sta1"
+
+    def _ae5(self, fx, event, arg):
+        fx.append(_START)
+        return "Sta2"
+
+    def _ae6(self, fx, event, rq: AssociateRQ):
+        fx.append(_STOP)
+        if not rq.protocol_version & 0x0001:
+            # Only the service provider judges the protocol version.
+            rj = AssociateRJ(RJ_PERMANENT, RJ_SOURCE_ACSE, RJ_ACSE_PROTOCOL_VERSION_NOT_SUPPORTED)
+            fx += [Send(encode_pdu(rj)), _START]
+            return "Sta13"
+        fx.append(AssociateIndication(rq))
+        return "Sta3"
+
+    def _ae7(self, fx, event, ac):
+        fx.append(Send(encode_pdu(ac)))
+        return "Sta6"
+
+    def _ae8(self, fx, event, rj):
+        fx += [Send(encode_pdu(rj)), _START]
+        return "Sta13"
+
+    def _dt1(self, fx, event, pdu_bytes):
+        fx.append(Send(pdu_bytes))
+        return "Sta6"
+
+    def _dt2(self, fx, event, pdu):
+        fx.append(PDataIndication(pdu))
+        return "Sta6"
+
+    def _ar1(self, fx, event, arg):
+        fx.append(Send(encode_pdu(ReleaseRQ())))
+        return "Sta7"
+
+    def _ar2(self, fx, event, arg):
+        fx.append(ReleaseIndication())
+        return "Sta8"
+
+    def _ar3(self, fx, event, arg):
+        fx += [ReleaseConfirmation(), _CLOSE]
+        return "Sta1"
+
+    def _ar4(self, fx, event, arg):
+        fx += [Send(encode_pdu(ReleaseRP())), _START]
+        return "Sta13"
+
+    def _ar5(self, fx, event, arg):
+        fx.append(_STOP)
+        return "Sta1"
+
+    def _ar6(self, fx, event, pdu):
+        fx.append(PDataIndication(pdu))
+        return "Sta7"
+
+    def _ar7(self, fx, event, pdu_bytes):
+        fx.append(Send(pdu_bytes))
+        return "Sta8"
+
+    def _ar8(self, fx, event, arg):
+        fx.append(ReleaseIndication(collision=True))
+        return "Sta9" if self.requestor else "Sta10"
+
+    def _ar9(self, fx, event, arg):
+        fx.append(Send(encode_pdu(ReleaseRP())))
+        return "Sta11"
+
+    def _ar10(self, fx, event, arg):
+        fx.append(ReleaseConfirmation())
+        return "Sta12"
+
+    def _aa1(self, fx, event, arg):
+        # Evt15 is our user's abort; in Sta2 the other events are a peer
+        # that sent something other than A-ASSOCIATE-RQ: a provider abort.
+        if event == "Evt15":
+            abort = self._abort or Abort(ABORT_SOURCE_USER, ABORT_REASON_NOT_SPECIFIED)
+        elif event == "Evt19" and self._abort is not None:
+            abort = self._abort
+        else:
+            abort = Abort(ABORT_SOURCE_PROVIDER, ABORT_UNEXPECTED_PDU)
+            self._detail = f"{fsm.EVENTS[event]} in {self.state}"
+        fx += [Send(encode_pdu(abort)), _START]
+        if abort.source == ABORT_SOURCE_PROVIDER:
+            fx.append(AbortIndication(abort.source, abort.reason, True, True, self._detail))
+        return "Sta13"
+
+    def _aa2(self, fx, event, arg):
+        fx += [_STOP, _CLOSE]
+        if event == "Evt16" and self.state == "Sta2":
+            fx.append(AbortIndication(arg.source, arg.reason, arg.source == ABORT_SOURCE_PROVIDER))
+        return "Sta1"
+
+    def _aa3(self, fx, event, abort: Abort):
+        provider = abort.source == ABORT_SOURCE_PROVIDER
+        fx += [AbortIndication(abort.source, abort.reason, provider), _CLOSE]
+        return "Sta1"
+
+    def _aa4(self, fx, event, arg):
+        fx.append(AbortIndication(ABORT_SOURCE_PROVIDER, ABORT_REASON_NOT_SPECIFIED, True,
+                                  detail="transport connection closed"))
+        return "Sta1"
+
+    def _aa5(self, fx, event, arg):
+        fx.append(_STOP)
+        return "Sta1"
+
+    def _aa6(self, fx, event, arg):
+        return "Sta13"
+
+    def _aa7(self, fx, event, arg):
+        abort = self._abort if event == "Evt19" and self._abort else Abort(ABORT_SOURCE_PROVIDER, ABORT_UNEXPECTED_PDU)
+        fx.append(Send(encode_pdu(abort)))
+        return "Sta13"
+
+    def _aa8(self, fx, event, arg):
+        if event == "Evt19" and self._abort is not None:
+            abort = self._abort
+        else:
+            abort = Abort(ABORT_SOURCE_PROVIDER, ABORT_UNEXPECTED_PDU)
+            self._detail = f"{fsm.EVENTS[event]} in {self.state}"
+        fx += [Send(encode_pdu(abort)),
+               AbortIndication(abort.source, abort.reason, True, True, self._detail), _START]
+        return "Sta13"
+
+
+_ACTIONS = {
+    name: getattr(Association, "_" + name.replace("-", "").lower()) for name in fsm.ACTIONS
+}

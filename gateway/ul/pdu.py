@@ -1,0 +1,218 @@
+"""PS3.8 section 9.3: the upper-layer PDUs and their items, as frozen values.
+
+Pure: no I/O, no Twisted.  ``decode_pdu(pdu_type, body)`` turns the body of one
+PDU (everything after the 6-byte header) into one of the classes below and
+``encode_pdu(pdu)`` turns one back into bytes, header included.  Anything that
+is not a well-formed PDU raises :class:`PDUError`, never another exception.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Union
+
+# PDU types (PS3.8 9.3.1)
+A_ASSOCIATE_RQ = 0x01
+A_ASSOCIATE_AC = 0x02
+A_ASSOCIATE_RJ = 0x03
+P_DATA_TF = 0x04
+A_RELEASE_RQ = 0x05
+A_RELEASE_RP = 0x06
+A_ABORT = 0x07
+
+PDU_TYPES = frozenset(range(0x01, 0x08))
+
+# A-ABORT source (PS3.8 Table 9-26)
+ABORT_SOURCE_USER = 0
+ABORT_SOURCE_PROVIDER = 2
+
+# A-ABORT provider reasons (PS3.8 Table 9-26)
+ABORT_REASON_NOT_SPECIFIED = 0
+ABORT_UNRECOGNIZED_PDU = 1
+ABORT_UNEXPECTED_PDU = 2
+ABORT_UNRECOGNIZED_PDU_PARAMETER = 4
+ABORT_UNEXPECTED_PDU_PARAMETER = 5
+ABORT_INVALID_PDU_PARAMETER_VALUE = 6
+
+# A-ASSOCIATE-RJ result / source / reason (PS3.8 Table 9-21)
+RJ_PERMANENT = 1
+RJ_TRANSIENT = 2
+RJ_SOURCE_USER = 1
+RJ_SOURCE_ACSE = 2  # service-provider (ACSE related function)
+RJ_SOURCE_PRESENTATION = 3  # service-provider (presentation related function)
+# source 1 (service-user)
+RJ_USER_NO_REASON = 1
+RJ_USER_APP_CONTEXT_NOT_SUPPORTED = 2
+RJ_USER_CALLING_AE_NOT_RECOGNIZED = 3
+RJ_USER_CALLED_AE_NOT_RECOGNIZED = 7
+# source 2 (ACSE)
+RJ_ACSE_NO_REASON = 1
+RJ_ACSE_PROTOCOL_VERSION_NOT_SUPPORTED = 2
+# source 3 (presentation)
+RJ_PRES_TEMPORARY_CONGESTION = 1
+RJ_PRES_LOCAL_LIMIT_EXCEEDED = 2
+
+# Presentation context results (PS3.8 Table 9-18)
+PC_ACCEPTANCE = 0
+PC_USER_REJECTION = 1
+PC_NO_REASON = 2
+PC_ABSTRACT_SYNTAX_NOT_SUPPORTED = 3
+PC_TRANSFER_SYNTAXES_NOT_SUPPORTED = 4
+
+DICOM_APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
+
+
+class PDUError(ValueError):
+    """A PDU or item that cannot be decoded.
+
+    ``reason`` is the A-ABORT provider reason a receiver should send
+    (one of the ``ABORT_*`` codes above).
+    """
+
+    def __init__(self, message: str, reason: int = ABORT_INVALID_PDU_PARAMETER_VALUE):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class PresentationContextRQ:
+    id: int
+    abstract_syntax: str
+    transfer_syntaxes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class PresentationContextAC:
+    id: int
+    result: int
+    transfer_syntax: str = ""  # not significant unless result == PC_ACCEPTANCE
+
+
+@dataclass(frozen=True)
+class RoleSelection:
+    sop_class_uid: str
+    scu_role: int
+    scp_role: int
+
+
+@dataclass(frozen=True)
+class ExtendedNegotiation:
+    sop_class_uid: str
+    info: bytes
+
+
+@dataclass(frozen=True)
+class CommonExtendedNegotiation:
+    sop_class_uid: str
+    service_class_uid: str
+    related_general_sop_classes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class UserIdentityRQ:
+    identity_type: int
+    positive_response_requested: bool
+    primary_field: bytes
+    secondary_field: bytes = b""
+
+
+@dataclass(frozen=True)
+class UserIdentityAC:
+    server_response: bytes
+
+
+@dataclass(frozen=True)
+class UnknownItem:
+    """A sub-item of User Information we do not know; kept, never acted on."""
+
+    item_type: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class UserInformation:
+    max_length: int | None = None
+    implementation_class_uid: str | None = None
+    implementation_version_name: str | None = None
+    async_ops: tuple[int, int] | None = None  # (max invoked, max performed)
+    role_selections: tuple[RoleSelection, ...] = ()
+    extended_negotiations: tuple[ExtendedNegotiation, ...] = ()
+    common_extended_negotiations: tuple[CommonExtendedNegotiation, ...] = ()
+    user_identity: UserIdentityRQ | UserIdentityAC | None = None
+    unknown: tuple[UnknownItem, ...] = ()
+
+
+@dataclass(frozen=True)
+class AssociateRQ:
+    called_ae: str
+    calling_ae: str
+    presentation_contexts: tuple[PresentationContextRQ, ...]
+    user_information: UserInformation = field(default_factory=UserInformation)
+    application_context: str = DICOM_APPLICATION_CONTEXT
+    protocol_version: int = 1
+
+
+@dataclass(frozen=True)
+class AssociateAC:
+    called_ae: str
+    calling_ae: str
+    presentation_contexts: tuple[PresentationContextAC, ...]
+    user_information: UserInformation = field(default_factory=UserInformation)
+    application_context: str = DICOM_APPLICATION_CONTEXT
+    protocol_version: int = 1
+
+
+@dataclass(frozen=True)
+class AssociateRJ:
+    result: int
+    source: int
+    reason: int
+
+
+@dataclass(frozen=True)
+class PDV:
+    """One presentation data value item.
+
+    ``control`` is the message control header: bit 0 set = command,
+    bit 1 set = last fragment.  ``data`` may be a memoryview into the
+    received PDU body (no copy on the receive path).
+    """
+
+    context_id: int
+    control: int
+    data: Union[bytes, memoryview]
+
+    @property
+    def is_command(self) -> bool:
+        return bool(self.control & 0x01)
+
+    @property
+    def is_last(self) -> bool:
+        return bool(self.control & 0x02)
+
+
+@dataclass(frozen=True)
+class PDataTF:
+    pdvs: tuple[PDV, ...]
+
+
+@dataclass(frozen=True)
+class ReleaseRQ:
+    pass
+
+
+@dataclass(frozen=True)
+class ReleaseRP:
+    pass
+
+
+@dataclass(frozen=True)
+class Abort:
+    source: int
+    reason: int
+
+
+PDU = Union[AssociateRQ, AssociateAC, AssociateRJ, PDataTF, ReleaseRQ, ReleaseRP, Abort]
+
+
+from gateway.ul._codec import decode_pdu, encode_pdu, encode_pdata  # noqa: E402,F401
