@@ -1,0 +1,217 @@
+"""The gateway's configuration: one validated, immutable object parsed from TOML.
+
+``load_config(path)`` reads a file, ``config_from_string(text)`` a string (for
+tests).  Unknown keys and bad values are rejected with :class:`ConfigError`,
+which lists every problem found, each naming its key (``timeouts.artim``,
+``ae[2].title``) and the file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway import IMPLEMENTATION_VERSION_NAME
+
+DEFAULT_CONFIG_PATH = "etc/dicomgw.toml"
+
+# PS3.5 Table 6.2-1, AE: default character repertoire, no backslash, no
+# control characters.  We are stricter for AE titles we *serve*, because
+# they name directories: letters, digits, space, and "_-." only.
+_LOCAL_AE = re.compile(r"^[A-Za-z0-9_.\- ]{1,16}$")
+# Implementation Version Name is SH: 1..16 characters of the default repertoire.
+_VERSION_NAME = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
+
+
+class ConfigError(ValueError):
+    """The configuration is not valid; ``problems`` lists each one."""
+
+    def __init__(self, problems: list[str], source: str = "<string>"):
+        self.problems = list(problems)
+        self.source = source
+        text = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"invalid configuration in {source}:\n{text}")
+
+
+@dataclass(frozen=True)
+class AETitle:
+    title: str
+
+
+@dataclass(frozen=True)
+class Config:
+    storage: str = "var/dicomgw"
+    max_pdu_length: int = 131072
+    implementation_version_name: str = IMPLEMENTATION_VERSION_NAME
+    listen_dicom: str = "tcp:11112"
+    artim: float = 30.0
+    dimse: float = 60.0
+    fsync: bool = True
+    ae_titles: tuple[AETitle, ...] = field(default_factory=lambda: (AETitle("DICOMGW"),))
+    source: str = "<string>"
+
+    def ae(self, title: str) -> AETitle | None:
+        for ae in self.ae_titles:
+            if ae.title == title:
+                return ae
+        return None
+
+
+class _Reader:
+    """Takes values out of one table, recording problems by dotted key."""
+
+    def __init__(self, table: dict, prefix: str, problems: list[str]):
+        self.table = dict(table)
+        self.prefix = prefix
+        self.problems = problems
+
+    def _key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def _take(self, name, default, types, what):
+        if name not in self.table:
+            return default
+        value = self.table.pop(name)
+        # bool is an int in Python; never accept it where a number is wanted.
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            self.problems.append(f"{self._key(name)}: expected {what}, got {value!r}")
+            return default
+        return value
+
+    def string(self, name, default=None, pattern=None, what="a string"):
+        value = self._take(name, default, (str,), what)
+        if value is not default and pattern is not None and not pattern.match(value):
+            self.problems.append(f"{self._key(name)}: {value!r} is not {what}")
+            return default
+        return value
+
+    def boolean(self, name, default):
+        return self._take(name, default, (bool,), "true or false")
+
+    def integer(self, name, default, lo, hi):
+        value = self._take(name, default, (int,), f"an integer from {lo} to {hi}")
+        if value is not default and not lo <= value <= hi:
+            self.problems.append(f"{self._key(name)}: {value} is out of range {lo}..{hi}")
+            return default
+        return value
+
+    def number(self, name, default, lo, hi):
+        value = self._take(name, default, (int, float), f"a number from {lo} to {hi}")
+        if value is not default and not lo <= value <= hi:
+            self.problems.append(f"{self._key(name)}: {value} is out of range {lo}..{hi}")
+            return default
+        return float(value)
+
+    def done(self):
+        for name in sorted(self.table):
+            self.problems.append(f"{self._key(name)}: unknown key")
+
+
+def _section(doc: dict, name: str, problems: list[str]) -> _Reader:
+    value = doc.pop(name, {})
+    if not isinstance(value, dict):
+        problems.append(f"{name}: expected a table [{name}]")
+        value = {}
+    return _Reader(value, name, problems)
+
+
+def parse_config(doc: dict[str, Any], source: str = "<string>") -> Config:
+    problems: list[str] = []
+    doc = dict(doc)
+    defaults = Config()
+
+    g = _section(doc, "gateway", problems)
+    storage = g.string("storage", defaults.storage)
+    if not storage:
+        problems.append("gateway.storage: must not be empty")
+    max_pdu = g.integer("max_pdu_length", defaults.max_pdu_length, 0, 16 << 20)
+    if 0 < max_pdu < 4096:
+        problems.append(f"gateway.max_pdu_length: {max_pdu} is below 4096 (use 0 for no limit)")
+    version = g.string(
+        "implementation_version_name",
+        defaults.implementation_version_name,
+        _VERSION_NAME,
+        "1 to 16 characters of the DICOM default repertoire",
+    )
+    g.done()
+
+    lst = _section(doc, "listen", problems)
+    dicom = lst.string("dicom", defaults.listen_dicom)
+    lst.done()
+
+    t = _section(doc, "timeouts", problems)
+    artim = t.number("artim", defaults.artim, 1, 3600)
+    dimse = t.number("dimse", defaults.dimse, 1, 86400)
+    t.done()
+
+    s = _section(doc, "storage", problems)
+    fsync = s.boolean("fsync", defaults.fsync)
+    s.done()
+
+    raw_aes = doc.pop("ae", None)
+    aes: list[AETitle] = []
+    if raw_aes is None:
+        problems.append("ae: at least one [[ae]] table is required")
+    elif not isinstance(raw_aes, list):
+        problems.append("ae: expected an array of tables [[ae]]")
+    else:
+        seen = set()
+        for i, raw in enumerate(raw_aes):
+            r = _Reader(raw if isinstance(raw, dict) else {}, f"ae[{i}]", problems)
+            title = r.string(
+                "title", None, _LOCAL_AE,
+                "an AE title of 1 to 16 letters, digits, spaces or _-.",
+            )
+            r.done()
+            if title is None:
+                if not any(p.startswith(f"ae[{i}].title") for p in problems):
+                    problems.append(f"ae[{i}].title: required")
+                continue
+            title = title.strip(" ")
+            if title in (".", "..") or not title:
+                problems.append(f"ae[{i}].title: {title!r} is not a usable AE title")
+                continue
+            if title in seen:
+                problems.append(f"ae[{i}].title: {title!r} is configured twice")
+                continue
+            seen.add(title)
+            aes.append(AETitle(title))
+
+    for name in sorted(doc):
+        problems.append(f"{name}: unknown section")
+
+    if problems:
+        raise ConfigError(problems, source)
+    return Config(
+        storage=storage,
+        max_pdu_length=max_pdu,
+        implementation_version_name=version,
+        listen_dicom=dicom,
+        artim=artim,
+        dimse=dimse,
+        fsync=fsync,
+        ae_titles=tuple(aes),
+        source=source,
+    )
+
+
+def config_from_string(text: str, source: str = "<string>") -> Config:
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([f"not valid TOML: {e}"], source) from None
+    return parse_config(doc, source)
+
+
+def load_config(path: str) -> Config:
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8")
+    except OSError as e:
+        raise ConfigError([f"cannot read the file: {e.strerror}"], path) from None
+    except UnicodeDecodeError:
+        raise ConfigError(["the file is not UTF-8"], path) from None
+    return config_from_string(text, os.fspath(path))

@@ -1,0 +1,373 @@
+"""The Storage and Verification SCP: what the gateway does on each association.
+
+:class:`SCPService` holds what all associations share (configuration,
+storage, counters); :class:`StoreSCP` is the service user of one
+association, driven by :class:`gateway.net.protocol.DicomProtocol`:
+
+- A-ASSOCIATE: the called AE title must be configured (else reject, reason 7)
+  and the calling AE title well formed (else reject, reason 3); Verification
+  and every storage SOP class are accepted with the first transfer syntax the
+  requestor proposed for it.
+- C-ECHO answers Success.  C-STORE streams the dataset to an
+  :class:`~gateway.services.storage.InstanceWriter` and answers once the file
+  is durable.  Any other DIMSE request is answered "unrecognized operation".
+- Responses go out in the order the requests came in.
+- A-RELEASE is answered once every response is out.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import secrets
+from collections import deque
+
+from twisted.internet.protocol import ServerFactory
+from twisted.logger import Logger
+
+from gateway import IMPLEMENTATION_CLASS_UID
+from gateway.dimse import commands as C
+from gateway.dimse.message import CommandReceived, DataFragment, MessageAssembler, fragment_message
+from gateway.dimse.sop import VERIFICATION, is_storage_sop_class, is_valid_uid
+from gateway.net.protocol import DicomProtocol
+from gateway.services.storage import StorageFull
+from gateway.ul import pdu as P
+
+# Pause reading from a peer while this many received bytes wait for the
+# disk, resume below the low mark: memory per association stays bounded.
+HIGH_WATER = 8 << 20
+LOW_WATER = 2 << 20
+
+# PS3.5 Table 6.2-1, AE: default repertoire without backslash or control codes.
+_AE_REPERTOIRE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
+
+_ids = itertools.count(1)
+
+
+def _new_association_id() -> str:
+    return f"{next(_ids):x}-{secrets.token_hex(3)}"
+
+
+class SCPService:
+    """Shared state of the SCP; one per running gateway."""
+
+    log = Logger()
+
+    def __init__(self, config, storage, reactor):
+        self.config = config
+        self.storage = storage
+        self.reactor = reactor
+        self.active: set[StoreSCP] = set()
+
+    def factory(self) -> "DicomServerFactory":
+        return DicomServerFactory(self)
+
+
+class DicomServerFactory(ServerFactory):
+    def __init__(self, service: SCPService):
+        self.service = service
+
+    def buildProtocol(self, addr):
+        service = self.service
+        config = service.config
+        user = StoreSCP(service)
+        return DicomProtocol(
+            user,
+            service.reactor,
+            requestor=False,
+            max_pdu_length=config.max_pdu_length,
+            artim_timeout=config.artim,
+            dimse_timeout=config.dimse,
+        )
+
+
+class _Slot:
+    """One request awaiting its response; responses leave in request order."""
+
+    __slots__ = ("command", "context_id", "response")
+
+    def __init__(self, command, context_id):
+        self.command = command
+        self.context_id = context_id
+        self.response = None
+
+
+class _Store:
+    """The C-STORE whose dataset is arriving now."""
+
+    __slots__ = ("slot", "writer", "status", "comment")
+
+    def __init__(self, slot, writer, status=C.SUCCESS, comment=None):
+        self.slot = slot
+        self.writer = writer
+        self.status = status
+        self.comment = comment
+
+
+class StoreSCP:
+    log = Logger()
+
+    def __init__(self, service: SCPService):
+        self.service = service
+        self.protocol: DicomProtocol | None = None
+        self.id = _new_association_id()
+        self.started = service.reactor.seconds()
+        self.calling_ae = ""
+        self.called_ae = ""
+        self.contexts: dict[int, tuple[str, str]] = {}  # id -> (abstract syntax, transfer syntax)
+        self.peer_max_pdu = 0
+        self.assembler = MessageAssembler()
+        self.outbox: deque[_Slot] = deque()
+        self.store: _Store | None = None
+        self.writers: set = set()
+        self.release_requested = False
+        self.instances = 0
+        self.bytes = 0
+        self.failures = 0
+        self.outcome = "connection closed before association"
+
+    # ---- association establishment ------------------------------------
+
+    def associate_indication(self, rq: P.AssociateRQ):
+        config = self.service.config
+        self.calling_ae, self.called_ae = rq.calling_ae, rq.called_ae
+        reject = None
+        if rq.application_context != P.DICOM_APPLICATION_CONTEXT:
+            reject = (P.RJ_USER_APP_CONTEXT_NOT_SUPPORTED, f"application context {rq.application_context!r}")
+        elif config.ae(rq.called_ae) is None:
+            reject = (P.RJ_USER_CALLED_AE_NOT_RECOGNIZED, f"called AE title {rq.called_ae!r} is not configured")
+        elif not _AE_REPERTOIRE.match(rq.calling_ae):
+            reject = (P.RJ_USER_CALLING_AE_NOT_RECOGNIZED, f"calling AE title {rq.calling_ae!r} is not a valid AE title")
+        if reject is not None:
+            reason, why = reject
+            self.outcome = f"rejected: {why} (permanent, service-user, reason {reason})"
+            self.protocol.reject(P.AssociateRJ(P.RJ_PERMANENT, P.RJ_SOURCE_USER, reason))
+            return
+
+        self.peer_max_pdu = rq.user_information.max_length or 0
+        results = []
+        for pc in rq.presentation_contexts:
+            result, ts = self._negotiate(pc)
+            results.append(P.PresentationContextAC(pc.id, result, ts))
+            if result == P.PC_ACCEPTANCE:
+                self.contexts[pc.id] = (pc.abstract_syntax, ts)
+        accepted = {a for a, _ in self.contexts.values()}
+        ui = rq.user_information
+        roles = tuple(
+            P.RoleSelection(r.sop_class_uid, r.scu_role, 0)
+            for r in ui.role_selections
+            if r.sop_class_uid in accepted
+        )
+        ac = P.AssociateAC(
+            called_ae=rq.called_ae,
+            calling_ae=rq.calling_ae,
+            presentation_contexts=tuple(results),
+            user_information=P.UserInformation(
+                max_length=config.max_pdu_length,
+                implementation_class_uid=IMPLEMENTATION_CLASS_UID,
+                implementation_version_name=config.implementation_version_name,
+                async_ops=(1, 1) if ui.async_ops is not None else None,
+                role_selections=roles,
+            ),
+        )
+        self.outcome = "accepted"
+        self.service.active.add(self)
+        self.protocol.accept(ac)
+
+    @staticmethod
+    def _negotiate(pc: P.PresentationContextRQ) -> tuple[int, str]:
+        if pc.abstract_syntax != VERIFICATION and not is_storage_sop_class(pc.abstract_syntax):
+            return P.PC_ABSTRACT_SYNTAX_NOT_SUPPORTED, pc.transfer_syntaxes[0]
+        # The first transfer syntax is the requestor's own encoding: taking
+        # it means storing exactly what the modality produced.
+        for ts in pc.transfer_syntaxes:
+            if is_valid_uid(ts):
+                return P.PC_ACCEPTANCE, ts
+        return P.PC_TRANSFER_SYNTAXES_NOT_SUPPORTED, pc.transfer_syntaxes[0]
+
+    # ---- data transfer ---------------------------------------------------
+
+    def pdata_indication(self, pdu: P.PDataTF):
+        contexts = self.contexts
+        for pdv in pdu.pdvs:
+            if pdv.context_id not in contexts:
+                self._protocol_error(f"P-DATA on presentation context {pdv.context_id}, which was not accepted")
+                return
+            try:
+                events = self.assembler.feed(pdv)
+            except C.DIMSEError as e:
+                self._protocol_error(f"DIMSE: {e}")
+                return
+            for event in events:
+                if type(event) is DataFragment:
+                    self._data(event)
+                else:
+                    self._command(event)
+
+    def _command(self, event: CommandReceived):
+        cmd = event.command
+        field = cmd.command_field
+        if field == C.C_STORE_RQ:
+            self._begin_store(cmd, event.context_id)
+        elif field == C.C_ECHO_RQ:
+            slot = self._slot(cmd, event.context_id)
+            slot.response = C.c_echo_rsp(cmd, C.SUCCESS)
+            self._flush()
+        elif field == C.C_CANCEL_RQ:
+            pass  # nothing of ours is cancellable
+        else:
+            slot = self._slot(cmd, event.context_id)
+            slot.response = C.failure_response(cmd, C.UNRECOGNIZED_OPERATION)
+            if cmd.has_dataset:
+                self.store = _Store(slot, None, C.UNRECOGNIZED_OPERATION)
+            self.log.warn(
+                "association {association}: {calling_ae} sent unsupported DIMSE command 0x{field:04x}",
+                association=self.id, calling_ae=self.calling_ae, field=field,
+            )
+            if not cmd.has_dataset:
+                self._flush()
+
+    def _begin_store(self, cmd, context_id):
+        slot = self._slot(cmd, context_id)
+        if not cmd.has_dataset:
+            slot.response = C.c_store_rsp(cmd, C.CANNOT_UNDERSTAND, "C-STORE-RQ without a data set")
+            self._flush()
+            return
+        abstract, ts = self.contexts[context_id]
+        sop_class = cmd.affected_sop_class_uid or ""
+        sop_instance = cmd.affected_sop_instance_uid or ""
+        if not is_valid_uid(sop_class) or not is_valid_uid(sop_instance):
+            self.store = _Store(slot, None, C.CANNOT_UNDERSTAND,
+                                f"invalid SOP Class/Instance UID {sop_class!r} / {sop_instance!r}")
+            return
+        try:
+            writer = self.service.storage.begin(
+                called_ae=self.called_ae, calling_ae=self.calling_ae, sop_class_uid=sop_class,
+                sop_instance_uid=sop_instance, transfer_syntax_uid=ts,
+            )
+        except ValueError as e:
+            self.store = _Store(slot, None, C.CANNOT_UNDERSTAND, str(e))
+            return
+        writer.on_drained = self._drained
+        self.writers.add(writer)
+        self.store = _Store(slot, writer)
+
+    def _data(self, event: DataFragment):
+        store = self.store
+        if store is None:  # the assembler guarantees a command came first
+            return
+        writer = store.writer
+        if writer is not None:
+            writer.write(event.data)
+            if writer.pending > HIGH_WATER:
+                self.protocol.pause()
+        if event.last:
+            self.store = None
+            if writer is None:
+                self._answer_store(store.slot, store.status, store.comment)
+            else:
+                d = writer.finish()
+                d.addCallbacks(self._stored, self._store_failed,
+                               callbackArgs=(store.slot, writer), errbackArgs=(store.slot, writer))
+
+    def _stored(self, stored, slot, writer):
+        self.writers.discard(writer)
+        self.instances += 1
+        self.bytes += stored.dataset_size
+        if stored.replaced:
+            self.log.info(
+                "association {association}: instance {sop_instance_uid} received again; "
+                "the earlier copy was replaced",
+                association=self.id, sop_instance_uid=stored.sop_instance_uid,
+            )
+        self._answer_store(slot, C.SUCCESS)
+        self._drained(writer)
+
+    def _store_failed(self, failure, slot, writer):
+        self.writers.discard(writer)
+        error = failure.value
+        if isinstance(error, ConnectionAbortedError):
+            return None  # discarded because the association went away
+        status = C.OUT_OF_RESOURCES if isinstance(error, (StorageFull, OSError)) else C.PROCESSING_FAILURE
+        self.log.error(
+            "association {association}: could not store {sop_instance_uid} from {calling_ae}: {error}",
+            association=self.id, sop_instance_uid=slot.command.affected_sop_instance_uid,
+            calling_ae=self.calling_ae, error=error,
+        )
+        self._answer_store(slot, status, "could not store the instance")
+        self._drained(writer)
+        return None
+
+    def _answer_store(self, slot, status, comment=None):
+        if status != C.SUCCESS:
+            self.failures += 1
+        slot.response = C.c_store_rsp(slot.command, status, comment[:64] if comment else None)
+        self._flush()
+
+    def _slot(self, cmd, context_id) -> _Slot:
+        slot = _Slot(cmd, context_id)
+        self.outbox.append(slot)
+        return slot
+
+    def _flush(self):
+        outbox = self.outbox
+        protocol = self.protocol
+        while outbox and outbox[0].response is not None:
+            slot = outbox.popleft()
+            for pdu_bytes in fragment_message(slot.context_id, C.encode_command(slot.response),
+                                              self.peer_max_pdu):
+                protocol.send_pdata(pdu_bytes)
+        if self.release_requested and not outbox and self.store is None:
+            self.release_requested = False
+            protocol.release_response()
+
+    def _drained(self, _writer):
+        if sum(w.pending for w in self.writers) < LOW_WATER:
+            self.protocol.resume()
+
+    def busy(self) -> bool:
+        return bool(self.outbox)
+
+    # ---- release and abort -------------------------------------------------
+
+    def release_indication(self, collision):
+        self.outcome = "released"
+        self.release_requested = True
+        self._flush()
+
+    def aborted(self, indication):
+        if indication.local:
+            self.outcome = f"aborted by us: {indication.detail or 'protocol error'}"
+        elif indication.provider:
+            self.outcome = f"lost: {indication.detail or 'provider abort'}"
+        else:
+            self.outcome = f"aborted by the peer (source {indication.source}, reason {indication.reason})"
+        self._discard_all()
+
+    def _protocol_error(self, detail):
+        self.log.warn("association {association} from {peer}: {detail}; aborting",
+                      association=self.id, peer=self.protocol.peer, detail=detail)
+        self.protocol.provider_abort(P.ABORT_INVALID_PDU_PARAMETER_VALUE, detail)
+
+    def _discard_all(self):
+        for writer in self.writers:
+            writer.discard()
+        self.writers.clear()
+        self.store = None
+        self.outbox.clear()
+
+    def closed(self, reason):
+        self._discard_all()
+        self.service.active.discard(self)
+        if self.outcome == "accepted":
+            self.outcome = "connection closed without release"
+        elif self.protocol.disconnect_reason and self.outcome.startswith("connection closed"):
+            self.outcome = self.protocol.disconnect_reason
+        duration = self.service.reactor.seconds() - self.started
+        self.log.info(
+            "association {association} {calling_ae} -> {called_ae} from {peer}: "
+            "{instances} instance(s), {bytes} bytes, {failures} failure(s) in {duration:.3f} s; {outcome}",
+            association=self.id, calling_ae=self.calling_ae or "-", called_ae=self.called_ae or "-",
+            peer=self.protocol.peer, instances=self.instances, bytes=self.bytes,
+            failures=self.failures, duration=duration, outcome=self.outcome,
+        )

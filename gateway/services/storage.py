@@ -1,0 +1,278 @@
+"""Streaming, non-blocking storage of received instances.
+
+Each C-STORE gets an :class:`InstanceWriter`.  Dataset fragments are queued
+as they come off the wire (memoryviews into received PDUs, no copy) and
+written to a temporary file by a bounded thread pool, so the reactor never
+blocks on the disk.  ``finish()`` flushes, optionally fsyncs, renames the file
+atomically into place and fsyncs the directory; only then does its Deferred
+fire, and only then may the C-STORE-RSP say Success.
+
+All disk work of one writer runs in order: at most one pool job per writer
+is in flight at a time, and it handles the operations queued before it
+started.  ``pending`` counts bytes queued and not yet written, so the
+protocol can pause the transport when the disk falls behind.
+
+Layout under the storage root::
+
+    tmp/<random>.part                            instances being received
+    instances/<called AE>/<SOP Instance UID>.dcm  stored instances (Part 10)
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+from collections import deque
+from dataclasses import dataclass
+
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from gateway import IMPLEMENTATION_CLASS_UID
+from gateway.dimse.sop import is_valid_uid
+from gateway.part10 import file_meta
+
+
+class StorageFull(OSError):
+    """The disk (or quota) is full: answered with A700 Out of Resources."""
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    path: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+    size: int  # bytes of the whole Part 10 file
+    dataset_size: int
+    replaced: bool  # an earlier copy of the same instance was overwritten
+
+
+_FINISH = object()
+_write = os.write  # the one disk write of the hot path (tests simulate a full disk here)
+
+
+class InstanceWriter:
+    """Writes one instance; see the module docstring."""
+
+    def __init__(self, storage: "Storage", final_path: str, header: bytes, meta: StoredInstance):
+        self._storage = storage
+        self._final = final_path
+        self._tmp = os.path.join(storage.tmp_dir, secrets.token_hex(12) + ".part")
+        self._ops: deque = deque([header])
+        self._header_len = len(header)
+        self._meta = meta
+        self._fd = -1
+        self._running = False
+        self._failed: BaseException | None = None
+        self._finishing = None
+        self.pending = len(header)
+        self.dataset_bytes = 0
+        self.on_drained = None  # called (reactor thread) whenever pending drops
+
+    # ---- reactor side ----------------------------------------------------
+
+    def write(self, data) -> None:
+        if self._failed is not None:
+            return  # already failed: drop the rest, the response reports it
+        self._ops.append(data)
+        n = len(data)
+        self.pending += n
+        self.dataset_bytes += n
+        self._kick()
+
+    def finish(self):
+        """Fire with a :class:`StoredInstance` once the file is durable."""
+        from twisted.internet.defer import Deferred
+
+        self._finishing = Deferred()
+        self._ops.append(_FINISH)
+        self._kick()
+        return self._finishing
+
+    def discard(self) -> None:
+        """Abandon the instance: the temporary file is removed."""
+        # Queued writes are skipped once _failed is set; the pool job may be
+        # popping from the queue right now, so it is not cleared here.
+        self._failed = self._failed or ConnectionAbortedError("discarded")
+        self._ops.append(_FINISH)
+        self._kick()
+
+    def _kick(self):
+        if self._running or not self._ops:
+            return
+        self._running = True
+        batch = len(self._ops)
+        d = deferToThreadPool(self._storage.reactor, self._storage.pool, self._drain, batch)
+        d.addBoth(self._drained)
+
+    def _drained(self, result):
+        self._running = False
+        if isinstance(result, tuple):
+            written, done = result
+        else:  # a Failure: the thread function never raises, but be safe
+            written, done = 0, None
+            self._failed = self._failed or result.value
+        self.pending -= written
+        if done is not None:
+            self._complete(done)
+            return None
+        self._kick()
+        if self.on_drained is not None:
+            self.on_drained(self)
+        return None
+
+    def _complete(self, done):
+        self._ops.clear()
+        self.pending = 0
+        d, self._finishing = self._finishing, None
+        if d is None:
+            return
+        if isinstance(done, BaseException):
+            d.errback(done)
+        else:
+            d.callback(done)
+
+    # ---- pool thread side -------------------------------------------------
+
+    def _drain(self, batch: int):
+        """Run up to ``batch`` queued operations; return (bytes written, outcome).
+
+        outcome is None while the instance is still open, a StoredInstance on
+        success, or the exception that ended it.
+        """
+        written = 0
+        ops = self._ops
+        try:
+            for _ in range(batch):
+                op = ops.popleft()
+                if op is _FINISH:
+                    return written, self._close()
+                if self._failed is not None:
+                    written += len(op)
+                    continue
+                if self._fd < 0:
+                    self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+                view = memoryview(op)
+                while view:
+                    n = _write(self._fd, view)
+                    view = view[n:]
+                written += len(op)
+        except OSError as e:
+            self._failed = StorageFull(e.errno, e.strerror) if e.errno in (errno.ENOSPC, errno.EDQUOT) else e
+        return written, None
+
+    def _close(self):
+        try:
+            if self._failed is not None:
+                raise self._failed
+            if self._fd < 0:  # nothing was ever written: still make the file
+                self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+            if self._storage.fsync:
+                os.fsync(self._fd)
+            size = os.fstat(self._fd).st_size
+            os.close(self._fd)
+            self._fd = -1
+            directory = os.path.dirname(self._final)
+            os.makedirs(directory, exist_ok=True)
+            replaced = os.path.exists(self._final)
+            os.replace(self._tmp, self._final)
+            if self._storage.fsync:
+                _fsync_dir(directory)
+            meta = self._meta
+            return StoredInstance(
+                path=self._final,
+                sop_class_uid=meta.sop_class_uid,
+                sop_instance_uid=meta.sop_instance_uid,
+                transfer_syntax_uid=meta.transfer_syntax_uid,
+                size=size,
+                dataset_size=size - self._header_len,
+                replaced=replaced,
+            )
+        except BaseException as e:  # leave nothing behind
+            if self._fd >= 0:
+                try:
+                    os.close(self._fd)
+                except OSError:
+                    pass
+                self._fd = -1
+            try:
+                os.unlink(self._tmp)
+            except OSError:
+                pass
+            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+                return StorageFull(e.errno, e.strerror)
+            return e
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Storage:
+    """The storage root: hands out writers, owns the disk thread pool."""
+
+    log = Logger()
+
+    def __init__(self, root: str, reactor, pool: ThreadPool, *, fsync: bool = True,
+                 implementation_version_name: str = "DICOMGW"):
+        self.root = os.path.abspath(root)
+        self.tmp_dir = os.path.join(self.root, "tmp")
+        self.instances_dir = os.path.join(self.root, "instances")
+        self.reactor = reactor
+        self.pool = pool
+        self.fsync = fsync
+        self.implementation_version_name = implementation_version_name
+
+    def prepare(self) -> int:
+        """Create the directories and remove temporary files a crash left.
+
+        Runs once at start-up, before any listener; returns how many
+        leftovers were removed.
+        """
+        os.makedirs(self.tmp_dir, exist_ok=True)
+        os.makedirs(self.instances_dir, exist_ok=True)
+        removed = 0
+        for name in os.listdir(self.tmp_dir):
+            if name.endswith(".part"):
+                try:
+                    os.unlink(os.path.join(self.tmp_dir, name))
+                    removed += 1
+                except OSError:
+                    pass
+        if removed:
+            self.log.info("removed {count} incomplete instance(s) left by an earlier run", count=removed)
+        return removed
+
+    def path_for(self, called_ae: str, sop_instance_uid: str) -> str:
+        """Where an instance is stored.  Refuses anything that is not a UID."""
+        if not is_valid_uid(sop_instance_uid):
+            raise ValueError(f"not a valid UID: {sop_instance_uid!r}")
+        path = os.path.join(self.instances_dir, called_ae, sop_instance_uid + ".dcm")
+        # Belt and braces: the AE title is one we configured and the UID is
+        # digits and dots, but never write outside the root whatever happens.
+        if os.path.commonpath([self.instances_dir, os.path.abspath(path)]) != self.instances_dir:
+            raise ValueError(f"path escapes the storage root: {path!r}")
+        return path
+
+    def begin(self, *, called_ae: str, calling_ae: str, sop_class_uid: str,
+              sop_instance_uid: str, transfer_syntax_uid: str) -> InstanceWriter:
+        if not is_valid_uid(sop_class_uid):
+            raise ValueError(f"not a valid SOP Class UID: {sop_class_uid!r}")
+        final = self.path_for(called_ae, sop_instance_uid)
+        header = file_meta(
+            sop_class_uid=sop_class_uid,
+            sop_instance_uid=sop_instance_uid,
+            transfer_syntax_uid=transfer_syntax_uid,
+            implementation_class_uid=IMPLEMENTATION_CLASS_UID,
+            implementation_version_name=self.implementation_version_name,
+            source_ae_title=calling_ae or None,
+        )
+        meta = StoredInstance(final, sop_class_uid, sop_instance_uid, transfer_syntax_uid, 0, 0, False)
+        return InstanceWriter(self, final, header, meta)

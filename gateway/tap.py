@@ -1,0 +1,80 @@
+"""``twistd dicomgw``: command-line options and the service tree."""
+
+from __future__ import annotations
+
+from twisted.application import strports
+from twisted.application.service import MultiService, Service
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.python.threadpool import ThreadPool
+
+from gateway.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
+from gateway.services.scp import SCPService
+from gateway.services.storage import Storage
+
+# Disk work (writes, fsync, rename) runs here; bounded so that a burst of
+# associations cannot spawn unbounded threads.
+DISK_THREADS = 4
+
+
+class Options(usage.Options):
+    synopsis = "[--config PATH]"
+    longdesc = "Run the dicomgw DICOM gateway (Storage SCP) with the given configuration file."
+    optParameters = [
+        ["config", "c", DEFAULT_CONFIG_PATH, "Path of the TOML configuration file."],
+    ]
+
+    def postOptions(self):
+        try:
+            self["config_object"] = load_config(self["config"])
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+
+
+class ThreadPoolService(Service):
+    """Starts and stops a named, bounded thread pool with the application."""
+
+    def __init__(self, pool: ThreadPool):
+        self.pool = pool
+
+    def startService(self):
+        super().startService()
+        self.pool.start()
+
+    def stopService(self):
+        super().stopService()
+        self.pool.stop()
+
+
+class StorageService(Service):
+    """Prepares the storage root (and removes a crash's leftovers) at start."""
+
+    log = Logger()
+
+    def __init__(self, storage: Storage):
+        self.storage = storage
+
+    def startService(self):
+        super().startService()
+        self.storage.prepare()
+        self.log.info("storing instances under {root}", root=self.storage.root)
+
+
+def makeService(options, reactor=None) -> MultiService:
+    if reactor is None:
+        from twisted.internet import reactor
+    config = options["config_object"] if "config_object" in options else load_config(options["config"])
+    root = MultiService()
+
+    pool = ThreadPool(minthreads=1, maxthreads=DISK_THREADS, name="dicomgw-disk")
+    ThreadPoolService(pool).setServiceParent(root)
+    storage = Storage(config.storage, reactor, pool, fsync=config.fsync,
+                      implementation_version_name=config.implementation_version_name)
+    StorageService(storage).setServiceParent(root)
+
+    scp = SCPService(config, storage, reactor)
+    listener = strports.service(config.listen_dicom, scp.factory(), reactor=reactor)
+    listener.setName("dicom")
+    listener.setServiceParent(root)
+    root.scp = scp
+    return root
