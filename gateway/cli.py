@@ -1,0 +1,64 @@
+"""The ``dicomgw`` command: tools that read the same configuration as the daemon.
+
+    dicomgw [--config PATH] COMMAND [ARGS...]
+
+Each command is a function registered with :func:`command`; it receives the
+parsed arguments and returns the process exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from gateway.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
+
+_COMMANDS: dict[str, tuple] = {}
+
+
+def command(name: str, help: str, arguments=()):
+    """Register ``f(args) -> int`` as ``dicomgw NAME``.
+
+    ``arguments`` is a sequence of (args, kwargs) for ``add_argument``.
+    """
+
+    def register(f):
+        _COMMANDS[name] = (f, help, tuple(arguments))
+        return f
+
+    return register
+
+
+@command("check-config", "validate a configuration file the way the daemon would (exit 0 or 1)",
+         [(("path",), {"nargs": "?", "help": "the file to check (default: --config)"})])
+def check_config(args) -> int:
+    path = args.path or args.config
+    try:
+        load_config(path)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 1
+    print(f"{path}: configuration is valid")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dicomgw", description=__doc__.splitlines()[0])
+    p.add_argument("--config", "-c", default=DEFAULT_CONFIG_PATH,
+                   help=f"configuration file (default: {DEFAULT_CONFIG_PATH})")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (f, help_text, arguments) in sorted(_COMMANDS.items()):
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        for a, kw in arguments:
+            sp.add_argument(*a, **kw)
+        sp.set_defaults(func=f)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
