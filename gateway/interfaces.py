@@ -2,8 +2,69 @@
 
 Services depend on these, not on each other's classes; in-memory fakes of
 them live in :mod:`gateway.testing`.
+
+Structured events
+-----------------
+Services report what happened as ``twisted.logger`` events that carry an
+``event`` field naming what happened, plus named fields.  Operators read them
+as log lines; the metrics and the audit trail are observers of the same
+events, so no service needs to know about either.  Names in use:
+
+=======================  ==========================================================
+``association.closed``   calling_ae, called_ae, peer, association, instances, bytes,
+                         failures, duration, outcome (text), result (one of
+                         ``released``, ``aborted``, ``rejected``, ``lost``), and for
+                         rejects ``reject_result``, ``reject_source``, ``reject_reason``
+``instance.stored``      association, called_ae, calling_ae, sop_class_uid,
+                         sop_instance_uid, bytes, latency (seconds from command to durable)
+``instance.failed``      association, called_ae, calling_ae, sop_instance_uid, status
+=======================  ==========================================================
+
+Each service that adds events lists them here.
 """
 
 from __future__ import annotations
 
-from zope.interface import Interface  # noqa: F401
+from zope.interface import Interface
+
+
+class IExportQueue(Interface):
+    """Durable export jobs: files to be sent to configured destinations."""
+
+    def submit(destinations, paths, origin):
+        """Queue one job per destination name for these Part 10 files.
+
+        ``origin`` says where the job comes from (``"pipeline:NAME payload:ID"``,
+        ``"cli"``, ``"api"``).  Returns a Deferred firing with the list of job
+        ids once the jobs are durable; fails with ``KeyError`` for an unknown
+        destination name.
+        """
+
+    def jobs(limit=100, offset=0, state=None):
+        """Deferred firing with a list of dicts, newest first: id, destination,
+        state, origin, created, updated, files, done, failed."""
+
+    def job(job_id):
+        """Deferred firing with one job as a dict, with ``file_statuses``
+        (path, state, DIMSE status, attempts, reason), or None."""
+
+
+class IDestinations(Interface):
+    """The configured DICOM destinations (Storage SCPs we send to)."""
+
+    def names():
+        """The configured destination names."""
+
+    def echo(name):
+        """C-ECHO the destination: Deferred firing with a dict
+        ``{"destination", "ok", "rtt_ms", "reason"}``; never fails for a
+        peer problem (refused, rejected, TLS, timeout): ``ok`` is false and
+        ``reason`` says why.  ``KeyError`` for an unknown name."""
+
+
+class IPayloadQuery(Interface):
+    """Read access to payloads for the management API."""
+
+    def payloads(limit=100, offset=0, state=None):
+        """Deferred firing with a list of dicts, newest first: id, ae, key,
+        state, instances, created, closed, and per pipeline its job state."""

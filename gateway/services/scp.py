@@ -84,10 +84,11 @@ class DicomServerFactory(ServerFactory):
 class _Slot:
     """One request awaiting its response; responses leave in request order."""
 
-    __slots__ = ("command", "context_id", "response")
+    __slots__ = ("command", "context_id", "response", "started")
 
-    def __init__(self, command, context_id):
+    def __init__(self, command, context_id, started=0.0):
         self.command = command
+        self.started = started
         self.context_id = context_id
         self.response = None
 
@@ -125,6 +126,8 @@ class StoreSCP:
         self.bytes = 0
         self.failures = 0
         self.outcome = "connection closed before association"
+        self.result = "lost"  # released | aborted | rejected | lost
+        self.reject_fields: dict = {}
 
     # ---- association establishment ------------------------------------
 
@@ -141,6 +144,9 @@ class StoreSCP:
         if reject is not None:
             reason, why = reject
             self.outcome = f"rejected: {why} (permanent, service-user, reason {reason})"
+            self.result = "rejected"
+            self.reject_fields = {"reject_result": P.RJ_PERMANENT, "reject_source": P.RJ_SOURCE_USER,
+                                  "reject_reason": reason}
             self.protocol.reject(P.AssociateRJ(P.RJ_PERMANENT, P.RJ_SOURCE_USER, reason))
             return
 
@@ -280,6 +286,13 @@ class StoreSCP:
                 "the earlier copy was replaced",
                 association=self.id, sop_instance_uid=stored.sop_instance_uid,
             )
+        self.log.debug(
+            "association {association}: stored {sop_instance_uid} ({bytes} bytes)",
+            event="instance.stored", association=self.id, called_ae=self.called_ae,
+            calling_ae=self.calling_ae, sop_class_uid=stored.sop_class_uid,
+            sop_instance_uid=stored.sop_instance_uid, bytes=stored.dataset_size,
+            latency=self.service.reactor.seconds() - slot.started,
+        )
         self._answer_store(slot, C.SUCCESS)
         self._drained(writer)
 
@@ -301,11 +314,17 @@ class StoreSCP:
     def _answer_store(self, slot, status, comment=None):
         if status != C.SUCCESS:
             self.failures += 1
+            self.log.info(
+                "association {association}: C-STORE of {sop_instance_uid} answered 0x{status:04x}",
+                event="instance.failed", association=self.id, called_ae=self.called_ae,
+                calling_ae=self.calling_ae, sop_instance_uid=slot.command.affected_sop_instance_uid,
+                status=status,
+            )
         slot.response = C.c_store_rsp(slot.command, status, comment[:64] if comment else None)
         self._flush()
 
     def _slot(self, cmd, context_id) -> _Slot:
-        slot = _Slot(cmd, context_id)
+        slot = _Slot(cmd, context_id, self.service.reactor.seconds())
         self.outbox.append(slot)
         return slot
 
@@ -332,10 +351,12 @@ class StoreSCP:
 
     def release_indication(self, collision):
         self.outcome = "released"
+        self.result = "released"
         self.release_requested = True
         self._flush()
 
     def aborted(self, indication):
+        self.result = "aborted" if indication.local or not indication.provider else "lost"
         if indication.local:
             self.outcome = f"aborted by us: {indication.detail or 'protocol error'}"
         elif indication.provider:
@@ -367,7 +388,9 @@ class StoreSCP:
         self.log.info(
             "association {association} {calling_ae} -> {called_ae} from {peer}: "
             "{instances} instance(s), {bytes} bytes, {failures} failure(s) in {duration:.3f} s; {outcome}",
+            event="association.closed", result=self.result,
             association=self.id, calling_ae=self.calling_ae or "-", called_ae=self.called_ae or "-",
             peer=self.protocol.peer, instances=self.instances, bytes=self.bytes,
             failures=self.failures, duration=duration, outcome=self.outcome,
+            **self.reject_fields,
         )
