@@ -42,6 +42,41 @@ class AETitle:
 
 
 @dataclass(frozen=True)
+class SCUSettings:
+    """``[scu]``: how the gateway calls out (export, echo)."""
+
+    ae_title: str = "DICOMGW"
+    max_associations: int = 2
+    retries: int = 3
+    retry_delay: float = 30.0
+    connect_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class Destination:
+    """One ``[[destination]]``: a Storage SCP we send to."""
+
+    name: str
+    ae_title: str
+    host: str
+    port: int
+    tls: bool = False
+    ca_certificates: str | None = None
+    certificate: str | None = None
+    private_key: str | None = None
+
+
+@dataclass(frozen=True)
+class ClientTLSFiles:
+    """What the client side needs from ``[tls]``: our certificate and key (sent
+    when a destination asks for one) and the CAs that sign destinations."""
+
+    certificate: str | None = None
+    private_key: str | None = None
+    ca_certificates: str | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     storage: str = "var/dicomgw"
     max_pdu_length: int = 131072
@@ -52,6 +87,15 @@ class Config:
     fsync: bool = True
     ae_titles: tuple[AETitle, ...] = field(default_factory=lambda: (AETitle("DICOMGW"),))
     source: str = "<string>"
+    scu: SCUSettings = field(default_factory=SCUSettings)
+    destinations: tuple[Destination, ...] = ()
+    client_tls: ClientTLSFiles = field(default_factory=ClientTLSFiles)
+
+    def destination(self, name: str) -> Destination | None:
+        for d in self.destinations:
+            if d.name == name:
+                return d
+        return None
 
     def ae(self, title: str) -> AETitle | None:
         for ae in self.ae_titles:
@@ -180,6 +224,13 @@ def parse_config(doc: dict[str, Any], source: str = "<string>") -> Config:
             seen.add(title)
             aes.append(AETitle(title))
 
+    scu = _parse_scu(doc, problems)
+    destinations = _parse_destinations(doc, problems)
+    client_tls = _parse_client_tls(doc, problems)
+    for i, d in enumerate(destinations):
+        if d.tls and bool(d.certificate or client_tls.certificate) != bool(d.private_key or client_tls.private_key):
+            problems.append(f"destination[{i}]: a client certificate needs both certificate and private_key")
+
     for name in sorted(doc):
         problems.append(f"{name}: unknown section")
 
@@ -195,7 +246,99 @@ def parse_config(doc: dict[str, Any], source: str = "<string>") -> Config:
         fsync=fsync,
         ae_titles=tuple(aes),
         source=source,
+        scu=scu,
+        destinations=destinations,
+        client_tls=client_tls,
     )
+
+
+# ---- the SCU side: [scu], [[destination]], and what it needs of [tls] -----
+
+# PS3.5 Table 6.2-1, AE: default repertoire, no backslash or control codes.
+_REMOTE_AE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
+_DESTINATION_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+
+
+def _parse_scu(doc: dict, problems: list[str]) -> SCUSettings:
+    d = SCUSettings()
+    r = _section(doc, "scu", problems)
+    ae_title = r.string("ae_title", d.ae_title, _REMOTE_AE, "an AE title of 1 to 16 characters of the DICOM default repertoire")
+    if not ae_title.strip(" "):
+        problems.append("scu.ae_title: must not be blank")
+    settings = SCUSettings(
+        ae_title=ae_title.strip(" ") or d.ae_title,
+        max_associations=r.integer("max_associations", d.max_associations, 1, 100),
+        retries=r.integer("retries", d.retries, 0, 100),
+        retry_delay=r.number("retry_delay", d.retry_delay, 0, 86400),
+        connect_timeout=r.number("connect_timeout", d.connect_timeout, 0.1, 3600),
+    )
+    r.done()
+    return settings
+
+
+def _parse_destinations(doc: dict, problems: list[str]) -> tuple[Destination, ...]:
+    raw = doc.pop("destination", [])
+    if not isinstance(raw, list):
+        problems.append("destination: expected an array of tables [[destination]]")
+        return ()
+    out: list[Destination] = []
+    seen: set[str] = set()
+    for i, table in enumerate(raw):
+        key = f"destination[{i}]"
+        r = _Reader(table if isinstance(table, dict) else {}, key, problems)
+        before = len(problems)
+        name = r.string("name", None, _DESTINATION_NAME, "a name of 1 to 64 letters, digits or _-.")
+        ae_title = r.string("ae_title", None, _REMOTE_AE, "an AE title of 1 to 16 characters of the DICOM default repertoire")
+        host = r.string("host", None)
+        port = r.integer("port", None, 1, 65535)
+        tls = r.boolean("tls", False)
+        ca = r.string("ca_certificates", None)
+        cert = r.string("certificate", None)
+        key_file = r.string("private_key", None)
+        r.done()
+        for field_name, value in (("name", name), ("ae_title", ae_title), ("host", host), ("port", port)):
+            if value is None and not any(p.startswith(f"{key}.{field_name}:") for p in problems):
+                problems.append(f"{key}.{field_name}: required")
+        if host is not None and not host.strip():
+            problems.append(f"{key}.host: must not be empty")
+        if ae_title is not None and not ae_title.strip(" "):
+            problems.append(f"{key}.ae_title: must not be blank")
+        if name is not None and name in seen:
+            problems.append(f"{key}.name: {name!r} is configured twice")
+        if (ca or cert or key_file) and not tls:
+            problems.append(f"{key}: ca_certificates, certificate and private_key need tls = true")
+        for field_name, value in (("ca_certificates", ca), ("certificate", cert), ("private_key", key_file)):
+            if value is not None and not os.path.isfile(value):
+                problems.append(f"{key}.{field_name}: {value!r} is not a readable file")
+        if len(problems) != before:
+            continue
+        seen.add(name)
+        out.append(Destination(name=name, ae_title=ae_title.strip(" "), host=host, port=port, tls=tls,
+                               ca_certificates=ca, certificate=cert, private_key=key_file))
+    return tuple(out)
+
+
+def _parse_client_tls(doc: dict, problems: list[str]) -> ClientTLSFiles:
+    """The keys of ``[tls]`` the client side uses.
+
+    ``[tls]`` belongs to the TLS listener (certificate, private_key,
+    ca_certificates, require_client_certificate, profile); only the first
+    three matter when calling out.  When the listener's parser reads the
+    section, build ClientTLSFiles from its result instead of this function.
+    """
+    r = _section(doc, "tls", problems)
+    files = {}
+    for name in ("certificate", "private_key", "ca_certificates"):
+        value = r.string(name, None)
+        if value is not None and not os.path.isfile(value):
+            problems.append(f"tls.{name}: {value!r} is not a readable file")
+        files[name] = value
+    r.boolean("require_client_certificate", True)
+    r.string("profile", "bcp195-nd")
+    r.done()
+    if bool(files["certificate"]) != bool(files["private_key"]):
+        problems.append("tls: certificate and private_key go together")
+    return ClientTLSFiles(**files)
 
 
 def config_from_string(text: str, source: str = "<string>") -> Config:

@@ -9,6 +9,7 @@ from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
 from gateway.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
+from gateway.services.export import ExportService
 from gateway.services.scp import SCPService
 from gateway.services.storage import Storage
 
@@ -77,4 +78,12 @@ def makeService(options, reactor=None) -> MultiService:
     listener.setName("dicom")
     listener.setServiceParent(root)
     root.scp = scp
+
+    # Export jobs (IExportQueue) and the destinations (IDestinations); file
+    # reads for streaming share the disk pool.
+    export = ExportService(config, reactor, pool)
+    export.setName("export")
+    export.setServiceParent(root)
+    root.export = export
+    root.destinations = export.destinations
     return root
