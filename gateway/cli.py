@@ -42,6 +42,32 @@ def check_config(args) -> int:
     return 0
 
 
+def _config_or_exit(path):
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+@command("echo", "C-ECHO a configured destination: success with the round-trip time, or why it failed",
+         [(("name",), {"help": "the destination's name ([[destination]] name)"})])
+def echo(args) -> int:
+    from gateway import scutool
+    return scutool.echo(_config_or_exit(args.config), args.name)
+
+
+@command("send", "send DICOM files (directories: every file in them) to configured destinations",
+         [(("--destination", "-d"), {"action": "append", "required": True, "metavar": "NAME",
+                                     "help": "a destination's name (repeat for several)"}),
+          (("--retries",), {"type": int, "default": None, "metavar": "N",
+                            "help": "retries of failed files (default: [scu] retries)"}),
+          (("paths",), {"nargs": "+", "metavar": "FILES_OR_DIRS"})])
+def send(args) -> int:
+    from gateway import scutool
+    return scutool.send(_config_or_exit(args.config), args.destination, args.paths, retries=args.retries)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dicomgw", description=__doc__.splitlines()[0])
     p.add_argument("--config", "-c", default=DEFAULT_CONFIG_PATH,

@@ -290,11 +290,21 @@ class SCUAssociation:
 
     def release_confirmation(self):
         self._stop_timer()
+        # The core closes the transport now.  Over TLS that only sends our
+        # close_notify and waits for the peer's, while a DICOM acceptor
+        # (PS3.8 Sta13) waits for us to close the connection: close TCP once
+        # close_notify is written, so neither side waits for the other.
+        transport = self.protocol.transport
+        tcp = getattr(transport, "transport", None) if transport is not None else None
+        if tcp is not None:
+            self.reactor.callLater(0, tcp.loseConnection)
         d, self._release = self._release, None
         if d is not None:
             d.callback(None)
 
     def aborted(self, indication):
+        if self.protocol is not None and self.protocol._closed:
+            return  # the connection went away: closed() knows why (TLS...)
         if indication.local:
             why = f"aborted by us: {indication.detail or 'protocol error'}"
         elif indication.provider:

@@ -1,0 +1,214 @@
+"""Receivers no one here wrote: DCMTK ``storescp`` (plain and TLS) and Orthanc.
+
+Each is started on a free loopback port with its storage in a test
+directory, waited for (bounded), and stopped by the test's cleanup.  Also a
+throw-away CA with server and client certificates for the TLS tests.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import socket
+
+from twisted.internet import defer, error, protocol, reactor, task
+from twisted.trial.unittest import SkipTest
+
+from tests.integration.harness import IN_CI, require_program
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+class _Collect(protocol.ProcessProtocol):
+    def __init__(self):
+        self.output = bytearray()
+        self.ended = defer.Deferred()
+
+    def outReceived(self, data):
+        self.output += data[-65536:]
+
+    errReceived = outReceived
+
+    def processEnded(self, reason):
+        self.ended.callback(None)
+
+
+@defer.inlineCallbacks
+def _wait_listening(port, proc, what, seconds=20.0):
+    for _ in range(int(seconds / 0.05)):
+        if proc.ended.called:
+            raise AssertionError(f"{what} exited at start: {proc.output.decode(errors='replace')[-2000:]}")
+        s = socket.socket()
+        try:
+            s.settimeout(0.2)
+            s.connect(("127.0.0.1", port))
+            return
+        except OSError:
+            pass
+        finally:
+            s.close()
+        yield task.deferLater(reactor, 0.05, lambda: None)
+    raise AssertionError(f"{what} did not listen on {port} within {seconds} s")
+
+
+@defer.inlineCallbacks
+def _spawn(testcase, program, args, port, env=None):
+    path = require_program(program)
+    proc = _Collect()
+    full_env = dict(os.environ)
+    full_env["TCP_NODELAY"] = "1"
+    full_env.update(env or {})
+    transport = reactor.spawnProcess(proc, path, [path, *args], env=full_env)
+
+    def stop():
+        if not proc.ended.called:
+            try:
+                transport.signalProcess("TERM")
+            except error.ProcessExitedAlready:
+                pass
+            # Bounded: kill if TERM is not enough within 10 s.
+            timer = reactor.callLater(10, lambda: proc.ended.called or transport.signalProcess("KILL"))
+            proc.ended.addBoth(lambda r: timer.active() and timer.cancel())
+        return proc.ended
+
+    testcase.addCleanup(stop)
+    yield _wait_listening(port, proc, program)
+    return proc
+
+
+@defer.inlineCallbacks
+def start_storescp(testcase, directory, ae="STORESCP", tls=None):
+    """storescp writing what it receives, bit-preserving (+B), into ``directory``.
+
+    ``tls`` is a :class:`Certs`: the server uses its server certificate and
+    requires a client certificate signed by its CA.
+    """
+    os.makedirs(directory, exist_ok=True)
+    port = free_port()
+    args = ["-aet", ae, "+B", "-od", directory]
+    if tls is not None:
+        args += ["+tls", tls.server_key, tls.server_cert, "+cf", tls.ca_cert, "-rc", "+py"]
+    args.append(str(port))
+    yield _spawn(testcase, "storescp", args, port)
+    return port
+
+
+def require_orthanc():
+    path = shutil.which("Orthanc") or ("/usr/sbin/Orthanc" if os.path.exists("/usr/sbin/Orthanc") else None)
+    if path is None:
+        if IN_CI:
+            raise AssertionError("Orthanc is required in CI (apt-get install orthanc)")
+        raise SkipTest("Orthanc not installed")
+    return path
+
+
+@defer.inlineCallbacks
+def start_orthanc(testcase, directory, ae="ORTHANC"):
+    """Orthanc with its storage in ``directory``; returns (dicom port, http port)."""
+    program = require_orthanc()
+    os.makedirs(directory, exist_ok=True)
+    dicom, http = free_port(), free_port()
+    config = {
+        "Name": "dicomgw-test",
+        "StorageDirectory": os.path.join(directory, "db"),
+        "IndexDirectory": os.path.join(directory, "db"),
+        "DicomAet": ae,
+        "DicomPort": dicom,
+        "HttpPort": http,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "DicomCheckCalledAet": True,
+        "Plugins": [],
+        "StorageCompression": False,
+        "OverwriteInstances": True,
+    }
+    path = os.path.join(directory, "orthanc.json")
+    with open(path, "w") as f:
+        json.dump(config, f)
+    proc = _Collect()
+    transport = reactor.spawnProcess(proc, program, [program, path], env=dict(os.environ))
+
+    def stop():
+        if not proc.ended.called:
+            try:
+                transport.signalProcess("TERM")
+            except error.ProcessExitedAlready:
+                pass
+            timer = reactor.callLater(10, lambda: proc.ended.called or transport.signalProcess("KILL"))
+            proc.ended.addBoth(lambda r: timer.active() and timer.cancel())
+        return proc.ended
+
+    testcase.addCleanup(stop)
+    yield _wait_listening(dicom, proc, "Orthanc")
+    yield _wait_listening(http, proc, "Orthanc (HTTP)")
+    return dicom, http
+
+
+class Certs:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate (PEM files)."""
+
+    def __init__(self, directory):
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+        import ipaddress
+
+        os.makedirs(directory, exist_ok=True)
+        now = datetime.datetime.now(datetime.timezone.utc)
+
+        def name(cn):
+            return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+        def write(fname, data):
+            p = os.path.join(directory, fname)
+            with open(p, "wb") as f:
+                f.write(data)
+            return p
+
+        def key_pem(key):
+            return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                                     serialization.NoEncryption())
+
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        ca = (x509.CertificateBuilder().subject_name(name("dicomgw test CA")).issuer_name(name("dicomgw test CA"))
+              .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+              .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=2))
+              .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+              .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+              .sign(ca_key, hashes.SHA256()))
+        self.ca_cert = write("ca.pem", ca.public_bytes(serialization.Encoding.PEM))
+
+        def leaf(cn, san, usage):
+            key = ec.generate_private_key(ec.SECP256R1())
+            builder = (x509.CertificateBuilder().subject_name(name(cn)).issuer_name(ca.subject)
+                       .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                       .not_valid_before(now - datetime.timedelta(days=1))
+                       .not_valid_after(now + datetime.timedelta(days=2))
+                       .add_extension(x509.ExtendedKeyUsage([usage]), critical=False))
+            if san is not None:
+                builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+            cert = builder.sign(ca_key, hashes.SHA256())
+            return cert.public_bytes(serialization.Encoding.PEM), key_pem(key)
+
+        cert, key = leaf("127.0.0.1", [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
+                         ExtendedKeyUsageOID.SERVER_AUTH)
+        self.server_cert, self.server_key = write("server.pem", cert), write("server.key", key)
+        cert, key = leaf("dicomgw test client", None, ExtendedKeyUsageOID.CLIENT_AUTH)
+        self.client_cert, self.client_key = write("client.pem", cert), write("client.key", key)
+        # A second, unrelated CA: a server certificate it did not sign must fail.
+        other_key = ec.generate_private_key(ec.SECP256R1())
+        other = (x509.CertificateBuilder().subject_name(name("other CA")).issuer_name(name("other CA"))
+                 .public_key(other_key.public_key()).serial_number(x509.random_serial_number())
+                 .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=2))
+                 .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                 .sign(other_key, hashes.SHA256()))
+        self.other_ca_cert = write("other-ca.pem", other.public_bytes(serialization.Encoding.PEM))

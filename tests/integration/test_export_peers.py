@@ -1,0 +1,184 @@
+"""Export to real receivers: DCMTK storescp (plain and TLS with a CA), Orthanc.
+
+What arrives must equal what was sent, data set bytes included; files the
+receiver cannot take in their stored transfer syntax fail with a clear reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import urllib.request
+
+from twisted.internet import defer, reactor
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.python.threadpool import ThreadPool
+from twisted.trial.unittest import TestCase
+
+from gateway.services.export import ExportService, read_part10_header
+from tests.dicomfiles import dataset_bytes, make_series, odd_instance, rle_image, small_instance
+from tests.integration.harness import in_thread
+from tests.integration.peers import Certs, start_orthanc, start_storescp
+from tests.services.test_export import scu_config
+
+
+def received_by_uid(directory):
+    out = {}
+    for root, _dirs, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(root, name)
+            try:
+                out[read_part10_header(path)[1]] = path
+            except ValueError:
+                pass
+    return out
+
+
+def sample_files(directory):
+    os.makedirs(directory)
+    paths = make_series(directory, 3, rows=256, cols=256)
+    paths.append(odd_instance(os.path.join(directory, "odd.dcm")))
+    paths.append(small_instance(os.path.join(directory, "implicit.dcm"), size=40000))
+    return paths
+
+
+class PeerCase(TestCase):
+    timeout = 90
+
+    def start_export(self, config):
+        pool = ThreadPool(minthreads=1, maxthreads=2, name="test-export-read")
+        pool.start()
+        self.addCleanup(pool.stop)
+        service = ExportService(config, reactor, pool)
+        service.startService()
+        self.addCleanup(service.stopService)
+        return service
+
+    def assertSameDatasets(self, sent, received):
+        for path in sent:
+            uid = read_part10_header(path)[1]
+            self.assertIn(uid, received)
+            self.assertEqual(dataset_bytes(received[uid]), dataset_bytes(path), path)
+
+
+class StorescpTests(PeerCase):
+    @defer.inlineCallbacks
+    def test_plain_bytes_equal_and_unsupported_syntax_fails_clearly(self):
+        out = os.path.abspath(self.mktemp())
+        port = yield start_storescp(self, out)
+        paths = sample_files(os.path.abspath(self.mktemp()))
+        rle = rle_image(os.path.join(os.path.dirname(paths[0]), "rle.dcm"))
+        config = scu_config(os.path.abspath(self.mktemp()), [("scp", port, "STORESCP")])
+        export = self.start_export(config)
+        echo = yield export.destinations.echo("scp")
+        self.assertTrue(echo["ok"], echo)
+
+        [job_id] = yield export.submit(["scp"], paths + [rle], "test")
+        self.assertEqual((yield export.wait(job_id)), "partially_failed")
+        job = yield export.job(job_id)
+        self.assertEqual((job["done"], job["failed"], job["attempts"]), (5, 1, 1))
+        last = job["file_statuses"][-1]
+        self.assertEqual(last["state"], "failed")
+        self.assertIn("in transfer syntax 1.2.840.10008.1.2.5: transfer syntax not supported", last["reason"])
+        self.assertSameDatasets(paths, received_by_uid(out))
+
+    @defer.inlineCallbacks
+    def test_tls_with_ca_and_client_certificate(self):
+        certs = Certs(os.path.abspath(self.mktemp()))
+        out = os.path.abspath(self.mktemp())
+        port = yield start_storescp(self, out, tls=certs)
+        paths = sample_files(os.path.abspath(self.mktemp()))
+        extra = f'[tls]\ncertificate = "{certs.client_cert}"\nprivate_key = "{certs.client_key}"\n'
+        dests = [("tls", port, "STORESCP"), ("wrongca", port, "STORESCP"), ("plain", port, "STORESCP")]
+        config = scu_config(os.path.abspath(self.mktemp()), [], extra=extra)
+        text = "".join(
+            f'[[destination]]\nname = "{n}"\nae_title = "{ae}"\nhost = "127.0.0.1"\nport = {p}\n'
+            + (f'tls = true\nca_certificates = "{certs.ca_cert if n == "tls" else certs.other_ca_cert}"\n'
+               if n != "plain" else "")
+            for n, p, ae in dests)
+        from gateway.config import config_from_string
+        import dataclasses
+        config = dataclasses.replace(config, destinations=config_from_string(
+            '[[ae]]\ntitle = "X"\n' + extra + text).destinations)
+        export = self.start_export(config)
+
+        echo = yield export.destinations.echo("tls")
+        self.assertTrue(echo["ok"], echo)
+        # A server certificate from a CA we do not trust: the handshake fails.
+        wrong = yield export.destinations.echo("wrongca")
+        self.assertFalse(wrong["ok"])
+        self.assertIn("TLS failure", wrong["reason"])
+        self.assertIn("certificate verify failed", wrong["reason"])
+
+        [job_id] = yield export.submit(["tls"], paths, "test")
+        self.assertEqual((yield export.wait(job_id)), "done")
+        self.assertSameDatasets(paths, received_by_uid(out))
+
+
+class OrthancTests(PeerCase):
+    @defer.inlineCallbacks
+    def test_orthanc_receives_what_was_sent(self):
+        directory = os.path.abspath(self.mktemp())
+        dicom, http = yield start_orthanc(self, directory)
+        paths = sample_files(os.path.abspath(self.mktemp()))
+        config = scu_config(os.path.abspath(self.mktemp()), [("orthanc", dicom, "ORTHANC"),
+                                                             ("wrongae", dicom, "NOTORTHANC")])
+        export = self.start_export(config)
+        echo = yield export.destinations.echo("orthanc")
+        self.assertTrue(echo["ok"], echo)
+        rejected = yield export.destinations.echo("wrongae")
+        self.assertFalse(rejected["ok"])
+        self.assertIn("association rejected", rejected["reason"])
+
+        [job_id] = yield export.submit(["orthanc"], paths, "test")
+        self.assertEqual((yield export.wait(job_id)), "done")
+
+        def fetch_all():
+            base = f"http://127.0.0.1:{http}"
+            ids = json.load(urllib.request.urlopen(base + "/instances", timeout=10))
+            out = {}
+            for i in ids:
+                data = urllib.request.urlopen(f"{base}/instances/{i}/file", timeout=10).read()
+                path = os.path.join(directory, f"{i}.dcm")
+                with open(path, "wb") as f:
+                    f.write(data)
+                out[read_part10_header(path)[1]] = path
+            return out
+
+        received = yield in_thread(fetch_all)
+        self.assertEqual(len(received), len(paths))
+        self.assertSameDatasets(paths, received)
+
+
+class CommandLineTests(PeerCase):
+    @defer.inlineCallbacks
+    def test_dicomgw_echo_and_send(self):
+        out = os.path.abspath(self.mktemp())
+        port = yield start_storescp(self, out)
+        src = os.path.abspath(self.mktemp())
+        paths = make_series(src, 3, rows=64, cols=64)
+        storage = os.path.abspath(self.mktemp())
+        config_path = os.path.abspath(self.mktemp())
+        with open(config_path, "w") as f:
+            f.write(f'[gateway]\nstorage = "{storage}"\n[scu]\nretries = 0\n[[ae]]\ntitle = "GW"\n'
+                    f'[[destination]]\nname = "scp"\nae_title = "STORESCP"\nhost = "127.0.0.1"\nport = {port}\n')
+
+        def dicomgw(*args):
+            d = getProcessOutputAndValue(sys.executable, ["-m", "gateway.cli", "--config", config_path, *args],
+                                         env=dict(os.environ))
+            return d.addCallback(lambda r: (r[0].decode(), r[1].decode(), r[2]))
+
+        stdout, stderr, code = yield dicomgw("echo", "scp")
+        self.assertEqual(code, 0, stderr)
+        self.assertRegex(stdout, r"^echo scp \(STORESCP@127\.0\.0\.1:\d+\): success, round trip [\d.]+ ms\n$")
+
+        stdout, stderr, code = yield dicomgw("send", "--destination", "scp", src)
+        self.assertEqual(code, 0, stderr)
+        self.assertRegex(stdout, r"^job \d+ to scp: done, 3 of 3 file\(s\) sent, 0 failed\n$")
+        self.assertSameDatasets(paths, received_by_uid(out))
+        self.assertTrue(os.path.exists(os.path.join(storage, "exports.sqlite")))
+
+        stdout, stderr, code = yield dicomgw("echo", "nosuch")
+        self.assertEqual(code, 2)
+        self.assertIn("unknown destination 'nosuch'", stderr)
