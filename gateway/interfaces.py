@@ -18,6 +18,12 @@ events, so no service needs to know about either.  Names in use:
 ``instance.stored``      association, called_ae, calling_ae, sop_class_uid,
                          sop_instance_uid, bytes, latency (seconds from command to durable)
 ``instance.failed``      association, called_ae, calling_ae, sop_instance_uid, status
+``export.job``           job, destination, state (``queued``, ``retrying``, ``done``,
+                         ``partially_failed``, ``failed``), files, done, failed; origin
+                         when queued; pending, delay, attempt when retrying
+``export.file``          job, destination, path, state (``sent``, ``retry``, ``failed``),
+                         status (DIMSE status or None), reason, attempt, sop_instance_uid
+``echo``                 destination, ok, rtt_ms, reason
 =======================  ==========================================================
 
 Each service that adds events lists them here.
