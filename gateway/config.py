@@ -305,6 +305,8 @@ def _parse_destinations(doc: dict, problems: list[str]) -> tuple[Destination, ..
             problems.append(f"{key}.ae_title: must not be blank")
         if name is not None and name in seen:
             problems.append(f"{key}.name: {name!r} is configured twice")
+        if name is not None:
+            seen.add(name)
         if (ca or cert or key_file) and not tls:
             problems.append(f"{key}: ca_certificates, certificate and private_key need tls = true")
         for field_name, value in (("ca_certificates", ca), ("certificate", cert), ("private_key", key_file)):
@@ -312,7 +314,6 @@ def _parse_destinations(doc: dict, problems: list[str]) -> tuple[Destination, ..
                 problems.append(f"{key}.{field_name}: {value!r} is not a readable file")
         if len(problems) != before:
             continue
-        seen.add(name)
         out.append(Destination(name=name, ae_title=ae_title.strip(" "), host=host, port=port, tls=tls,
                                ca_certificates=ca, certificate=cert, private_key=key_file))
     return tuple(out)
