@@ -408,6 +408,7 @@ class SCUAssociation:
             if not d.called:
                 # The message is incomplete: the association cannot go on.
                 self.abort("could not finish sending a data set")
+            d.addErrback(lambda _: None)  # the error we raise says it all
             raise
         finally:
             self._sending = False

@@ -185,7 +185,8 @@ class ExportStore:
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
         db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
+        # A submitted job must survive a power cut: fsync every commit.
+        db.execute("PRAGMA synchronous=FULL")
         db.executescript(_SCHEMA)
         db.row_factory = sqlite3.Row
         self._db = db

@@ -19,7 +19,7 @@ from twisted.trial.unittest import TestCase
 from gateway.services.export import ExportService, read_part10_header
 from tests.dicomfiles import dataset_bytes, make_series, odd_instance, rle_image, small_instance
 from tests.integration.harness import in_thread
-from tests.integration.peers import Certs, start_orthanc, start_storescp
+from tests.integration.peers import Certs, free_port, start_orthanc, start_storescp
 from tests.services.test_export import scu_config
 
 
@@ -182,3 +182,46 @@ class CommandLineTests(PeerCase):
         stdout, stderr, code = yield dicomgw("echo", "nosuch")
         self.assertEqual(code, 2)
         self.assertIn("unknown destination 'nosuch'", stderr)
+
+
+class StatusTests(PeerCase):
+    @defer.inlineCallbacks
+    def test_failure_status_recorded_and_retried_warning_counts_as_sent(self):
+        """A pynetdicom SCP answers A700 to the first try of each instance,
+        B000 (warning) to the second: statuses are recorded, the job is done."""
+        from tests.integration.harness import require_pynetdicom
+
+        pynetdicom = require_pynetdicom()
+        from pynetdicom import evt
+        from pynetdicom.sop_class import CTImageStorage
+
+        seen: dict[str, int] = {}
+        received: dict[str, bytes] = {}
+
+        def handle_store(event):
+            uid = event.request.AffectedSOPInstanceUID
+            seen[uid] = seen.get(uid, 0) + 1
+            if seen[uid] == 1:
+                return 0xA700
+            received[uid] = bytes(event.request.DataSet.getvalue())
+            return 0xB000
+
+        ae = pynetdicom.AE(ae_title="PYSCP")
+        ae.add_supported_context(CTImageStorage, ["1.2.840.10008.1.2.1"])
+        port = free_port()
+        server = yield in_thread(ae.start_server, ("127.0.0.1", port), block=False,
+                                 evt_handlers=[(evt.EVT_C_STORE, handle_store)])
+        self.addCleanup(in_thread, server.shutdown)
+
+        src = os.path.abspath(self.mktemp())
+        paths = make_series(src, 3, rows=32, cols=32)
+        config = scu_config(os.path.abspath(self.mktemp()), [("py", port, "PYSCP")], retries=1, retry_delay=0.05)
+        export = self.start_export(config)
+        [job_id] = yield export.submit(["py"], paths, "test")
+        self.assertEqual((yield export.wait(job_id)), "done")
+        job = yield export.job(job_id)
+        self.assertEqual({(f["state"], f["status"], f["attempts"]) for f in job["file_statuses"]},
+                         {("sent", 0xB000, 2)})
+        self.assertEqual(job["attempts"], 2)
+        for path in paths:
+            self.assertEqual(received[read_part10_header(path)[1]], dataset_bytes(path))
