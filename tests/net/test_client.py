@@ -251,3 +251,18 @@ class StoreTests(unittest.TestCase):
         protocol.dataReceived(encode_pdata(1, CONTROL_COMMAND | CONTROL_LAST,
                                            C.encode_command(C.c_store_rsp(cmd, 0xA700))))
         self.assertEqual(self.successResultOf(d).status, 0xA700)
+
+
+class FailureWordingTests(unittest.TestCase):
+    def test_connect_failures(self):
+        from twisted.internet import error
+
+        cases = [
+            (error.ConnectionRefusedError(), client.ConnectFailed, "connection refused"),
+            (error.TimeoutError(), client.SCUTimeout, "connect timed out"),
+            (error.DNSLookupError("nosuch.invalid"), client.ConnectFailed, "host not found"),
+        ]
+        for exc, kind, text in cases:
+            e = client.describe_connect_failure(Failure(exc))
+            self.assertIsInstance(e, kind)
+            self.assertIn(text, str(e))
