@@ -212,3 +212,12 @@ class Certs:
                  .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
                  .sign(other_key, hashes.SHA256()))
         self.other_ca_cert = write("other-ca.pem", other.public_bytes(serialization.Encoding.PEM))
+        # A client certificate from that other CA: a server trusting only ours refuses it.
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (x509.CertificateBuilder().subject_name(name("stranger")).issuer_name(other.subject)
+                .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=2))
+                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+                .sign(other_key, hashes.SHA256()))
+        self.stranger_cert = write("stranger.pem", cert.public_bytes(serialization.Encoding.PEM))
+        self.stranger_key = write("stranger.key", key_pem(key))

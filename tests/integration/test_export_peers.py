@@ -16,6 +16,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import TestCase
 
+from gateway.config import config_from_string
 from gateway.services.export import ExportService, read_part10_header
 from tests.dicomfiles import dataset_bytes, make_series, odd_instance, rle_image, small_instance
 from tests.integration.harness import in_thread
@@ -89,18 +90,42 @@ class StorescpTests(PeerCase):
         out = os.path.abspath(self.mktemp())
         port = yield start_storescp(self, out, tls=certs)
         paths = sample_files(os.path.abspath(self.mktemp()))
-        extra = f'[tls]\ncertificate = "{certs.client_cert}"\nprivate_key = "{certs.client_key}"\n'
-        dests = [("tls", port, "STORESCP"), ("wrongca", port, "STORESCP"), ("plain", port, "STORESCP")]
-        config = scu_config(os.path.abspath(self.mktemp()), [], extra=extra)
-        text = "".join(
-            f'[[destination]]\nname = "{n}"\nae_title = "{ae}"\nhost = "127.0.0.1"\nport = {p}\n'
-            + (f'tls = true\nca_certificates = "{certs.ca_cert if n == "tls" else certs.other_ca_cert}"\n'
-               if n != "plain" else "")
-            for n, p, ae in dests)
-        from gateway.config import config_from_string
-        import dataclasses
-        config = dataclasses.replace(config, destinations=config_from_string(
-            '[[ae]]\ntitle = "X"\n' + extra + text).destinations)
+        # Our client certificate comes from [tls]; "stranger" overrides it
+        # with one from a CA the server does not trust; "wrongca" does not
+        # trust the server's CA.
+        config = config_from_string(f"""
+[gateway]
+storage = "{os.path.abspath(self.mktemp())}"
+[timeouts]
+artim = 5
+[tls]
+certificate = "{certs.client_cert}"
+private_key = "{certs.client_key}"
+ca_certificates = "{certs.ca_cert}"
+[[ae]]
+title = "GW"
+[[destination]]
+name = "tls"
+ae_title = "STORESCP"
+host = "127.0.0.1"
+port = {port}
+tls = true
+[[destination]]
+name = "wrongca"
+ae_title = "STORESCP"
+host = "127.0.0.1"
+port = {port}
+tls = true
+ca_certificates = "{certs.other_ca_cert}"
+[[destination]]
+name = "stranger"
+ae_title = "STORESCP"
+host = "127.0.0.1"
+port = {port}
+tls = true
+certificate = "{certs.stranger_cert}"
+private_key = "{certs.stranger_key}"
+""")
         export = self.start_export(config)
 
         echo = yield export.destinations.echo("tls")
@@ -110,6 +135,11 @@ class StorescpTests(PeerCase):
         self.assertFalse(wrong["ok"])
         self.assertIn("TLS failure", wrong["reason"])
         self.assertIn("certificate verify failed", wrong["reason"])
+
+        # A client certificate the server does not trust: no session.
+        stranger = yield export.destinations.echo("stranger")
+        self.assertFalse(stranger["ok"])
+        self.assertIn("TLS failure", stranger["reason"])
 
         [job_id] = yield export.submit(["tls"], paths, "test")
         self.assertEqual((yield export.wait(job_id)), "done")
