@@ -26,7 +26,6 @@ from __future__ import annotations
 import os
 import sqlite3
 import struct
-import time
 
 from twisted.application.service import Service
 from twisted.internet import defer
@@ -163,19 +162,23 @@ def job_outcome(total: int, failed: int) -> str:
 class ExportStore:
     """Export jobs in SQLite; every method returns a Deferred."""
 
-    def __init__(self, path: str, reactor):
+    def __init__(self, path: str, reactor, pool=None):
         self.path = path
         self.reactor = reactor
-        self.pool = ThreadPool(minthreads=1, maxthreads=1, name="dicomgw-exportdb")
+        # One thread owns the connection; tests may pass a pool of their own.
+        self._own_pool = pool is None
+        self.pool = pool or ThreadPool(minthreads=1, maxthreads=1, name="dicomgw-exportdb")
         self._db: sqlite3.Connection | None = None
 
     def start(self):
-        self.pool.start()
+        if self._own_pool:
+            self.pool.start()
         return self._run(self._open)
 
     def stop(self):
         d = self._run(self._close)
-        d.addBoth(lambda r: (self.pool.stop(), r)[1])
+        if self._own_pool:
+            d.addBoth(lambda r: (self.pool.stop(), r)[1])
         return d
 
     def _run(self, f, *args):
@@ -405,11 +408,12 @@ class ExportService(Service):
 
     log = Logger()
 
-    def __init__(self, config, reactor, read_pool, *, db_path=None, destinations=None, resume=True):
+    def __init__(self, config, reactor, read_pool, *, db_path=None, destinations=None, resume=True,
+                 db_pool=None):
         self.config = config
         self.reactor = reactor
         self.read_pool = read_pool
-        self.store = ExportStore(db_path or os.path.join(config.storage, DB_NAME), reactor)
+        self.store = ExportStore(db_path or os.path.join(config.storage, DB_NAME), reactor, db_pool)
         self.destinations = destinations or Destinations(config, reactor, read_pool)
         self.resume = resume
         self._ready: list[tuple[int, str]] = []  # (job id, destination), FIFO
@@ -436,7 +440,7 @@ class ExportService(Service):
     def _resume(self):
         for job in (yield self.store.unfinished()):
             if job["state"] == "retrying" and job["next_attempt"]:
-                self._schedule(job["id"], job["destination"], max(0.0, job["next_attempt"] - time.time()))
+                self._schedule(job["id"], job["destination"], max(0.0, job["next_attempt"] - self.reactor.seconds()))
             else:
                 if job["state"] == "in_progress":
                     self.log.info("export job {job} to {destination} was interrupted; resuming it",
@@ -481,7 +485,7 @@ class ExportService(Service):
 
     async def _submit(self, destinations, paths, origin):
         await self._when_started()
-        ids = await self.store.add_jobs(destinations, paths, origin, time.time())
+        ids = await self.store.add_jobs(destinations, paths, origin, self.reactor.seconds())
         for job_id, name in zip(ids, destinations):
             self.log.info("export job {job} to {destination}: {files} file(s) queued from {origin}",
                           event="export.job", job=job_id, destination=name, state="queued",
@@ -553,7 +557,7 @@ class ExportService(Service):
         if job is None or job["state"] in FINAL_STATES:
             return
         attempt = job["attempts"] + 1
-        await store.set_job(job_id, time.time(), state="in_progress", attempts=attempt, next_attempt=None)
+        await store.set_job(job_id, self.reactor.seconds(), state="in_progress", attempts=attempt, next_attempt=None)
         files = await store.pending_files(job_id)
         if name not in self.destinations.names():
             for f in files:
@@ -638,8 +642,8 @@ class ExportService(Service):
         counts = await self.store.counts(job_id)
         if counts["pending"] and attempt <= self.config.scu.retries and not self._stopping:
             delay = self.config.scu.retry_delay * (2 ** (attempt - 1))
-            await self.store.set_job(job_id, time.time(), state="retrying", reason=reason,
-                                     next_attempt=time.time() + delay)
+            await self.store.set_job(job_id, self.reactor.seconds(), state="retrying", reason=reason,
+                                     next_attempt=self.reactor.seconds() + delay)
             self.log.warn("export job {job} to {destination}: {pending} file(s) to retry in {delay:g} s "
                           "(attempt {attempt} of {attempts}){why}",
                           event="export.job", job=job_id, destination=name, state="retrying",
@@ -651,7 +655,7 @@ class ExportService(Service):
         if counts["pending"] and self._stopping:
             return  # stays in progress; resumed at the next start
         state = job_outcome(counts["files"], counts["failed"])
-        await self.store.set_job(job_id, time.time(), state=state, reason=reason)
+        await self.store.set_job(job_id, self.reactor.seconds(), state=state, reason=reason)
         self.log.info("export job {job} to {destination}: {state}, {done} of {files} file(s) sent, {failed} failed",
                       event="export.job", job=job_id, destination=name, state=state,
                       files=counts["files"], done=counts["done"], failed=counts["failed"])

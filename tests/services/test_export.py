@@ -276,3 +276,51 @@ class RetryAndConcurrencyTests(ExportCase):
         self.assertEqual([f["attempts"] for f in job["file_statuses"]], [1, 1, 1])
         self.assertEqual(len(gw.stored_files()), 2)  # only what was not sent before
         self.assertEqual(job["attempts"], 2)
+
+
+class BackoffClockTests(TestCase):
+    """The retry schedule, with every timer on a Clock and no threads."""
+
+    def test_retry_delays_double_then_the_job_fails(self):
+        from gateway.net.client import ConnectFailed
+        from tests.net.test_client import InlinePool, ThreadlessClock
+
+        clock = ThreadlessClock()
+        clock.advance(1_000_000)
+        config = scu_config(os.path.abspath(self.mktemp()), [("down", 1, "DOWN")], retries=3, retry_delay=30)
+        src = self.mktemp()
+        os.makedirs(src)
+        paths = make_series(src, 2, rows=8, cols=8)
+
+        class Refusing:
+            calls: list[float] = []
+
+            def names(self):
+                return ["down"]
+
+            def get(self, name):
+                return config.destination(name)
+
+            def connect(self, name, contexts):
+                self.calls.append(clock.seconds() - 1_000_000)
+                return defer.fail(ConnectFailed("connection refused"))
+
+        dests = Refusing()
+        export = ExportService(config, clock, InlinePool(), destinations=dests, db_pool=InlinePool())
+        export.startService()
+        self.addCleanup(export.stopService)
+        [job_id] = self.successResultOf(export.submit(["down"], paths, "test"))
+        done = export.wait(job_id)
+        self.assertEqual(dests.calls, [0])
+        self.assertEqual(self.successResultOf(export.job(job_id))["state"], "retrying")
+        clock.advance(29.9)
+        self.assertEqual(dests.calls, [0])
+        for step in (0.1, 60, 120):
+            clock.advance(step)
+        self.assertEqual(dests.calls, [0, 30, 90, 210])
+        self.assertEqual(self.successResultOf(done), "failed")
+        clock.advance(10_000)
+        self.assertEqual(len(dests.calls), 4)
+        job = self.successResultOf(export.job(job_id))
+        self.assertEqual((job["state"], job["attempts"], job["failed"]), ("failed", 4, 2))
+        self.assertEqual({(f["state"], f["attempts"]) for f in job["file_statuses"]}, {("failed", 4)})
