@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sqlite3
 import sys
 
 from twisted.internet import defer
@@ -140,8 +141,16 @@ def send(config, destinations, paths, *, retries=None, out=sys.stdout, err=sys.s
             await service.stopService()
             pool.stop()
 
-    jobs = _run(main)
+    try:
+        jobs = _run(main)
+    except (OSError, sqlite3.Error) as e:
+        progress.finish()
+        print(f"dicomgw: cannot use the export database under {config.storage}: {e}", file=err)
+        return 1
     progress.finish()
+    if jobs is None:  # the reactor stopped first (Ctrl-C)
+        print("dicomgw: interrupted; unfinished jobs are resumed when the gateway (re)starts", file=err)
+        return 130
     status = 0
     for job in jobs:
         print(f"job {job['id']} to {job['destination']}: {job['state']}, {job['done']} of {job['files']} "

@@ -182,7 +182,12 @@ class ExportStore:
         return d
 
     def _run(self, f, *args):
-        return deferToThreadPool(self.reactor, self.pool, f, *args)
+        return deferToThreadPool(self.reactor, self.pool, self._call, f, args)
+
+    def _call(self, f, args):
+        if self._db is None and f not in (self._open, self._close):
+            raise sqlite3.OperationalError(f"the export database {self.path} is not open")
+        return f(*args)
 
     def _open(self):
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
@@ -423,6 +428,7 @@ class ExportService(Service):
         self._assocs: dict[str, object] = {}  # destination -> its open association
         self._finished: dict[int, list[defer.Deferred]] = {}
         self._started: defer.Deferred | None = None
+        self._start_error: BaseException | None = None
         self._stopping = False
         self.max_running = 0  # the most associations we ever had at once
 
@@ -434,7 +440,11 @@ class ExportService(Service):
         self._started = self.store.start()
         if self.resume:
             self._started.addCallback(lambda _: self._resume())
-        self._started.addErrback(lambda f: self.log.failure("export queue failed to start", f))
+        self._started.addErrback(self._start_failed)
+
+    def _start_failed(self, failure):
+        self._start_error = failure.value
+        self.log.error("export queue cannot use {path}: {error}", path=self.store.path, error=failure.value)
 
     @defer.inlineCallbacks
     def _resume(self):
@@ -485,6 +495,8 @@ class ExportService(Service):
 
     async def _submit(self, destinations, paths, origin):
         await self._when_started()
+        if self._start_error is not None:
+            raise self._start_error
         ids = await self.store.add_jobs(destinations, paths, origin, self.reactor.seconds())
         for job_id, name in zip(ids, destinations):
             self.log.info("export job {job} to {destination}: {files} file(s) queued from {origin}",

@@ -186,6 +186,14 @@ class SendTests(ExportCase):
         self.assertEqual(states, [("sent", 1), ("failed", 1), ("failed", 1)])  # never retried
         self.assertIn("not a DICOM Part 10 file", job["file_statuses"][1]["reason"])
 
+    def test_unusable_database_fails_submit_with_the_reason(self):
+        blocker = os.path.abspath(self.mktemp())
+        with open(blocker, "w") as f:
+            f.write("a file where the storage directory should be")
+        config = scu_config(os.path.join(blocker, "storage"), [("gw", 1, "GW")])
+        export = self.start_export(config)
+        return self.assertFailure(export.submit(["gw"], [], "test"), NotADirectoryError)
+
     def test_unknown_destination(self):
         config = scu_config(os.path.abspath(self.mktemp()), [])
         export = self.start_export(config)
