@@ -639,7 +639,9 @@ class ExportService(Service):
 
     async def _file_result(self, job_id, name, f, state, status, reason, attempt, sop_instance=None):
         retries = self.config.scu.retries
-        if state == "retry" and attempt > retries:
+        # A file cut off by our own shutdown is not a failed attempt's end:
+        # it stays pending for the next start.
+        if state == "retry" and attempt > retries and not self._stopping:
             state = "failed"
         await self.store.set_file(job_id, f["seq"], state=state, status=status, reason=reason,
                                   attempts=f["attempts"] + 1, sop_instance_uid=sop_instance)
