@@ -459,6 +459,8 @@ class ExportService(Service):
         self._pump()
 
     def stopService(self):
+        if not self.running:
+            return defer.succeed(None)
         super().stopService()
         self._stopping = True
         for call in self._timers.values():

@@ -286,6 +286,39 @@ class RetryAndConcurrencyTests(ExportCase):
         self.assertEqual(job["attempts"], 2)
 
 
+class StopTests(ExportCase):
+    @defer.inlineCallbacks
+    def test_stop_mid_job_then_start_again_finishes_it(self):
+        from twisted.logger import globalLogPublisher
+
+        gw = yield start_gateway(self)
+        src = self.mktemp()
+        os.makedirs(src)
+        paths = make_series(src, 8, rows=256, cols=256)
+        storage = os.path.abspath(self.mktemp())
+        config = scu_config(storage, [("gw", gw.port, "DICOMGW")], retries=0)
+        first = self.start_export(config)
+        first_sent = defer.Deferred()
+
+        def observe(event):
+            if event.get("event") == "export.file" and event.get("state") == "sent" and not first_sent.called:
+                first_sent.callback(None)
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        [job_id] = yield first.submit(["gw"], paths, "test")
+        yield first_sent
+        yield first.stopService()
+
+        second = self.start_export(config)
+        # retries = 0, yet nothing failed: the files our stop cut off were
+        # left pending, not counted as a failed last attempt.
+        self.assertEqual((yield second.wait(job_id)), "done")
+        job = yield second.job(job_id)
+        self.assertEqual((job["done"], job["failed"]), (8, 0))
+        self.assertEqual(len(gw.stored_files()), 8)
+
+
 class BackoffClockTests(TestCase):
     """The retry schedule, with every timer on a Clock and no threads."""
 
