@@ -52,6 +52,11 @@ class Config:
     fsync: bool = True
     ae_titles: tuple[AETitle, ...] = field(default_factory=lambda: (AETitle("DICOMGW"),))
     source: str = "<string>"
+    # Operations (issue 6): the management API and the audit trail.
+    listen_http: str = ""  # "" = no management API
+    http_token_file: str = ""
+    http_token: str = field(default="", repr=False)
+    audit_log: str = "audit.jsonl"  # relative to the storage root; "" = off
 
     def ae(self, title: str) -> AETitle | None:
         for ae in self.ae_titles:
@@ -136,11 +141,14 @@ def parse_config(doc: dict[str, Any], source: str = "<string>") -> Config:
         _VERSION_NAME,
         "1 to 16 characters of the DICOM default repertoire",
     )
+    audit_log = g.string("audit_log", defaults.audit_log)
     g.done()
 
     lst = _section(doc, "listen", problems)
     dicom = lst.string("dicom", defaults.listen_dicom)
+    http = lst.string("http", defaults.listen_http)
     lst.done()
+    token_file, token = _parse_http(doc, http, problems, source)
 
     t = _section(doc, "timeouts", problems)
     artim = t.number("artim", defaults.artim, 1, 3600)
@@ -195,7 +203,52 @@ def parse_config(doc: dict[str, Any], source: str = "<string>") -> Config:
         fsync=fsync,
         ae_titles=tuple(aes),
         source=source,
+        listen_http=http,
+        http_token_file=token_file,
+        http_token=token,
+        audit_log=audit_log,
     )
+
+
+def _http_is_loopback(description: str) -> bool:
+    """True when a server endpoint description listens on loopback only."""
+    import ipaddress
+
+    parts = description.split(":")
+    kind = parts[0].strip().lower()
+    if kind == "unix":
+        return True  # a filesystem socket: its permissions protect it
+    if kind not in ("tcp", "tcp6"):
+        return False  # systemd:, ssl:, ...: we cannot tell, so assume not
+    for part in parts[2:]:
+        if part.startswith("interface="):
+            try:
+                return ipaddress.ip_address(part[len("interface="):]).is_loopback
+            except ValueError:
+                return False
+    return False  # no interface: every address
+
+
+def _parse_http(doc: dict, listen_http: str, problems: list[str], source: str) -> tuple[str, str]:
+    """The [http] section: the bearer token for the management API."""
+    h = _section(doc, "http", problems)
+    token_file = h.string("token_file", "")
+    h.done()
+    token = ""
+    if token_file:
+        path = token_file
+        try:
+            with open(path, encoding="utf-8") as f:
+                token = f.read().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            problems.append(f"http.token_file: cannot read {path!r}: {getattr(e, 'strerror', None) or e}")
+        else:
+            if len(token) < 16:
+                problems.append(f"http.token_file: the token in {path!r} is shorter than 16 characters")
+    if listen_http and not token_file and not _http_is_loopback(listen_http):
+        problems.append(f"listen.http: {listen_http!r} is not loopback-only; "
+                        "set http.token_file to require a bearer token")
+    return token_file, token
 
 
 def config_from_string(text: str, source: str = "<string>") -> Config:
