@@ -214,7 +214,8 @@ def _http_is_loopback(description: str) -> bool:
     """True when a server endpoint description listens on loopback only."""
     import ipaddress
 
-    parts = description.split(":")
+    # Endpoint descriptions escape ":" as "\\:" (IPv6 addresses).
+    parts = [p.replace("\\:", ":") for p in re.split(r"(?<!\\):", description)]
     kind = parts[0].strip().lower()
     if kind == "unix":
         return True  # a filesystem socket: its permissions protect it

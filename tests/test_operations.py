@@ -35,15 +35,13 @@ class HttpConfigTests(unittest.TestCase):
         self.assertEqual(config_from_string(AE).listen_http, "")
         for desc in ("tcp:8080:interface=127.0.0.1", "tcp:0:interface=127.0.0.5",
                      "tcp6:8080:interface=\\:\\:1", "unix:/run/dicomgw/api.sock"):
-            if "\\" in desc:
-                continue  # endpoint escaping; ::1 is covered below
-            c = config_from_string(f'[listen]\nhttp = "{desc}"\n' + AE)
+            c = config_from_string(f"[listen]\nhttp = '{desc}'\n" + AE)  # literal: keeps the \\
             self.assertEqual((c.listen_http, c.http_token), (desc, ""))
 
     def test_not_loopback_without_token_is_a_config_error(self):
         for desc in ("tcp:8080", "tcp:8080:interface=0.0.0.0", "tcp:8080:interface=10.1.2.3",
-                     "systemd:domain=INET:name=http"):
-            problems = self.problems(f'[listen]\nhttp = "{desc}"\n' + AE)
+                     "systemd:domain=INET:name=http", "tcp6:8080:interface=\\:\\:", "ssl:8443"):
+            problems = self.problems(f"[listen]\nhttp = '{desc}'\n" + AE)
             self.assertEqual(len(problems), 1, problems)
             self.assertIn("listen.http", problems[0])
             self.assertIn("http.token_file", problems[0])
