@@ -10,7 +10,8 @@ JSON lines for journald/ELK::
 writes one JSON object per line to standard output: ``time`` (ISO 8601,
 UTC), ``level``, ``namespace``, ``message`` (the formatted text), ``event``
 when the event has one, every other named field whose value is JSON data,
-and ``failure`` (the traceback) for ``log.failure`` events.
+and ``failure`` (the traceback) for ``log.failure`` events.  Events below
+``$DICOMGW_LOG_LEVEL`` (default ``info``) are left out.
 ``gateway.logs.json_file_observer`` does the same into the file named by the
 ``DICOMGW_JSON_LOG`` environment variable.
 """
@@ -25,7 +26,11 @@ from collections import deque
 from datetime import datetime, timezone
 
 from twisted.application.service import Service
-from twisted.logger import ILogObserver, formatEvent, globalLogPublisher
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import (FilteringLogObserver, ILogObserver, Logger, LogLevel,
+                            LogLevelFilterPredicate, formatEvent, globalLogPublisher)
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 _JSON_TYPES = (str, int, float, bool, type(None))
@@ -85,16 +90,27 @@ class JSONLinesObserver:
         self.stream.flush()
 
 
+def _at_level(observer):
+    """Drop events below ``$DICOMGW_LOG_LEVEL`` (default ``info``; per-instance
+    events are ``debug``)."""
+    name = os.environ.get("DICOMGW_LOG_LEVEL", "info").lower()
+    try:
+        level = LogLevel.levelWithName(name)
+    except Exception:
+        level = LogLevel.info
+    return FilteringLogObserver(observer, [LogLevelFilterPredicate(defaultLogLevel=level)])
+
+
 def json_observer():
     """``twistd --logger gateway.logs.json_observer``: JSON lines on stdout."""
-    return JSONLinesObserver(sys.stdout)
+    return _at_level(JSONLinesObserver(sys.stdout))
 
 
 def json_file_observer():
     """``twistd --logger gateway.logs.json_file_observer``: JSON lines appended
     to the file named by ``$DICOMGW_JSON_LOG``."""
     path = os.environ.get("DICOMGW_JSON_LOG", "dicomgw.log.jsonl")
-    return JSONLinesObserver(io.open(path, "a", encoding="utf-8", buffering=1))
+    return _at_level(JSONLinesObserver(io.open(path, "a", encoding="utf-8", buffering=1)))
 
 
 def _association_fields(event: dict) -> dict:
@@ -135,22 +151,76 @@ class AuditTrail:
     subject, what was stored (SOP instances with sizes), what failed (with
     the status answered) or why the association was refused or ended.
 
-    Lines are appended (no fsync) as each association closes.
+    Lines are appended (no fsync) as each association closes.  With a
+    ``pool`` the writes run there, one job at a time so lines stay in order,
+    never on the reactor thread; without one (tests) they are written at once.
     """
 
-    def __init__(self, path: str):
+    log = Logger()
+
+    def __init__(self, path: str, reactor=None, pool=None):
         self.path = path
+        self.reactor = reactor
+        self.pool = pool
         self._open: dict[str, dict] = {}
         self._file = None
+        self._pending: list[str] = []
+        self._busy = False
+        self._waiters: list[Deferred] = []
 
     def open(self):
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        self._file = io.open(self.path, "a", encoding="utf-8", buffering=1)
+        self._file = io.open(self.path, "a", encoding="utf-8")
 
-    def close(self):
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+    def close(self) -> Deferred:
+        """Fires once every line is written and the file is closed."""
+        d = Deferred()
+        if self._busy:
+            self._waiters.append(d)
+        else:
+            d.callback(None)
+
+        def finish(_):
+            if self._pending and self._file is not None:
+                self._write_lines(self._pending)  # the pool may be gone by now
+                self._pending = []
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+
+        return d.addCallback(finish)
+
+    def _emit(self, line: str):
+        if self._file is None:
+            return
+        self._pending.append(line)
+        if self.pool is None:
+            lines, self._pending = self._pending, []
+            self._write_lines(lines)
+            return
+        self._kick()
+
+    def _kick(self):
+        if self._busy or not self._pending:
+            return
+        self._busy = True
+        lines, self._pending = self._pending, []
+        d = deferToThreadPool(self.reactor, self.pool, self._write_lines, lines)
+        d.addBoth(self._written)
+
+    def _write_lines(self, lines):
+        self._file.write("".join(lines))
+        self._file.flush()
+
+    def _written(self, result):
+        self._busy = False
+        if isinstance(result, Failure):
+            self.log.failure("could not write the audit trail {path}", result, path=self.path)
+        self._kick()
+        if not self._busy:
+            waiters, self._waiters = self._waiters, []
+            for d in waiters:
+                d.callback(None)
 
     def __call__(self, event):
         kind = event.get("event")
@@ -169,11 +239,10 @@ class AuditTrail:
             entry = self._open.pop(event.get("association", "?"), {"stored": [], "failed": []})
             record["stored"] = entry["stored"]
             record["failed"] = entry["failed"]
-            if self._file is not None:
-                try:
-                    self._file.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
-                except Exception:
-                    pass  # an observer must never raise; the log line still says it all
+            try:
+                self._emit(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+            except Exception:
+                pass  # an observer must never raise; the log line still says it all
 
 
 class ObserverService(Service):
@@ -191,7 +260,9 @@ class ObserverService(Service):
 
     def stopService(self):
         super().stopService()
+        closing = []
         for o in self.observers:
             globalLogPublisher.removeObserver(o)
             if hasattr(o, "close"):
-                o.close()
+                closing.append(o.close())
+        return gatherResults(closing).addCallback(lambda _: None)

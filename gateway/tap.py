@@ -106,7 +106,7 @@ def _add_operations(root, options, config, scp, storage, pool, reactor):
     metrics, recent = Metrics(), RecentAssociations()
     observers = [metrics, recent]
     if config.audit_log:
-        observers.append(AuditTrail(os.path.join(storage.root, config.audit_log)))
+        observers.append(AuditTrail(os.path.join(storage.root, config.audit_log), reactor, pool))
     ObserverService(*observers).setServiceParent(root)
     path = options.get("config") if hasattr(options, "get") else None
     reload = ReloadService(path or config.source, config, root, reactor, pool,

@@ -85,7 +85,7 @@ class JSONLogTests(unittest.TestCase):
     def test_twistd_logger_option_accepts_the_factory(self):
         # twistd --logger imports the name and calls it with no arguments.
         code = ("from twisted.python.reflect import namedAny; o = namedAny('gateway.logs.json_observer')(); "
-                "from twisted.logger import Logger; Logger(observer=o).info('hi {x}', x=1)")
+                "from twisted.logger import Logger; l = Logger(observer=o); l.debug('no'); l.info('hi {x}', x=1)")
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
         self.assertEqual(out.returncode, 0, out.stderr)
         self.assertEqual(json.loads(out.stdout)["message"], "hi 1")
