@@ -52,6 +52,46 @@ def _reject_for(called_ae="DICOMGW", calling_ae="MODALITY", context=P.DICOM_APPL
     return f"{rj.result}, {rj.source}, {rj.reason}"
 
 
+def _accepted_user_information() -> P.UserInformation:
+    """The user information of our A-ASSOCIATE-AC to a request that proposes
+    asynchronous operations (5, 5), SCU and SCP roles, extended negotiation
+    and a user identity."""
+
+    class Protocol:
+        peer = "test"
+        accepted = None
+
+        def accept(self, ac):
+            self.accepted = ac
+
+    scp = StoreSCP(SCPService(DEFAULTS, None, Clock()))
+    scp.protocol = Protocol()
+    rq = P.AssociateRQ(
+        called_ae="DICOMGW", calling_ae="MODALITY", application_context=P.DICOM_APPLICATION_CONTEXT,
+        presentation_contexts=(P.PresentationContextRQ(1, CT, (sop.IMPLICIT_VR_LITTLE_ENDIAN,)),),
+        user_information=P.UserInformation(
+            max_length=16384, async_ops=(5, 5), role_selections=(P.RoleSelection(CT, 1, 1),),
+            extended_negotiations=(P.ExtendedNegotiation(CT, b"\x01"),),
+            user_identity=P.UserIdentityRQ(1, 1, b"user", b""),
+        ))
+    scp.associate_indication(rq)
+    return scp.protocol.accepted.user_information
+
+
+def _async_window() -> str:
+    invoked, performed = _accepted_user_information().async_ops
+    return f"{invoked}, {performed} (no asynchronous operations)"
+
+
+def _roles() -> str:
+    (role,) = _accepted_user_information().role_selections
+    return f"SCU role as proposed, SCP role {role.scp_role}" if role.scu_role == 1 else "?"
+
+
+def _ignored(field) -> str:
+    return "not supported (ignored)" if not getattr(_accepted_user_information(), field) else "answered"
+
+
 def _negotiate(abstract, *syntaxes) -> tuple[int, str]:
     return StoreSCP._negotiate(P.PresentationContextRQ(1, abstract, syntaxes))
 
@@ -75,6 +115,10 @@ FACTS = [
     ("Largest P-DATA-TF PDU accepted when the limit is 0", str(MAX_UNLIMITED_PDATA)),
     ("Largest association PDU accepted", str(MAX_ASSOCIATION_PDU)),
     ("Maximum DIMSE command set length", str(C.MAX_COMMAND_LENGTH)),
+    ("Asynchronous operations window", _async_window()),
+    ("SCP/SCU role selection", _roles()),
+    ("Extended negotiation", _ignored("extended_negotiations")),
+    ("User identity negotiation", _ignored("user_identity")),
     ("ARTIM timeout (default)", f"{DEFAULTS.artim:g} s"),
     ("DIMSE timeout (default)", f"{DEFAULTS.dimse:g} s"),
     ("Default AE title", DEFAULTS.ae_titles[0].title),

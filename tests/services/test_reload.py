@@ -161,10 +161,12 @@ class ReloadGatewayTests(unittest.TestCase):
             status = yield in_thread(lambda: assoc.send_c_store(files[0]).Status)
             self.assertEqual(status, 0)
             # The new file serves NEWAE only and moves the port (restart needed).
-            self.write(gateway_config(storage, aes=("NEWAE",)).replace(
+            self.write(gateway_config(storage, aes=("NEWAE",), artim=7, dimse=9).replace(
                 "tcp:0:interface=127.0.0.1", "tcp:1:interface=127.0.0.1"))
             yield self.sighup_and_wait(service)
             self.assertEqual([a.title for a in service.scp.config.ae_titles], ["NEWAE"])
+            new_protocol = service.scp.factory().buildProtocol(None)
+            self.assertEqual((new_protocol.artim_timeout, new_protocol.dimse_timeout), (7, 9))
             # The association in progress finishes under the rules it started with.
             status = yield in_thread(lambda: assoc.send_c_store(files[1]).Status)
             self.assertEqual(status, 0)
