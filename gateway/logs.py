@@ -33,6 +33,8 @@ from twisted.logger import (FilteringLogObserver, ILogObserver, Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from gateway.interfaces import IReconfigurable
+
 _JSON_TYPES = (str, int, float, bool, type(None))
 
 
@@ -141,6 +143,8 @@ class RecentAssociations:
         return len(items), items[offset:offset + limit]
 
 
+_REOPEN = object()  # queued like a line: reopen the file here
+
 # An association's audit record lists at most this many instances by UID.
 AUDIT_MAX_INSTANCES = 10000
 
@@ -154,6 +158,8 @@ class AuditTrail:
     Lines are appended (no fsync) as each association closes.  With a
     ``pool`` the writes run there, one job at a time so lines stay in order,
     never on the reactor thread; without one (tests) they are written at once.
+    :meth:`reopen` (on every reload, i.e. SIGHUP) reopens the file by name,
+    for logrotate.
     """
 
     log = Logger()
@@ -190,7 +196,11 @@ class AuditTrail:
 
         return d.addCallback(finish)
 
-    def _emit(self, line: str):
+    def reopen(self):
+        """Close and reopen the file (after logrotate moved it), in order with the lines."""
+        self._emit(_REOPEN)
+
+    def _emit(self, line):
         if self._file is None:
             return
         self._pending.append(line)
@@ -209,7 +219,12 @@ class AuditTrail:
         d.addBoth(self._written)
 
     def _write_lines(self, lines):
-        self._file.write("".join(lines))
+        for line in lines:
+            if line is _REOPEN:
+                self._file.close()
+                self._file = io.open(self.path, "a", encoding="utf-8")
+            else:
+                self._file.write(line)
         self._file.flush()
 
     def _written(self, result):
@@ -245,8 +260,11 @@ class AuditTrail:
                 pass  # an observer must never raise; the log line still says it all
 
 
+@implementer(IReconfigurable)
 class ObserverService(Service):
-    """Attaches log observers to the global log publisher while running."""
+    """Attaches log observers to the global log publisher while running.
+
+    On a reload it reopens the files of observers that have them (logrotate)."""
 
     def __init__(self, *observers):
         self.observers = list(observers)
@@ -257,6 +275,11 @@ class ObserverService(Service):
             if hasattr(o, "open"):
                 o.open()
             globalLogPublisher.addObserver(o)
+
+    def reconfigure(self, config):
+        for o in self.observers:
+            if hasattr(o, "reopen"):
+                o.reopen()
 
     def stopService(self):
         super().stopService()

@@ -125,6 +125,22 @@ class AuditTests(unittest.TestCase):
         self.assertIn("not configured", r["outcome"])
         self.assertEqual(list(audit._open), ["2-b"])  # the open association is kept until it closes
 
+    def test_reopen_after_logrotate(self):
+        path = os.path.join(self.mktemp(), "audit.jsonl")
+        audit = AuditTrail(path)
+        audit.open()
+        self.addCleanup(audit.close)
+        audit(_closed("1"))
+        os.rename(path, path + ".1")  # logrotate
+        audit(_closed("2"))  # still goes to the open (renamed) file
+        audit.reopen()
+        audit(_closed("3"))
+        audit.close()
+        with open(path + ".1") as f:
+            self.assertEqual([json.loads(line)["association"] for line in f], ["1", "2"])
+        with open(path) as f:
+            self.assertEqual([json.loads(line)["association"] for line in f], ["3"])
+
     def test_recent_ring_is_bounded(self):
         ring = RecentAssociations(size=3)
         for i in range(5):
