@@ -68,6 +68,8 @@ def listener_state(listener) -> tuple[str, str | None]:
     if not d.called:
         return "starting", None
     port = d.result
+    if port is None:  # strports swallowed the listen failure after logging it
+        return "down", "could not listen (see the log)"
     if hasattr(port, "getHost"):
         if getattr(port, "connected", True) is False:
             return "down", "stopped listening"
