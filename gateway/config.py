@@ -149,6 +149,8 @@ def parse_config(doc: dict[str, Any], source: str = "<string>") -> Config:
     http = lst.string("http", defaults.listen_http)
     lst.done()
     token_file, token = _parse_http(doc, http, problems, source)
+    _check_endpoint("listen.dicom", dicom, problems)
+    _check_endpoint("listen.http", http, problems)
 
     t = _section(doc, "timeouts", problems)
     artim = t.number("artim", defaults.artim, 1, 3600)
@@ -208,6 +210,30 @@ def parse_config(doc: dict[str, Any], source: str = "<string>") -> Config:
         http_token=token,
         audit_log=audit_log,
     )
+
+
+def _check_endpoint(key: str, description: str, problems: list[str]) -> None:
+    """Parse a server endpoint description the way the daemon will (nothing
+    is bound).  ``systemd:`` ones are checked for form only: the inherited
+    sockets exist only under systemd."""
+    if not description:
+        return
+    parts = re.split(r"(?<!\\):", description)
+    if parts[0] == "systemd":
+        args = dict(p.partition("=")[::2] for p in parts[1:])
+        wrong = sorted(set(args) - {"domain", "index", "name"})
+        if wrong or args.get("domain") not in ("INET", "INET6", "UNIX") \
+                or ("name" in args) == ("index" in args) \
+                or ("index" in args and not args["index"].isdigit()):
+            problems.append(f"{key}: {description!r} is not a valid systemd endpoint "
+                            "(systemd:domain=INET|INET6|UNIX:name=NAME, or index=N instead of name)")
+        return
+    from twisted.internet.endpoints import serverFromString
+
+    try:
+        serverFromString(object(), description)
+    except Exception as e:  # ValueError, TypeError, KeyError, OSError: all say why
+        problems.append(f"{key}: {description!r} is not a valid endpoint description: {e}")
 
 
 def _http_is_loopback(description: str) -> bool:

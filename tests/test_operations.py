@@ -40,7 +40,7 @@ class HttpConfigTests(unittest.TestCase):
 
     def test_not_loopback_without_token_is_a_config_error(self):
         for desc in ("tcp:8080", "tcp:8080:interface=0.0.0.0", "tcp:8080:interface=10.1.2.3",
-                     "systemd:domain=INET:name=http", "tcp6:8080:interface=\\:\\:", "ssl:8443"):
+                     "systemd:domain=INET:name=http", "tcp6:8080:interface=\\:\\:", "tcp6:8080"):
             problems = self.problems(f"[listen]\nhttp = '{desc}'\n" + AE)
             self.assertEqual(len(problems), 1, problems)
             self.assertIn("listen.http", problems[0])
@@ -58,6 +58,22 @@ class HttpConfigTests(unittest.TestCase):
         self.assertEqual(len(problems), 2, problems)
         self.assertIn("shorter than 16", " ".join(problems))
         self.assertIn("http.bogus: unknown key", problems)
+
+
+class EndpointConfigTests(unittest.TestCase):
+    def test_listen_descriptions_are_parsed_like_the_daemon_would(self):
+        for good in ("tcp:104", "tcp:0:interface=127.0.0.1", "systemd:domain=INET:name=dicom",
+                     "systemd:domain=INET6:index=0", "unix:/run/dicomgw.sock"):
+            self.assertEqual(config_from_string(f'[listen]\ndicom = "{good}"\n' + AE).listen_dicom, good)
+        for bad, why in (("tcpp:104", "Unknown endpoint type"), ("tcp:104:bogus=1", "bogus"),
+                         ("tcp:abc", "invalid literal"), ("systemd:domain=INET", "systemd endpoint"),
+                         ("systemd:domain=IPX:name=dicom", "systemd endpoint"),
+                         ("systemd:domain=INET:name=a:index=0", "systemd endpoint")):
+            with self.assertRaises(ConfigError) as cm:
+                config_from_string(f'[listen]\ndicom = "{bad}"\n' + AE, "t.toml")
+            (problem,) = cm.exception.problems
+            self.assertTrue(problem.startswith(f"listen.dicom: {bad!r}"), problem)
+            self.assertIn(why, problem)
 
 
 class JSONLogTests(unittest.TestCase):
