@@ -17,67 +17,77 @@ def listening_port(service, name: str = "dicom") -> Deferred:
     return d
 
 
-# ---- export: in-memory fakes of IExportQueue and IDestinations -------------
+# ---- in-memory fakes of the provider interfaces (gateway.interfaces) --------
+
+from twisted.internet.defer import succeed  # noqa: E402
+from zope.interface import implementer  # noqa: E402
+
+from gateway.interfaces import IDestinations, IExportQueue, IPayloadQuery  # noqa: E402
 
 
-def _export_fakes():
-    from twisted.internet import defer
-    from zope.interface import implementer
+@implementer(IExportQueue)
+class FakeExportQueue:
+    """Export jobs kept in a list; ``submit`` only records them."""
 
-    from gateway.interfaces import IDestinations, IExportQueue
+    def __init__(self, destinations=("pacs",)):
+        self.destinations = set(destinations)
+        self._jobs: list[dict] = []
 
-    @implementer(IExportQueue)
-    class FakeExportQueue:
-        """Records submissions; every job stays ``queued`` unless a test sets it."""
+    def submit(self, destinations, paths, origin):
+        for name in destinations:
+            if name not in self.destinations:
+                from twisted.internet.defer import fail
 
-        def __init__(self, destinations=("pacs",)):
-            self.destination_names = set(destinations)
-            self.submitted: list[tuple] = []
-            self._jobs: dict[int, dict] = {}
+                return fail(KeyError(name))
+        ids = []
+        for name in destinations:
+            job_id = str(len(self._jobs) + 1)
+            self._jobs.append({"id": job_id, "destination": name, "state": "queued", "origin": origin,
+                               "created": 0, "updated": 0, "files": len(paths), "done": 0, "failed": 0,
+                               "file_statuses": [{"path": p, "state": "queued", "status": None,
+                                                  "attempts": 0, "reason": None} for p in paths]})
+            ids.append(job_id)
+        return succeed(ids)
 
-        def submit(self, destinations, paths, origin):
-            for name in destinations:
-                if name not in self.destination_names:
-                    raise KeyError(name)
-            ids = []
-            for name in destinations:
-                job_id = len(self._jobs) + 1
-                self._jobs[job_id] = {
-                    "id": job_id, "destination": name, "state": "queued", "origin": origin,
-                    "created": 0.0, "updated": 0.0, "files": len(paths), "done": 0, "failed": 0,
-                    "file_statuses": [{"path": p, "state": "queued", "status": None, "attempts": 0,
-                                       "reason": None} for p in paths],
-                }
-                ids.append(job_id)
-            self.submitted.append((list(destinations), list(paths), origin))
-            return defer.succeed(ids)
+    def jobs(self, limit=100, offset=0, state=None):
+        items = [{k: v for k, v in j.items() if k != "file_statuses"}
+                 for j in reversed(self._jobs) if state is None or j["state"] == state]
+        return succeed(items[offset:offset + limit])
 
-        def jobs(self, limit=100, offset=0, state=None):
-            rows = [{k: v for k, v in j.items() if k != "file_statuses"}
-                    for j in sorted(self._jobs.values(), key=lambda j: -j["id"])
-                    if state is None or j["state"] == state]
-            return defer.succeed(rows[offset:offset + limit])
-
-        def job(self, job_id):
-            return defer.succeed(self._jobs.get(job_id))
-
-    @implementer(IDestinations)
-    class FakeDestinations:
-        """``results`` maps a name to the echo dict to answer (default: success)."""
-
-        def __init__(self, results=None):
-            self.results = dict(results or {"pacs": None})
-
-        def names(self):
-            return list(self.results)
-
-        def echo(self, name):
-            if name not in self.results:
-                raise KeyError(name)
-            result = self.results[name] or {"destination": name, "ok": True, "rtt_ms": 1.0, "reason": None}
-            return defer.succeed(dict(result))
-
-    return FakeExportQueue, FakeDestinations
+    def job(self, job_id):
+        for j in self._jobs:
+            if j["id"] == job_id:
+                return succeed(dict(j))
+        return succeed(None)
 
 
-FakeExportQueue, FakeDestinations = _export_fakes()
+@implementer(IDestinations)
+class FakeDestinations:
+    """``results`` maps a destination name to the echo answer it gives."""
+
+    def __init__(self, results=None):
+        self.results = dict(results or {"pacs": True})
+        self.echoed: list[str] = []
+
+    def names(self):
+        return list(self.results)
+
+    def echo(self, name):
+        if name not in self.results:
+            from twisted.internet.defer import fail
+
+            return fail(KeyError(name))
+        self.echoed.append(name)
+        ok = self.results[name]
+        return succeed({"destination": name, "ok": ok, "rtt_ms": 1.5 if ok else None,
+                        "reason": None if ok else "connection refused"})
+
+
+@implementer(IPayloadQuery)
+class FakePayloadQuery:
+    def __init__(self, payloads=()):
+        self.items = list(payloads)
+
+    def payloads(self, limit=100, offset=0, state=None):
+        items = [p for p in self.items if state is None or p.get("state") == state]
+        return succeed(items[offset:offset + limit])

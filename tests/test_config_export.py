@@ -87,7 +87,9 @@ ca_certificates = "missing.pem"
         with open(shipped) as f:
             text = f.read()
         # Uncomment the example destination's active lines (not the nested ones).
-        text = re.sub(r"^# (\[\[destination\]\]|[a-z_]+ = .*)$", r"\1", text, flags=re.M)
+        start = text.index("# [[destination]]\n")
+        example = re.sub(r"^# (\[\[destination\]\]|[a-z_]+ = .*)$", r"\1", text[start:], flags=re.M)
+        text = text[:start] + example
         path = self.mktemp()
         with open(path, "w") as f:
             f.write(text)
@@ -110,7 +112,15 @@ class InterfaceTests(TestCase):
         self.assertTrue(verifyObject(IDestinations, Destinations(config, reactor, None)))
         self.assertTrue(verifyObject(IExportQueue, FakeExportQueue()))
         self.assertTrue(verifyObject(IDestinations, FakeDestinations()))
-        fake = FakeExportQueue(["pacs"])
-        self.assertEqual(self.successResultOf(fake.submit(["pacs"], ["a.dcm"], "api")), [1])
-        self.assertRaises(KeyError, fake.submit, ["nosuch"], [], "api")
-        self.assertEqual(self.successResultOf(fake.jobs())[0]["files"], 1)
+
+    def test_reload_brings_new_destinations(self):
+        from twisted.internet import reactor
+
+        from gateway.services.export import ExportService
+
+        export = ExportService(config_from_string(BASE), reactor, None, db_path=self.mktemp())
+        self.assertEqual(export.destinations.names(), [])
+        export.reconfigure(config_from_string(
+            BASE + '[[destination]]\nname = "pacs"\nae_title = "PACS"\nhost = "h"\nport = 104\n'))
+        self.assertEqual(export.destinations.names(), ["pacs"])
+        self.assertEqual(export.destinations.get("pacs").ae_title, "PACS")

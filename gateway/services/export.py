@@ -36,7 +36,7 @@ from zope.interface import implementer
 
 from gateway.dimse import commands as C
 from gateway.dimse.sop import VERIFICATION
-from gateway.interfaces import IDestinations, IExportQueue
+from gateway.interfaces import IDestinations, IExportQueue, IReconfigurable
 from gateway.net.client import (
     MAX_CONTEXTS,
     AssociationLost,
@@ -286,6 +286,10 @@ class ExportStore:
         return [dict(r) for r in rows]
 
     def job(self, job_id):
+        try:
+            job_id = int(job_id)  # the API hands over the id from a URL
+        except (TypeError, ValueError):
+            return defer.succeed(None)
         return self._run(self._job, job_id)
 
     def _job(self, job_id):
@@ -407,7 +411,7 @@ class Destinations:
 # ---- the queue and its scheduler ------------------------------------------
 
 
-@implementer(IExportQueue)
+@implementer(IExportQueue, IReconfigurable)
 class ExportService(Service):
     """Runs export jobs; see the module docstring for the rules."""
 
@@ -485,6 +489,14 @@ class ExportService(Service):
         else:
             self._started.addBoth(lambda r: (d.callback(None), r)[1])
         return d
+
+    def reconfigure(self, config):
+        """SIGHUP: new destinations and [scu] settings apply to the next
+        association; a job already sending keeps its association."""
+        self.config = config
+        if isinstance(self.destinations, Destinations):
+            self.destinations.config = config
+        self._pump()
 
     # ---- IExportQueue ---------------------------------------------------
 

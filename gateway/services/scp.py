@@ -24,11 +24,13 @@ from collections import deque
 
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from gateway import IMPLEMENTATION_CLASS_UID
 from gateway.dimse import commands as C
 from gateway.dimse.message import CommandReceived, DataFragment, MessageAssembler, fragment_message
 from gateway.dimse.sop import VERIFICATION, is_storage_sop_class, is_valid_uid
+from gateway.interfaces import IReconfigurable
 from gateway.net.protocol import DicomProtocol
 from gateway.services.storage import StorageFull
 from gateway.ul import pdu as P
@@ -48,6 +50,7 @@ def _new_association_id() -> str:
     return f"{next(_ids):x}-{secrets.token_hex(3)}"
 
 
+@implementer(IReconfigurable)
 class SCPService:
     """Shared state of the SCP; one per running gateway."""
 
@@ -62,6 +65,10 @@ class SCPService:
     def factory(self) -> "DicomServerFactory":
         return DicomServerFactory(self)
 
+    def reconfigure(self, config):
+        """New associations use ``config``; those in progress keep theirs."""
+        self.config = config
+
 
 class DicomServerFactory(ServerFactory):
     def __init__(self, service: SCPService):
@@ -70,7 +77,7 @@ class DicomServerFactory(ServerFactory):
     def buildProtocol(self, addr):
         service = self.service
         config = service.config
-        user = StoreSCP(service)
+        user = StoreSCP(service, config)
         return DicomProtocol(
             user,
             service.reactor,
@@ -108,8 +115,10 @@ class _Store:
 class StoreSCP:
     log = Logger()
 
-    def __init__(self, service: SCPService):
+    def __init__(self, service: SCPService, config=None):
         self.service = service
+        # The rules this association started under, whatever a reload does.
+        self.config = config if config is not None else service.config
         self.protocol: DicomProtocol | None = None
         self.id = _new_association_id()
         self.started = service.reactor.seconds()
@@ -132,7 +141,7 @@ class StoreSCP:
     # ---- association establishment ------------------------------------
 
     def associate_indication(self, rq: P.AssociateRQ):
-        config = self.service.config
+        config = self.config
         self.calling_ae, self.called_ae = rq.calling_ae, rq.called_ae
         reject = None
         if rq.application_context != P.DICOM_APPLICATION_CONTEXT:
