@@ -18,11 +18,15 @@ events, so no service needs to know about either.  Names in use:
 ``instance.stored``      association, called_ae, calling_ae, sop_class_uid,
                          sop_instance_uid, bytes, latency (seconds from command to durable)
 ``instance.failed``      association, called_ae, calling_ae, sop_instance_uid, status
-``export.job``           job, destination, state (``queued``, ``retrying``, ``done``,
-                         ``partially_failed``, ``failed``), files, done, failed; origin
-                         when queued; pending, delay, attempt when retrying
-``export.file``          job, destination, path, state (``sent``, ``retry``, ``failed``),
-                         status (DIMSE status or None), reason, attempt, sop_instance_uid
+``export.job``           job, destination, state (``queued`` or ``retrying``), files,
+                         done, failed; origin when queued; pending, delay, attempt when
+                         retrying
+``export.job.finished``  job, destination, outcome = state (``done``,
+                         ``partially_failed``, ``failed``), files, done, failed
+``export.file``          a file to be tried again: job, destination, path, state and
+                         outcome ``retry``, status (DIMSE status or None), reason,
+                         attempt, sop_instance_uid
+``export.file.finished`` the same fields, outcome = state ``sent`` or ``failed``
 ``echo``                 destination, ok, rtt_ms, reason
 =======================  ==========================================================
 

@@ -86,7 +86,7 @@ class _Progress:
         self.tty = hasattr(stream, "isatty") and stream.isatty()
 
     def __call__(self, event):
-        if event.get("event") != "export.file":
+        if event.get("event") not in ("export.file", "export.file.finished"):
             return
         if event.get("state") == "sent":
             self.sent += 1

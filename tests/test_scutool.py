@@ -18,10 +18,10 @@ class ProgressTests(TestCase):
     def test_draws_on_a_terminal(self):
         out = Terminal()
         p = _Progress(4, out)
-        p({"event": "export.file", "state": "sent"})
+        p({"event": "export.file.finished", "state": "sent"})
         p({"event": "export.file", "state": "retry"})  # not final: not counted
-        p({"event": "export.file", "state": "failed"})
-        p({"event": "export.job", "state": "done"})
+        p({"event": "export.file.finished", "state": "failed"})
+        p({"event": "export.job.finished", "state": "done"})
         p.finish()
         lines = out.getvalue().split("\r")
         self.assertEqual(lines[-1], "[" + "#" * 15 + "." * 15 + "] 2/4 (1 sent, 1 failed)\n")

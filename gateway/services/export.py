@@ -660,8 +660,9 @@ class ExportService(Service):
         await self.store.set_file(job_id, f["seq"], state=state, status=status, reason=reason,
                                   attempts=f["attempts"] + 1, sop_instance_uid=sop_instance)
         level = self.log.info if state == "sent" else self.log.warn
+        final = state in ("sent", "failed")
         level("export job {job} to {destination}: {path} {state}{detail}",
-              event="export.file", job=job_id, destination=name, path=f["path"], state=state,
+              event="export.file.finished" if final else "export.file", outcome=state, job=job_id, destination=name, path=f["path"], state=state,
               status=status, reason=reason, attempt=attempt, sop_instance_uid=sop_instance,
               detail=f" (status 0x{status:04X})" if status is not None and state == "sent"
               else (f": {reason}" if reason else ""))
@@ -685,7 +686,7 @@ class ExportService(Service):
         state = job_outcome(counts["files"], counts["failed"])
         await self.store.set_job(job_id, self.reactor.seconds(), state=state, reason=reason)
         self.log.info("export job {job} to {destination}: {state}, {done} of {files} file(s) sent, {failed} failed",
-                      event="export.job", job=job_id, destination=name, state=state,
+                      event="export.job.finished", outcome=state, job=job_id, destination=name, state=state,
                       files=counts["files"], done=counts["done"], failed=counts["failed"])
         for d in self._finished.pop(job_id, []):
             d.callback(state)

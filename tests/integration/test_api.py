@@ -212,6 +212,9 @@ class APITests(unittest.TestCase):
         code, body, _ = yield c.request("GET", f"/exports/{job_id}")
         self.assertEqual((code, body["state"], body["done"], body["origin"]), (200, "done", 1, "api"))
         self.assertEqual(body["file_statuses"][0]["status"], 0)
+        code, text, _ = yield c.request("GET", "/metrics")
+        self.assertIn('dicomgw_export_jobs_total{destination="gw",outcome="done"} 1', text)
+        self.assertIn('dicomgw_export_files_total{destination="gw",outcome="sent"} 1', text)
 
     @defer.inlineCallbacks
     def test_exports(self):

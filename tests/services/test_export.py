@@ -301,7 +301,8 @@ class StopTests(ExportCase):
         first_sent = defer.Deferred()
 
         def observe(event):
-            if event.get("event") == "export.file" and event.get("state") == "sent" and not first_sent.called:
+            if event.get("event") == "export.file.finished" and event.get("outcome") == "sent" \
+                    and not first_sent.called:
                 first_sent.callback(None)
 
         globalLogPublisher.addObserver(observe)
