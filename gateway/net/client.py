@@ -261,19 +261,17 @@ class SCUAssociation:
                 return
             for event in events:
                 if type(event) is CommandReceived:
-                    self._response(event.command)
+                    self._response(event.command, event.context_id)
                 # A data set after a response is not something C-ECHO or
                 # C-STORE have: the assembler keeps the framing; ignore it.
 
-    def _response(self, cmd: C.Command):
+    def _response(self, cmd: C.Command, context_id: int):
         if not cmd.is_response:
-            # We provide no service on our own associations.
+            # We provide no service on our own associations: refuse on the
+            # context the request came on (a data set that follows is dropped).
             rsp = C.failure_response(cmd, C.UNRECOGNIZED_OPERATION)
-            if rsp is not None and cmd.sop_class_uid is not None:
-                cid = next(iter(self.accepted.values()), None)
-                if cid is not None:
-                    for pdu_bytes in fragment_message(cid, C.encode_command(rsp), self.peer_max_pdu):
-                        self.protocol.send_pdata(pdu_bytes)
+            if rsp is not None:
+                self._send_command(context_id, rsp)
             return
         if cmd.status is not None and cmd.status in (C.PENDING, C.PENDING_WARNING):
             return

@@ -266,3 +266,17 @@ class FailureWordingTests(unittest.TestCase):
             e = client.describe_connect_failure(Failure(exc))
             self.assertIsInstance(e, kind)
             self.assertIn(text, str(e))
+
+
+class PeerRequestTests(unittest.TestCase):
+    def test_a_request_from_the_acceptor_is_refused_on_its_context(self):
+        clock, user, protocol, transport = make([(VERIFICATION, IMPLICIT), (CT, EXPLICIT)])
+        take(transport)
+        accept(protocol, user)
+        protocol.dataReceived(encode_pdata(3, CONTROL_COMMAND | CONTROL_LAST, C.encode_command(C.c_echo_rq(7))))
+        [pdu] = take(transport)
+        self.assertEqual(pdu.pdvs[0].context_id, 3)
+        [(rsp, _)] = messages([pdu])
+        self.assertEqual((rsp.command_field, rsp.message_id_being_responded_to, rsp.status),
+                         (C.C_ECHO_RSP, 7, C.UNRECOGNIZED_OPERATION))
+        self.assertEqual(user.protocol.core.state, "Sta6")  # the association goes on
