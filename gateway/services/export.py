@@ -39,7 +39,6 @@ from gateway.dimse.sop import VERIFICATION
 from gateway.interfaces import IDestinations, IExportQueue, IReconfigurable
 from gateway.net.client import (
     MAX_CONTEXTS,
-    AssociationLost,
     ContextNotAccepted,
     Peer,
     SCUError,
@@ -599,31 +598,33 @@ class ExportService(Service):
                 sendable.append(f)
             except (OSError, ValueError) as e:
                 await self._file_result(job_id, name, f, "failed", None, f"cannot read: {e}", attempt)
-        contexts = list(dict.fromkeys((h[0], h[2]) for h in (f["header"] for f in sendable)))
-        if len(contexts) > MAX_CONTEXTS:
-            keep = set(contexts[:MAX_CONTEXTS])
-            for f in list(sendable):
-                if (f["header"][0], f["header"][2]) not in keep:
-                    sendable.remove(f)
-                    await self._file_result(job_id, name, f, "retry", None,
-                                            f"more than {MAX_CONTEXTS} SOP class/transfer syntax pairs in one job", attempt)
-            contexts = contexts[:MAX_CONTEXTS]
-
+        # One association for the job, unless its files need more
+        # presentation contexts than one association can carry: then one
+        # association per batch of contexts, one after the other.
+        contexts = list(dict.fromkeys((f["header"][0], f["header"][2]) for f in sendable))
+        batches = [contexts[i:i + MAX_CONTEXTS] for i in range(0, len(contexts), MAX_CONTEXTS)]
         reason = None
-        if sendable:
+        for n, batch in enumerate(batches):
+            wanted = set(batch)
+            files = [f for f in sendable if (f["header"][0], f["header"][2]) in wanted]
             try:
-                assoc = await self.destinations.connect(name, contexts)
+                assoc = await self.destinations.connect(name, batch)
             except SCUError as e:
+                # The destination is not there: the rest waits for the next attempt.
                 reason = str(e)
+                later = set().union(*batches[n:])
                 for f in sendable:
-                    await self._file_result(job_id, name, f, "retry", None, reason, attempt)
-            else:
-                self._assocs[name] = assoc
-                try:
-                    reason = await self._send_files(assoc, job_id, name, sendable, attempt)
-                finally:
-                    self._assocs.pop(name, None)
-                    await assoc.release()
+                    if (f["header"][0], f["header"][2]) in later:
+                        await self._file_result(job_id, name, f, "retry", None, reason, attempt)
+                break
+            self._assocs[name] = assoc
+            try:
+                reason = await self._send_files(assoc, job_id, name, files, attempt) or reason
+            finally:
+                self._assocs.pop(name, None)
+                await assoc.release()
+            if self._stopping:
+                break
         await self._finish(job_id, name, attempt, reason)
 
     async def _send_files(self, assoc, job_id, name, files, attempt):

@@ -366,3 +366,61 @@ class BackoffClockTests(TestCase):
         job = self.successResultOf(export.job(job_id))
         self.assertEqual((job["state"], job["attempts"], job["failed"]), ("failed", 4, 2))
         self.assertEqual({(f["state"], f["attempts"]) for f in job["file_statuses"]}, {("failed", 4)})
+
+    def test_more_contexts_than_one_association_carries(self):
+        """130 SOP class/transfer syntax pairs: two associations (128 + 2),
+        one after the other, in one attempt; every file sent."""
+        from gateway import part10
+        from gateway.dimse import commands as C
+        from tests.net.test_client import InlinePool, ThreadlessClock
+
+        clock = ThreadlessClock()
+        config = scu_config(os.path.abspath(self.mktemp()), [("pacs", 1, "PACS")])
+        src = self.mktemp()
+        os.makedirs(src)
+        paths = []
+        for i in range(130):
+            path = os.path.join(src, f"{i}.dcm")
+            with open(path, "wb") as f:
+                f.write(part10.file_meta(sop_class_uid=f"1.2.826.0.1.3680043.10.543.9.{i}",
+                                         sop_instance_uid=f"1.2.3.{i}", transfer_syntax_uid="1.2.840.10008.1.2.1",
+                                         implementation_class_uid="1.2.3", implementation_version_name="T",
+                                         source_ae_title=None) + b"\x08\x00\x18\x00UI\x06\x001.2.3")
+            paths.append(path)
+
+        class Assoc:
+            def __init__(self, contexts):
+                self.contexts = set(contexts)
+                self.stored = []
+
+            def store(self, path, offset, size, sop_class, sop_instance, ts):
+                assert (sop_class, ts) in self.contexts
+                self.stored.append(sop_instance)
+                return defer.succeed(C.Command(command_field=C.C_STORE_RSP, status=0))
+
+            def release(self):
+                return defer.succeed(None)
+
+        class Recording:
+            opened: list = []
+
+            def names(self):
+                return ["pacs"]
+
+            def get(self, name):
+                return config.destination(name)
+
+            def connect(self, name, contexts):
+                self.opened.append(Assoc(contexts))
+                return defer.succeed(self.opened[-1])
+
+        dests = Recording()
+        export = ExportService(config, clock, InlinePool(), destinations=dests, db_pool=InlinePool())
+        export.startService()
+        self.addCleanup(export.stopService)
+        [job_id] = self.successResultOf(export.submit(["pacs"], paths, "test"))
+        self.assertEqual(self.successResultOf(export.wait(job_id)), "done")
+        self.assertEqual([len(a.contexts) for a in dests.opened], [128, 2])
+        self.assertEqual(sum(len(a.stored) for a in dests.opened), 130)
+        job = self.successResultOf(export.job(job_id))
+        self.assertEqual((job["attempts"], job["done"]), (1, 130))
