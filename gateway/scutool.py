@@ -19,6 +19,9 @@ from twisted.python.threadpool import ThreadPool
 
 from gateway.services.export import Destinations, ExportService, expand_paths
 
+# Failed files listed per job in the summary; the rest are in the database.
+MAX_LISTED = 20
+
 
 def _run(main):
     """Run ``main(reactor)`` (a coroutine function) in the reactor; its return value."""
@@ -155,10 +158,13 @@ def send(config, destinations, paths, *, retries=None, out=sys.stdout, err=sys.s
     for job in jobs:
         print(f"job {job['id']} to {job['destination']}: {job['state']}, {job['done']} of {job['files']} "
               f"file(s) sent, {job['failed']} failed", file=out)
-        for f in job["file_statuses"]:
-            if f["state"] != "sent":
-                detail = f" (status 0x{f['status']:04X})" if f["status"] is not None else ""
-                print(f"  failed: {f['path']}{detail}: {f['reason']}", file=out)
+        failed = [f for f in job["file_statuses"] if f["state"] != "sent"]
+        for f in failed[:MAX_LISTED]:
+            detail = f" (status 0x{f['status']:04X})" if f["status"] is not None else ""
+            print(f"  failed: {f['path']}{detail}: {f['reason']}", file=out)
+        if len(failed) > MAX_LISTED:
+            print(f"  ... and {len(failed) - MAX_LISTED} more failed file(s); all are in the export "
+                  f"database, job {job['id']}", file=out)
         if job["state"] != "done":
             status = 1
     return status
