@@ -176,7 +176,13 @@ class SocketActivationTests(unittest.TestCase):
         self.assertIsNone(proc.poll())
 
         # Every line of output is JSON; the associations are in it as events.
-        closed = [r for r in _records(out_path) if r.get("event") == "association.closed"]
+        # echoscu may exit before the gateway has seen the connection close
+        # and logged it: wait (bounded) for the second record.
+        for _ in range(100):
+            closed = [r for r in _records(out_path) if r.get("event") == "association.closed"]
+            if len(closed) >= 2:
+                break
+            yield task.deferLater(reactor, 0.1, lambda: None)
         self.assertEqual([(r["called_ae"], r["result"]) for r in closed],
                          [("DICOMGW", "released"), ("SECOND", "released")])
         audit = os.path.join(workdir, "var", "dicomgw", "audit.jsonl")
