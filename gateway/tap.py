@@ -11,8 +11,10 @@ from zope.interface import implementer
 
 from gateway.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
 from gateway.interfaces import IReconfigurable
+from gateway.net.tls import server_options
 from gateway.services.scp import SCPService
 from gateway.services.storage import Storage
+from gateway.services.watermark import Watermark
 
 # Disk work (writes, fsync, rename) runs here; bounded so that a burst of
 # associations cannot spawn unbounded threads.
@@ -29,6 +31,9 @@ class Options(usage.Options):
     def postOptions(self):
         try:
             self["config_object"] = load_config(self["config"])
+            if self["config_object"].listen_dicom_tls is not None:
+                # Missing or bad certificate files stop start-up here, named.
+                self["tls_options"] = server_options(self["config_object"].tls, self["config"])
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
 
@@ -84,6 +89,9 @@ def makeService(options, reactor=None) -> MultiService:
     listener = strports.service(config.listen_dicom, scp.factory(), reactor=reactor)
     listener.setName("dicom")
     listener.setServiceParent(root)
+    if config.listen_dicom_tls is not None:
+        add_tls_listener(root, scp, options, reactor)
+    Watermark(scp, storage.root, reactor, pool).setServiceParent(root)
     root.scp = scp
     _add_operations(root, options, config, scp, storage, pool, reactor)
     return root
@@ -125,3 +133,15 @@ def _add_operations(root, options, config, scp, storage, pool, reactor):
         http.setName("http")
         http.setServiceParent(root)
         root.api = api
+
+
+def add_tls_listener(root, scp, options, reactor):
+    """The TLS port: TLS layered on the endpoint, the same SCP behind it."""
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+
+    config = scp.config
+    tls_options = options["tls_options"] if "tls_options" in options else server_options(config.tls, config.source)
+    factory = TLSMemoryBIOFactory(tls_options, False, scp.factory(tls=True))
+    listener = strports.service(config.listen_dicom_tls, factory, reactor=reactor)
+    listener.setName("dicom_tls")
+    listener.setServiceParent(root)

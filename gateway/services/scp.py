@@ -398,7 +398,7 @@ class StoreSCP:
             self.outcome = self.protocol.disconnect_reason
         duration = self.service.reactor.seconds() - self.started
         self.log.info(
-            "association {association} {calling_ae} -> {called_ae} from {peer}: "
+            "association {association} {calling_ae} -> {called_ae} from {peer}{via}: "
             "{instances} instance(s), {bytes} bytes, {failures} failure(s), {ignored} ignored "
             "in {duration:.3f} s; {outcome}",
             event="association.closed", result=self.result,
@@ -406,5 +406,6 @@ class StoreSCP:
             peer=self.protocol.peer, instances=self.instances, bytes=self.bytes,
             failures=self.failures, duration=duration, outcome=self.outcome,
             ignored=self.ignored, tls=self.tls, tls_subject=self.tls_subject,
+            via=(f" over TLS ({self.tls_subject or 'no client certificate'})" if self.tls else ""),
             **self.reject_fields,
         )

@@ -58,6 +58,9 @@ def gateway_config(storage: str, extra: str = "", aes=("DICOMGW",), **sections) 
 
     [storage]
     fsync = {str(sections.get("fsync", False)).lower()}
+    watermark_percent = {sections.get("watermark_percent", 100)}
+    reserved_gb = {sections.get("reserved_gb", 0)}
+    check_interval = {sections.get("check_interval", 10)}
     """
     return textwrap.dedent(text) + extra + "\n" + ae_tables
 
