@@ -91,7 +91,9 @@ def makeService(options, reactor=None) -> MultiService:
     listener.setServiceParent(root)
     if config.listen_dicom_tls is not None:
         add_tls_listener(root, scp, options, reactor)
-    Watermark(scp, storage.root, reactor, pool).setServiceParent(root)
+    watermark = Watermark(scp, storage.root, reactor, pool)
+    watermark.setName("watermark")
+    watermark.setServiceParent(root)
     root.scp = scp
     _add_operations(root, options, config, scp, storage, pool, reactor)
     return root
