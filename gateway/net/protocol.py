@@ -100,10 +100,17 @@ class DicomProtocol(Protocol):
         self._run(self.core.request(rq))
 
     def accept(self, ac):
+        # The core handles every PDU of one read before we run its effects:
+        # a PDU that followed the A-ASSOCIATE-RQ too early (PS3.8: AA-8 in
+        # Sta3) may already have aborted the association we are answering.
+        if self._closed or self.core.state != "Sta3":
+            return
         self._run(self.core.accept(ac))
         self._start_dimse()
 
     def reject(self, rj):
+        if self._closed or self.core.state != "Sta3":
+            return
         self._run(self.core.reject(rj))
 
     def send_pdata(self, pdu_bytes: bytes):
