@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Hold many concurrent associations on a real gateway process and measure its memory.
 
-    python bench/concurrent_associations.py [--associations 1000] [--json]
+    python bench/concurrent_associations.py [--associations 1000] [--tls] [--json]
 
 Starts ``twistd -n dicomgw`` on a scratch configuration (loopback, an
 ephemeral port, ``max_associations`` = the number asked for), then from this
@@ -10,7 +10,8 @@ open at once.  With every one established it reads the gateway's resident
 memory (VmRSS from /proc), checks that one association more is rejected
 (rejected-transient, service-provider presentation, reason 2: the A-ASSOCIATE-RJ
 bytes), then sends a C-ECHO on each, releases them all and stops the
-gateway.  Prints a summary (or JSON with --json); the exit status is 0 only
+gateway.  With --tls the associations go to the TLS port (profile
+bcp195-nd, a client certificate; development certificates made for the run).  Prints a summary (or JSON with --json); the exit status is 0 only
 if every association was established, echoed and released.
 
 Everything is bounded: connects run at most --window at a time, and the
@@ -35,7 +36,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from twisted.internet import defer, protocol, task  # noqa: E402
-from twisted.internet.endpoints import TCP4ClientEndpoint  # noqa: E402
+from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS  # noqa: E402
 
 from gateway.dimse import commands as C  # noqa: E402
 from gateway.dimse.message import fragment_message  # noqa: E402
@@ -124,16 +125,25 @@ def free_port() -> int:
     return port
 
 
-def start_gateway(workdir: str, associations: int) -> tuple[subprocess.Popen, int]:
+def start_gateway(workdir: str, associations: int, tls: bool) -> tuple[subprocess.Popen, int]:
     port = free_port()
     config = os.path.join(workdir, "dicomgw.toml")
+    listen = f'dicom = "tcp:{port}:interface=127.0.0.1:backlog=1024"'
+    if tls:
+        from gateway.devcerts import make_dev_certs
+
+        make_dev_certs(os.path.join(workdir, "tls"))
+        listen = (f'dicom = "tcp:{free_port()}:interface=127.0.0.1"\n'
+                  f'dicom_tls = "tcp:{port}:interface=127.0.0.1:backlog=1024"\n'
+                  f'[tls]\ncertificate = "{workdir}/tls/server.pem"\nprivate_key = "{workdir}/tls/server.key"\n'
+                  f'ca_certificates = "{workdir}/tls/ca.pem"\nprofile = "bcp195-nd"')
     with open(config, "w") as f:
         f.write(f"""
 [gateway]
 storage = "{workdir}/var"
 max_associations = {associations}
 [listen]
-dicom = "tcp:{port}:interface=127.0.0.1:backlog=1024"
+{listen}
 [timeouts]
 artim = 60
 dimse = 300
@@ -164,8 +174,19 @@ title = "DICOMGW"
 
 
 @defer.inlineCallbacks
-def run(reactor, args, port, pid, result):
+def run(reactor, args, port, pid, result, workdir):
     endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=30)
+    if args.tls:
+        from twisted.internet import ssl
+
+        def pem(name):
+            with open(os.path.join(workdir, "tls", name), "rb") as f:
+                return f.read()
+
+        options = ssl.optionsForClientTLS(
+            "localhost", trustRoot=ssl.Certificate.loadPEM(pem("ca.pem")),
+            clientCertificate=ssl.PrivateCertificate.loadPEM(pem("client.key") + pem("client.pem")))
+        endpoint = wrapClientTLS(options, endpoint)
     rq = associate_rq("DICOMGW", "BENCH")
     peers: list[Peer] = []
     result["rss_before_kib"] = rss_kib(pid)["VmRSS"]
@@ -213,20 +234,21 @@ def main(argv=None) -> int:
     parser.add_argument("--associations", type=int, default=1000)
     parser.add_argument("--window", type=int, default=100, help="handshakes in flight at once")
     parser.add_argument("--time-limit", type=float, default=120)
+    parser.add_argument("--tls", action="store_true", help="use the TLS port (mutual TLS, bcp195-nd)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
     if not 1 <= args.associations <= 1000:
         parser.error("--associations must be 1..1000 (the gateway's max_associations range)")
 
     workdir = tempfile.mkdtemp(prefix="dicomgw-bench-")
-    result = {"associations": args.associations, "ok": False}
+    result = {"associations": args.associations, "tls": args.tls, "ok": False}
     proc = None
     try:
-        proc, port = start_gateway(workdir, args.associations)
+        proc, port = start_gateway(workdir, args.associations, args.tls)
         from twisted.internet import reactor
 
         def go(reactor):
-            d = run(reactor, args, port, proc.pid, result)
+            d = run(reactor, args, port, proc.pid, result, workdir)
             timeout = reactor.callLater(args.time_limit, d.cancel)
             d.addBoth(lambda r: (timeout.active() and timeout.cancel(), r)[1])
             return d
