@@ -100,3 +100,56 @@ class RealSocketTests(unittest.TestCase):
         self.assertLess(cut_after, 5)
         yield wait_for(lambda: closed)
         self.assertIn("PDU timeout", closed[0]["outcome"])
+
+
+class TLSPortTests(unittest.TestCase):
+    """The same rules on the TLS port."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_silent_and_trickling_peers_are_cut_off(self):
+        import ssl
+
+        from tests.integration.harness import make_certificates
+        from tests.integration.test_policy import client_context
+
+        certs = make_certificates(self)
+        gw = yield start_gateway(self, pdu=1, dimse=30, artim=1, tls_dir=certs)
+        data = encode_pdu(rq())
+
+        def silent():
+            # TCP connected, not even a ClientHello: ARTIM closes it.
+            s = socket.create_connection(("127.0.0.1", gw.tls_port), timeout=10)
+            started = time.monotonic()
+            try:
+                try:
+                    got = s.recv(1)
+                except ConnectionResetError:
+                    got = b""  # aborted: closed with a reset
+                return got, time.monotonic() - started
+            finally:
+                s.close()
+
+        def trickle():
+            raw = socket.create_connection(("127.0.0.1", gw.tls_port), timeout=5)
+            s = client_context(certs).wrap_socket(raw, server_hostname="localhost")
+            started = time.monotonic()
+            try:
+                for i in range(len(data) - 1):  # bounded: ~15 s at most
+                    s.sendall(data[i:i + 1])
+                    time.sleep(0.2)
+                    if time.monotonic() - started > 15:
+                        return None
+                return None
+            except (OSError, ssl.SSLError):
+                return time.monotonic() - started
+            finally:
+                raw.close()
+
+        got, waited = yield in_thread(silent)
+        self.assertEqual(got, b"")
+        self.assertLess(waited, 5)
+        cut_after = yield in_thread(trickle)
+        self.assertIsNotNone(cut_after, "the trickling TLS peer was never cut off")
+        self.assertLess(cut_after, 5)
