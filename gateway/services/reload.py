@@ -30,6 +30,10 @@ RESTART_FIELDS = ("listen_dicom", "listen_http", "storage", "audit_log")
 # ... and the keys operators know them by.
 _KEYS = {"listen_dicom": "listen.dicom", "listen_http": "listen.http", "storage": "gateway.storage",
          "audit_log": "gateway.audit_log"}
+# Issue 3: the TLS port and its certificates are set up at start-up, and the
+# watermark loop's interval too (its thresholds are read at every probe).
+RESTART_FIELDS += ("listen_dicom_tls", "tls", "check_interval")
+_KEYS.update({"listen_dicom_tls": "listen.dicom_tls", "tls": "[tls]", "check_interval": "storage.check_interval"})
 # Fields that describe where a config came from, not what it says.
 _IGNORED = ("source",)
 

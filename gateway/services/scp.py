@@ -152,7 +152,7 @@ class StoreSCP:
         if self.tls:
             self.tls_subject = self.protocol.peer_certificate_subject()
         reject = policy.check_association(
-            config, rq, peer_host=self.protocol.peer_host, tls=self.tls,
+            config, rq, peer_host=getattr(self.protocol, "peer_host", None), tls=self.tls,
             active=len(self.service.active), congestion=self.service.congestion,
         )
         if reject is not None:
@@ -193,6 +193,11 @@ class StoreSCP:
         self.outcome = "accepted"
         self.service.active.add(self)
         self.protocol.accept(ac)
+
+    @staticmethod
+    def _negotiate(pc: P.PresentationContextRQ) -> tuple[int, str]:
+        """Negotiation without per-AE lists (see :func:`policy.negotiate`)."""
+        return policy.negotiate(None, pc)
 
     # ---- data transfer ---------------------------------------------------
 

@@ -33,6 +33,7 @@ class ShippedConfigTests(unittest.TestCase):
         # Only the ports change (the shipped ones may be taken on this machine).
         config = shipped.replace('dicom = "tcp:11112"', f'dicom = "tcp:{plain}:interface=127.0.0.1"')
         config = config.replace('dicom_tls = "tcp:2762"', f'dicom_tls = "tcp:{tls}:interface=127.0.0.1"')
+        config = config.replace('http = "tcp:8080:interface=127.0.0.1"', f'http = "tcp:{_free_port()}:interface=127.0.0.1"')
         with open(os.path.join(workdir, "dicomgw.toml"), "w") as f:
             f.write(config)
 
