@@ -53,6 +53,8 @@ PROFILES = {
     "bcp195-ex": ["ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-RSA-AES256-GCM-SHA384"],
 }
 
+# Every profile: TLS 1.2 and 1.3, nothing older.
+MINIMUM_VERSION = TLSVersion.TLSv1_2
 TLS13_SUITES = "TLS_AES_256_GCM_SHA384:TLS_AES_128_GCM_SHA256"
 
 
@@ -92,7 +94,7 @@ def server_options(tls, source: str = "<string>") -> CertificateOptions:
         privateKey=key,
         certificate=chain[0],
         extraCertChain=chain[1:],
-        raiseMinimumTo=TLSVersion.TLSv1_2,
+        raiseMinimumTo=MINIMUM_VERSION,
         acceptableCiphers=AcceptableCiphers.fromOpenSSLCipherString(":".join(PROFILES[tls.profile])),
     )
     if tls.require_client_certificate:
