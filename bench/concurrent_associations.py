@@ -245,7 +245,6 @@ def main(argv=None) -> int:
     proc = None
     try:
         proc, port = start_gateway(workdir, args.associations, args.tls)
-        from twisted.internet import reactor
 
         def go(reactor):
             d = run(reactor, args, port, proc.pid, result, workdir)

@@ -28,7 +28,7 @@ from zope.interface import implementer
 from gateway import IMPLEMENTATION_CLASS_UID
 from gateway.dimse import commands as C
 from gateway.dimse.message import CommandReceived, DataFragment, MessageAssembler, fragment_message
-from gateway.dimse.sop import VERIFICATION, is_storage_sop_class, is_valid_uid
+from gateway.dimse.sop import is_valid_uid
 from gateway.interfaces import IReconfigurable
 from gateway.net.protocol import DicomProtocol
 from gateway.services import policy
