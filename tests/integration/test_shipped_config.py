@@ -30,10 +30,14 @@ class ShippedConfigTests(unittest.TestCase):
             shipped = f.read()
         self.assertIn('dicom_tls = "tcp:2762"', shipped)
         plain, tls = _free_port(), _free_port()
-        # Only the ports change (the shipped ones may be taken on this machine).
+        # Only the ports change (the shipped ones may be taken on this machine),
+        # and the storage watermark, which depends on how full this disk is.
         config = shipped.replace('dicom = "tcp:11112"', f'dicom = "tcp:{plain}:interface=127.0.0.1"')
         config = config.replace('dicom_tls = "tcp:2762"', f'dicom_tls = "tcp:{tls}:interface=127.0.0.1"')
         config = config.replace('http = "tcp:8080:interface=127.0.0.1"', f'http = "tcp:{_free_port()}:interface=127.0.0.1"')
+        config = config.replace("watermark_percent = 75", "watermark_percent = 100")
+        config = config.replace("reserved_gb = 5", "reserved_gb = 0")
+        self.assertNotIn("watermark_percent = 75", config)
         with open(os.path.join(workdir, "dicomgw.toml"), "w") as f:
             f.write(config)
 
