@@ -90,7 +90,7 @@ def makeService(options, reactor=None) -> MultiService:
     listener.setName("dicom")
     listener.setServiceParent(root)
     if config.listen_dicom_tls is not None:
-        add_tls_listener(root, scp, options, reactor)
+        root.tls = add_tls_listener(root, scp, options, reactor, pool)
     watermark = Watermark(scp, storage.root, reactor, pool)
     watermark.setName("watermark")
     watermark.setServiceParent(root)
@@ -120,8 +120,11 @@ def _add_operations(root, options, config, scp, storage, pool, reactor):
     ObserverService(*observers).setServiceParent(root)
     path = options.get("config") if hasattr(options, "get") else None
     reload = ReloadService(path or config.source, config, root, reactor, pool,
+                           loader=load_config_and_certificates,
                            install_signal=options.get("install_sighup", True))
     reload.add(scp)
+    if getattr(root, "tls", None) is not None:
+        reload.add(root.tls)
     reload.setServiceParent(root)
     root.metrics, root.recent_associations, root.reload = metrics, recent, reload
     root.api = None
@@ -137,13 +140,32 @@ def _add_operations(root, options, config, scp, storage, pool, reactor):
         root.api = api
 
 
-def add_tls_listener(root, scp, options, reactor):
-    """The TLS port: TLS layered on the endpoint, the same SCP behind it."""
+def load_config_and_certificates(path):
+    """Load a config and, when it has a TLS port, check its certificate files.
+
+    Runs off the reactor thread on reload: a config naming certificates that
+    cannot be read or do not match is as invalid as a bad key.
+    """
+    config = load_config(path)
+    if config.listen_dicom_tls is not None:
+        server_options(config.tls, config.source)
+    return config
+
+
+def add_tls_listener(root, scp, options, reactor, pool):
+    """The TLS port: TLS layered on the endpoint, the same SCP behind it.
+
+    Returns the connection creator, which a reload gives new certificates.
+    """
     from twisted.protocols.tls import TLSMemoryBIOFactory
+
+    from gateway.net.tls import ReloadableServerTLS
 
     config = scp.config
     tls_options = options["tls_options"] if "tls_options" in options else server_options(config.tls, config.source)
-    factory = TLSMemoryBIOFactory(tls_options, False, scp.factory(tls=True))
+    creator = ReloadableServerTLS(tls_options, config.tls, config.source, reactor, pool)
+    factory = TLSMemoryBIOFactory(creator, False, scp.factory(tls=True))
     listener = strports.service(config.listen_dicom_tls, factory, reactor=reactor)
     listener.setName("dicom_tls")
     listener.setServiceParent(root)
+    return creator

@@ -29,9 +29,14 @@ from __future__ import annotations
 
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.internet.ssl import AcceptableCiphers, CertificateOptions, TLSVersion
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from zope.interface import implementer
 
 from gateway.config import ConfigError
+from gateway.interfaces import IReconfigurable
 
 _GCM = [
     "ECDHE-ECDSA-AES128-GCM-SHA256",
@@ -110,3 +115,47 @@ def server_options(tls, source: str = "<string>") -> CertificateOptions:
                           source) from None
     context.set_tls13_ciphersuites(TLS13_SUITES.encode("ascii"))
     return options
+
+
+@implementer(IOpenSSLServerConnectionCreator, IReconfigurable)
+class ReloadableServerTLS:
+    """The TLS port's connection creator; a reload swaps its certificates.
+
+    Each new connection takes the options in force when it arrives;
+    connections already open keep theirs.  On a reload with a changed
+    ``[tls]`` the new options are built (the PEM files read and checked) in
+    the disk thread pool; if that fails the old certificates stay in force
+    and the error, naming the file, is logged.
+    """
+
+    log = Logger()
+
+    def __init__(self, options: CertificateOptions, tls, source: str, reactor, pool):
+        self.options = options
+        self.tls = tls
+        self.source = source
+        self.reactor = reactor
+        self.pool = pool
+
+    def serverConnectionForTLS(self, protocol):
+        return SSL.Connection(self.options.getContext(), None)
+
+    def reconfigure(self, config):
+        if config.tls == self.tls or config.tls is None:
+            return None
+        tls = config.tls
+        d = deferToThreadPool(self.reactor, self.pool, server_options, tls, config.source)
+
+        def swap(options):
+            self.options, self.tls, self.source = options, tls, config.source
+            self.log.info("TLS port: new connections use the certificate from {certificate} "
+                          "(profile {profile})", event="tls.reloaded",
+                          certificate=tls.certificate, profile=tls.profile)
+
+        def keep(failure):
+            problems = failure.value.problems if failure.check(ConfigError) else [str(failure.value)]
+            self.log.error("TLS port: the new [tls] settings were NOT applied; new connections keep "
+                           "the old certificate:\n{problem_text}", event="tls.reload_failed",
+                           problems=problems, problem_text="\n".join(f"  - {p}" for p in problems))
+
+        return d.addCallbacks(swap, keep)

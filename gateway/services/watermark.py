@@ -20,6 +20,9 @@ from twisted.application.service import Service
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from zope.interface import implementer
+
+from gateway.interfaces import IHealthCheck
 
 GIB = 1 << 30
 
@@ -41,6 +44,7 @@ def congestion(percent: float, free: int, watermark_percent: float, reserved_gb:
     return None
 
 
+@implementer(IHealthCheck)
 class Watermark(Service):
     log = Logger()
 
@@ -62,6 +66,10 @@ class Watermark(Service):
         super().stopService()
         if self.loop.running:
             self.loop.stop()
+
+    def health_problems(self):
+        why = self.scp.congestion
+        return [f"storage over the watermark: {why}"] if why else []
 
     def probe(self):
         d = deferToThreadPool(self.reactor, self.pool, self.statvfs, self.root)

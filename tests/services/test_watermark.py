@@ -56,8 +56,11 @@ class ProbeTests(unittest.TestCase):
         w = Watermark(scp, "/nonexistent", reactor, pool, statvfs=statvfs)
         yield w.probe()
         self.assertIn("90.0% used", scp.congestion)
+        # GET /health reports it (IHealthCheck)
+        self.assertEqual(w.health_problems(), ["storage over the watermark: " + scp.congestion])
         yield w.probe()  # fails: logged, not raised, state kept
         self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
         self.assertIn("90.0% used", scp.congestion)
         yield w.probe()
         self.assertIsNone(scp.congestion)
+        self.assertEqual(w.health_problems(), [])
