@@ -78,8 +78,9 @@ ca_certificates = "missing.pem"
         path = self.mktemp()
         with open(path, "w") as f:
             f.write("x")
-        found = problems(f'[tls]\ncertificate = "{path}"\n')
-        self.assertEqual(found, ["tls: certificate and private_key go together"])
+        found = problems('[[destination]]\nname = "p"\nae_title = "P"\nhost = "h"\nport = 1\ntls = true\n'
+                         f'certificate = "{path}"\n')
+        self.assertEqual(found, ["destination[0]: a client certificate needs both certificate and private_key"])
 
     def test_shipped_example_destination_is_valid(self):
         here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -310,20 +310,31 @@ def _read(path) -> bytes:
         return f.read()
 
 
-def _tls_options(destination, client_tls):
-    """optionsForClientTLS for a destination (blocking: reads PEM files)."""
+def _tls_options(destination, tls):
+    """optionsForClientTLS for a destination (blocking: reads PEM files).
+
+    ``tls`` is the ``[tls]`` section: its profile's TLS 1.2 ciphers (never
+    below TLS 1.2), its CA file when that exists (else the system's CAs),
+    its certificate and key as our client certificate when those exist,
+    unless the destination names its own.
+    """
     from twisted.internet.ssl import (
+        AcceptableCiphers,
         Certificate,
         PrivateCertificate,
-        TLSVersion,
         optionsForClientTLS,
         trustRootFromCertificates,
     )
 
-    ca_file = destination.ca_certificates or client_tls.ca_certificates
+    from gateway.net.tls import MINIMUM_VERSION, PROFILES
+
+    ca_file = destination.ca_certificates
+    if not ca_file and tls.ca_certificates and os.path.isfile(tls.ca_certificates):
+        ca_file = tls.ca_certificates
     cert_file, key_file = destination.certificate, destination.private_key
-    if not cert_file:
-        cert_file, key_file = client_tls.certificate, client_tls.private_key
+    if not cert_file and tls.certificate and tls.private_key \
+            and os.path.isfile(tls.certificate) and os.path.isfile(tls.private_key):
+        cert_file, key_file = tls.certificate, tls.private_key
     trust = None  # the platform's trust store
     if ca_file:
         pem = _read(ca_file)
@@ -335,10 +346,12 @@ def _tls_options(destination, client_tls):
     client = None
     if cert_file:
         client = PrivateCertificate.loadPEM(_read(cert_file) + b"\n" + _read(key_file))
-    # Never below TLS 1.2 (BCP 195, non-downgrading); the host name or IP
-    # address is verified against the certificate by service-identity.
+    # The host name or IP address is verified against the certificate by
+    # service-identity.
+    ciphers = AcceptableCiphers.fromOpenSSLCipherString(":".join(PROFILES.get(tls.profile, PROFILES["bcp195-nd"])))
     return optionsForClientTLS(destination.host, trustRoot=trust, clientCertificate=client,
-                               extraCertificateOptions={"raiseMinimumTo": TLSVersion.TLSv1_2})
+                               extraCertificateOptions={"raiseMinimumTo": MINIMUM_VERSION,
+                                                        "acceptableCiphers": ciphers})
 
 
 @implementer(IDestinations)
@@ -369,7 +382,7 @@ class Destinations:
         tls = None
         if dest.tls:
             try:
-                tls = yield deferToThreadPool(self.reactor, self.read_pool, _tls_options, dest, config.client_tls)
+                tls = yield deferToThreadPool(self.reactor, self.read_pool, _tls_options, dest, config.tls)
             except Exception as e:
                 raise SCUError(f"TLS set-up failed: {e}") from e
         peer = Peer(dest.host, dest.port, dest.ae_title, config.scu.ae_title, dest.name)

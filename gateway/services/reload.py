@@ -17,7 +17,7 @@ import dataclasses
 import signal
 
 from twisted.application.service import IServiceCollection, Service
-from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
@@ -30,6 +30,11 @@ RESTART_FIELDS = ("listen_dicom", "listen_http", "storage", "audit_log")
 # ... and the keys operators know them by.
 _KEYS = {"listen_dicom": "listen.dicom", "listen_http": "listen.http", "storage": "gateway.storage",
          "audit_log": "gateway.audit_log"}
+# The TLS port is bound at start-up, and the watermark loop's interval is set
+# then too (its thresholds are read at every probe).  [tls] itself reloads:
+# new connections get the new certificates (gateway.net.tls).
+RESTART_FIELDS += ("listen_dicom_tls", "check_interval")
+_KEYS.update({"listen_dicom_tls": "listen.dicom_tls", "check_interval": "storage.check_interval"})
 # Fields that describe where a config came from, not what it says.
 _IGNORED = ("source",)
 
@@ -151,7 +156,9 @@ class ReloadService(Service):
         self.config = new
         for target in self.targets():
             try:
-                target.reconfigure(new)
+                # A target may finish its part later (work off the reactor
+                # thread): the reload is done when every target is.
+                yield maybeDeferred(target.reconfigure, new)
             except Exception:
                 self.log.failure("{target!r} could not take the new configuration", target=target)
         self.reloads += 1
