@@ -19,6 +19,7 @@ from gateway import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from gateway.config import Config
 from gateway.dimse import commands as C
 from gateway.dimse import sop
+from gateway.net.client import MAX_CONTEXTS, verification_contexts
 from gateway.services.scp import SCPService, StoreSCP
 from gateway.ul import pdu as P
 from gateway.ul.association import MAX_ASSOCIATION_PDU, MAX_UNLIMITED_PDATA
@@ -192,6 +193,19 @@ FACTS = [
     ("storage.reserved_gb", f"{DEFAULTS.reserved_gb:g}"),
     ("tls.profile", DEFAULTS.tls.profile),
     ("tls.require_client_certificate", str(DEFAULTS.tls.require_client_certificate).lower()),
+    # The Storage SCU AE (export).
+    ("SCU calling AE title (default)", DEFAULTS.scu.ae_title),
+    ("SCU presentation contexts per association (most)", str(MAX_CONTEXTS)),
+    ("SCU simultaneous associations (default)", str(DEFAULTS.scu.max_associations)),
+    ("SCU retries of failed files (default)", str(DEFAULTS.scu.retries)),
+    ("SCU first retry delay (default)", f"{DEFAULTS.scu.retry_delay:g} s, doubled for each further retry"),
+    ("SCU connect timeout (default)", f"{DEFAULTS.scu.connect_timeout:g} s"),
+    ("SCU Verification transfer syntax", verification_contexts()[0][1]),
+    ("scu.ae_title", DEFAULTS.scu.ae_title),
+    ("scu.max_associations", str(DEFAULTS.scu.max_associations)),
+    ("scu.retries", str(DEFAULTS.scu.retries)),
+    ("scu.retry_delay", f"{DEFAULTS.scu.retry_delay:g}"),
+    ("scu.connect_timeout", f"{DEFAULTS.scu.connect_timeout:g}"),
 ]
 
 # PS3.2 top-level layout, in order.
