@@ -39,6 +39,28 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class AETitle:
     title: str
+    # Payloads (see gateway.services.payloads): how instances are grouped,
+    # seconds of quiet that close a group, and the pipelines it goes to.
+    grouping: str = "study"
+    timeout: float = 5.0
+    pipelines: tuple[str, ...] = ()
+
+
+GROUPINGS = ("association", "patient", "study", "series")
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """``[pipeline.NAME]``: a command or a webhook a closed payload is handed to."""
+
+    name: str
+    command: tuple[str, ...] = ()
+    webhook: str = ""
+    concurrency: int = 1
+    timeout: float = 3600.0
+    retries: int = 3
+    backoff: float = 10.0
+    export: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -52,6 +74,18 @@ class Config:
     fsync: bool = True
     ae_titles: tuple[AETitle, ...] = field(default_factory=lambda: (AETitle("DICOMGW"),))
     source: str = "<string>"
+    # Payloads, pipelines and the reclaimer (issue 4).
+    pipelines: tuple[Pipeline, ...] = ()
+    retention: float = 0.0
+    aborted_retention: float = 0.0
+    reclaim_interval: float = 60.0
+    observers: tuple[str, ...] = ()
+
+    def pipeline(self, name: str) -> Pipeline | None:
+        for p in self.pipelines:
+            if p.name == name:
+                return p
+        return None
 
     def ae(self, title: str) -> AETitle | None:
         for ae in self.ae_titles:
@@ -105,6 +139,15 @@ class _Reader:
             return default
         return float(value)
 
+    def strings(self, name, default=()):
+        value = self._take(name, None, (list,), "an array of strings")
+        if value is None:
+            return tuple(default)
+        if not all(isinstance(v, str) and v for v in value):
+            self.problems.append(f"{self._key(name)}: expected an array of non-empty strings, got {value!r}")
+            return tuple(default)
+        return tuple(value)
+
     def done(self):
         for name in sorted(self.table):
             self.problems.append(f"{self._key(name)}: unknown key")
@@ -149,7 +192,22 @@ def parse_config(doc: dict[str, Any], source: str = "<string>") -> Config:
 
     s = _section(doc, "storage", problems)
     fsync = s.boolean("fsync", defaults.fsync)
+    retention = s.number("retention", defaults.retention, 0, 365 * 86400)
+    aborted_retention = s.number("aborted_retention", defaults.aborted_retention, 0, 365 * 86400)
     s.done()
+
+    rc = _section(doc, "reclaimer", problems)
+    reclaim_interval = rc.number("interval", defaults.reclaim_interval, 0.1, 86400)
+    rc.done()
+
+    nt = _section(doc, "notify", problems)
+    observers = nt.strings("observers")
+    for i, name in enumerate(observers):
+        if not _DOTTED.match(name):
+            problems.append(f"notify.observers[{i}]: {name!r} is not a dotted Python name")
+    nt.done()
+
+    pipelines = _pipelines(doc, problems)
 
     raw_aes = doc.pop("ae", None)
     aes: list[AETitle] = []
@@ -165,6 +223,14 @@ def parse_config(doc: dict[str, Any], source: str = "<string>") -> Config:
                 "title", None, _LOCAL_AE,
                 "an AE title of 1 to 16 letters, digits, spaces or _-.",
             )
+            grouping = r.string("grouping", "study")
+            if grouping not in GROUPINGS:
+                problems.append(f"ae[{i}].grouping: {grouping!r} is not one of {', '.join(GROUPINGS)}")
+            timeout = r.number("timeout", 5.0, 0.01, 86400)
+            names = r.strings("pipelines")
+            for name in names:
+                if name not in pipelines:
+                    problems.append(f"ae[{i}].pipelines: no [pipeline.{name}] table")
             r.done()
             if title is None:
                 if not any(p.startswith(f"ae[{i}].title") for p in problems):
@@ -178,7 +244,7 @@ def parse_config(doc: dict[str, Any], source: str = "<string>") -> Config:
                 problems.append(f"ae[{i}].title: {title!r} is configured twice")
                 continue
             seen.add(title)
-            aes.append(AETitle(title))
+            aes.append(AETitle(title, grouping, timeout, names))
 
     for name in sorted(doc):
         problems.append(f"{name}: unknown section")
@@ -195,7 +261,48 @@ def parse_config(doc: dict[str, Any], source: str = "<string>") -> Config:
         fsync=fsync,
         ae_titles=tuple(aes),
         source=source,
+        pipelines=tuple(pipelines.values()),
+        retention=retention,
+        aborted_retention=aborted_retention,
+        reclaim_interval=reclaim_interval,
+        observers=observers,
     )
+
+
+_DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
+_PIPELINE_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+
+
+def _pipelines(doc: dict, problems: list[str]) -> dict[str, Pipeline]:
+    """``[pipeline.NAME]`` tables: each has a ``command`` or a ``webhook``."""
+    raw = doc.pop("pipeline", {})
+    if not isinstance(raw, dict):
+        problems.append("pipeline: expected tables [pipeline.NAME]")
+        return {}
+    result = {}
+    for name, table in raw.items():
+        key = f"pipeline.{name}"
+        if not _PIPELINE_NAME.match(name):
+            problems.append(f"{key}: the name must be 1..64 letters, digits or _-.")
+            continue
+        if not isinstance(table, dict):
+            problems.append(f"{key}: expected a table")
+            continue
+        r = _Reader(table, key, problems)
+        command = r.strings("command")
+        webhook = r.string("webhook", "")
+        concurrency = r.integer("concurrency", 1, 1, 256)
+        timeout = r.number("timeout", 3600.0, 0.01, 7 * 86400)
+        retries = r.integer("retries", 3, 0, 1000)
+        backoff = r.number("backoff", 10.0, 0, 86400)
+        export = r.strings("export")
+        r.done()
+        if bool(command) == bool(webhook):
+            problems.append(f"{key}: needs exactly one of command or webhook")
+        if webhook and not re.match(r"^https?://[^\s/]+", webhook):
+            problems.append(f"{key}.webhook: {webhook!r} is not an http:// or https:// URL")
+        result[name] = Pipeline(name, command, webhook, concurrency, timeout, retries, backoff, export)
+    return result
 
 
 def config_from_string(text: str, source: str = "<string>") -> Config:

@@ -11,6 +11,7 @@ from twisted.python.threadpool import ThreadPool
 from gateway.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
 from gateway.services.scp import SCPService
 from gateway.services.storage import Storage
+from gateway.services.workflow import add_workflow
 
 # Disk work (writes, fsync, rename) runs here; bounded so that a burst of
 # associations cannot spawn unbounded threads.
@@ -73,6 +74,8 @@ def makeService(options, reactor=None) -> MultiService:
     StorageService(storage).setServiceParent(root)
 
     scp = SCPService(config, storage, reactor)
+    # Index, payloads, pipelines, reclaimer: observers of the SCP (issue 4).
+    add_workflow(root, config, storage, scp, reactor)
     listener = strports.service(config.listen_dicom, scp.factory(), reactor=reactor)
     listener.setName("dicom")
     listener.setServiceParent(root)
