@@ -26,10 +26,10 @@ import shutil
 
 from twisted.internet.defer import Deferred, DeferredSemaphore, inlineCallbacks, succeed
 from twisted.internet.error import ProcessDone
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.protocol import ProcessProtocol, Protocol
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.web.client import Agent, readBody
+from twisted.web.client import Agent
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
@@ -119,6 +119,16 @@ class _Process(ProcessProtocol):
         self.ended.callback(reason.value)
 
 
+class _Discard(Protocol):
+    """Reads a response body to its end and forgets it."""
+
+    def __init__(self, done: Deferred):
+        self.done = done
+
+    def connectionLost(self, reason):
+        self.done.callback(None)
+
+
 @implementer(IBodyProducer)
 class _Bytes:
     def __init__(self, data: bytes):
@@ -186,7 +196,13 @@ class PipelineRunner:
         self.running.add(job_id)
         d = self._run(job_id)
         d.addErrback(lambda f: self.log.failure("job {job} could not run", f, job=job_id))
-        d.addBoth(lambda _: self.running.discard(job_id))
+
+        def finished(retry_in):
+            self.running.discard(job_id)
+            if retry_in is not None:
+                self._schedule(job_id, retry_in)
+
+        d.addCallback(finished)
 
     @inlineCallbacks
     def _run(self, job_id):
@@ -202,7 +218,7 @@ class PipelineRunner:
         yield semaphore.acquire()
         try:
             if not self.stopped:
-                yield self._attempt(job, pipeline)
+                return (yield self._attempt(job, pipeline))
         finally:
             semaphore.release()
 
@@ -255,8 +271,7 @@ class PipelineRunner:
             event="pipeline.run", payload=job["payload"], pipeline=pipeline.name, job=job_id,
             attempt=attempt, outcome=outcome, reason=reason, why=f" ({reason})" if reason else "",
             duration=now - started, outputs=outputs)
-        if outcome == "retry":
-            self._schedule(job_id, next_attempt - now)
+        return next_attempt - now if outcome == "retry" else None
 
     def _command(self, pipeline, job, attempt, payload_dir, manifest, output):
         values = {"{payload}": payload_dir, "{manifest}": manifest, "{output}": output,
@@ -319,7 +334,8 @@ class PipelineRunner:
         d = agent.request(b"POST", pipeline.webhook.encode(), headers, _Bytes(body))
         d.addTimeout(pipeline.timeout, self.reactor)
         response = yield d
-        rd = readBody(response)
+        rd = Deferred()
+        response.deliverBody(_Discard(rd))
         rd.addTimeout(pipeline.timeout, self.reactor)
         yield rd
         if 200 <= response.code < 300:
