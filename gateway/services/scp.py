@@ -23,7 +23,7 @@ import secrets
 from collections import deque
 from dataclasses import dataclass
 
-from twisted.internet.defer import gatherResults, maybeDeferred
+from twisted.internet.defer import FirstError, gatherResults, maybeDeferred
 
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
@@ -78,7 +78,9 @@ class SCPService:
     def notify(self, method: str, *args):
         """Call ``method`` on every observer; fire when all have finished."""
         ds = [maybeDeferred(getattr(o, method), *args) for o in self.observers]
-        return gatherResults(ds, consumeErrors=True)
+        d = gatherResults(ds, consumeErrors=True)
+        d.addErrback(lambda f: f.value.subFailure if f.check(FirstError) else f)
+        return d
 
     def factory(self) -> "DicomServerFactory":
         return DicomServerFactory(self)

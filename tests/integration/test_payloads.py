@@ -317,3 +317,43 @@ class PayloadTests(unittest.TestCase):
             data = f.read()
         self.assertEqual((rows[0][8], rows[0][9]), (len(data), hashlib.sha256(data).hexdigest()))
         self.assertEqual(rows[0][11], rows[1][11])
+
+
+class ObserverTests(unittest.TestCase):
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_observer_named_in_config_is_told_of_instances_and_endings(self):
+        gw = yield start(self, ae_table("DICOMGW") + '\n[notify]\nobservers = ["gateway.testing.RecordingObserver"]\n')
+        observer = gw.scp.observers[-1]
+        files = dicomfiles.make_series(self.mktemp(), 3, rows=16, cols=16)
+        yield in_thread(pynetdicom_send, gw.port, files[:2])
+        yield in_thread(pynetdicom_send, gw.port, files[2:], abort_after=0)
+        yield wait_for(lambda: observer.ended, what="the abort to be reported")
+        self.assertEqual(len(observer.stored), 2)
+        instance, association = observer.stored[0]
+        self.assertTrue(os.path.exists(instance.path))
+        self.assertEqual((association.calling_ae, association.called_ae), ("PYNETDICOM", "DICOMGW"))
+        self.assertEqual(observer.released, [association])
+        [(ended, result)] = observer.ended
+        self.assertNotEqual(ended.id, association.id)
+        self.assertEqual(result, "aborted")
+
+    @defer.inlineCallbacks
+    def test_failing_observer_makes_the_store_fail(self):
+        gw = yield start(self, ae_table("DICOMGW"))
+
+        class Broken:
+            def instance_stored(self, instance, association):
+                raise RuntimeError("index unavailable")
+
+            def association_released(self, association):
+                pass
+
+            def association_ended(self, association, result):
+                pass
+
+        gw.scp.observers.append(Broken())
+        statuses = yield in_thread(pynetdicom_send, gw.port, dicomfiles.make_series(self.mktemp(), 1, rows=8, cols=8))
+        self.assertEqual(statuses, [0x0110])
+        self.flushLoggedErrors(RuntimeError)
