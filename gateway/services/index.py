@@ -18,7 +18,9 @@ Schema (``SCHEMA`` below) and states:
 - ``instances.state``: ``received`` (its association is still open),
   ``payload`` (joined payload ``payload``), ``kept`` (released on an AE
   without pipelines: stored, never handed off), ``aborted`` (its association
-  did not release; removed at ``discard_after``), ``removed``.
+  did not release; removed at ``discard_after``), ``replaced`` (a later
+  copy of the same SOP Instance joined the same payload), ``missing`` (its
+  file was gone when the payload closed), ``removed``.
 - ``payloads.state``: ``open`` -> ``closing`` -> ``closed`` (jobs exist) ->
   ``done`` (every job done) or ``failed`` (every job ended, one failed) ->
   ``removed`` (the reclaimer freed its files).

@@ -80,7 +80,7 @@ def _db_release(conn, info, now, aes: dict):
         "VALUES (?, ?, ?, ?, ?, 'open')",
         (info.id, info.calling_ae, info.called_ae, info.peer, info.started))
     conn.execute("UPDATE associations SET state = 'released', ended = ? WHERE id = ?", (now, info.id))
-    rows = conn.execute("SELECT id, ae, group_key, received FROM instances "
+    rows = conn.execute("SELECT id, ae, group_key, received, sop_instance_uid FROM instances "
                         "WHERE association = ? AND state = 'received'", (info.id,)).fetchall()
     touched = {}
     for r in rows:
@@ -100,6 +100,9 @@ def _db_release(conn, info, now, aes: dict):
             pid, updated = p["id"], max(p["updated"] or 0, r["received"] or 0)
             conn.execute("UPDATE payloads SET updated = ? WHERE id = ?", (updated, pid))
         conn.execute("UPDATE instances SET state = 'payload', payload = ? WHERE id = ?", (pid, r["id"]))
+        # The same instance received again for the same payload: latest wins.
+        conn.execute("UPDATE instances SET state = 'replaced' WHERE payload = ? AND state = 'payload' "
+                     "AND sop_instance_uid = ? AND id < ?", (pid, r["sop_instance_uid"], r["id"]))
         conn.execute("INSERT OR IGNORE INTO payload_associations (payload, association) VALUES (?, ?)",
                      (pid, info.id))
         touched[pid] = (r["ae"], key, updated)
@@ -183,9 +186,11 @@ def _db_begin_close(conn, pid):
     return payload, instances, associations
 
 
-def _db_finish_close(conn, pid, directory, moved, pipelines, now):
+def _db_finish_close(conn, pid, directory, moved, missing, pipelines, now):
     for instance_id, path in moved:
         conn.execute("UPDATE instances SET path = ? WHERE id = ?", (path, instance_id))
+    for instance_id in missing:
+        conn.execute("UPDATE instances SET state = 'missing' WHERE id = ?", (instance_id,))
     conn.execute("UPDATE payloads SET state = 'closed', closed = ?, path = ? WHERE id = ?",
                  (now, directory, pid))
     ids = []
@@ -232,13 +237,16 @@ def _build_payload_dir(root, payload, instances, associations, pipelines, fsync)
     """Link the files into ``payloads/<id>/`` and write the manifest; idempotent."""
     directory = os.path.join(root, payload["id"])
     os.makedirs(directory, exist_ok=True)
-    moved, entries = [], []
+    moved, entries, missing = [], [], []
     for inst in instances:
         name = os.path.basename(inst["path"])
         target = os.path.join(directory, name)
         if inst["path"] != target:
             if not os.path.exists(inst["path"]) and os.path.exists(target):
                 pass  # linked before a crash; the inbox link is already gone
+            elif not os.path.exists(inst["path"]):
+                missing.append(inst["id"])  # gone from the disk: never blocks the payload
+                continue
             else:
                 tmp = target + ".link"
                 if os.path.lexists(tmp):
@@ -275,7 +283,7 @@ def _build_payload_dir(root, payload, instances, associations, pipelines, fsync)
     os.replace(tmp, path)
     if fsync:
         _fsync_dir(directory)
-    return directory, moved
+    return directory, moved, missing
 
 
 def _remove_all(items):
@@ -415,17 +423,20 @@ class PayloadService(Service):
         payload, instances, associations = found
         ae = self.aes.get(payload["ae"])
         pipelines = ae.pipelines if ae else ()
-        directory, moved = yield self._disk(_build_payload_dir, self.payloads_dir, payload, instances,
-                                            associations, pipelines, self.storage.fsync)
+        directory, moved, missing = yield self._disk(_build_payload_dir, self.payloads_dir, payload,
+                                                     instances, associations, pipelines, self.storage.fsync)
+        if missing:
+            self.log.warn("payload {payload}: {count} instance file(s) were no longer on disk; "
+                          "left out of the payload", payload=pid, count=len(missing))
         job_ids = yield self.db.run(_db_finish_close, pid, directory,
-                                    [(i, target) for i, target, _src, _ino in moved],
+                                    [(i, target) for i, target, _src, _ino in moved], missing,
                                     pipelines, self.reactor.seconds())
         # The payload directory holds its own links now: drop the inbox ones
         # (only if no later copy of the same instance replaced them).
         yield self._disk(_remove_all, [(i, src, ino) for i, _t, src, ino in moved])
         self.log.info("payload {payload} of {ae} ({key}) closed: {instances} instance(s) to {pipelines}",
                       event="payload.closed", payload=pid, ae=payload["ae"], key=payload["key"],
-                      instances=len(instances), pipelines=list(pipelines), path=directory)
+                      instances=len(instances) - len(missing), pipelines=list(pipelines), path=directory)
         if self.runner is not None and job_ids:
             self.runner.submit(job_ids)
         return directory

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import pydicom
@@ -25,6 +26,9 @@ class ClockReactor(task.Clock):
     def callFromThread(self, f, *args, **kw):
         reactor.callFromThread(f, *args, **kw)
 
+    def spawnProcess(self, *args, **kw):
+        return reactor.spawnProcess(*args, **kw)
+
 
 class RecordingRunner:
     def __init__(self):
@@ -37,13 +41,15 @@ class RecordingRunner:
         return defer.succeed(None)
 
 
-def config(grouping, timeout=5, titles=("DICOMGW",)):
+def config(grouping, timeout=5, titles=("DICOMGW",), command='["true"]'):
     aes = "".join(f'[[ae]]\ntitle = "{t}"\ngrouping = "{grouping}"\ntimeout = {timeout}\n'
                   'pipelines = ["p"]\n' for t in titles)
-    return config_from_string(f'[pipeline.p]\ncommand = ["true"]\n{aes}')
+    return config_from_string(f'[pipeline.p]\ncommand = {command}\n{aes}')
 
 
-class GroupingTests(unittest.TestCase):
+class PayloadCase(unittest.TestCase):
+    """A PayloadService on a Clock, with a real database and disk pool."""
+
     timeout = 60
 
     @defer.inlineCallbacks
@@ -97,6 +103,9 @@ class GroupingTests(unittest.TestCase):
                 return sorted((r["state"], r["instances"]) for r in rows)
             yield task.deferLater(reactor, 0.02, lambda: None)
 
+
+
+class GroupingTests(PayloadCase):
     @defer.inlineCallbacks
     def two_associations(self, grouping):
         """P1: study A (series 1: 2 instances, series 2: 1); then study B; P2: study C."""
@@ -207,3 +216,72 @@ class CharacterSetTests(unittest.TestCase):
 
     def test_iso_ir_192(self):
         self.check("ISO_IR 192", "Wang^XiaoDong=王^小東", "王^小東".encode("utf-8"))
+
+
+def _sql(db, sql, *args):
+    return db.run(lambda conn: [tuple(r) for r in conn.execute(sql, args).fetchall()])
+
+
+class RecoveryTests(PayloadCase):
+    """What a restart finds in the database, simulated state by state."""
+
+    def restarted(self, runner=None):
+        return PayloadService(self.service.config, self.storage, self.db, self.clock,
+                              runner or RecordingRunner())
+
+    @defer.inlineCallbacks
+    def test_open_association_is_broken_by_the_restart(self):
+        yield self.make("study")
+        a1 = self.association()
+        yield self.store(a1, "P1", generate_uid(), generate_uid())
+        service = self.restarted()
+        yield service.recover()
+        self.assertEqual((yield _sql(self.db, "SELECT state FROM associations")), [("broken",)])
+        self.assertEqual((yield _sql(self.db, "SELECT state FROM instances")), [("removed",)])
+        self.assertEqual(os.listdir(os.path.join(self.storage.instances_dir, "DICOMGW")), [])
+
+    @defer.inlineCallbacks
+    def test_payload_caught_closing_is_closed_and_handed_off_once(self):
+        yield self.make("study")
+        a1 = self.association()
+        yield self.store(a1, "P1", generate_uid(), generate_uid())
+        yield self.service.association_released(a1)
+        yield _sql(self.db, "UPDATE payloads SET state = 'closing'")
+        runner = RecordingRunner()
+        yield self.restarted(runner).recover()
+        self.assertEqual((yield _sql(self.db, "SELECT state FROM payloads")), [("closed",)])
+        self.assertEqual(len(runner.submitted), 1)
+        self.assertEqual((yield _sql(self.db, "SELECT COUNT(*) FROM jobs")), [(1,)])
+        # Recovering again (another crash) creates no second job.
+        yield _sql(self.db, "UPDATE payloads SET state = 'closing'")
+        runner2 = RecordingRunner()
+        yield self.restarted(runner2).recover()
+        self.assertEqual(runner2.submitted, [])
+        self.assertEqual((yield _sql(self.db, "SELECT COUNT(*) FROM jobs")), [(1,)])
+
+    @defer.inlineCallbacks
+    def test_interrupted_job_runs_again_as_a_recorded_attempt(self):
+        from gateway.services.pipelines import PipelineRunner
+
+        marker = os.path.abspath(self.mktemp())
+        yield self.make("study")
+        self.service.config = config("study", command=f'["{sys.executable}", "-c", '
+                                     f'"open({marker!r}, \'a\').write(\'run\\\\n\')"]')
+        a1 = self.association()
+        yield self.store(a1, "P1", generate_uid(), generate_uid())
+        yield self.service.association_released(a1)
+        self.clock.advance(6)
+        yield self.states(expected_closed=1)
+        # The crash came while attempt 1 was running.
+        yield _sql(self.db, "UPDATE jobs SET state = 'running', attempts = 1")
+        runner = PipelineRunner(self.service.config, self.db, self.storage, self.clock)
+        yield self.restarted(runner).recover()
+        self.assertEqual((yield _sql(self.db, "SELECT state, reason FROM jobs")),
+                         [("pending", "interrupted by a restart")])
+        self.clock.advance(0)
+        deadline = time.monotonic() + 10
+        while (yield _sql(self.db, "SELECT state FROM jobs")) != [("done",)] and time.monotonic() < deadline:
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual((yield _sql(self.db, "SELECT state, attempts FROM jobs")), [("done", 2)])
+        with open(marker) as f:
+            self.assertEqual(f.read(), "run\n")
