@@ -127,7 +127,7 @@ class CrashTests(unittest.TestCase):
         pynetdicom = require_pynetdicom()
         study_a = dicomfiles.make_series(self.mktemp(), 2, rows=32, cols=32)
         study_b = dicomfiles.make_series(self.mktemp(), 5, rows=32, cols=32)
-        proc = yield self.start(timeout=3)
+        proc = yield self.start(timeout=5)
         out, err, code = yield run("storescu", "-aec", "DICOMGW", "127.0.0.1", str(self.port), *study_a)
         self.assertEqual(code, 0, err)
 

@@ -158,6 +158,25 @@ class GroupingTests(PayloadCase):
         self.clock.advance(6)
         rows = yield self.states(expected_closed=2)
         self.assertEqual(rows, [("closed", 1), ("closed", 1)])
+        [row, _] = yield self.service.payloads(state="closed")
+        self.assertEqual(set(row), {"id", "ae", "key", "state", "instances", "created", "closed", "pipelines"})
+        self.assertEqual((row["key"], row["state"]), (study, "closed"))
+        self.assertEqual(row["pipelines"], {"p": {"state": "pending", "attempts": 0, "reason": None}})
+
+    def test_provides_its_interfaces(self):
+        from zope.interface.verify import verifyObject
+
+        from gateway.interfaces import IExportQueue, IInstanceStoredObserver, IPayloadQuery
+        from gateway.testing import RecordingExportQueue, RecordingObserver
+
+        from types import SimpleNamespace
+
+        storage = SimpleNamespace(root=os.path.abspath(self.mktemp()))
+        service = PayloadService(config("study"), storage, None, task.Clock())
+        self.assertTrue(verifyObject(IInstanceStoredObserver, service))
+        self.assertTrue(verifyObject(IPayloadQuery, service))
+        self.assertTrue(verifyObject(IExportQueue, RecordingExportQueue()))
+        self.assertTrue(verifyObject(IInstanceStoredObserver, RecordingObserver()))
 
     @defer.inlineCallbacks
     def test_open_association_keeps_the_payload_open_and_quiet_restarts(self):
