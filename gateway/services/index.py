@@ -121,20 +121,40 @@ class Database:
         conn = sqlite3.connect(self.path, check_same_thread=False, timeout=30)
         conn.row_factory = sqlite3.Row
         conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute(f"PRAGMA synchronous={'FULL' if self.durable else 'NORMAL'}")
+        conn.execute("PRAGMA synchronous=NORMAL")
         conn.executescript(SCHEMA)
         return conn
 
-    def _transaction(self, f, args):
+    def _transaction(self, f, args, durable=False):
         if self._conn is None:
             self._conn = self._connect()
         conn = self._conn
-        with conn:  # commit on return, roll back on an exception
-            return f(conn, *args)
+        if durable:
+            conn.execute("PRAGMA synchronous=FULL")
+        try:
+            with conn:  # commit on return, roll back on an exception
+                return f(conn, *args)
+        finally:
+            if durable:
+                conn.execute("PRAGMA synchronous=NORMAL")
 
     def run(self, f, *args):
-        """Run ``f(connection, *args)`` as one transaction on the database thread."""
+        """Run ``f(connection, *args)`` as one transaction on the database thread.
+
+        The commit survives a crash of the process (WAL, synchronous=NORMAL)
+        but not necessarily a power failure: see :meth:`run_durable`.
+        """
         return deferToThreadPool(self.reactor, self.pool, self._transaction, f, args)
+
+    def run_durable(self, f, *args):
+        """Like :meth:`run`, and the commit is fsynced (when ``durable``).
+
+        The write-ahead log is sequential, so this also makes every earlier
+        commit durable: the index rows of an association's instances are
+        committed cheaply one by one and made durable together by the
+        release, before the A-RELEASE-RP says so to the peer.
+        """
+        return deferToThreadPool(self.reactor, self.pool, self._transaction, f, args, self.durable)
 
 
 # ---- header and hash (disk pool) --------------------------------------------

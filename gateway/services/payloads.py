@@ -2,13 +2,14 @@
 
 :class:`PayloadService` is an :class:`IInstanceStoredObserver` of the SCP:
 
-- ``instance_stored``: the header is read and the file hashed (disk pool),
-  then the instance is indexed (state ``received``) before the C-STORE is
-  answered.  Its group key (per ``[[ae]] grouping``: the association id,
-  Patient ID, Study or Series Instance UID) is remembered, scoped by AE title.
-- ``association_released``: the association's instances join the open
-  payload of their (AE, key), or a new one, in one transaction, before the
-  A-RELEASE-RP goes out.  An AE without pipelines keeps its instances
+- ``instance_stored``: the instance is indexed (state ``received``), then
+  its header is read and the file hashed (disk pool), in the background: the
+  C-STORE is answered at once.  Its group key (per ``[[ae]] grouping``: the
+  association id, Patient ID, Study or Series Instance UID) is remembered,
+  scoped by AE title.
+- ``association_released``: once all its instances are indexed, the
+  association's instances join the open payload of their (AE, key), or a
+  new one, in one durable transaction, before the A-RELEASE-RP goes out.  An AE without pipelines keeps its instances
   (state ``kept``) and forms no payloads.
 - ``association_ended`` (aborted or lost): its instances never reach a
   payload; they are removed at once, or after ``[storage] aborted_retention``.
@@ -32,7 +33,7 @@ import os
 import secrets
 
 from twisted.application.service import Service
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import DeferredList, inlineCallbacks
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -64,13 +65,20 @@ def _db_index(conn, row: dict):
         (a, row["calling_ae"], row["called_ae"], row["peer"], row["started"]))
     state = conn.execute("SELECT state FROM associations WHERE id = ?", (a,)).fetchone()[0]
     row = dict(row, state="received" if state == "open" else "aborted")
-    cols = ("association", "ae", "sop_class_uid", "sop_instance_uid", "patient_id", "patient_name",
-            "study_uid", "series_uid", "modality", "transfer_syntax", "size", "sha256", "inode",
-            "calling_ae", "called_ae", "peer", "received", "path", "group_key", "state",
-            "discard_after")
-    conn.execute(f"INSERT INTO instances ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
-                 [row.get(c) for c in cols])
-    return row["state"]
+    cols = ("association", "ae", "sop_class_uid", "sop_instance_uid", "transfer_syntax", "size",
+            "calling_ae", "called_ae", "peer", "received", "path", "state")
+    cur = conn.execute(f"INSERT INTO instances ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                       [row.get(c) for c in cols])
+    return row["state"], cur.lastrowid
+
+
+_ATTRS = ("patient_id", "patient_name", "study_uid", "series_uid", "modality", "size", "sha256", "inode",
+          "group_key")
+
+
+def _db_attributes(conn, instance_id, attrs: dict):
+    conn.execute(f"UPDATE instances SET {', '.join(c + ' = ?' for c in _ATTRS)} WHERE id = ?",
+                 [attrs.get(c) for c in _ATTRS] + [instance_id])
 
 
 def _db_release(conn, info, now, aes: dict):
@@ -119,7 +127,11 @@ def _db_discard(conn, association_id, result, now, retention):
 
 
 def _due_aborted(conn, now, association_id=None):
-    q = "SELECT id, path, inode FROM instances WHERE state = 'aborted' AND discard_after <= ?"
+    # A row whose file was never examined (no inode: a crash came first) is
+    # not removed while a live row shares its path: that file is a later copy.
+    q = ("SELECT id, path, inode FROM instances i WHERE state = 'aborted' AND discard_after <= ? "
+         "AND NOT (inode IS NULL AND EXISTS (SELECT 1 FROM instances o WHERE o.path = i.path "
+         "AND o.id != i.id AND o.state IN ('received', 'payload', 'kept')))")
     args = [now]
     if association_id is not None:
         q += " AND association = ?"
@@ -309,6 +321,9 @@ class PayloadService(Service):
         self.last_seen: dict[tuple, float] = {}  # (ae, key) -> time of the last instance
         self.open_payloads: dict[tuple, list] = {}  # (ae, key) -> [payload id, updated]
         self.timers: dict[str, object] = {}
+        # association id -> (AE title, Deferreds of instances still being examined)
+        self.examining: dict[str, tuple] = {}
+        self.failed: set[str] = set()  # associations with an instance that could not be indexed
         self.started_at = None
         self.recovered = None
 
@@ -332,44 +347,97 @@ class PayloadService(Service):
 
     # ---- observer ------------------------------------------------------------
 
-    @inlineCallbacks
     def instance_stored(self, instance, association):
-        attrs = yield self._disk(read_header, instance.path)
-        if attrs.get("header_error"):
-            self.log.warn("{path}: header not readable ({error}); indexed without attributes",
-                          path=instance.path, error=attrs["header_error"])
-        ae = self.aes.get(association.called_ae)
-        key = group_key(ae.grouping if ae else "study", association.id, attrs)
+        """Index the instance in the background; the C-STORE is answered at once.
+
+        The index row, the header and the hash are not needed before the
+        association releases, and the release waits for them (and makes
+        them durable) before the A-RELEASE-RP.  An acknowledged instance
+        whose row a crash prevented belongs to an association that never
+        released: at restart it is treated as aborted, as it should be.
+        """
         now = self.reactor.seconds()
-        row = dict(attrs, association=association.id, ae=association.called_ae,
+        row = dict(association=association.id, ae=association.called_ae,
                    sop_class_uid=instance.sop_class_uid, sop_instance_uid=instance.sop_instance_uid,
-                   transfer_syntax=instance.transfer_syntax_uid, calling_ae=association.calling_ae,
-                   called_ae=association.called_ae, peer=association.peer, started=association.started,
-                   received=now, path=instance.path, group_key=key)
-        self.open_keys.setdefault(association.id, set()).add((association.called_ae, key))
-        self.last_seen[(association.called_ae, key)] = now
-        state = yield self.db.run(_db_index, row)
+                   transfer_syntax=instance.transfer_syntax_uid, size=instance.size,
+                   calling_ae=association.calling_ae, called_ae=association.called_ae,
+                   peer=association.peer, started=association.started, received=now, path=instance.path)
+        _ae, pending = self.examining.setdefault(association.id, (association.called_ae, []))
+        d = self.db.run(_db_index, row)
+        d.addCallback(self._indexed, instance, association, now)
+
+        def failed(failure):
+            self.failed.add(association.id)
+            self.log.failure("association {association}: could not index {sop_instance_uid}", failure,
+                             association=association.id, sop_instance_uid=instance.sop_instance_uid)
+
+        d.addErrback(failed)
+        pending.append(d)
+        d.addBoth(lambda _: pending.remove(d))
+
+    def _indexed(self, result, instance, association, received):
+        state, instance_id = result
+        d = self._examine(instance_id, instance, association, received)
         if state == "aborted":  # its association ended while the file was being written
-            yield self._discard(association.id, "aborted")
-        self.log.debug("indexed {sop_instance_uid}", event="instance.indexed", association=association.id,
-                       ae=association.called_ae, sop_instance_uid=instance.sop_instance_uid,
-                       path=instance.path, sha256=attrs["sha256"])
+            d.addCallback(lambda _: self._discard(association.id, "aborted"))
+        return d
+
+    def _examine(self, instance_id, instance, association, received):
+        d = self._disk(read_header, instance.path)
+
+        def examined(attrs):
+            if attrs.get("header_error"):
+                self.log.warn("{path}: header not readable ({error}); indexed without attributes",
+                              path=instance.path, error=attrs["header_error"])
+            ae = self.aes.get(association.called_ae)
+            key = group_key(ae.grouping if ae else "study", association.id, attrs)
+            attrs["group_key"] = key
+            if association.id in self.examining:  # else the association has already ended
+                self.open_keys.setdefault(association.id, set()).add((association.called_ae, key))
+            k = (association.called_ae, key)
+            self.last_seen[k] = max(self.last_seen.get(k, 0), received)
+            self.log.debug("indexed {sop_instance_uid}", event="instance.indexed",
+                           association=association.id, ae=association.called_ae,
+                           sop_instance_uid=instance.sop_instance_uid, path=instance.path,
+                           sha256=attrs["sha256"])
+            return self.db.run(_db_attributes, instance_id, attrs)
+
+        d.addCallback(examined)
+        return d
+
+    def _settled(self, association_id):
+        """Fire once every instance of the association has been examined."""
+        _ae, pending = self.examining.get(association_id, (None, []))
+        return DeferredList(list(pending))
 
     @inlineCallbacks
     def association_released(self, association):
+        yield self._settled(association.id)
+        self.examining.pop(association.id, None)
+        if association.id in self.failed:
+            # Not every instance is indexed: the release fails (the SCP aborts)
+            # and the association counts as aborted.
+            self.failed.discard(association.id)
+            self.open_keys.pop(association.id, None)
+            yield self._discard(association.id, "aborted")
+            raise RuntimeError(f"association {association.id}: instances could not be indexed")
         now = self.reactor.seconds()
-        touched = yield self.db.run(_db_release, association, now, self.aes)
+        touched = yield self.db.run_durable(_db_release, association, now, self.aes)
         keys = self.open_keys.pop(association.id, set())
         for pid, (ae, key, updated) in touched.items():
             self.open_payloads[(ae, key)] = [pid, updated]
         for k in keys:
             self._check_key(k)
 
+    @inlineCallbacks
     def association_ended(self, association, result):
+        yield self._settled(association.id)
+        self.examining.pop(association.id, None)
+        self.failed.discard(association.id)
         keys = self.open_keys.pop(association.id, set())
-        d = self._discard(association.id, result)
-        d.addCallback(lambda _: [self._check_key(k) for k in keys])
-        return d
+        yield self._discard(association.id, result)
+        for k in keys:
+            self._check_key(k)
 
     @inlineCallbacks
     def _discard(self, association_id, result):
@@ -401,6 +469,10 @@ class PayloadService(Service):
             return
         if any(k in keys for keys in self.open_keys.values()):
             return  # an open association still brings instances; checked again when it ends
+        unexamined = [d for ae, ds in self.examining.values() if ae == k[0] for d in ds]
+        if unexamined:  # their group is not known yet: look again once it is
+            DeferredList(unexamined).addCallback(lambda _: self._check_key(k))
+            return
         del self.open_payloads[k]
         self.last_seen.pop(k, None)
         self.close(pid).addErrback(self._close_failed, pid)
@@ -428,7 +500,7 @@ class PayloadService(Service):
         if missing:
             self.log.warn("payload {payload}: {count} instance file(s) were no longer on disk; "
                           "left out of the payload", payload=pid, count=len(missing))
-        job_ids = yield self.db.run(_db_finish_close, pid, directory,
+        job_ids = yield self.db.run_durable(_db_finish_close, pid, directory,
                                     [(i, target) for i, target, _src, _ino in moved], missing,
                                     pipelines, self.reactor.seconds())
         # The payload directory holds its own links now: drop the inbox ones

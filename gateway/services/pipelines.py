@@ -225,7 +225,7 @@ class PipelineRunner:
     @inlineCallbacks
     def _attempt(self, job, pipeline):
         job_id = job["id"]
-        attempt = yield self.db.run(_db_start, job_id, self.reactor.seconds())
+        attempt = yield self.db.run_durable(_db_start, job_id, self.reactor.seconds())
         if attempt is None:
             return
         started = self.reactor.seconds()
@@ -265,7 +265,7 @@ class PipelineRunner:
             next_attempt = now + pipeline.backoff * 2 ** (attempt - 1)
         else:
             outcome, state = "failed", "failed"
-        yield self.db.run(_db_end, job_id, state, reason, now, next_attempt, outputs, export_ids)
+        yield self.db.run_durable(_db_end, job_id, state, reason, now, next_attempt, outputs, export_ids)
         log = self.log.info if outcome == "done" else self.log.warn
         log("payload {payload}: pipeline {pipeline} attempt {attempt}: {outcome}{why}",
             event="pipeline.run", payload=job["payload"], pipeline=pipeline.name, job=job_id,

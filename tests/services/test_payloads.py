@@ -99,7 +99,9 @@ class PayloadCase(unittest.TestCase):
         while True:
             rows = yield self.service.payloads()
             closed = [r for r in rows if r["state"] in ("closed", "done")]
-            if expected_closed is None or len(closed) >= expected_closed or time.monotonic() > deadline:
+            handed = len(self.runner.submitted) >= len(closed)  # the hand-off follows the commit
+            if expected_closed is None or (len(closed) >= expected_closed and handed) \
+                    or time.monotonic() > deadline:
                 return sorted((r["state"], r["instances"]) for r in rows)
             yield task.deferLater(reactor, 0.02, lambda: None)
 
