@@ -382,6 +382,8 @@ class StoreSCP:
     def _release_failed(self, failure):
         self.log.failure("association {association}: an observer failed on release", failure,
                          association=self.id)
+        self.result = "aborted"
+        self.outcome = "aborted by us: could not record the release"
         self.protocol.abort(why="could not record the release")
 
     def _drained(self, _writer):

@@ -209,6 +209,27 @@ class GroupingTests(PayloadCase):
         self.assertEqual(os.listdir(os.path.join(self.storage.instances_dir, "DICOMGW")), [])
 
 
+class IndexFailureTests(PayloadCase):
+    @defer.inlineCallbacks
+    def test_release_fails_and_instances_count_as_aborted(self):
+        from gateway.services import payloads as module
+
+        def broken(path):
+            raise OSError("disk trouble")
+
+        yield self.make("study")
+        self.patch(module, "read_header", broken)
+        a1 = self.association()
+        yield self.store(a1, "P1", generate_uid(), generate_uid())
+        with self.assertRaises(RuntimeError):
+            yield self.service.association_released(a1)
+        self.flushLoggedErrors(OSError)
+        self.assertEqual((yield _sql(self.db, "SELECT state FROM associations")), [("aborted",)])
+        self.assertEqual((yield _sql(self.db, "SELECT state FROM instances")), [("removed",)])
+        self.clock.advance(10)
+        self.assertEqual((yield self.states()), [])
+
+
 class CharacterSetTests(unittest.TestCase):
     """PatientName decoded with the dataset's Specific Character Set (PS3.5 6.1)."""
 
