@@ -74,6 +74,11 @@ class Config:
     fsync: bool = True
     ae_titles: tuple[AETitle, ...] = field(default_factory=lambda: (AETitle("DICOMGW"),))
     source: str = "<string>"
+    # Operations (issue 6): the management API and the audit trail.
+    listen_http: str = ""  # "" = no management API
+    http_token_file: str = ""
+    http_token: str = field(default="", repr=False)
+    audit_log: str = "audit.jsonl"  # relative to the storage root; "" = off
     # Payloads, pipelines and the reclaimer (issue 4).
     pipelines: tuple[Pipeline, ...] = ()
     retention: float = 0.0
@@ -179,11 +184,16 @@ def parse_config(doc: dict[str, Any], source: str = "<string>") -> Config:
         _VERSION_NAME,
         "1 to 16 characters of the DICOM default repertoire",
     )
+    audit_log = g.string("audit_log", defaults.audit_log)
     g.done()
 
     lst = _section(doc, "listen", problems)
     dicom = lst.string("dicom", defaults.listen_dicom)
+    http = lst.string("http", defaults.listen_http)
     lst.done()
+    token_file, token = _parse_http(doc, http, problems, source)
+    _check_endpoint("listen.dicom", dicom, problems)
+    _check_endpoint("listen.http", http, problems)
 
     t = _section(doc, "timeouts", problems)
     artim = t.number("artim", defaults.artim, 1, 3600)
@@ -266,7 +276,77 @@ def parse_config(doc: dict[str, Any], source: str = "<string>") -> Config:
         aborted_retention=aborted_retention,
         reclaim_interval=reclaim_interval,
         observers=observers,
+        listen_http=http,
+        http_token_file=token_file,
+        http_token=token,
+        audit_log=audit_log,
     )
+
+
+def _check_endpoint(key: str, description: str, problems: list[str]) -> None:
+    """Parse a server endpoint description the way the daemon will (nothing
+    is bound).  ``systemd:`` ones are checked for form only: the inherited
+    sockets exist only under systemd."""
+    if not description:
+        return
+    parts = re.split(r"(?<!\\):", description)
+    if parts[0] == "systemd":
+        args = dict(p.partition("=")[::2] for p in parts[1:])
+        wrong = sorted(set(args) - {"domain", "index", "name"})
+        if wrong or args.get("domain") not in ("INET", "INET6", "UNIX") \
+                or ("name" in args) == ("index" in args) \
+                or ("index" in args and not args["index"].isdigit()):
+            problems.append(f"{key}: {description!r} is not a valid systemd endpoint "
+                            "(systemd:domain=INET|INET6|UNIX:name=NAME, or index=N instead of name)")
+        return
+    from twisted.internet.endpoints import serverFromString
+
+    try:
+        serverFromString(object(), description)
+    except Exception as e:  # ValueError, TypeError, KeyError, OSError: all say why
+        problems.append(f"{key}: {description!r} is not a valid endpoint description: {e}")
+
+
+def _http_is_loopback(description: str) -> bool:
+    """True when a server endpoint description listens on loopback only."""
+    import ipaddress
+
+    # Endpoint descriptions escape ":" as "\\:" (IPv6 addresses).
+    parts = [p.replace("\\:", ":") for p in re.split(r"(?<!\\):", description)]
+    kind = parts[0].strip().lower()
+    if kind == "unix":
+        return True  # a filesystem socket: its permissions protect it
+    if kind not in ("tcp", "tcp6"):
+        return False  # systemd:, ssl:, ...: we cannot tell, so assume not
+    for part in parts[2:]:
+        if part.startswith("interface="):
+            try:
+                return ipaddress.ip_address(part[len("interface="):]).is_loopback
+            except ValueError:
+                return False
+    return False  # no interface: every address
+
+
+def _parse_http(doc: dict, listen_http: str, problems: list[str], source: str) -> tuple[str, str]:
+    """The [http] section: the bearer token for the management API."""
+    h = _section(doc, "http", problems)
+    token_file = h.string("token_file", "")
+    h.done()
+    token = ""
+    if token_file:
+        path = token_file
+        try:
+            with open(path, encoding="utf-8") as f:
+                token = f.read().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            problems.append(f"http.token_file: cannot read {path!r}: {getattr(e, 'strerror', None) or e}")
+        else:
+            if len(token) < 16:
+                problems.append(f"http.token_file: the token in {path!r} is shorter than 16 characters")
+    if listen_http and not token_file and not _http_is_loopback(listen_http):
+        problems.append(f"listen.http: {listen_http!r} is not loopback-only; "
+                        "set http.token_file to require a bearer token")
+    return token_file, token
 
 
 _DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")

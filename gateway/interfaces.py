@@ -100,3 +100,32 @@ class IPayloadQuery(Interface):
     def payloads(limit=100, offset=0, state=None):
         """Deferred firing with a list of dicts, newest first: id, ae, key,
         state, instances, created, closed, and per pipeline its job state."""
+
+
+class IReconfigurable(Interface):
+    """A service that can take a new configuration without a restart (SIGHUP).
+
+    :class:`gateway.services.reload.ReloadService` calls ``reconfigure`` on
+    every provider in the service tree (and on the objects registered with
+    it) once a new file has been parsed and validated as a whole.  Work in
+    progress (an association, a running job) keeps the config it started
+    with; only new work sees the new one.  Events: ``config.reloaded``
+    (source, changes: list of top-level fields that changed,
+    restart_needed: list of keys that only a restart applies) and
+    ``config.reload_failed`` (source, problems: list of strings).
+    """
+
+    def reconfigure(config):
+        """Take ``config`` (a validated :class:`gateway.config.Config`) for new work.
+
+        Runs on the reactor thread and must not block.  May raise to refuse
+        (the error is logged; the other services still get the new config).
+        """
+
+
+class IHealthCheck(Interface):
+    """A service that can say why the gateway should not be considered healthy
+    (``GET /health`` answers 503 with these reasons)."""
+
+    def health_problems():
+        """A list of short strings; empty when this service is fine."""

@@ -7,8 +7,10 @@ from twisted.application.service import MultiService, Service
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
 
 from gateway.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
+from gateway.interfaces import IReconfigurable
 from gateway.services.scp import SCPService
 from gateway.services.storage import Storage
 from gateway.services.workflow import add_workflow
@@ -47,6 +49,7 @@ class ThreadPoolService(Service):
         self.pool.stop()
 
 
+@implementer(IReconfigurable)
 class StorageService(Service):
     """Prepares the storage root (and removes a crash's leftovers) at start."""
 
@@ -59,6 +62,11 @@ class StorageService(Service):
         super().startService()
         self.storage.prepare()
         self.log.info("storing instances under {root}", root=self.storage.root)
+
+    def reconfigure(self, config):
+        # The root itself only changes with a restart (the reload says so).
+        self.storage.fsync = config.fsync
+        self.storage.implementation_version_name = config.implementation_version_name
 
 
 def makeService(options, reactor=None) -> MultiService:
@@ -80,4 +88,43 @@ def makeService(options, reactor=None) -> MultiService:
     listener.setName("dicom")
     listener.setServiceParent(root)
     root.scp = scp
+    _add_operations(root, options, config, scp, storage, pool, reactor)
     return root
+
+
+def _add_operations(root, options, config, scp, storage, pool, reactor):
+    """Metrics, audit trail, SIGHUP reload and the management API (issue 6).
+
+    Providers for the API (``root.exports``, ``root.destinations``,
+    ``root.payloads``) are picked up when the services that build them set
+    those attributes before this runs.
+    """
+    import os
+
+    from gateway.logs import AuditTrail, ObserverService, RecentAssociations
+    from gateway.metrics import Metrics
+    from gateway.services.api import ApiService
+    from gateway.services.reload import ReloadService
+
+    metrics, recent = Metrics(), RecentAssociations()
+    observers = [metrics, recent]
+    if config.audit_log:
+        observers.append(AuditTrail(os.path.join(storage.root, config.audit_log), reactor, pool))
+    ObserverService(*observers).setServiceParent(root)
+    path = options.get("config") if hasattr(options, "get") else None
+    reload = ReloadService(path or config.source, config, root, reactor, pool,
+                           install_signal=options.get("install_sighup", True))
+    reload.add(scp)
+    reload.setServiceParent(root)
+    root.metrics, root.recent_associations, root.reload = metrics, recent, reload
+    root.api = None
+    if config.listen_http:
+        api = ApiService(config, root, reactor, pool, scp=scp, storage=storage, metrics=metrics,
+                         recent=recent, exports=getattr(root, "exports", None),
+                         destinations=getattr(root, "destinations", None),
+                         payloads=getattr(root, "payloads", None))
+        api.setServiceParent(root)
+        http = strports.service(config.listen_http, api.site(), reactor=reactor)
+        http.setName("http")
+        http.setServiceParent(root)
+        root.api = api

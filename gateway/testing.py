@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import itertools
-
-from twisted.internet.defer import Deferred, fail, succeed
-from zope.interface import implementer
-
-from gateway.interfaces import IExportQueue, IInstanceStoredObserver
+from twisted.internet.defer import Deferred
 
 
 def listening_port(service, name: str = "dicom") -> Deferred:
@@ -20,6 +15,91 @@ def listening_port(service, name: str = "dicom") -> Deferred:
     d = Deferred()
     listener._waitingForPort.addCallback(lambda port: (d.callback(port), port)[1])
     return d
+
+
+# ---- in-memory fakes of the provider interfaces (gateway.interfaces) --------
+
+from twisted.internet.defer import succeed  # noqa: E402
+from zope.interface import implementer  # noqa: E402
+
+from gateway.interfaces import IDestinations, IExportQueue, IPayloadQuery  # noqa: E402
+
+
+@implementer(IExportQueue)
+class FakeExportQueue:
+    """Export jobs kept in a list; ``submit`` only records them."""
+
+    def __init__(self, destinations=("pacs",)):
+        self.destinations = set(destinations)
+        self._jobs: list[dict] = []
+
+    def submit(self, destinations, paths, origin):
+        for name in destinations:
+            if name not in self.destinations:
+                from twisted.internet.defer import fail
+
+                return fail(KeyError(name))
+        ids = []
+        for name in destinations:
+            job_id = str(len(self._jobs) + 1)
+            self._jobs.append({"id": job_id, "destination": name, "state": "queued", "origin": origin,
+                               "created": 0, "updated": 0, "files": len(paths), "done": 0, "failed": 0,
+                               "file_statuses": [{"path": p, "state": "queued", "status": None,
+                                                  "attempts": 0, "reason": None} for p in paths]})
+            ids.append(job_id)
+        return succeed(ids)
+
+    def jobs(self, limit=100, offset=0, state=None):
+        items = [{k: v for k, v in j.items() if k != "file_statuses"}
+                 for j in reversed(self._jobs) if state is None or j["state"] == state]
+        return succeed(items[offset:offset + limit])
+
+    def job(self, job_id):
+        for j in self._jobs:
+            if j["id"] == job_id:
+                return succeed(dict(j))
+        return succeed(None)
+
+
+@implementer(IDestinations)
+class FakeDestinations:
+    """``results`` maps a destination name to the echo answer it gives."""
+
+    def __init__(self, results=None):
+        self.results = dict(results or {"pacs": True})
+        self.echoed: list[str] = []
+
+    def names(self):
+        return list(self.results)
+
+    def echo(self, name):
+        if name not in self.results:
+            from twisted.internet.defer import fail
+
+            return fail(KeyError(name))
+        self.echoed.append(name)
+        ok = self.results[name]
+        return succeed({"destination": name, "ok": ok, "rtt_ms": 1.5 if ok else None,
+                        "reason": None if ok else "connection refused"})
+
+
+@implementer(IPayloadQuery)
+class FakePayloadQuery:
+    def __init__(self, payloads=()):
+        self.items = list(payloads)
+
+    def payloads(self, limit=100, offset=0, state=None):
+        items = [p for p in self.items if state is None or p.get("state") == state]
+        return succeed(items[offset:offset + limit])
+
+
+# ---- payloads and pipelines (issue 4) -----------------------------------------
+
+import itertools  # noqa: E402
+
+from twisted.internet.defer import fail  # noqa: E402
+
+from gateway.interfaces import IInstanceStoredObserver  # noqa: E402
 
 
 @implementer(IExportQueue)

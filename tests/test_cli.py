@@ -32,3 +32,18 @@ class CheckConfigTests(unittest.TestCase):
         self.assertIn("gateway.max_pdu_length", err)
         self.assertIn("timeouts.dimse", err)
         self.assertIn(path, err)
+
+    def test_management_api_rule_is_checked(self):
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write('[listen]\nhttp = "tcp:8080"\n[http]\ntoken_file = ""\n[[ae]]\ntitle = "OK"\n')
+        code, out, err = self.run_cli("check-config", path)
+        self.assertEqual(code, 1)
+        self.assertIn("listen.http: 'tcp:8080' is not loopback-only", err)
+        token = self.mktemp()
+        with open(token, "w") as f:
+            f.write("a-long-enough-token-value\n")
+        with open(path, "w") as f:
+            f.write(f'[listen]\nhttp = "tcp:8080"\n[http]\ntoken_file = "{token}"\n[[ae]]\ntitle = "OK"\n')
+        code, out, err = self.run_cli("check-config", path)
+        self.assertEqual(code, 0, err)

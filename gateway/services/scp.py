@@ -24,14 +24,15 @@ from collections import deque
 from dataclasses import dataclass
 
 from twisted.internet.defer import FirstError, gatherResults, maybeDeferred
-
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from gateway import IMPLEMENTATION_CLASS_UID
 from gateway.dimse import commands as C
 from gateway.dimse.message import CommandReceived, DataFragment, MessageAssembler, fragment_message
 from gateway.dimse.sop import VERIFICATION, is_storage_sop_class, is_valid_uid
+from gateway.interfaces import IReconfigurable
 from gateway.net.protocol import DicomProtocol
 from gateway.services.storage import StorageFull
 from gateway.ul import pdu as P
@@ -62,6 +63,7 @@ class AssociationInfo:
     started: float
 
 
+@implementer(IReconfigurable)
 class SCPService:
     """Shared state of the SCP; one per running gateway."""
 
@@ -85,6 +87,10 @@ class SCPService:
     def factory(self) -> "DicomServerFactory":
         return DicomServerFactory(self)
 
+    def reconfigure(self, config):
+        """New associations use ``config``; those in progress keep theirs."""
+        self.config = config
+
 
 class DicomServerFactory(ServerFactory):
     def __init__(self, service: SCPService):
@@ -93,7 +99,7 @@ class DicomServerFactory(ServerFactory):
     def buildProtocol(self, addr):
         service = self.service
         config = service.config
-        user = StoreSCP(service)
+        user = StoreSCP(service, config)
         return DicomProtocol(
             user,
             service.reactor,
@@ -131,8 +137,10 @@ class _Store:
 class StoreSCP:
     log = Logger()
 
-    def __init__(self, service: SCPService):
+    def __init__(self, service: SCPService, config=None):
         self.service = service
+        # The rules this association started under, whatever a reload does.
+        self.config = config if config is not None else service.config
         self.protocol: DicomProtocol | None = None
         self.id = _new_association_id()
         self.started = service.reactor.seconds()
@@ -157,7 +165,7 @@ class StoreSCP:
     # ---- association establishment ------------------------------------
 
     def associate_indication(self, rq: P.AssociateRQ):
-        config = self.service.config
+        config = self.config
         self.calling_ae, self.called_ae = rq.calling_ae, rq.called_ae
         reject = None
         if rq.application_context != P.DICOM_APPLICATION_CONTEXT:

@@ -51,10 +51,12 @@ def add_workflow(root, config, storage, scp, reactor, export_queue=None):
 
     The payload service becomes the SCP's first observer; observers named in
     ``[notify] observers`` follow.  Until the export queue service exists
-    the pipelines' export jobs go to a :class:`RecordingExportQueue`.
+    the pipelines' export jobs go to a :class:`RecordingExportQueue`
+    (``root.exports``, the export queue of the management API, is used when
+    it is set before this runs).
     """
     if export_queue is None:
-        export_queue = getattr(root, "export_queue", None) or RecordingExportQueue()
+        export_queue = getattr(root, "exports", None) or RecordingExportQueue()
     db = Database(os.path.join(os.path.abspath(storage.root), DB_NAME), reactor, durable=config.fsync)
     runner = PipelineRunner(config, db, storage, reactor, export_queue)
     DatabaseService(db, runner).setServiceParent(root)

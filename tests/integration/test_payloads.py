@@ -30,18 +30,23 @@ def toml_list(items):
 
 
 @defer.inlineCallbacks
-def start(testcase, aes, pipelines="", storage_keys="", reclaim_interval=3600):
+def start(testcase, aes, pipelines="", storage_keys="", reclaim_interval=3600, api=False):
     """A gateway whose [[ae]] tables and [pipeline.*] tables the test writes."""
     root = os.path.abspath(testcase.mktemp())
     text = gateway_config(root, aes=())
+    if api:
+        text = text.replace('dicom = "tcp:0:interface=127.0.0.1"',
+                            'dicom = "tcp:0:interface=127.0.0.1"\nhttp = "tcp:0:interface=127.0.0.1"')
     text = text.replace("[storage]\n", "[storage]\n" + storage_keys + "\n", 1)
     text += f"\n[reclaimer]\ninterval = {reclaim_interval}\n" + pipelines + "\n" + aes
     config = config_from_string(text)
-    service = makeService({"config_object": config}, reactor)
+    service = makeService({"config_object": config, "install_sighup": False}, reactor)
     service.startService()
     testcase.addCleanup(service.stopService)
     port = yield listening_port(service)
     gw = RunningGateway(service, port)
+    if api:
+        gw.http_port = (yield listening_port(service, "http")).getHost().port
     yield service.payloads.recovered
     return gw
 
@@ -358,3 +363,26 @@ class ObserverTests(unittest.TestCase):
         statuses = yield in_thread(pynetdicom_send, gw.port, dicomfiles.make_series(self.mktemp(), 1, rows=8, cols=8))
         self.assertEqual(statuses, [0x0110])
         self.flushLoggedErrors(RuntimeError)
+
+
+class PayloadApiTests(unittest.TestCase):
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_management_api_lists_payloads_with_their_jobs(self):
+        from tests.integration.test_api import Client
+
+        script = "import sys; sys.exit(2)"
+        pipelines = (f'[pipeline.ok]\ncommand = {toml_list([PY, "-c", "pass"])}\n'
+                     f'[pipeline.bad]\ncommand = {toml_list([PY, "-c", script])}\nretries = 0\n')
+        gw = yield start(self, ae_table("DICOMGW", ["ok", "bad"], timeout=0.2), pipelines, api=True)
+        files = dicomfiles.make_series(self.mktemp(), 2, rows=8, cols=8)
+        yield in_thread(pynetdicom_send, gw.port, files)
+        yield wait_for(lambda: query(gw, "SELECT state FROM payloads") == [("failed",)], what="payload ended")
+        code, body, _ = yield Client(gw.http_port).request("GET", "/payloads?state=failed")
+        self.assertEqual(code, 200)
+        [item] = body["items"]
+        self.assertEqual((item["ae"], item["instances"], item["state"]), ("DICOMGW", 2, "failed"))
+        self.assertEqual(item["key"], pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+        self.assertEqual({k: v["state"] for k, v in item["pipelines"].items()}, {"ok": "done", "bad": "failed"})
+        self.assertEqual(item["pipelines"]["bad"]["reason"], "exit status 2")

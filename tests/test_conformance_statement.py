@@ -1,0 +1,204 @@
+"""docs/conformance-statement.md says what the code does.
+
+Each fact is one line of :data:`FACTS`: the first column of a table row in the
+document, and the value the code gives for it (computed from constants, the
+config defaults, or by running the code).  Adding a fact to the document is a
+table row there and one line here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from twisted.internet.task import Clock
+from twisted.trial import unittest
+
+import gateway
+from gateway import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from gateway.config import Config
+from gateway.dimse import commands as C
+from gateway.dimse import sop
+from gateway.services.scp import SCPService, StoreSCP
+from gateway.ul import pdu as P
+from gateway.ul.association import MAX_ASSOCIATION_PDU, MAX_UNLIMITED_PDATA
+
+DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
+                   "conformance-statement.md")
+DEFAULTS = Config()
+CT = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def _reject_for(called_ae="DICOMGW", calling_ae="MODALITY", context=P.DICOM_APPLICATION_CONTEXT) -> str:
+    """Run the SCP's association acceptance and return 'result, source, reason'."""
+
+    class Protocol:
+        peer = "test"
+        rejected = None
+
+        def reject(self, rj):
+            self.rejected = rj
+
+        def accept(self, ac):
+            pass
+
+    scp = StoreSCP(SCPService(DEFAULTS, None, Clock()))
+    scp.protocol = Protocol()
+    rq = P.AssociateRQ(called_ae=called_ae, calling_ae=calling_ae, application_context=context,
+                       presentation_contexts=(P.PresentationContextRQ(1, CT, (sop.IMPLICIT_VR_LITTLE_ENDIAN,)),),
+                       user_information=P.UserInformation(max_length=16384))
+    scp.associate_indication(rq)
+    rj = scp.protocol.rejected
+    return f"{rj.result}, {rj.source}, {rj.reason}"
+
+
+def _accepted_user_information() -> P.UserInformation:
+    """The user information of our A-ASSOCIATE-AC to a request that proposes
+    asynchronous operations (5, 5), SCU and SCP roles, extended negotiation
+    and a user identity."""
+
+    class Protocol:
+        peer = "test"
+        accepted = None
+
+        def accept(self, ac):
+            self.accepted = ac
+
+    scp = StoreSCP(SCPService(DEFAULTS, None, Clock()))
+    scp.protocol = Protocol()
+    rq = P.AssociateRQ(
+        called_ae="DICOMGW", calling_ae="MODALITY", application_context=P.DICOM_APPLICATION_CONTEXT,
+        presentation_contexts=(P.PresentationContextRQ(1, CT, (sop.IMPLICIT_VR_LITTLE_ENDIAN,)),),
+        user_information=P.UserInformation(
+            max_length=16384, async_ops=(5, 5), role_selections=(P.RoleSelection(CT, 1, 1),),
+            extended_negotiations=(P.ExtendedNegotiation(CT, b"\x01"),),
+            user_identity=P.UserIdentityRQ(1, 1, b"user", b""),
+        ))
+    scp.associate_indication(rq)
+    return scp.protocol.accepted.user_information
+
+
+def _async_window() -> str:
+    invoked, performed = _accepted_user_information().async_ops
+    return f"{invoked}, {performed} (no asynchronous operations)"
+
+
+def _roles() -> str:
+    (role,) = _accepted_user_information().role_selections
+    return f"SCU role as proposed, SCP role {role.scp_role}" if role.scu_role == 1 else "?"
+
+
+def _ignored(field) -> str:
+    return "not supported (ignored)" if not getattr(_accepted_user_information(), field) else "answered"
+
+
+def _negotiate(abstract, *syntaxes) -> tuple[int, str]:
+    return StoreSCP._negotiate(P.PresentationContextRQ(1, abstract, syntaxes))
+
+
+def _first_proposed_policy() -> str:
+    result, ts = _negotiate(CT, "1.2.3.4.5.6.7", sop.IMPLICIT_VR_LITTLE_ENDIAN)
+    assert (result, ts) == (P.PC_ACCEPTANCE, "1.2.3.4.5.6.7")
+    return f"{P.PC_ACCEPTANCE} (acceptance), with the first transfer syntax proposed"
+
+
+def _code(status: int) -> str:
+    return f"{status:04X}"
+
+
+FACTS = [
+    ("Product version", gateway.__version__),
+    ("Implementation Class UID", IMPLEMENTATION_CLASS_UID),
+    ("Implementation Version Name", IMPLEMENTATION_VERSION_NAME),
+    ("Application Context Name", P.DICOM_APPLICATION_CONTEXT),
+    ("Maximum PDU length received (default)", str(DEFAULTS.max_pdu_length)),
+    ("Largest P-DATA-TF PDU accepted when the limit is 0", str(MAX_UNLIMITED_PDATA)),
+    ("Largest association PDU accepted", str(MAX_ASSOCIATION_PDU)),
+    ("Maximum DIMSE command set length", str(C.MAX_COMMAND_LENGTH)),
+    ("Asynchronous operations window", _async_window()),
+    ("SCP/SCU role selection", _roles()),
+    ("Extended negotiation", _ignored("extended_negotiations")),
+    ("User identity negotiation", _ignored("user_identity")),
+    ("ARTIM timeout (default)", f"{DEFAULTS.artim:g} s"),
+    ("DIMSE timeout (default)", f"{DEFAULTS.dimse:g} s"),
+    ("Default AE title", DEFAULTS.ae_titles[0].title),
+    ("Default listening port", DEFAULTS.listen_dicom),
+    ("gateway.max_pdu_length", str(DEFAULTS.max_pdu_length)),
+    ("timeouts.artim", f"{DEFAULTS.artim:g}"),
+    ("timeouts.dimse", f"{DEFAULTS.dimse:g}"),
+    ("storage.fsync", str(DEFAULTS.fsync).lower()),
+    ("gateway.implementation_version_name", DEFAULTS.implementation_version_name),
+    ("Called AE title not configured", _reject_for(called_ae="NOBODY")),
+    ("Calling AE title not in the DICOM default repertoire", _reject_for(calling_ae="BAD\\AE")),
+    ("Application context name not supported", _reject_for(context="1.2.3")),
+    ("Protocol version without bit 0",
+     f"{P.RJ_PERMANENT}, {P.RJ_SOURCE_ACSE}, {P.RJ_ACSE_PROTOCOL_VERSION_NOT_SUPPORTED}"),
+    ("Verification or a storage SOP class", _first_proposed_policy()),
+    ("A known non-storage SOP class (query/retrieve, worklist, MPPS, print, storage commitment, ...)",
+     f"{_negotiate('1.2.840.10008.5.1.4.1.2.2.1', sop.IMPLICIT_VR_LITTLE_ENDIAN)[0]} (abstract syntax not supported)"),
+    ("No proposed transfer syntax is a valid UID",
+     f"{_negotiate(CT, 'not a uid')[0]} (transfer syntaxes not supported)"),
+    ("Success", _code(C.SUCCESS)),
+    ("Refused: Out of Resources (disk full, storage error)", _code(C.OUT_OF_RESOURCES)),
+    ("Error: Cannot Understand (SOP Class/Instance UID not a valid UID, no dataset)", _code(C.CANNOT_UNDERSTAND)),
+    ("Failure: Processing failure (unexpected error while storing)", _code(C.PROCESSING_FAILURE)),
+    ("Unrecognized operation (any DIMSE request other than C-STORE, C-ECHO, C-CANCEL)",
+     _code(C.UNRECOGNIZED_OPERATION)),
+    ("TLS secure transport connection profiles", "none in this release"),
+]
+
+# PS3.2 top-level layout, in order.
+SECTIONS = ["1 Conformance Statement Overview", "2 Table of Contents", "3 Introduction", "4 Networking",
+            "5 Media Interchange", "6 Support of Character Sets", "7 Security", "8 Annexes"]
+
+
+def _text():
+    with open(DOC, encoding="utf-8") as f:
+        return f.read()
+
+
+def _rows(text):
+    """Every table row as a list of cells, backticks and bold stripped; separators skipped."""
+    rows = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line.startswith("|") or re.fullmatch(r"\|[\s|:-]+\|", line):
+            continue
+        rows.append([c.strip().strip("*").strip("`").strip() for c in line.strip("|").split("|")])
+    return rows
+
+
+class ConformanceStatementTests(unittest.TestCase):
+    def test_facts_match_the_code(self):
+        rows = _rows(_text())
+        wrong = []
+        for key, expected in FACTS:
+            found = [r[1] for r in rows if r[0] == key and len(r) > 1]
+            if len(found) != 1:
+                wrong.append(f"{key!r}: {len(found)} rows in the document (want exactly 1)")
+            elif found[0] != expected:
+                wrong.append(f"{key!r}: document says {found[0]!r}, code says {expected!r}")
+        self.assertEqual(wrong, [])
+
+    def test_ps3_2_layout(self):
+        headings = [h.strip() for h in re.findall(r"^## (.+)$", _text(), re.M)]
+        self.assertEqual(headings[:len(SECTIONS)], SECTIONS)
+
+    def test_annex_a_lists_exactly_the_storage_sop_classes(self):
+        text = _text()
+        annex = text[text.index("### Annex A"):]
+        listed = {r[1]: r[0] for r in _rows(annex)[1:]}
+        self.assertEqual(set(listed), set(sop.STORAGE_SOP_CLASSES))
+        for uid, name in listed.items():
+            self.assertEqual(sop.sop_class_name(uid), name, uid)
+            self.assertEqual(_negotiate(uid, sop.EXPLICIT_VR_LITTLE_ENDIAN)[0], P.PC_ACCEPTANCE, uid)
+
+    def test_every_listed_transfer_syntax_and_verification_is_accepted(self):
+        text = _text()
+        section = text[text.index("| Transfer Syntax Name |"):text.index("##### 4.2.1.5")]
+        uids = [r[1] for r in _rows(section)[1:] if re.fullmatch(r"[0-9.]+", r[1])]
+        self.assertGreater(len(uids), 5)
+        for uid in uids:
+            self.assertEqual(_negotiate(CT, uid), (P.PC_ACCEPTANCE, uid))
+        self.assertIn(f"| Verification | `{sop.VERIFICATION}` | No | Yes |", text)
+        self.assertEqual(_negotiate(sop.VERIFICATION, sop.IMPLICIT_VR_LITTLE_ENDIAN)[0], P.PC_ACCEPTANCE)
