@@ -38,7 +38,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from gateway.interfaces import IInstanceStoredObserver, IPayloadQuery
+from gateway.interfaces import IInstanceStoredObserver, IPayloadQuery, IReconfigurable
 from gateway.services.index import read_header, remove_if_same
 
 MANIFEST = "manifest.json"
@@ -305,7 +305,7 @@ def _remove_all(items):
     return freed
 
 
-@implementer(IInstanceStoredObserver, IPayloadQuery)
+@implementer(IInstanceStoredObserver, IPayloadQuery, IReconfigurable)
 class PayloadService(Service):
     log = Logger()
 
@@ -326,6 +326,14 @@ class PayloadService(Service):
         self.failed: set[str] = set()  # associations with an instance that could not be indexed
         self.started_at = None
         self.recovered = None
+
+    def reconfigure(self, config):
+        """New instances use the new grouping and timeout; payloads closing from
+        now on get the new pipelines.  An open payload keeps its group key."""
+        self.config = config
+        self.aes = {ae.title: ae for ae in config.ae_titles}
+        if self.runner is not None:
+            self.runner.reconfigure(config)
 
     # ---- service -------------------------------------------------------------
 

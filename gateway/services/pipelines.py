@@ -165,6 +165,15 @@ class PipelineRunner:
     def _disk(self, f, *args):
         return deferToThreadPool(self.reactor, self.storage.pool, f, *args)
 
+    def reconfigure(self, config):
+        """Attempts that start from now on use the new pipeline settings."""
+        self.config = config
+        for p in config.pipelines:
+            current = self.semaphores.get(p.name)
+            if current is None or current.limit != p.concurrency:
+                # Jobs running now release the semaphore they acquired.
+                self.semaphores[p.name] = DeferredSemaphore(p.concurrency)
+
     def submit(self, job_ids):
         for job_id in job_ids:
             self._schedule(job_id, 0)

@@ -23,6 +23,9 @@ from twisted.application.internet import TimerService
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from zope.interface import implementer
+
+from gateway.interfaces import IReconfigurable
 
 from gateway.services.payloads import _db_removed, _due_aborted, _remove_all
 
@@ -67,6 +70,7 @@ def _remove_trees(paths):
     return freed
 
 
+@implementer(IReconfigurable)
 class Reclaimer(TimerService):
     log = Logger()
 
@@ -79,6 +83,10 @@ class Reclaimer(TimerService):
         self.reactor = reactor
         self.export_queue = export_queue
         self.outputs_dir = os.path.join(storage.root, "outputs")
+
+    def reconfigure(self, config):
+        """New retention times apply from the next pass; the interval needs a restart."""
+        self.config = config
 
     def run(self):
         """One pass; never fails (the LoopingCall would stop for good)."""

@@ -26,10 +26,11 @@ from gateway.interfaces import IReconfigurable
 
 # Config fields that a running gateway cannot change: the listeners are bound
 # and the storage root is where everything already lives.
-RESTART_FIELDS = ("listen_dicom", "listen_http", "storage", "audit_log")
+RESTART_FIELDS = ("listen_dicom", "listen_http", "storage", "audit_log", "reclaim_interval", "observers")
 # ... and the keys operators know them by.
 _KEYS = {"listen_dicom": "listen.dicom", "listen_http": "listen.http", "storage": "gateway.storage",
-         "audit_log": "gateway.audit_log"}
+         "audit_log": "gateway.audit_log", "reclaim_interval": "reclaimer.interval",
+         "observers": "notify.observers"}
 # Fields that describe where a config came from, not what it says.
 _IGNORED = ("source",)
 

@@ -40,6 +40,9 @@ class RecordingRunner:
     def recover(self):
         return defer.succeed(None)
 
+    def reconfigure(self, config):
+        self.config = config
+
 
 def config(grouping, timeout=5, titles=("DICOMGW",), command='["true"]'):
     aes = "".join(f'[[ae]]\ntitle = "{t}"\ngrouping = "{grouping}"\ntimeout = {timeout}\n'
@@ -207,6 +210,23 @@ class GroupingTests(PayloadCase):
         self.clock.advance(10)
         self.assertEqual((yield self.states()), [])
         self.assertEqual(os.listdir(os.path.join(self.storage.instances_dir, "DICOMGW")), [])
+
+
+class ReconfigureTests(PayloadCase):
+    @defer.inlineCallbacks
+    def test_new_grouping_and_timeout_apply_to_new_instances(self):
+        from gateway.interfaces import IReconfigurable
+
+        yield self.make("study", timeout=5)
+        self.assertTrue(IReconfigurable.providedBy(self.service))
+        self.service.reconfigure(config("series", timeout=1))
+        study, s1, s2 = generate_uid(), generate_uid(), generate_uid()
+        a1 = self.association()
+        yield self.store(a1, "P1", study, s1)
+        yield self.store(a1, "P1", study, s2)
+        yield self.service.association_released(a1)
+        self.clock.advance(1.1)
+        self.assertEqual((yield self.states(expected_closed=2)), [("closed", 1), ("closed", 1)])
 
 
 class IndexFailureTests(PayloadCase):
