@@ -121,9 +121,9 @@ def _db_discard(conn, association_id, result, now, retention):
     """Mark the association ended without release; its instances are aborted."""
     conn.execute("UPDATE associations SET state = ?, ended = ? WHERE id = ? AND state = 'open'",
                  (result, now, association_id))
-    conn.execute("UPDATE instances SET state = 'aborted', discard_after = ? "
-                 "WHERE association = ? AND state = 'received'", (now + retention, association_id))
-    return _due_aborted(conn, now, association_id)
+    cur = conn.execute("UPDATE instances SET state = 'aborted', discard_after = ? "
+                       "WHERE association = ? AND state = 'received'", (now + retention, association_id))
+    return cur.rowcount, _due_aborted(conn, now, association_id)
 
 
 def _due_aborted(conn, now, association_id=None):
@@ -432,6 +432,7 @@ class PayloadService(Service):
         now = self.reactor.seconds()
         touched = yield self.db.run_durable(_db_release, association, now, self.aes)
         keys = self.open_keys.pop(association.id, set())
+        keys.update((ae, key) for ae, key, _u in touched.values())
         for pid, (ae, key, updated) in touched.items():
             self.open_payloads[(ae, key)] = [pid, updated]
         for k in keys:
@@ -450,19 +451,24 @@ class PayloadService(Service):
     @inlineCallbacks
     def _discard(self, association_id, result):
         retention = self.config.aborted_retention
-        due = yield self.db.run(_db_discard, association_id, result, self.reactor.seconds(), retention)
+        count, due = yield self.db.run(_db_discard, association_id, result, self.reactor.seconds(),
+                                       retention)
         freed = yield self._disk(_remove_all, due)
         if due:
             yield self.db.run(_db_removed, [i for i, _p, _n in due])
-        self.log.info("association {association} ended {result}: {count} instance(s) discarded, "
-                      "{freed} bytes freed", event="instances.discarded", association=association_id,
-                      result=result, count=len(due), freed=freed, retained=retention)
+        if count or due:
+            self.log.info("association {association} ended {result}: {count} instance(s) discarded "
+                          "({what})", event="instances.discarded", association=association_id,
+                          result=result, count=max(count, len(due)), freed=freed, retained=retention,
+                          what=f"kept for {retention:g} s" if retention else f"{freed} bytes freed")
 
     # ---- timers --------------------------------------------------------------
 
     def _check_key(self, k):
         entry = self.open_payloads.get(k)
         if entry is None:
+            if not any(k in keys for keys in self.open_keys.values()):
+                self.last_seen.pop(k, None)  # nothing waits for this group
             return
         pid, updated = entry
         ae = self.aes.get(k[0])

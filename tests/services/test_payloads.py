@@ -133,6 +133,7 @@ class GroupingTests(PayloadCase):
         closed = yield self.states(expected_closed=len(open_))
         self.assertTrue(all(state == "closed" for state, _ in closed), closed)
         self.assertEqual(len(self.runner.submitted), len(closed))  # one job per payload (one pipeline)
+        self.assertEqual((self.service.last_seen, self.service.open_keys, self.service.timers), ({}, {}, {}))
         return sorted(n for _, n in closed)
 
     @defer.inlineCallbacks
