@@ -46,11 +46,11 @@ class CrashTests(unittest.TestCase):
         return os.path.join(self.workdir, *parts)
 
     @defer.inlineCallbacks
-    def start(self, timeout):
+    def start(self, timeout, command=HANDOFF):
         self.port = tw._free_port()
         text = gateway_config("var/dicomgw", aes=(), fsync=True).replace(
             "tcp:0:interface=127.0.0.1", f"tcp:{self.port}:interface=127.0.0.1")
-        text += (f'\n[pipeline.handoff]\ncommand = {toml_list([PY, "-c", HANDOFF])}\n'
+        text += (f'\n[pipeline.handoff]\ncommand = {toml_list([PY, "-c", command])}\n'
                  f'[[ae]]\ntitle = "DICOMGW"\ngrouping = "study"\ntimeout = {timeout}\n'
                  'pipelines = ["handoff"]\n')
         with open(self.path("dicomgw.toml"), "w") as f:
@@ -178,3 +178,38 @@ class CrashTests(unittest.TestCase):
         self.assertEqual({(r[1], r[2]) for r in rows}, {("removed", None)})
         inbox = self.path("var", "dicomgw", "instances", "DICOMGW")
         self.assertEqual(os.listdir(inbox) if os.path.isdir(inbox) else [], [])
+
+    @defer.inlineCallbacks
+    def test_kill_while_the_pipeline_runs(self):
+        """The job runs again after the restart, recorded as attempt 2."""
+        # Records its attempt and pid, then waits (at most 20 s) for the test's go-ahead.
+        command = ("import os, sys, time\n"
+                   "open('attempts.log', 'a').write(os.environ['DICOMGW_ATTEMPT'] + ' ' + str(os.getpid()) + '\\n')\n"
+                   "for _ in range(400):\n"
+                   "    if os.path.exists('go'): sys.exit(0)\n"
+                   "    time.sleep(0.05)\n"
+                   "sys.exit(1)\n")
+        files = dicomfiles.make_series(self.mktemp(), 2, rows=16, cols=16)
+        proc = yield self.start(timeout=0.3, command=command)
+        out, err, code = yield run("storescu", "-aec", "DICOMGW", "127.0.0.1", str(self.port), *files)
+        self.assertEqual(code, 0, err)
+
+        def attempts():
+            try:
+                with open(self.path("attempts.log")) as f:
+                    return [line.split() for line in f.read().splitlines()]
+            except FileNotFoundError:
+                return []
+
+        yield self.wait_for(attempts, "the pipeline to start")
+        self.kill(proc)
+        [(attempt, pid)] = attempts()
+        self.assertEqual(attempt, "1")
+        os.kill(int(pid), signal.SIGKILL)  # the orphaned pipeline process of the killed gateway
+        yield self.start(timeout=0.3, command=command)
+        yield self.wait_for(lambda: len(attempts()) == 2, "the job to run again")
+        open(self.path("go"), "w").close()
+        yield self.wait_for(lambda: self.query("SELECT state FROM jobs") == [("done",)], "job done")
+        self.assertEqual([a for a, _ in attempts()], ["1", "2"])
+        self.assertEqual(self.query("SELECT attempts, reason FROM jobs"), [(2, None)])
+        self.assertEqual(self.query("SELECT state, COUNT(*) FROM payloads"), [("done", 1)])
