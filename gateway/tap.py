@@ -13,7 +13,7 @@ from gateway.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
 from gateway.interfaces import IReconfigurable
 from gateway.services.scp import SCPService
 from gateway.services.storage import Storage
-from gateway.services.workflow import add_workflow
+from gateway.services.workflow import add_workflow, check_observers
 
 # Disk work (writes, fsync, rename) runs here; bounded so that a burst of
 # associations cannot spawn unbounded threads.
@@ -30,6 +30,7 @@ class Options(usage.Options):
     def postOptions(self):
         try:
             self["config_object"] = load_config(self["config"])
+            check_observers(self["config_object"])
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
 

@@ -67,3 +67,32 @@ class WorkflowConfigTests(unittest.TestCase):
     def test_pipelines_must_be_strings(self):
         problems = self.problems('[pipeline.a]\ncommand = ["x", 1]\n[[ae]]\ntitle = "X"\n')
         self.assertTrue(any(p.startswith("pipeline.a.command: expected an array") for p in problems), problems)
+
+
+class ObserverLoadingTests(unittest.TestCase):
+    def write(self, observers):
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(f'[notify]\nobservers = {observers}\n[[ae]]\ntitle = "X"\n')
+        return path
+
+    def test_unimportable_observer_stops_start_up_naming_the_key(self):
+        from twisted.python import usage
+
+        from gateway.tap import Options
+
+        path = self.write('["gateway.testing.RecordingObserver", "nosuch.module.Factory"]')
+        with self.assertRaises(usage.UsageError) as cm:
+            Options().parseOptions(["--config", path])
+        self.assertIn("notify.observers[1]: cannot import 'nosuch.module.Factory'", str(cm.exception))
+        self.assertIn(path, str(cm.exception))
+
+    def test_factory_must_make_an_observer(self):
+        from gateway.services.workflow import load_observer
+
+        config = load_config(self.write('["gateway.config.Pipeline"]'))
+        with self.assertRaises(ConfigError) as cm:
+            load_observer("os.path.join", config, 0)
+        self.assertIn("notify.observers[0]", str(cm.exception))
+        observer = load_observer("gateway.testing.RecordingObserver", config, 0)
+        self.assertEqual(observer.stored, [])

@@ -32,10 +32,24 @@ class DatabaseService(Service):
         return self.db.stop()
 
 
-def load_observer(name: str, config, index: int):
+def _factory(name: str, config, index: int):
     module, _, attr = name.rpartition(".")
     try:
-        factory = getattr(importlib.import_module(module), attr)
+        return getattr(importlib.import_module(module), attr)
+    except Exception as e:
+        raise ConfigError([f"notify.observers[{index}]: cannot import {name!r}: {type(e).__name__}: {e}"],
+                          config.source) from None
+
+
+def check_observers(config):
+    """Raise ConfigError naming the key if an observer factory cannot be imported."""
+    for i, name in enumerate(config.observers):
+        _factory(name, config, i)
+
+
+def load_observer(name: str, config, index: int):
+    factory = _factory(name, config, index)
+    try:
         observer = factory(config)
     except Exception as e:
         raise ConfigError([f"notify.observers[{index}]: cannot load {name!r}: {type(e).__name__}: {e}"],
