@@ -46,10 +46,11 @@ class CrashTests(unittest.TestCase):
         return os.path.join(self.workdir, *parts)
 
     @defer.inlineCallbacks
-    def start(self, timeout, command=HANDOFF):
+    def start(self, timeout, command=HANDOFF, storage_keys=""):
         self.port = tw._free_port()
         text = gateway_config("var/dicomgw", aes=(), fsync=True).replace(
             "tcp:0:interface=127.0.0.1", f"tcp:{self.port}:interface=127.0.0.1")
+        text = text.replace("[storage]\n", "[storage]\n" + storage_keys + "\n", 1)
         text += (f'\n[pipeline.handoff]\ncommand = {toml_list([PY, "-c", command])}\n'
                  f'[[ae]]\ntitle = "DICOMGW"\ngrouping = "study"\ntimeout = {timeout}\n'
                  'pipelines = ["handoff"]\n')
@@ -122,8 +123,14 @@ class CrashTests(unittest.TestCase):
         self.assertEqual(os.listdir(self.path("var", "dicomgw", "tmp")), [])
         self.assertEqual(self.query("SELECT state FROM associations"), [("released",)])
 
-    @defer.inlineCallbacks
     def test_kill_mid_association(self):
+        return self.kill_mid_association(retention=0)
+
+    def test_kill_mid_association_with_aborted_retention(self):
+        return self.kill_mid_association(retention=600)
+
+    @defer.inlineCallbacks
+    def kill_mid_association(self, retention):
         pynetdicom = require_pynetdicom()
         study_a = dicomfiles.make_series(self.mktemp(), 2, rows=32, cols=32)
         study_b = dicomfiles.make_series(self.mktemp(), 5, rows=32, cols=32)
@@ -135,7 +142,7 @@ class CrashTests(unittest.TestCase):
 
         def send():
             ae = pynetdicom.AE(ae_title="PYNETDICOM")
-            ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+            ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 5
             ae.add_requested_context(pydicom.uid.CTImageStorage, pydicom.uid.ExplicitVRLittleEndian)
             assoc = ae.associate("127.0.0.1", self.port, ae_title="DICOMGW")
             assert assoc.is_established
@@ -162,7 +169,7 @@ class CrashTests(unittest.TestCase):
         uids_b = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in study_b}
         self.assertEqual(self.handoffs(), [])
 
-        yield self.start(timeout=0.5)
+        yield self.start(timeout=0.5, storage_keys=f"aborted_retention = {retention}")
         yield self.wait_for(lambda: self.handoffs(), "study A to be handed off")
         yield self.wait_for(lambda: self.query("SELECT state FROM payloads") == [("done",)], "payload done")
         yield task.deferLater(reactor, 1.0, lambda: None)
@@ -175,9 +182,14 @@ class CrashTests(unittest.TestCase):
         rows = self.query("SELECT sop_instance_uid, state, payload FROM instances WHERE sop_instance_uid IN "
                           f"({', '.join('?' * len(uids_b))})", *uids_b)
         self.assertEqual(len(rows), 2)
-        self.assertEqual({(r[1], r[2]) for r in rows}, {("removed", None)})
         inbox = self.path("var", "dicomgw", "instances", "DICOMGW")
-        self.assertEqual(os.listdir(inbox) if os.path.isdir(inbox) else [], [])
+        left = sorted(os.listdir(inbox)) if os.path.isdir(inbox) else []
+        if retention:  # kept for inspection, in no payload, until the retention is over
+            self.assertEqual({(r[1], r[2]) for r in rows}, {("aborted", None)})
+            self.assertEqual(left, sorted(f"{r[0]}.dcm" for r in rows))
+        else:
+            self.assertEqual({(r[1], r[2]) for r in rows}, {("removed", None)})
+            self.assertEqual(left, [])
 
     @defer.inlineCallbacks
     def test_kill_while_the_pipeline_runs(self):
