@@ -117,10 +117,19 @@ def _db_release(conn, info, now, aes: dict):
     return touched
 
 
-def _db_discard(conn, association_id, result, now, retention):
+def _keep(conn, keep_aes, where, args):
+    """Instances on AE titles without pipelines are kept whatever happens:
+    nothing is handed on from there, and the SCP acknowledged them."""
+    if keep_aes:
+        conn.execute(f"UPDATE instances SET state = 'kept' WHERE {where} AND state = 'received' "
+                     f"AND ae IN ({', '.join('?' * len(keep_aes))})", [*args, *keep_aes])
+
+
+def _db_discard(conn, association_id, result, now, retention, keep_aes=()):
     """Mark the association ended without release; its instances are aborted."""
     conn.execute("UPDATE associations SET state = ?, ended = ? WHERE id = ? AND state = 'open'",
                  (result, now, association_id))
+    _keep(conn, keep_aes, "association = ?", [association_id])
     cur = conn.execute("UPDATE instances SET state = 'aborted', discard_after = ? "
                        "WHERE association = ? AND state = 'received'", (now + retention, association_id))
     return cur.rowcount, _due_aborted(conn, now, association_id)
@@ -143,16 +152,17 @@ def _db_removed(conn, instance_ids):
     conn.executemany("UPDATE instances SET state = 'removed' WHERE id = ?", [(i,) for i in instance_ids])
 
 
-def _db_recover(conn, now, retention, instances_dir, started_before):
+def _db_recover(conn, now, retention, instances_dir, started_before, keep_aes=(), handoff_aes=None):
     """After a restart: end broken associations, adopt never-indexed files."""
     broken = [r[0] for r in conn.execute("SELECT id FROM associations WHERE state = 'open'")]
     for a in broken:
         conn.execute("UPDATE associations SET state = 'broken', ended = ? WHERE id = ?", (now, a))
+        _keep(conn, keep_aes, "association = ?", [a])
         conn.execute("UPDATE instances SET state = 'aborted', discard_after = ? "
                      "WHERE association = ? AND state = 'received'", (now + retention, a))
     known = {r[0] for r in conn.execute(
         "SELECT path FROM instances WHERE state IN ('received', 'kept', 'aborted', 'payload')")}
-    orphans = 0
+    orphans = kept = 0
     if os.path.isdir(instances_dir):
         for ae in sorted(os.listdir(instances_dir)):
             directory = os.path.join(instances_dir, ae)
@@ -168,20 +178,26 @@ def _db_recover(conn, now, retention, instances_dir, started_before):
                     continue
                 if st.st_mtime >= started_before:
                     continue  # arrived since this start: its row is on the way
-                # Stored but never indexed, so never acknowledged: the crash broke
-                # its association.  Treated like an aborted association's instance.
+                # Stored but never indexed: the crash broke its association.  On an
+                # AE title with pipelines it is treated like an aborted association's
+                # instance; anywhere else (no pipelines, no longer configured, files
+                # from before the index existed) it is kept, as the SCP keeps files.
+                aborted = handoff_aes is None or ae in handoff_aes
                 conn.execute(
                     "INSERT INTO instances (ae, sop_instance_uid, size, inode, received, path, state, "
-                    "discard_after) VALUES (?, ?, ?, ?, ?, ?, 'aborted', ?)",
+                    "discard_after) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (ae, name[:-4] if name.endswith(".dcm") else name, st.st_size, st.st_ino,
-                     st.st_mtime, path, now + retention))
-                orphans += 1
+                     st.st_mtime, path, "aborted" if aborted else "kept", now + retention))
+                if aborted:
+                    orphans += 1
+                else:
+                    kept += 1
     conn.execute("UPDATE jobs SET state = 'pending', reason = 'interrupted by a restart', next_attempt = ? "
                  "WHERE state = 'running'", (now,))
     opened = [tuple(r) for r in conn.execute(
         "SELECT id, ae, key, updated FROM payloads WHERE state = 'open'")]
     closing = [r[0] for r in conn.execute("SELECT id FROM payloads WHERE state = 'closing'")]
-    return broken, orphans, _due_aborted(conn, now), opened, closing
+    return broken, orphans, kept, _due_aborted(conn, now), opened, closing
 
 
 def _db_begin_close(conn, pid):
@@ -452,7 +468,7 @@ class PayloadService(Service):
     def _discard(self, association_id, result):
         retention = self.config.aborted_retention
         count, due = yield self.db.run(_db_discard, association_id, result, self.reactor.seconds(),
-                                       retention)
+                                       retention, self._keep_aes())
         freed = yield self._disk(_remove_all, due)
         if due:
             yield self.db.run(_db_removed, [i for i, _p, _n in due])
@@ -461,6 +477,9 @@ class PayloadService(Service):
                           "({what})", event="instances.discarded", association=association_id,
                           result=result, count=max(count, len(due)), freed=freed, retained=retention,
                           what=f"kept for {retention:g} s" if retention else f"{freed} bytes freed")
+
+    def _keep_aes(self):
+        return tuple(title for title, ae in self.aes.items() if not ae.pipelines)
 
     # ---- timers --------------------------------------------------------------
 
@@ -533,8 +552,11 @@ class PayloadService(Service):
     def recover(self):
         now = self.reactor.seconds()
         retention = self.config.aborted_retention
-        broken, orphans, due, opened, closing = yield self.db.run(
-            _db_recover, now, retention, self.storage.instances_dir, now)
+        broken, orphans, kept, due, opened, closing = yield self.db.run(
+            _db_recover, now, retention, self.storage.instances_dir, now, self._keep_aes(),
+            tuple(title for title, ae in self.aes.items() if ae.pipelines))
+        if kept:
+            self.log.info("recovery: {kept} file(s) not in the index were indexed as kept", kept=kept)
         if broken or orphans:
             self.log.info("recovery: {associations} association(s) broken by a restart and {orphans} "
                           "never-acknowledged file(s) are treated as aborted",

@@ -348,3 +348,25 @@ class RecoveryTests(PayloadCase):
         self.assertEqual((yield _sql(self.db, "SELECT state, attempts FROM jobs")), [("done", 2)])
         with open(marker) as f:
             self.assertEqual(f.read(), "run\n")
+
+
+class StorageOnlyTests(PayloadCase):
+    """An AE title without pipelines keeps what the SCP acknowledged, whatever happens."""
+
+    @defer.inlineCallbacks
+    def test_aborted_and_broken_associations_keep_their_instances(self):
+        yield self.make("study")
+        self.service.reconfigure(config_from_string('[[ae]]\ntitle = "DICOMGW"\n'))
+        a1, a2 = self.association(), self.association()
+        yield self.store(a1, "P1", generate_uid(), generate_uid())
+        yield self.service.association_ended(a1, "aborted")
+        yield self.store(a2, "P1", generate_uid(), generate_uid())
+        # a never-indexed file, as a crash (or an older version) leaves it
+        src = dicomfiles.ct_image(os.path.join(self.source, "orphan.dcm"), rows=8, cols=8)
+        os.link(src, os.path.join(self.storage.instances_dir, "DICOMGW", "1.2.3.dcm"))
+        os.utime(src, (0, 0))
+        restarted = PayloadService(self.service.config, self.storage, self.db, self.clock, RecordingRunner())
+        yield restarted.recover()
+        self.assertEqual((yield _sql(self.db, "SELECT state FROM instances ORDER BY id")),
+                         [("kept",), ("kept",), ("kept",)])
+        self.assertEqual(len(os.listdir(os.path.join(self.storage.instances_dir, "DICOMGW"))), 3)
