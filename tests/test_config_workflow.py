@@ -96,3 +96,15 @@ class ObserverLoadingTests(unittest.TestCase):
         self.assertIn("notify.observers[0]", str(cm.exception))
         observer = load_observer("gateway.testing.RecordingObserver", config, 0)
         self.assertEqual(observer.stored, [])
+
+    def test_check_config_imports_observers(self):
+        import contextlib
+        import io
+
+        from gateway.cli import main
+
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = main(["check-config", self.write('["nosuch.module.Factory"]')])
+        self.assertEqual(code, 1)
+        self.assertIn("notify.observers[0]: cannot import", err.getvalue())
