@@ -65,20 +65,12 @@ def _db_index(conn, row: dict):
         (a, row["calling_ae"], row["called_ae"], row["peer"], row["started"]))
     state = conn.execute("SELECT state FROM associations WHERE id = ?", (a,)).fetchone()[0]
     row = dict(row, state="received" if state == "open" else "aborted")
-    cols = ("association", "ae", "sop_class_uid", "sop_instance_uid", "transfer_syntax", "size",
-            "calling_ae", "called_ae", "peer", "received", "path", "state")
+    cols = ("association", "ae", "sop_class_uid", "sop_instance_uid", "patient_id", "patient_name",
+            "study_uid", "series_uid", "modality", "transfer_syntax", "size", "sha256", "inode",
+            "calling_ae", "called_ae", "peer", "received", "path", "group_key", "state")
     cur = conn.execute(f"INSERT INTO instances ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
                        [row.get(c) for c in cols])
     return row["state"], cur.lastrowid
-
-
-_ATTRS = ("patient_id", "patient_name", "study_uid", "series_uid", "modality", "size", "sha256", "inode",
-          "group_key")
-
-
-def _db_attributes(conn, instance_id, attrs: dict):
-    conn.execute(f"UPDATE instances SET {', '.join(c + ' = ?' for c in _ATTRS)} WHERE id = ?",
-                 [attrs.get(c) for c in _ATTRS] + [instance_id])
 
 
 def _db_release(conn, info, now, aes: dict):
@@ -374,60 +366,63 @@ class PayloadService(Service):
     def instance_stored(self, instance, association):
         """Index the instance in the background; the C-STORE is answered at once.
 
-        The index row, the header and the hash are not needed before the
+        The header is read and the file hashed in the disk pool, then the row
+        is written in one transaction.  None of it is needed before the
         association releases, and the release waits for them (and makes
         them durable) before the A-RELEASE-RP.  An acknowledged instance
         whose row a crash prevented belongs to an association that never
         released: at restart it is treated as aborted, as it should be.
         """
         now = self.reactor.seconds()
-        row = dict(association=association.id, ae=association.called_ae,
-                   sop_class_uid=instance.sop_class_uid, sop_instance_uid=instance.sop_instance_uid,
-                   transfer_syntax=instance.transfer_syntax_uid, size=instance.size,
-                   calling_ae=association.calling_ae, called_ae=association.called_ae,
-                   peer=association.peer, started=association.started, received=now, path=instance.path)
         _ae, pending = self.examining.setdefault(association.id, (association.called_ae, []))
-        d = self.db.run(_db_index, row)
-        d.addCallback(self._indexed, instance, association, now)
+        d = self._disk(read_header, instance.path)
+        d.addCallback(self._examined, instance, association, now)
 
         def failed(failure):
             self.failed.add(association.id)
             self.log.failure("association {association}: could not index {sop_instance_uid}", failure,
                              association=association.id, sop_instance_uid=instance.sop_instance_uid)
+            # A row without attributes, so that the file is handled (removed or
+            # kept) with the rest of its association, which will not hand off.
+            row = dict(association=association.id, ae=association.called_ae,
+                       sop_class_uid=instance.sop_class_uid, sop_instance_uid=instance.sop_instance_uid,
+                       transfer_syntax=instance.transfer_syntax_uid, size=instance.size,
+                       calling_ae=association.calling_ae, called_ae=association.called_ae,
+                       peer=association.peer, started=association.started, received=now,
+                       path=instance.path)
+            return self.db.run(_db_index, row).addErrback(
+                lambda f: self.log.failure("could not record {path}", f, path=instance.path))
 
         d.addErrback(failed)
         pending.append(d)
         d.addBoth(lambda _: pending.remove(d))
 
-    def _indexed(self, result, instance, association, received):
-        state, instance_id = result
-        d = self._examine(instance_id, instance, association, received)
-        if state == "aborted":  # its association ended while the file was being written
-            d.addCallback(lambda _: self._discard(association.id, "aborted"))
-        return d
+    def _examined(self, attrs, instance, association, received):
+        if attrs.get("header_error"):
+            self.log.warn("{path}: header not readable ({error}); indexed without attributes",
+                          path=instance.path, error=attrs["header_error"])
+        ae = self.aes.get(association.called_ae)
+        key = group_key(ae.grouping if ae else "study", association.id, attrs)
+        if association.id in self.examining:  # else the association has already ended
+            self.open_keys.setdefault(association.id, set()).add((association.called_ae, key))
+        k = (association.called_ae, key)
+        self.last_seen[k] = max(self.last_seen.get(k, 0), received)
+        row = dict(attrs, association=association.id, ae=association.called_ae,
+                   sop_class_uid=instance.sop_class_uid, sop_instance_uid=instance.sop_instance_uid,
+                   transfer_syntax=instance.transfer_syntax_uid, calling_ae=association.calling_ae,
+                   called_ae=association.called_ae, peer=association.peer, started=association.started,
+                   received=received, path=instance.path, group_key=key)
+        d = self.db.run(_db_index, row)
 
-    def _examine(self, instance_id, instance, association, received):
-        d = self._disk(read_header, instance.path)
-
-        def examined(attrs):
-            if attrs.get("header_error"):
-                self.log.warn("{path}: header not readable ({error}); indexed without attributes",
-                              path=instance.path, error=attrs["header_error"])
-            ae = self.aes.get(association.called_ae)
-            key = group_key(ae.grouping if ae else "study", association.id, attrs)
-            attrs["group_key"] = key
-            if association.id in self.examining:  # else the association has already ended
-                self.open_keys.setdefault(association.id, set()).add((association.called_ae, key))
-            k = (association.called_ae, key)
-            self.last_seen[k] = max(self.last_seen.get(k, 0), received)
+        def indexed(result):
             self.log.debug("indexed {sop_instance_uid}", event="instance.indexed",
                            association=association.id, ae=association.called_ae,
                            sop_instance_uid=instance.sop_instance_uid, path=instance.path,
                            sha256=attrs["sha256"])
-            return self.db.run(_db_attributes, instance_id, attrs)
+            if result[0] == "aborted":  # its association ended while the file was being written
+                return self._discard(association.id, "aborted")
 
-        d.addCallback(examined)
-        return d
+        return d.addCallback(indexed)
 
     def _settled(self, association_id):
         """Fire once every instance of the association has been examined."""

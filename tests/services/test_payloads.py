@@ -90,6 +90,7 @@ class PayloadCase(unittest.TestCase):
         stored = StoredInstance(path, ds.SOPClassUID, ds.SOPInstanceUID, ds.file_meta.TransferSyntaxUID,
                                 size, size - 300, False)
         yield self.service.instance_stored(stored, association)
+        yield self.service._settled(association.id)  # indexed (in the background)
 
     def association(self, ae="DICOMGW"):
         self.n += 1
@@ -247,6 +248,7 @@ class IndexFailureTests(PayloadCase):
         self.flushLoggedErrors(OSError)
         self.assertEqual((yield _sql(self.db, "SELECT state FROM associations")), [("aborted",)])
         self.assertEqual((yield _sql(self.db, "SELECT state FROM instances")), [("removed",)])
+        self.assertEqual(os.listdir(os.path.join(self.storage.instances_dir, "DICOMGW")), [])
         self.clock.advance(10)
         self.assertEqual((yield self.states()), [])
 
