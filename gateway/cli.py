@@ -9,6 +9,7 @@ parsed arguments and returns the process exit status.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from gateway.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
@@ -42,6 +43,24 @@ def check_config(args) -> int:
         print(e, file=sys.stderr)
         return 1
     print(f"{path}: configuration is valid")
+    return 0
+
+
+@command("dev-certs", "create a DEVELOPMENT-ONLY CA, server and client certificate when missing",
+         [(("--dir",), {"default": "etc/tls", "help": "where to write them (default: etc/tls)"})])
+def dev_certs(args) -> int:
+    from gateway.devcerts import make_dev_certs
+
+    try:
+        written = make_dev_certs(args.dir)
+    except (OSError, ValueError) as e:
+        print(f"dicomgw dev-certs: {e}", file=sys.stderr)
+        return 1
+    if written:
+        print(f"wrote development-only certificates (not for production) to {args.dir}: "
+              + ", ".join(os.path.basename(p) for p in written))
+    else:
+        print(f"{args.dir}: development certificates already present; nothing to do")
     return 0
 
 

@@ -8,6 +8,7 @@ which lists every problem found, each naming its key (``timeouts.artim``,
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -39,6 +40,12 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class AETitle:
     title: str
+    # Association policy (see gateway.services.policy).
+    tls_only: bool = False
+    sources: tuple[str, ...] | None = None  # calling AE titles from [[source]]
+    allowed_sop_classes: frozenset[str] | None = None
+    ignored_sop_classes: frozenset[str] = frozenset()
+    transfer_syntaxes: tuple[str, ...] | None = None
     # Payloads (see gateway.services.payloads): how instances are grouped,
     # seconds of quiet that close a group, and the pipelines it goes to.
     grouping: str = "study"
@@ -64,6 +71,26 @@ class Pipeline:
 
 
 @dataclass(frozen=True)
+class Source:
+    """A [[source]]: a calling AE title, optionally tied to a host or network."""
+
+    ae_title: str
+    host: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None
+
+
+TLS_PROFILES = ("bcp195", "bcp195-nd", "bcp195-ex")
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    certificate: str = "etc/tls/server.pem"
+    private_key: str = "etc/tls/server.key"
+    ca_certificates: str = "etc/tls/ca.pem"
+    require_client_certificate: bool = True
+    profile: str = "bcp195-nd"
+
+
+@dataclass(frozen=True)
 class Config:
     storage: str = "var/dicomgw"
     max_pdu_length: int = 131072
@@ -72,6 +99,16 @@ class Config:
     artim: float = 30.0
     dimse: float = 60.0
     fsync: bool = True
+    # Association policy, the TLS port, the storage watermark (issue 3).
+    listen_dicom_tls: str | None = None
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    reject_unknown_sources: bool = False
+    max_associations: int = 25
+    sources: tuple[Source, ...] = ()
+    watermark_percent: float = 75.0
+    reserved_gb: float = 5.0
+    check_interval: float = 10.0
+    pdu_timeout: float = 60.0
     ae_titles: tuple[AETitle, ...] = field(default_factory=lambda: (AETitle("DICOMGW"),))
     source: str = "<string>"
     # Operations (issue 6): the management API and the audit trail.
@@ -144,7 +181,21 @@ class _Reader:
             return default
         return float(value)
 
-    def strings(self, name, default=()):
+    def strings(self, name, pattern=None, what="a string"):
+        """A list of strings, or None when the key is absent."""
+        if name not in self.table:
+            return None
+        value = self.table.pop(name)
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            self.problems.append(f"{self._key(name)}: expected a list of strings, got {value!r}")
+            return None
+        bad = [v for v in value if pattern is not None and not pattern.match(v)]
+        if bad:
+            self.problems.append(f"{self._key(name)}: {bad[0]!r} is not {what}")
+            return None
+        return value
+
+    def string_tuple(self, name, default=()):
         value = self._take(name, None, (list,), "an array of strings")
         if value is None:
             return tuple(default)
@@ -185,23 +236,35 @@ def parse_config(doc: dict[str, Any], source: str = "<string>") -> Config:
         "1 to 16 characters of the DICOM default repertoire",
     )
     audit_log = g.string("audit_log", defaults.audit_log)
+    reject_unknown = g.boolean("reject_unknown_sources", defaults.reject_unknown_sources)
+    max_associations = g.integer("max_associations", defaults.max_associations, 1, 1000)
     g.done()
 
     lst = _section(doc, "listen", problems)
     dicom = lst.string("dicom", defaults.listen_dicom)
     http = lst.string("http", defaults.listen_http)
+    dicom_tls = lst.string("dicom_tls", None)
+    if dicom_tls is not None and not dicom_tls.strip():
+        problems.append("listen.dicom_tls: must not be empty (leave the key out for no TLS port)")
     lst.done()
     token_file, token = _parse_http(doc, http, problems, source)
     _check_endpoint("listen.dicom", dicom, problems)
     _check_endpoint("listen.http", http, problems)
+    _check_endpoint("listen.dicom_tls", dicom_tls or "", problems)
+
+    tls = _tls_section(doc, problems)
 
     t = _section(doc, "timeouts", problems)
     artim = t.number("artim", defaults.artim, 1, 3600)
     dimse = t.number("dimse", defaults.dimse, 1, 86400)
+    pdu_timeout = t.number("pdu", defaults.pdu_timeout, 1, 86400)
     t.done()
 
     s = _section(doc, "storage", problems)
     fsync = s.boolean("fsync", defaults.fsync)
+    watermark = s.number("watermark_percent", defaults.watermark_percent, 1, 100)
+    reserved = s.number("reserved_gb", defaults.reserved_gb, 0, 1 << 20)
+    check_interval = s.number("check_interval", defaults.check_interval, 0.1, 3600)
     retention = s.number("retention", defaults.retention, 0, 365 * 86400)
     aborted_retention = s.number("aborted_retention", defaults.aborted_retention, 0, 365 * 86400)
     s.done()
@@ -211,13 +274,15 @@ def parse_config(doc: dict[str, Any], source: str = "<string>") -> Config:
     rc.done()
 
     nt = _section(doc, "notify", problems)
-    observers = nt.strings("observers")
+    observers = nt.string_tuple("observers")
     for i, name in enumerate(observers):
         if not _DOTTED.match(name):
             problems.append(f"notify.observers[{i}]: {name!r} is not a dotted Python name")
     nt.done()
 
     pipelines = _pipelines(doc, problems)
+
+    sources = _sources(doc, problems)
 
     raw_aes = doc.pop("ae", None)
     aes: list[AETitle] = []
@@ -237,10 +302,11 @@ def parse_config(doc: dict[str, Any], source: str = "<string>") -> Config:
             if grouping not in GROUPINGS:
                 problems.append(f"ae[{i}].grouping: {grouping!r} is not one of {', '.join(GROUPINGS)}")
             timeout = r.number("timeout", 5.0, 0.01, 86400)
-            names = r.strings("pipelines")
+            names = r.string_tuple("pipelines")
             for name in names:
                 if name not in pipelines:
                     problems.append(f"ae[{i}].pipelines: no [pipeline.{name}] table")
+            policy = _ae_policy(r, i, sources, problems)
             r.done()
             if title is None:
                 if not any(p.startswith(f"ae[{i}].title") for p in problems):
@@ -254,7 +320,12 @@ def parse_config(doc: dict[str, Any], source: str = "<string>") -> Config:
                 problems.append(f"ae[{i}].title: {title!r} is configured twice")
                 continue
             seen.add(title)
-            aes.append(AETitle(title, grouping, timeout, names))
+            aes.append(AETitle(title, grouping=grouping, timeout=timeout, pipelines=names, **policy))
+
+    if dicom_tls is None:
+        for i, ae in enumerate(aes):
+            if ae.tls_only:
+                problems.append(f"ae[{i}].tls_only: {ae.title!r} is TLS-only but listen.dicom_tls is not set")
 
     for name in sorted(doc):
         problems.append(f"{name}: unknown section")
@@ -280,6 +351,15 @@ def parse_config(doc: dict[str, Any], source: str = "<string>") -> Config:
         http_token_file=token_file,
         http_token=token,
         audit_log=audit_log,
+        listen_dicom_tls=dicom_tls,
+        tls=tls,
+        reject_unknown_sources=reject_unknown,
+        max_associations=max_associations,
+        sources=sources,
+        watermark_percent=watermark,
+        reserved_gb=reserved,
+        check_interval=check_interval,
+        pdu_timeout=pdu_timeout,
     )
 
 
@@ -369,13 +449,13 @@ def _pipelines(doc: dict, problems: list[str]) -> dict[str, Pipeline]:
             problems.append(f"{key}: expected a table")
             continue
         r = _Reader(table, key, problems)
-        command = r.strings("command")
+        command = r.string_tuple("command")
         webhook = r.string("webhook", "")
         concurrency = r.integer("concurrency", 1, 1, 256)
         timeout = r.number("timeout", 3600.0, 0.01, 7 * 86400)
         retries = r.integer("retries", 3, 0, 1000)
         backoff = r.number("backoff", 10.0, 0, 86400)
-        export = r.strings("export")
+        export = r.string_tuple("export")
         r.done()
         if bool(command) == bool(webhook):
             problems.append(f"{key}: needs exactly one of command or webhook")
@@ -383,6 +463,90 @@ def _pipelines(doc: dict, problems: list[str]) -> dict[str, Pipeline]:
             problems.append(f"{key}.webhook: {webhook!r} is not an http:// or https:// URL")
         result[name] = Pipeline(name, command, webhook, concurrency, timeout, retries, backoff, export)
     return result
+
+
+# UIDs in configuration: digits and dots, at most 64 characters.
+_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+# A calling AE title as a peer sends it: PS3.5 default repertoire, no backslash.
+_REMOTE_AE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
+
+
+def _uids(r: _Reader, name: str):
+    values = r.strings(name, _UID, "a UID (digits and dots)")
+    if values is not None and any(len(v) > 64 for v in values):
+        r.problems.append(f"{r._key(name)}: a UID is at most 64 characters")
+        return None
+    return values
+
+
+def _tls_section(doc: dict, problems: list[str]) -> TLSConfig:
+    d = TLSConfig()
+    t = _section(doc, "tls", problems)
+    tls = TLSConfig(
+        certificate=t.string("certificate", d.certificate),
+        private_key=t.string("private_key", d.private_key),
+        ca_certificates=t.string("ca_certificates", d.ca_certificates),
+        require_client_certificate=t.boolean("require_client_certificate", d.require_client_certificate),
+        profile=t.string("profile", d.profile),
+    )
+    t.done()
+    if tls.profile not in TLS_PROFILES:
+        problems.append(f"tls.profile: {tls.profile!r} is not one of {', '.join(TLS_PROFILES)}")
+    for key in ("certificate", "private_key", "ca_certificates"):
+        if not getattr(tls, key):
+            problems.append(f"tls.{key}: must not be empty")
+    return tls
+
+
+def _sources(doc: dict, problems: list[str]) -> tuple[Source, ...]:
+    raw = doc.pop("source", [])
+    if not isinstance(raw, list):
+        problems.append("source: expected an array of tables [[source]]")
+        return ()
+    out = []
+    for i, table in enumerate(raw):
+        r = _Reader(table if isinstance(table, dict) else {}, f"source[{i}]", problems)
+        ae = r.string("ae_title", None, _REMOTE_AE, "an AE title (1 to 16 characters, no backslash)")
+        host = r.string("host", None)
+        r.done()
+        if ae is None:
+            if not any(p.startswith(f"source[{i}].ae_title") for p in problems):
+                problems.append(f"source[{i}].ae_title: required")
+            continue
+        network = None
+        if host is not None:
+            try:
+                network = ipaddress.ip_network(host, strict=False)
+            except ValueError:
+                problems.append(f"source[{i}].host: {host!r} is not an IP address or CIDR network")
+                continue
+        out.append(Source(ae.strip(" "), network))
+    return tuple(out)
+
+
+def _ae_policy(r: _Reader, i: int, sources, problems: list[str]) -> dict:
+    policy: dict = {"tls_only": r.boolean("tls_only", False)}
+    names = r.strings("sources", _REMOTE_AE, "an AE title")
+    if names is not None:
+        known = {s.ae_title for s in sources}
+        unknown = [n for n in names if n.strip(" ") not in known]
+        if unknown:
+            problems.append(f"ae[{i}].sources: {unknown[0]!r} is not the ae_title of any [[source]]")
+        policy["sources"] = tuple(n.strip(" ") for n in names)
+    allowed = _uids(r, "allowed_sop_classes")
+    ignored = _uids(r, "ignored_sop_classes")
+    if allowed is not None and ignored is not None:
+        problems.append(f"ae[{i}]: allowed_sop_classes and ignored_sop_classes cannot both be set")
+    if allowed is not None:
+        policy["allowed_sop_classes"] = frozenset(allowed)
+    if ignored is not None:
+        policy["ignored_sop_classes"] = frozenset(ignored)
+    syntaxes = _uids(r, "transfer_syntaxes")
+    if syntaxes is not None:
+        if not syntaxes:
+            problems.append(f"ae[{i}].transfer_syntaxes: must not be empty (leave it out to allow all)")
+        policy["transfer_syntaxes"] = tuple(syntaxes)
+    return policy
 
 
 def config_from_string(text: str, source: str = "<string>") -> Config:

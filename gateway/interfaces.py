@@ -14,7 +14,13 @@ events, so no service needs to know about either.  Names in use:
 ``association.closed``   calling_ae, called_ae, peer, association, instances, bytes,
                          failures, duration, outcome (text), result (one of
                          ``released``, ``aborted``, ``rejected``, ``lost``), and for
-                         rejects ``reject_result``, ``reject_source``, ``reject_reason``
+                         rejects ``reject_result``, ``reject_source``, ``reject_reason``;
+                         ignored (C-STOREs of ignored SOP classes answered Success but
+                         not stored), tls (true on the TLS port), tls_subject (the peer
+                         certificate's subject, RFC 4514, or None)
+``storage.congested``    why, percent, free (bytes): the watermark or reserve was
+                         crossed; associations and C-STOREs are refused until
+``storage.recovered``    percent, free: space is back; accepting again
 ``instance.stored``      association, called_ae, calling_ae, sop_class_uid,
                          sop_instance_uid, bytes, latency (seconds from command to durable)
 ``instance.failed``      association, called_ae, calling_ae, sop_instance_uid, status

@@ -11,8 +11,10 @@ from zope.interface import implementer
 
 from gateway.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
 from gateway.interfaces import IReconfigurable
+from gateway.net.tls import server_options
 from gateway.services.scp import SCPService
 from gateway.services.storage import Storage
+from gateway.services.watermark import Watermark
 from gateway.services.workflow import add_workflow, check_observers
 
 # Disk work (writes, fsync, rename) runs here; bounded so that a burst of
@@ -31,6 +33,9 @@ class Options(usage.Options):
         try:
             self["config_object"] = load_config(self["config"])
             check_observers(self["config_object"])
+            if self["config_object"].listen_dicom_tls is not None:
+                # Missing or bad certificate files stop start-up here, named.
+                self["tls_options"] = server_options(self["config_object"].tls, self["config"])
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
 
@@ -88,6 +93,11 @@ def makeService(options, reactor=None) -> MultiService:
     listener = strports.service(config.listen_dicom, scp.factory(), reactor=reactor)
     listener.setName("dicom")
     listener.setServiceParent(root)
+    if config.listen_dicom_tls is not None:
+        root.tls = add_tls_listener(root, scp, options, reactor, pool)
+    watermark = Watermark(scp, storage.root, reactor, pool)
+    watermark.setName("watermark")
+    watermark.setServiceParent(root)
     root.scp = scp
     _add_operations(root, options, config, scp, storage, pool, reactor)
     return root
@@ -114,8 +124,11 @@ def _add_operations(root, options, config, scp, storage, pool, reactor):
     ObserverService(*observers).setServiceParent(root)
     path = options.get("config") if hasattr(options, "get") else None
     reload = ReloadService(path or config.source, config, root, reactor, pool,
+                           loader=load_config_and_certificates,
                            install_signal=options.get("install_sighup", True))
     reload.add(scp)
+    if getattr(root, "tls", None) is not None:
+        reload.add(root.tls)
     reload.setServiceParent(root)
     root.metrics, root.recent_associations, root.reload = metrics, recent, reload
     root.api = None
@@ -129,3 +142,34 @@ def _add_operations(root, options, config, scp, storage, pool, reactor):
         http.setName("http")
         http.setServiceParent(root)
         root.api = api
+
+
+def load_config_and_certificates(path):
+    """Load a config and, when it has a TLS port, check its certificate files.
+
+    Runs off the reactor thread on reload: a config naming certificates that
+    cannot be read or do not match is as invalid as a bad key.
+    """
+    config = load_config(path)
+    if config.listen_dicom_tls is not None:
+        server_options(config.tls, config.source)
+    return config
+
+
+def add_tls_listener(root, scp, options, reactor, pool):
+    """The TLS port: TLS layered on the endpoint, the same SCP behind it.
+
+    Returns the connection creator, which a reload gives new certificates.
+    """
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+
+    from gateway.net.tls import ReloadableServerTLS
+
+    config = scp.config
+    tls_options = options["tls_options"] if "tls_options" in options else server_options(config.tls, config.source)
+    creator = ReloadableServerTLS(tls_options, config.tls, config.source, reactor, pool)
+    factory = TLSMemoryBIOFactory(creator, False, scp.factory(tls=True))
+    listener = strports.service(config.listen_dicom_tls, factory, reactor=reactor)
+    listener.setName("dicom_tls")
+    listener.setServiceParent(root)
+    return creator

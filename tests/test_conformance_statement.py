@@ -102,6 +102,37 @@ def _first_proposed_policy() -> str:
     return f"{P.PC_ACCEPTANCE} (acceptance), with the first transfer syntax proposed"
 
 
+def _tls_profiles() -> str:
+    from gateway.net.tls import PROFILES
+
+    names = {"bcp195": "BCP 195", "bcp195-nd": "Non-downgrading BCP 195", "bcp195-ex": "Extended BCP 195"}
+    return ", ".join(f"{names[p]} ({p}{', default' if p == DEFAULTS.tls.profile else ''})" for p in PROFILES)
+
+
+def _tls_versions() -> str:
+    from twisted.internet.ssl import TLSVersion
+
+    from gateway.net.tls import MINIMUM_VERSION
+
+    return "TLS 1.2, TLS 1.3" if MINIMUM_VERSION == TLSVersion.TLSv1_2 else "?"
+
+
+def _policy_reject(called_ae="DICOMGW", calling_ae="CT01", active=0, congestion=None) -> str:
+    """Association policy (issue 3) on a configuration that uses it."""
+    from gateway.config import config_from_string
+    from gateway.services.policy import check_association
+
+    config = config_from_string(
+        '[gateway]\nreject_unknown_sources = true\n[listen]\ndicom_tls = "tcp:2762"\n'
+        '[[source]]\nae_title = "CT01"\n[[source]]\nae_title = "MR01"\n'
+        '[[ae]]\ntitle = "DICOMGW"\n[[ae]]\ntitle = "SECURE"\ntls_only = true\n'
+        '[[ae]]\ntitle = "NARROW"\nsources = ["MR01"]\n')
+    rq = P.AssociateRQ(called_ae=called_ae, calling_ae=calling_ae, presentation_contexts=(),
+                       user_information=P.UserInformation(max_length=16384))
+    rj = check_association(config, rq, peer_host="10.0.0.1", tls=False, active=active, congestion=congestion)
+    return f"{rj.result}, {rj.source}, {rj.reason}"
+
+
 def _code(status: int) -> str:
     return f"{status:04X}"
 
@@ -144,7 +175,23 @@ FACTS = [
     ("Failure: Processing failure (unexpected error while storing)", _code(C.PROCESSING_FAILURE)),
     ("Unrecognized operation (any DIMSE request other than C-STORE, C-ECHO, C-CANCEL)",
      _code(C.UNRECOGNIZED_OPERATION)),
-    ("TLS secure transport connection profiles", "none in this release"),
+    ("TLS secure transport connection profiles", _tls_profiles()),
+    ("TLS versions", _tls_versions()),
+    ("Called AE title is TLS-only and the association came to the plain port",
+     _policy_reject(called_ae="SECURE")),
+    ("Calling AE title (and address) matches no configured source, when unknown sources are rejected",
+     _policy_reject(calling_ae="STRANGER")),
+    ("Calling AE title not among the sources allowed for the called AE title",
+     _policy_reject(called_ae="NARROW", calling_ae="CT01")),
+    ("Maximum number of simultaneous associations reached", _policy_reject(active=DEFAULTS.max_associations)),
+    ("Storage over its watermark or under its reserve of free space", _policy_reject(congestion="full")),
+    ("PDU completion timeout (default)", f"{DEFAULTS.pdu_timeout:g} s"),
+    ("gateway.max_associations", str(DEFAULTS.max_associations)),
+    ("timeouts.pdu", f"{DEFAULTS.pdu_timeout:g}"),
+    ("storage.watermark_percent", f"{DEFAULTS.watermark_percent:g}"),
+    ("storage.reserved_gb", f"{DEFAULTS.reserved_gb:g}"),
+    ("tls.profile", DEFAULTS.tls.profile),
+    ("tls.require_client_certificate", str(DEFAULTS.tls.require_client_certificate).lower()),
 ]
 
 # PS3.2 top-level layout, in order.

@@ -8,7 +8,11 @@ timers, all through the injected reactor so tests can use a ``Clock``:
 - ARTIM (PS3.8 9.1.5): waiting for an A-ASSOCIATE-RQ, and after a reject,
   release or abort until the peer closes;
 - the DIMSE timeout: no byte from the peer for ``dimse`` seconds while the
-  association is up (not counted while we ourselves hold the peer back).
+  association is up (not counted while we ourselves hold the peer back);
+- the PDU deadline: once the first byte of a PDU has arrived, the rest must
+  arrive within ``pdu_timeout`` seconds (again not counted while we hold the
+  peer back).  The DIMSE timer restarts on every byte, so without this a
+  peer trickling a byte a second would never be cut off.
 
 A user implements some of: ``association_request()`` (requestor: returns
 the A-ASSOCIATE-RQ to send), ``associate_indication(rq)``,
@@ -44,7 +48,7 @@ class DicomProtocol(Protocol):
     log = Logger()
 
     def __init__(self, user, reactor, *, requestor: bool, max_pdu_length: int,
-                 artim_timeout: float, dimse_timeout: float):
+                 artim_timeout: float, dimse_timeout: float, pdu_timeout: float = 0):
         self.user = user
         self.reactor = reactor
         self.core = Association(requestor, max_pdu_length)
@@ -52,6 +56,8 @@ class DicomProtocol(Protocol):
         self.dimse_timeout = dimse_timeout
         self._artim = None
         self._dimse = None
+        self.pdu_timeout = pdu_timeout
+        self._pdu = None
         self._paused = False
         self._closed = False
         self.disconnect_reason = None  # why we closed, if we did
@@ -76,11 +82,13 @@ class DicomProtocol(Protocol):
         if self._dimse is not None:
             self._dimse.reset(self.dimse_timeout)
         self._run(self.core.receive_data(data))
+        self._check_pdu_deadline()
 
     def connectionLost(self, reason):
         self._closed = True
         self._cancel_artim()
         self._cancel_dimse()
+        self._cancel_pdu()
         self._run(self.core.connection_lost())
         closed = getattr(self.user, "closed", None)
         if closed is not None:
@@ -92,10 +100,17 @@ class DicomProtocol(Protocol):
         self._run(self.core.request(rq))
 
     def accept(self, ac):
+        # The core handles every PDU of one read before we run its effects:
+        # a PDU that followed the A-ASSOCIATE-RQ too early (PS3.8: AA-8 in
+        # Sta3) may already have aborted the association we are answering.
+        if self._closed or self.core.state != "Sta3":
+            return
         self._run(self.core.accept(ac))
         self._start_dimse()
 
     def reject(self, rj):
+        if self._closed or self.core.state != "Sta3":
+            return
         self._run(self.core.reject(rj))
 
     def send_pdata(self, pdu_bytes: bytes):
@@ -133,12 +148,14 @@ class DicomProtocol(Protocol):
             self._paused = True
             self.transport.pauseProducing()
             self._cancel_dimse()
+            self._cancel_pdu()
 
     def resume(self):
         if self._paused and not self._closed:
             self._paused = False
             self.transport.resumeProducing()
             self._start_dimse()
+            self._check_pdu_deadline()
 
     @property
     def peer(self) -> str:
@@ -147,6 +164,26 @@ class DicomProtocol(Protocol):
             return f"{p.host}:{p.port}"
         except Exception:
             return "?"
+
+    @property
+    def peer_host(self) -> str | None:
+        try:
+            return self.transport.getPeer().host
+        except Exception:
+            return None
+
+    def peer_certificate_subject(self) -> str | None:
+        """The TLS peer certificate's subject (RFC 4514), or None."""
+        get = getattr(self.transport, "getPeerCertificate", None)
+        if get is None:
+            return None
+        try:
+            cert = get()
+        except Exception:
+            return None
+        if cert is None:
+            return None
+        return cert.to_cryptography().subject.rfc4514_string()
 
     # ---- effects -------------------------------------------------------
 
@@ -229,6 +266,30 @@ class DicomProtocol(Protocol):
         self.log.warn("no data from {peer} for {timeout} s: aborting the association",
                       peer=self.peer, timeout=self.dimse_timeout)
         self.abort(why=f"DIMSE timeout ({self.dimse_timeout:g} s without data)")
+        self._abort_transport()
+
+    def _check_pdu_deadline(self):
+        """Start the PDU deadline when a PDU is partly received, stop it when not."""
+        if not self.pdu_timeout or self._closed or self._paused:
+            return
+        if self.core.partial_pdu:
+            if self._pdu is None:
+                self._pdu = self.reactor.callLater(self.pdu_timeout, self._pdu_expired)
+        else:
+            self._cancel_pdu()
+
+    def _cancel_pdu(self):
+        if self._pdu is not None and self._pdu.active():
+            self._pdu.cancel()
+        self._pdu = None
+
+    def _pdu_expired(self):
+        self._pdu = None
+        if self._paused or self._closed:
+            return
+        self.log.warn("{peer} did not complete a PDU within {timeout} s: aborting",
+                      peer=self.peer, timeout=self.pdu_timeout)
+        self.abort(why=f"PDU timeout (a PDU not complete {self.pdu_timeout:g} s after its first byte)")
         self._abort_transport()
 
     def _abort_transport(self):

@@ -17,7 +17,7 @@ import dataclasses
 import signal
 
 from twisted.application.service import IServiceCollection, Service
-from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
@@ -26,11 +26,18 @@ from gateway.interfaces import IReconfigurable
 
 # Config fields that a running gateway cannot change: the listeners are bound
 # and the storage root is where everything already lives.
-RESTART_FIELDS = ("listen_dicom", "listen_http", "storage", "audit_log", "reclaim_interval", "observers")
+RESTART_FIELDS = ("listen_dicom", "listen_http", "storage", "audit_log")
 # ... and the keys operators know them by.
 _KEYS = {"listen_dicom": "listen.dicom", "listen_http": "listen.http", "storage": "gateway.storage",
-         "audit_log": "gateway.audit_log", "reclaim_interval": "reclaimer.interval",
-         "observers": "notify.observers"}
+         "audit_log": "gateway.audit_log"}
+# The TLS port is bound at start-up, and the watermark loop's interval is set
+# then too (its thresholds are read at every probe).  [tls] itself reloads:
+# new connections get the new certificates (gateway.net.tls).
+RESTART_FIELDS += ("listen_dicom_tls", "check_interval")
+_KEYS.update({"listen_dicom_tls": "listen.dicom_tls", "check_interval": "storage.check_interval"})
+# The reclaimer's interval is set at start-up, and observers are loaded then.
+RESTART_FIELDS += ("reclaim_interval", "observers")
+_KEYS.update({"reclaim_interval": "reclaimer.interval", "observers": "notify.observers"})
 # Fields that describe where a config came from, not what it says.
 _IGNORED = ("source",)
 
@@ -152,7 +159,9 @@ class ReloadService(Service):
         self.config = new
         for target in self.targets():
             try:
-                target.reconfigure(new)
+                # A target may finish its part later (work off the reactor
+                # thread): the reload is done when every target is.
+                yield maybeDeferred(target.reconfigure, new)
             except Exception:
                 self.log.failure("{target!r} could not take the new configuration", target=target)
         self.reloads += 1

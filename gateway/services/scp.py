@@ -18,7 +18,6 @@ association, driven by :class:`gateway.net.protocol.DicomProtocol`:
 from __future__ import annotations
 
 import itertools
-import re
 import secrets
 from collections import deque
 from dataclasses import dataclass
@@ -31,9 +30,10 @@ from zope.interface import implementer
 from gateway import IMPLEMENTATION_CLASS_UID
 from gateway.dimse import commands as C
 from gateway.dimse.message import CommandReceived, DataFragment, MessageAssembler, fragment_message
-from gateway.dimse.sop import VERIFICATION, is_storage_sop_class, is_valid_uid
+from gateway.dimse.sop import is_valid_uid
 from gateway.interfaces import IReconfigurable
 from gateway.net.protocol import DicomProtocol
+from gateway.services import policy
 from gateway.services.storage import StorageFull
 from gateway.ul import pdu as P
 
@@ -41,9 +41,6 @@ from gateway.ul import pdu as P
 # disk, resume below the low mark: memory per association stays bounded.
 HIGH_WATER = 8 << 20
 LOW_WATER = 2 << 20
-
-# PS3.5 Table 6.2-1, AE: default repertoire without backslash or control codes.
-_AE_REPERTOIRE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
 
 _ids = itertools.count(1)
 
@@ -74,6 +71,8 @@ class SCPService:
         self.storage = storage
         self.reactor = reactor
         self.active: set[StoreSCP] = set()
+        # Set by the watermark service: why storage is congested, or None.
+        self.congestion: str | None = None
         # IInstanceStoredObserver providers, called in order.
         self.observers: list = []
 
@@ -84,8 +83,9 @@ class SCPService:
         d.addErrback(lambda f: f.value.subFailure if f.check(FirstError) else f)
         return d
 
-    def factory(self) -> "DicomServerFactory":
-        return DicomServerFactory(self)
+    def factory(self, tls: bool = False) -> "DicomServerFactory":
+        """The protocol factory of one listener; ``tls`` says it is the TLS port."""
+        return DicomServerFactory(self, tls)
 
     def reconfigure(self, config):
         """New associations use ``config``; those in progress keep theirs."""
@@ -93,13 +93,14 @@ class SCPService:
 
 
 class DicomServerFactory(ServerFactory):
-    def __init__(self, service: SCPService):
+    def __init__(self, service: SCPService, tls: bool = False):
         self.service = service
+        self.tls = tls
 
     def buildProtocol(self, addr):
         service = self.service
         config = service.config
-        user = StoreSCP(service, config)
+        user = StoreSCP(service, config, tls=self.tls)
         return DicomProtocol(
             user,
             service.reactor,
@@ -107,6 +108,7 @@ class DicomServerFactory(ServerFactory):
             max_pdu_length=config.max_pdu_length,
             artim_timeout=config.artim,
             dimse_timeout=config.dimse,
+            pdu_timeout=config.pdu_timeout,
         )
 
 
@@ -137,10 +139,14 @@ class _Store:
 class StoreSCP:
     log = Logger()
 
-    def __init__(self, service: SCPService, config=None):
+    def __init__(self, service: SCPService, config=None, tls: bool = False):
         self.service = service
         # The rules this association started under, whatever a reload does.
         self.config = config if config is not None else service.config
+        self.tls = tls
+        self.tls_subject: str | None = None
+        self.ae = None  # our AETitle config once accepted
+        self.ignored = 0
         self.protocol: DicomProtocol | None = None
         self.id = _new_association_id()
         self.started = service.reactor.seconds()
@@ -167,26 +173,25 @@ class StoreSCP:
     def associate_indication(self, rq: P.AssociateRQ):
         config = self.config
         self.calling_ae, self.called_ae = rq.calling_ae, rq.called_ae
-        reject = None
-        if rq.application_context != P.DICOM_APPLICATION_CONTEXT:
-            reject = (P.RJ_USER_APP_CONTEXT_NOT_SUPPORTED, f"application context {rq.application_context!r}")
-        elif config.ae(rq.called_ae) is None:
-            reject = (P.RJ_USER_CALLED_AE_NOT_RECOGNIZED, f"called AE title {rq.called_ae!r} is not configured")
-        elif not _AE_REPERTOIRE.match(rq.calling_ae):
-            reject = (P.RJ_USER_CALLING_AE_NOT_RECOGNIZED, f"calling AE title {rq.calling_ae!r} is not a valid AE title")
+        if self.tls:
+            self.tls_subject = self.protocol.peer_certificate_subject()
+        reject = policy.check_association(
+            config, rq, peer_host=getattr(self.protocol, "peer_host", None), tls=self.tls,
+            active=len(self.service.active), congestion=self.service.congestion,
+        )
         if reject is not None:
-            reason, why = reject
-            self.outcome = f"rejected: {why} (permanent, service-user, reason {reason})"
+            self.outcome = f"rejected: {reject.describe()}"
             self.result = "rejected"
-            self.reject_fields = {"reject_result": P.RJ_PERMANENT, "reject_source": P.RJ_SOURCE_USER,
-                                  "reject_reason": reason}
-            self.protocol.reject(P.AssociateRJ(P.RJ_PERMANENT, P.RJ_SOURCE_USER, reason))
+            self.reject_fields = {"reject_result": reject.result, "reject_source": reject.source,
+                                  "reject_reason": reject.reason}
+            self.protocol.reject(reject.rj)
             return
+        self.ae = config.ae(rq.called_ae)
 
         self.peer_max_pdu = rq.user_information.max_length or 0
         results = []
         for pc in rq.presentation_contexts:
-            result, ts = self._negotiate(pc)
+            result, ts = policy.negotiate(self.ae, pc)
             results.append(P.PresentationContextAC(pc.id, result, ts))
             if result == P.PC_ACCEPTANCE:
                 self.contexts[pc.id] = (pc.abstract_syntax, ts)
@@ -217,14 +222,8 @@ class StoreSCP:
 
     @staticmethod
     def _negotiate(pc: P.PresentationContextRQ) -> tuple[int, str]:
-        if pc.abstract_syntax != VERIFICATION and not is_storage_sop_class(pc.abstract_syntax):
-            return P.PC_ABSTRACT_SYNTAX_NOT_SUPPORTED, pc.transfer_syntaxes[0]
-        # The first transfer syntax is the requestor's own encoding: taking
-        # it means storing exactly what the modality produced.
-        for ts in pc.transfer_syntaxes:
-            if is_valid_uid(ts):
-                return P.PC_ACCEPTANCE, ts
-        return P.PC_TRANSFER_SYNTAXES_NOT_SUPPORTED, pc.transfer_syntaxes[0]
+        """Negotiation without per-AE lists (see :func:`policy.negotiate`)."""
+        return policy.negotiate(None, pc)
 
     # ---- data transfer ---------------------------------------------------
 
@@ -280,6 +279,15 @@ class StoreSCP:
         if not is_valid_uid(sop_class) or not is_valid_uid(sop_instance):
             self.store = _Store(slot, None, C.CANNOT_UNDERSTAND,
                                 f"invalid SOP Class/Instance UID {sop_class!r} / {sop_instance!r}")
+            return
+        if self.ae is not None and (abstract in self.ae.ignored_sop_classes
+                                    or sop_class in self.ae.ignored_sop_classes):
+            # Accepted and answered Success, but not stored (ignored SOP class).
+            self.ignored += 1
+            self.store = _Store(slot, None, C.SUCCESS)
+            return
+        if self.service.congestion:
+            self.store = _Store(slot, None, C.OUT_OF_RESOURCES, f"storage: {self.service.congestion}")
             return
         try:
             writer = self.service.storage.begin(
@@ -446,11 +454,14 @@ class StoreSCP:
             self.outcome = self.protocol.disconnect_reason
         duration = self.service.reactor.seconds() - self.started
         self.log.info(
-            "association {association} {calling_ae} -> {called_ae} from {peer}: "
-            "{instances} instance(s), {bytes} bytes, {failures} failure(s) in {duration:.3f} s; {outcome}",
+            "association {association} {calling_ae} -> {called_ae} from {peer}{via}: "
+            "{instances} instance(s), {bytes} bytes, {failures} failure(s), {ignored} ignored "
+            "in {duration:.3f} s; {outcome}",
             event="association.closed", result=self.result,
             association=self.id, calling_ae=self.calling_ae or "-", called_ae=self.called_ae or "-",
             peer=self.protocol.peer, instances=self.instances, bytes=self.bytes,
             failures=self.failures, duration=duration, outcome=self.outcome,
+            ignored=self.ignored, tls=self.tls, tls_subject=self.tls_subject,
+            via=(f" over TLS ({self.tls_subject or 'no client certificate'})" if self.tls else ""),
             **self.reject_fields,
         )

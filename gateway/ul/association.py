@@ -235,6 +235,11 @@ class Association:
         return self._event("Evt18")
 
     @property
+    def partial_pdu(self) -> bool:
+        """Some bytes of a PDU have arrived, but not all of it."""
+        return bool(self._buf) and not self._discard
+
+    @property
     def established(self) -> bool:
         return self.state == "Sta6"
 

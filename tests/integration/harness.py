@@ -48,24 +48,51 @@ def gateway_config(storage: str, extra: str = "", aes=("DICOMGW",), **sections) 
     [gateway]
     storage = "{storage}"
     max_pdu_length = {sections.get("max_pdu_length", 131072)}
+    max_associations = {sections.get("max_associations", 25)}
+    reject_unknown_sources = {str(sections.get("reject_unknown_sources", False)).lower()}
 
     [listen]
     dicom = "tcp:0:interface=127.0.0.1"
+    {'dicom_tls = "tcp:0:interface=127.0.0.1"' if sections.get("tls_dir") else ""}
 
     [timeouts]
     artim = {sections.get("artim", 5)}
     dimse = {sections.get("dimse", 30)}
+    pdu = {sections.get("pdu", 30)}
 
     [storage]
     fsync = {str(sections.get("fsync", False)).lower()}
+    watermark_percent = {sections.get("watermark_percent", 100)}
+    reserved_gb = {sections.get("reserved_gb", 0)}
+    check_interval = {sections.get("check_interval", 10)}
+    """
+    tls_dir = sections.get("tls_dir")
+    if tls_dir:
+        text += f"""
+    [tls]
+    certificate = "{tls_dir}/server.pem"
+    private_key = "{tls_dir}/server.key"
+    ca_certificates = "{tls_dir}/ca.pem"
+    require_client_certificate = {str(sections.get("require_client_certificate", True)).lower()}
+    profile = "{sections.get("profile", "bcp195-nd")}"
     """
     return textwrap.dedent(text) + extra + "\n" + ae_tables
 
 
+def make_certificates(testcase) -> str:
+    """A directory with a development CA, server and client certificate."""
+    from gateway.devcerts import make_dev_certs
+
+    directory = os.path.abspath(testcase.mktemp())
+    make_dev_certs(directory)
+    return directory
+
+
 class RunningGateway:
-    def __init__(self, service, port):
+    def __init__(self, service, port, tls_port=None):
         self.service = service
         self.port = port.getHost().port
+        self.tls_port = tls_port.getHost().port if tls_port is not None else None
         self.scp = service.scp
 
     @property
@@ -87,7 +114,10 @@ def start_gateway(testcase, extra: str = "", aes=("DICOMGW",), **sections):
     service.startService()
     testcase.addCleanup(service.stopService)
     port = yield listening_port(service)
-    return RunningGateway(service, port)
+    tls_port = None
+    if sections.get("tls_dir"):
+        tls_port = yield listening_port(service, "dicom_tls")
+    return RunningGateway(service, port, tls_port)
 
 
 def run(program: str, *args: str, env=None):

@@ -1,0 +1,161 @@
+"""TLS for the DICOM port: PS3.15 Annex B profiles as Twisted ``CertificateOptions``.
+
+:func:`server_options` reads the PEM files named in ``[tls]`` and returns the
+options for ``TLSMemoryBIOFactory(options, False, factory)``.  A file that is
+missing, unreadable or not what it should be raises
+:class:`~gateway.config.ConfigError` naming the key and the file: the gateway
+never falls back to a plain port.
+
+Profiles (our reading of PS3.15 B.9-B.11 and BCP 195; every profile refuses
+TLS 1.0/1.1, RC4, 3DES, CBC with SHA-1, NULL and anonymous suites):
+
+- ``bcp195``: TLS 1.2 and 1.3.  TLS 1.2 with ECDHE AES-GCM, and, for older
+  peers, ECDHE AES-CBC with SHA-256/SHA-384.
+- ``bcp195-nd`` (non-downgrading, the default): TLS 1.2 and 1.3; TLS 1.2 with
+  ECDHE AES-GCM only.
+- ``bcp195-ex`` (extended): TLS 1.2 and 1.3; TLS 1.2 with ECDHE
+  AES-256-GCM-SHA384 only.
+
+TLS 1.3 suites are restricted in every profile to TLS_AES_128_GCM_SHA256 and
+TLS_AES_256_GCM_SHA384 (no ChaCha20).  ``CertificateOptions`` has no option
+for TLS 1.3 suites, so we set them on the ``SSL.Context`` it builds:
+``getContext()`` makes the context once and hands the same one to every
+connection, so one call to pyOpenSSL's ``set_tls13_ciphersuites`` on it is
+enough.  DHE suites are not offered: the gateway configures no
+Diffie-Hellman parameters, and ECDHE gives the same forward secrecy.
+"""
+
+from __future__ import annotations
+
+from OpenSSL import SSL, crypto
+from twisted.internet import ssl
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from twisted.internet.ssl import AcceptableCiphers, CertificateOptions, TLSVersion
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from gateway.config import ConfigError
+from gateway.interfaces import IReconfigurable
+
+_GCM = [
+    "ECDHE-ECDSA-AES128-GCM-SHA256",
+    "ECDHE-RSA-AES128-GCM-SHA256",
+    "ECDHE-ECDSA-AES256-GCM-SHA384",
+    "ECDHE-RSA-AES256-GCM-SHA384",
+]
+_CBC_SHA2 = [
+    "ECDHE-ECDSA-AES128-SHA256",
+    "ECDHE-RSA-AES128-SHA256",
+    "ECDHE-ECDSA-AES256-SHA384",
+    "ECDHE-RSA-AES256-SHA384",
+]
+
+PROFILES = {
+    # name: (TLS 1.2 OpenSSL cipher names, in order of preference)
+    "bcp195": _GCM + _CBC_SHA2,
+    "bcp195-nd": _GCM,
+    "bcp195-ex": ["ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-RSA-AES256-GCM-SHA384"],
+}
+
+# Every profile: TLS 1.2 and 1.3, nothing older.
+MINIMUM_VERSION = TLSVersion.TLSv1_2
+TLS13_SUITES = "TLS_AES_256_GCM_SHA384:TLS_AES_128_GCM_SHA256"
+
+
+def _read(key: str, path: str, source: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ConfigError([f"tls.{key}: cannot read {path}: {e.strerror}"], source) from None
+
+
+def _certificates(key: str, path: str, source: str) -> list[crypto.X509]:
+    data = _read(key, path, source)
+    certs = []
+    marker = b"-----BEGIN CERTIFICATE-----"
+    for chunk in data.split(marker)[1:]:
+        try:
+            certs.append(crypto.load_certificate(crypto.FILETYPE_PEM, marker + chunk))
+        except crypto.Error:
+            raise ConfigError([f"tls.{key}: {path} holds a certificate that is not valid PEM"], source) from None
+    if not certs:
+        raise ConfigError([f"tls.{key}: {path} holds no PEM certificate"], source)
+    return certs
+
+
+def server_options(tls, source: str = "<string>") -> CertificateOptions:
+    """``CertificateOptions`` for the TLS port from a :class:`gateway.config.TLSConfig`."""
+    chain = _certificates("certificate", tls.certificate, source)
+    key_pem = _read("private_key", tls.private_key, source)
+    try:
+        key = crypto.load_privatekey(crypto.FILETYPE_PEM, key_pem)
+    except crypto.Error:
+        raise ConfigError([f"tls.private_key: {tls.private_key} holds no PEM private key"], source) from None
+    cas = _certificates("ca_certificates", tls.ca_certificates, source)
+
+    common = dict(
+        privateKey=key,
+        certificate=chain[0],
+        extraCertChain=chain[1:],
+        raiseMinimumTo=MINIMUM_VERSION,
+        acceptableCiphers=AcceptableCiphers.fromOpenSSLCipherString(":".join(PROFILES[tls.profile])),
+    )
+    if tls.require_client_certificate:
+        trust = ssl.trustRootFromCertificates([ssl.Certificate(c) for c in cas])
+        options = CertificateOptions(trustRoot=trust, **common)
+    else:
+        # Verify a certificate when the peer presents one; allow none.
+        options = CertificateOptions(verify=True, caCerts=cas, requireCertificate=False, **common)
+    try:
+        context = options.getContext()
+    except SSL.Error as e:
+        raise ConfigError([f"tls.private_key: {tls.private_key} does not match {tls.certificate}: {e}"],
+                          source) from None
+    context.set_tls13_ciphersuites(TLS13_SUITES.encode("ascii"))
+    return options
+
+
+@implementer(IOpenSSLServerConnectionCreator, IReconfigurable)
+class ReloadableServerTLS:
+    """The TLS port's connection creator; a reload swaps its certificates.
+
+    Each new connection takes the options in force when it arrives;
+    connections already open keep theirs.  On a reload with a changed
+    ``[tls]`` the new options are built (the PEM files read and checked) in
+    the disk thread pool; if that fails the old certificates stay in force
+    and the error, naming the file, is logged.
+    """
+
+    log = Logger()
+
+    def __init__(self, options: CertificateOptions, tls, source: str, reactor, pool):
+        self.options = options
+        self.tls = tls
+        self.source = source
+        self.reactor = reactor
+        self.pool = pool
+
+    def serverConnectionForTLS(self, protocol):
+        return SSL.Connection(self.options.getContext(), None)
+
+    def reconfigure(self, config):
+        if config.tls == self.tls or config.tls is None:
+            return None
+        tls = config.tls
+        d = deferToThreadPool(self.reactor, self.pool, server_options, tls, config.source)
+
+        def swap(options):
+            self.options, self.tls, self.source = options, tls, config.source
+            self.log.info("TLS port: new connections use the certificate from {certificate} "
+                          "(profile {profile})", event="tls.reloaded",
+                          certificate=tls.certificate, profile=tls.profile)
+
+        def keep(failure):
+            problems = failure.value.problems if failure.check(ConfigError) else [str(failure.value)]
+            self.log.error("TLS port: the new [tls] settings were NOT applied; new connections keep "
+                           "the old certificate:\n{problem_text}", event="tls.reload_failed",
+                           problems=problems, problem_text="\n".join(f"  - {p}" for p in problems))
+
+        return d.addCallbacks(swap, keep)

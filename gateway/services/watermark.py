@@ -1,0 +1,95 @@
+"""The storage watermark: stop accepting work before the disk is full.
+
+Every ``[storage] check_interval`` seconds a ``LoopingCall`` (on the injected
+reactor) probes the file system that holds the storage root with ``statvfs``
+in the disk thread pool, never on the reactor thread.  While usage is at or
+above ``watermark_percent``, or less than ``reserved_gb`` is free, it sets
+``SCPService.congestion`` to a short reason: new associations are then
+rejected-transient (service-provider, temporary congestion) and C-STOREs are
+answered A700.  When space is back the next probe clears it.
+
+The probe catches and logs its own errors (a ``LoopingCall`` stops for good
+on an exception); a failed probe leaves the last known state in place.
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.application.service import Service
+from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from gateway.interfaces import IHealthCheck
+
+GIB = 1 << 30
+
+
+def usage(st) -> tuple[float, int]:
+    """(percent used as ``df`` shows it, bytes free for unprivileged users)."""
+    used = (st.f_blocks - st.f_bfree) * st.f_frsize
+    free = st.f_bavail * st.f_frsize
+    total = used + free
+    percent = 100.0 * used / total if total else 100.0
+    return percent, free
+
+
+def congestion(percent: float, free: int, watermark_percent: float, reserved_gb: float) -> str | None:
+    if percent >= watermark_percent:
+        return f"{percent:.1f}% used, watermark {watermark_percent:g}%"
+    if free < reserved_gb * GIB:
+        return f"{free / GIB:.2f} GiB free, reserve {reserved_gb:g} GiB"
+    return None
+
+
+@implementer(IHealthCheck)
+class Watermark(Service):
+    log = Logger()
+
+    def __init__(self, scp, root: str, reactor, pool, statvfs=os.statvfs):
+        self.scp = scp
+        self.root = root
+        self.reactor = reactor
+        self.pool = pool
+        self.statvfs = statvfs
+        self.loop = LoopingCall(self.probe)
+        self.loop.clock = reactor
+        self._running = None
+
+    def startService(self):
+        super().startService()
+        self._running = self.loop.start(self.scp.config.check_interval, now=True)
+
+    def stopService(self):
+        super().stopService()
+        if self.loop.running:
+            self.loop.stop()
+
+    def health_problems(self):
+        why = self.scp.congestion
+        return [f"storage over the watermark: {why}"] if why else []
+
+    def probe(self):
+        d = deferToThreadPool(self.reactor, self.pool, self.statvfs, self.root)
+        d.addCallback(self._measured)
+        d.addErrback(self._failed)
+        return d
+
+    def _measured(self, st):
+        config = self.scp.config
+        percent, free = usage(st)
+        why = congestion(percent, free, config.watermark_percent, config.reserved_gb)
+        before = self.scp.congestion
+        self.scp.congestion = why
+        if why and not before:
+            self.log.warn("storage congested ({why}): refusing new associations and C-STOREs",
+                          event="storage.congested", why=why, percent=percent, free=free)
+        elif before and not why:
+            self.log.info("storage space is back ({percent:.1f}% used, {free} bytes free): accepting again",
+                          event="storage.recovered", percent=percent, free=free)
+
+    def _failed(self, failure):
+        self.log.failure("storage watermark probe of {root} failed", failure, root=self.root)
+        return None
