@@ -87,7 +87,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     created REAL, updated REAL,
     reason TEXT,
     outputs INTEGER NOT NULL DEFAULT 0,
-    export_jobs TEXT NOT NULL DEFAULT ''
+    export_jobs TEXT NOT NULL DEFAULT '[]'  -- JSON list of IExportQueue job ids
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 """

@@ -21,6 +21,7 @@ job to the pipeline's ``export`` destinations (an :class:`IExportQueue`).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -57,7 +58,7 @@ def _db_start(conn, job_id, now):
 def _db_end(conn, job_id, state, reason, now, next_attempt, outputs, export_jobs):
     conn.execute("UPDATE jobs SET state = ?, reason = ?, updated = ?, next_attempt = ?, outputs = ?, "
                  "export_jobs = ? WHERE id = ?",
-                 (state, reason, now, next_attempt, outputs, ",".join(map(str, export_jobs)), job_id))
+                 (state, reason, now, next_attempt, outputs, json.dumps(list(export_jobs)), job_id))
     pid = conn.execute("SELECT payload FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
     states = [r[0] for r in conn.execute("SELECT state FROM jobs WHERE payload = ?", (pid,))]
     if all(s in ("done", "failed") for s in states):

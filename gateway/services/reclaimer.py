@@ -16,6 +16,7 @@ next one runs as usual.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -37,8 +38,9 @@ def _db_candidates(conn, now, retention):
     payloads = [dict(r) for r in conn.execute(
         "SELECT id, path FROM payloads WHERE state = 'done' AND finished <= ?", (now - retention,))]
     for p in payloads:
-        p["export_jobs"] = [int(x) for r in conn.execute("SELECT export_jobs FROM jobs WHERE payload = ?",
-                                                         (p["id"],)) for x in r[0].split(",") if x]
+        # Export job ids are whatever the export queue gave (numbers or strings).
+        p["export_jobs"] = [x for r in conn.execute("SELECT export_jobs FROM jobs WHERE payload = ?",
+                                                    (p["id"],)) for x in json.loads(r[0] or "[]")]
     return payloads, _due_aborted(conn, now)
 
 

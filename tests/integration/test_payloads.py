@@ -148,7 +148,7 @@ class PayloadTests(unittest.TestCase):
         self.assertEqual(destinations, ["pacs"])
         self.assertEqual(len(paths), 4)
         self.assertEqual(origin, f"pipeline:summary payload:{pid}")
-        self.assertEqual(query(gw, "SELECT attempts, outputs FROM jobs"), [(1, 4)])
+        self.assertEqual(query(gw, "SELECT attempts, outputs, export_jobs FROM jobs"), [(1, 4, "[1]")])
 
     @defer.inlineCallbacks
     def test_abort_mid_series_contributes_nothing_and_leaves_no_files(self):
@@ -288,6 +288,7 @@ class PayloadTests(unittest.TestCase):
         # The recorded export job has not ended: neither inputs nor outputs go.
         self.assertTrue(os.path.isdir(outputs))
         self.assertTrue(os.path.isdir(path))
+        self.assertEqual(query(gw, "SELECT export_jobs FROM jobs"), [("[1]",)])
         for job in gw.service.export_queue._jobs.values():
             job["state"] = "done"
         yield gw.service.reclaimer.run()
