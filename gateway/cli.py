@@ -35,7 +35,10 @@ def command(name: str, help: str, arguments=()):
 def check_config(args) -> int:
     path = args.path or args.config
     try:
-        load_config(path)
+        config = load_config(path)
+        from gateway.services.workflow import check_observers
+
+        check_observers(config)  # notify.observers must import, as at start-up
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 1

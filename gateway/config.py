@@ -46,6 +46,28 @@ class AETitle:
     allowed_sop_classes: frozenset[str] | None = None
     ignored_sop_classes: frozenset[str] = frozenset()
     transfer_syntaxes: tuple[str, ...] | None = None
+    # Payloads (see gateway.services.payloads): how instances are grouped,
+    # seconds of quiet that close a group, and the pipelines it goes to.
+    grouping: str = "study"
+    timeout: float = 5.0
+    pipelines: tuple[str, ...] = ()
+
+
+GROUPINGS = ("association", "patient", "study", "series")
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """``[pipeline.NAME]``: a command or a webhook a closed payload is handed to."""
+
+    name: str
+    command: tuple[str, ...] = ()
+    webhook: str = ""
+    concurrency: int = 1
+    timeout: float = 3600.0
+    retries: int = 3
+    backoff: float = 10.0
+    export: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -122,10 +144,23 @@ class Config:
     scu: SCUSettings = field(default_factory=SCUSettings)
     destinations: tuple[Destination, ...] = ()
 
+    # Payloads, pipelines and the reclaimer (issue 4).
+    pipelines: tuple[Pipeline, ...] = ()
+    retention: float = 0.0
+    aborted_retention: float = 0.0
+    reclaim_interval: float = 60.0
+    observers: tuple[str, ...] = ()
+
     def destination(self, name: str) -> Destination | None:
         for d in self.destinations:
             if d.name == name:
                 return d
+        return None
+
+    def pipeline(self, name: str) -> Pipeline | None:
+        for p in self.pipelines:
+            if p.name == name:
+                return p
         return None
 
     def ae(self, title: str) -> AETitle | None:
@@ -194,6 +229,15 @@ class _Reader:
             return None
         return value
 
+    def string_tuple(self, name, default=()):
+        value = self._take(name, None, (list,), "an array of strings")
+        if value is None:
+            return tuple(default)
+        if not all(isinstance(v, str) and v for v in value):
+            self.problems.append(f"{self._key(name)}: expected an array of non-empty strings, got {value!r}")
+            return tuple(default)
+        return tuple(value)
+
     def done(self):
         for name in sorted(self.table):
             self.problems.append(f"{self._key(name)}: unknown key")
@@ -255,7 +299,22 @@ def parse_config(doc: dict[str, Any], source: str = "<string>") -> Config:
     watermark = s.number("watermark_percent", defaults.watermark_percent, 1, 100)
     reserved = s.number("reserved_gb", defaults.reserved_gb, 0, 1 << 20)
     check_interval = s.number("check_interval", defaults.check_interval, 0.1, 3600)
+    retention = s.number("retention", defaults.retention, 0, 365 * 86400)
+    aborted_retention = s.number("aborted_retention", defaults.aborted_retention, 0, 365 * 86400)
     s.done()
+
+    rc = _section(doc, "reclaimer", problems)
+    reclaim_interval = rc.number("interval", defaults.reclaim_interval, 0.1, 86400)
+    rc.done()
+
+    nt = _section(doc, "notify", problems)
+    observers = nt.string_tuple("observers")
+    for i, name in enumerate(observers):
+        if not _DOTTED.match(name):
+            problems.append(f"notify.observers[{i}]: {name!r} is not a dotted Python name")
+    nt.done()
+
+    pipelines = _pipelines(doc, problems)
 
     sources = _sources(doc, problems)
 
@@ -273,6 +332,14 @@ def parse_config(doc: dict[str, Any], source: str = "<string>") -> Config:
                 "title", None, _LOCAL_AE,
                 "an AE title of 1 to 16 letters, digits, spaces or _-.",
             )
+            grouping = r.string("grouping", "study")
+            if grouping not in GROUPINGS:
+                problems.append(f"ae[{i}].grouping: {grouping!r} is not one of {', '.join(GROUPINGS)}")
+            timeout = r.number("timeout", 5.0, 0.01, 86400)
+            names = r.string_tuple("pipelines")
+            for name in names:
+                if name not in pipelines:
+                    problems.append(f"ae[{i}].pipelines: no [pipeline.{name}] table")
             policy = _ae_policy(r, i, sources, problems)
             r.done()
             if title is None:
@@ -287,7 +354,7 @@ def parse_config(doc: dict[str, Any], source: str = "<string>") -> Config:
                 problems.append(f"ae[{i}].title: {title!r} is configured twice")
                 continue
             seen.add(title)
-            aes.append(AETitle(title, **policy))
+            aes.append(AETitle(title, grouping=grouping, timeout=timeout, pipelines=names, **policy))
 
     if dicom_tls is None:
         for i, ae in enumerate(aes):
@@ -299,6 +366,11 @@ def parse_config(doc: dict[str, Any], source: str = "<string>") -> Config:
     for i, d in enumerate(destinations):
         if bool(d.certificate) != bool(d.private_key):
             problems.append(f"destination[{i}]: a client certificate needs both certificate and private_key")
+    known = {d.name for d in destinations}
+    for pipeline in pipelines.values():
+        for name in pipeline.export:
+            if name not in known:
+                problems.append(f"pipeline.{pipeline.name}.export: no [[destination]] named {name!r}")
 
     for name in sorted(doc):
         problems.append(f"{name}: unknown section")
@@ -317,6 +389,11 @@ def parse_config(doc: dict[str, Any], source: str = "<string>") -> Config:
         source=source,
         scu=scu,
         destinations=destinations,
+        pipelines=tuple(pipelines.values()),
+        retention=retention,
+        aborted_retention=aborted_retention,
+        reclaim_interval=reclaim_interval,
+        observers=observers,
         listen_http=http,
         http_token_file=token_file,
         http_token=token,
@@ -397,6 +474,42 @@ def _parse_http(doc: dict, listen_http: str, problems: list[str], source: str) -
         problems.append(f"listen.http: {listen_http!r} is not loopback-only; "
                         "set http.token_file to require a bearer token")
     return token_file, token
+
+
+_DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
+_PIPELINE_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+
+
+def _pipelines(doc: dict, problems: list[str]) -> dict[str, Pipeline]:
+    """``[pipeline.NAME]`` tables: each has a ``command`` or a ``webhook``."""
+    raw = doc.pop("pipeline", {})
+    if not isinstance(raw, dict):
+        problems.append("pipeline: expected tables [pipeline.NAME]")
+        return {}
+    result = {}
+    for name, table in raw.items():
+        key = f"pipeline.{name}"
+        if not _PIPELINE_NAME.match(name):
+            problems.append(f"{key}: the name must be 1..64 letters, digits or _-.")
+            continue
+        if not isinstance(table, dict):
+            problems.append(f"{key}: expected a table")
+            continue
+        r = _Reader(table, key, problems)
+        command = r.string_tuple("command")
+        webhook = r.string("webhook", "")
+        concurrency = r.integer("concurrency", 1, 1, 256)
+        timeout = r.number("timeout", 3600.0, 0.01, 7 * 86400)
+        retries = r.integer("retries", 3, 0, 1000)
+        backoff = r.number("backoff", 10.0, 0, 86400)
+        export = r.string_tuple("export")
+        r.done()
+        if bool(command) == bool(webhook):
+            problems.append(f"{key}: needs exactly one of command or webhook")
+        if webhook and not re.match(r"^https?://[^\s/]+", webhook):
+            problems.append(f"{key}.webhook: {webhook!r} is not an http:// or https:// URL")
+        result[name] = Pipeline(name, command, webhook, concurrency, timeout, retries, backoff, export)
+    return result
 
 
 # UIDs in configuration: digits and dots, at most 64 characters.

@@ -34,6 +34,14 @@ events, so no service needs to know about either.  Names in use:
                          attempt, sop_instance_uid
 ``export.file.finished`` the same fields, outcome = state ``sent`` or ``failed``
 ``echo``                 destination, ok, rtt_ms, reason
+``instance.indexed``     association, ae, sop_instance_uid, path, sha256
+``instances.discarded``  association, count, retained (seconds or 0): instances of
+                         an aborted/lost association (or of one a crash broke)
+``payload.closed``       payload, ae, key, instances, pipelines, path
+``pipeline.run``         payload, pipeline, job, attempt, outcome (one of ``done``,
+                         ``retry``, ``failed``), reason, duration, outputs
+``export.submitted``     payload, pipeline, job, destinations, files, export_jobs
+``reclaimer.freed``      payloads, instances, bytes
 =======================  ==========================================================
 
 Each service that adds events lists them here.
@@ -42,6 +50,30 @@ Each service that adds events lists them here.
 from __future__ import annotations
 
 from zope.interface import Interface
+
+
+class IInstanceStoredObserver(Interface):
+    """Told of stored instances and of how their associations ended.
+
+    The SCP calls every observer on the reactor thread.  A method may return
+    a Deferred: the SCP waits for it before it answers (so the C-STORE
+    Success, and the A-RELEASE response, mean "the observers have it").
+    ``association`` is a :class:`gateway.services.scp.AssociationInfo`
+    (id, calling_ae, called_ae, peer, started).
+    """
+
+    def instance_stored(instance, association):
+        """``instance`` (a :class:`gateway.services.storage.StoredInstance`)
+        is durable on disk; the C-STORE-RSP waits for the returned Deferred.
+        A failure makes the response "processing failure" (0110)."""
+
+    def association_released(association):
+        """The peer asked for release and every instance has been answered;
+        the A-RELEASE-RP is sent once the returned Deferred fires."""
+
+    def association_ended(association, result):
+        """The association ended otherwise: ``result`` is ``aborted`` or
+        ``lost``; nothing waits for this."""
 
 
 class IExportQueue(Interface):

@@ -16,6 +16,7 @@ from gateway.services.export import ExportService
 from gateway.services.scp import SCPService
 from gateway.services.storage import Storage
 from gateway.services.watermark import Watermark
+from gateway.services.workflow import add_workflow, check_observers
 
 # Disk work (writes, fsync, rename) runs here; bounded so that a burst of
 # associations cannot spawn unbounded threads.
@@ -32,6 +33,7 @@ class Options(usage.Options):
     def postOptions(self):
         try:
             self["config_object"] = load_config(self["config"])
+            check_observers(self["config_object"])
             if self["config_object"].listen_dicom_tls is not None:
                 # Missing or bad certificate files stop start-up here, named.
                 self["tls_options"] = server_options(self["config_object"].tls, self["config"])
@@ -87,6 +89,16 @@ def makeService(options, reactor=None) -> MultiService:
     StorageService(storage).setServiceParent(root)
 
     scp = SCPService(config, storage, reactor)
+    # Export jobs (IExportQueue) and the destinations (IDestinations); file
+    # reads for streaming share the disk pool.
+    export = ExportService(config, reactor, pool)
+    export.setName("export")
+    export.setServiceParent(root)
+    root.export = root.exports = export
+    root.destinations = export.destinations
+    # Index, payloads, pipelines, reclaimer: observers of the SCP; pipeline
+    # results become export jobs.
+    add_workflow(root, config, storage, scp, reactor, export_queue=export)
     listener = strports.service(config.listen_dicom, scp.factory(), reactor=reactor)
     listener.setName("dicom")
     listener.setServiceParent(root)
@@ -97,13 +109,6 @@ def makeService(options, reactor=None) -> MultiService:
     watermark.setServiceParent(root)
     root.scp = scp
 
-    # Export jobs (IExportQueue) and the destinations (IDestinations); file
-    # reads for streaming share the disk pool.
-    export = ExportService(config, reactor, pool)
-    export.setName("export")
-    export.setServiceParent(root)
-    root.export = root.exports = export
-    root.destinations = export.destinations
     _add_operations(root, options, config, scp, storage, pool, reactor)
     return root
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail, succeed
+from zope.interface import implementer
+
+from gateway.interfaces import IDestinations, IExportQueue, IInstanceStoredObserver, IPayloadQuery
 
 
 def listening_port(service, name: str = "dicom") -> Deferred:
@@ -19,11 +22,6 @@ def listening_port(service, name: str = "dicom") -> Deferred:
 
 # ---- in-memory fakes of the provider interfaces (gateway.interfaces) --------
 
-from twisted.internet.defer import succeed  # noqa: E402
-from zope.interface import implementer  # noqa: E402
-
-from gateway.interfaces import IDestinations, IExportQueue, IPayloadQuery  # noqa: E402
-
 
 @implementer(IExportQueue)
 class FakeExportQueue:
@@ -36,8 +34,6 @@ class FakeExportQueue:
     def submit(self, destinations, paths, origin):
         for name in destinations:
             if name not in self.destinations:
-                from twisted.internet.defer import fail
-
                 return fail(KeyError(name))
         ids = []
         for name in destinations:
@@ -91,3 +87,25 @@ class FakePayloadQuery:
     def payloads(self, limit=100, offset=0, state=None):
         items = [p for p in self.items if state is None or p.get("state") == state]
         return succeed(items[offset:offset + limit])
+
+
+# ---- payloads and pipelines -----------------------------------------------------
+
+
+@implementer(IInstanceStoredObserver)
+class RecordingObserver:
+    """An IInstanceStoredObserver that records what it is told."""
+
+    def __init__(self, config=None):
+        self.stored: list = []
+        self.released: list = []
+        self.ended: list = []
+
+    def instance_stored(self, instance, association):
+        self.stored.append((instance, association))
+
+    def association_released(self, association):
+        self.released.append(association)
+
+    def association_ended(self, association, result):
+        self.ended.append((association, result))

@@ -35,7 +35,6 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from gateway.dimse import commands as C
-from gateway.dimse.sop import VERIFICATION
 from gateway.interfaces import IDestinations, IExportQueue, IReconfigurable
 from gateway.net.client import (
     MAX_CONTEXTS,

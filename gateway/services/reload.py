@@ -35,6 +35,9 @@ _KEYS = {"listen_dicom": "listen.dicom", "listen_http": "listen.http", "storage"
 # new connections get the new certificates (gateway.net.tls).
 RESTART_FIELDS += ("listen_dicom_tls", "check_interval")
 _KEYS.update({"listen_dicom_tls": "listen.dicom_tls", "check_interval": "storage.check_interval"})
+# The reclaimer's interval is set at start-up, and observers are loaded then.
+RESTART_FIELDS += ("reclaim_interval", "observers")
+_KEYS.update({"reclaim_interval": "reclaimer.interval", "observers": "notify.observers"})
 # Fields that describe where a config came from, not what it says.
 _IGNORED = ("source",)
 

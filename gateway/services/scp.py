@@ -20,7 +20,9 @@ from __future__ import annotations
 import itertools
 import secrets
 from collections import deque
+from dataclasses import dataclass
 
+from twisted.internet.defer import FirstError, gatherResults, maybeDeferred
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -47,6 +49,17 @@ def _new_association_id() -> str:
     return f"{next(_ids):x}-{secrets.token_hex(3)}"
 
 
+@dataclass(frozen=True)
+class AssociationInfo:
+    """What observers are told about the association an instance came on."""
+
+    id: str
+    calling_ae: str
+    called_ae: str
+    peer: str
+    started: float
+
+
 @implementer(IReconfigurable)
 class SCPService:
     """Shared state of the SCP; one per running gateway."""
@@ -60,6 +73,15 @@ class SCPService:
         self.active: set[StoreSCP] = set()
         # Set by the watermark service: why storage is congested, or None.
         self.congestion: str | None = None
+        # IInstanceStoredObserver providers, called in order.
+        self.observers: list = []
+
+    def notify(self, method: str, *args):
+        """Call ``method`` on every observer; fire when all have finished."""
+        ds = [maybeDeferred(getattr(o, method), *args) for o in self.observers]
+        d = gatherResults(ds, consumeErrors=True)
+        d.addErrback(lambda f: f.value.subFailure if f.check(FirstError) else f)
+        return d
 
     def factory(self, tls: bool = False) -> "DicomServerFactory":
         """The protocol factory of one listener; ``tls`` says it is the TLS port."""
@@ -143,6 +165,8 @@ class StoreSCP:
         self.outcome = "connection closed before association"
         self.result = "lost"  # released | aborted | rejected | lost
         self.reject_fields: dict = {}
+        self.info: AssociationInfo | None = None  # set once accepted
+        self.end_notified = False
 
     # ---- association establishment ------------------------------------
 
@@ -191,6 +215,8 @@ class StoreSCP:
             ),
         )
         self.outcome = "accepted"
+        self.info = AssociationInfo(self.id, self.calling_ae, self.called_ae, self.protocol.peer,
+                                    self.started)
         self.service.active.add(self)
         self.protocol.accept(ac)
 
@@ -310,8 +336,17 @@ class StoreSCP:
             sop_instance_uid=stored.sop_instance_uid, bytes=stored.dataset_size,
             latency=self.service.reactor.seconds() - slot.started,
         )
-        self._answer_store(slot, C.SUCCESS)
         self._drained(writer)
+        # Success only once every observer (the index) has the instance.
+        d = self.service.notify("instance_stored", stored, self.info)
+        d.addCallbacks(lambda _: self._answer_store(slot, C.SUCCESS), self._observer_failed,
+                       errbackArgs=(slot,))
+
+    def _observer_failed(self, failure, slot):
+        self.log.failure("association {association}: an observer failed on {sop_instance_uid}",
+                         failure, association=self.id,
+                         sop_instance_uid=slot.command.affected_sop_instance_uid)
+        self._answer_store(slot, C.PROCESSING_FAILURE, "could not index the instance")
 
     def _store_failed(self, failure, slot, writer):
         self.writers.discard(writer)
@@ -355,7 +390,17 @@ class StoreSCP:
                 protocol.send_pdata(pdu_bytes)
         if self.release_requested and not outbox and self.store is None:
             self.release_requested = False
-            protocol.release_response()
+            # The release response waits until the observers have recorded it.
+            self.end_notified = True
+            d = self.service.notify("association_released", self.info)
+            d.addCallbacks(lambda _: protocol.release_response(), self._release_failed)
+
+    def _release_failed(self, failure):
+        self.log.failure("association {association}: an observer failed on release", failure,
+                         association=self.id)
+        self.result = "aborted"
+        self.outcome = "aborted by us: could not record the release"
+        self.protocol.abort(why="could not record the release")
 
     def _drained(self, _writer):
         if sum(w.pending for w in self.writers) < LOW_WATER:
@@ -396,6 +441,12 @@ class StoreSCP:
 
     def closed(self, reason):
         self._discard_all()
+        if self.info is not None and not self.end_notified:
+            self.end_notified = True
+            result = self.result if self.result in ("aborted", "lost") else "lost"
+            self.service.notify("association_ended", self.info, result).addErrback(
+                lambda f: self.log.failure("association {association}: an observer failed", f,
+                                           association=self.id))
         self.service.active.discard(self)
         if self.outcome == "accepted":
             self.outcome = "connection closed without release"

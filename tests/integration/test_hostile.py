@@ -113,12 +113,12 @@ def after_ac(port: int, then: bytes) -> bytes:
 
 
 def files_under(root: str) -> list[str]:
-    """Every file under the storage root but the audit trail and the export
-    database (both written by the gateway itself, whatever peers send)."""
+    """Every file under the storage root but what the gateway writes for itself whatever
+    peers send: the audit trail, the index database and the export database."""
     out = []
     for d, _, names in os.walk(root):
         out += [os.path.relpath(os.path.join(d, n), root) for n in names]
-    return sorted(p for p in out if p != "audit.jsonl" and not p.startswith("exports.sqlite"))
+    return sorted(p for p in out if p != "audit.jsonl" and not p.startswith(("exports.sqlite", "dicomgw.sqlite")))
 
 
 class HostileTests(unittest.TestCase):

@@ -134,7 +134,6 @@ class PynetdicomTests(unittest.TestCase):
     def test_abort_mid_store_leaves_nothing(self):
         """A peer that aborts mid-dataset leaves no partial file behind."""
         gw = yield start_gateway(self, max_pdu_length=16384)
-        path = dicomfiles.ct_image(self.mktemp() + ".dcm")
 
         def send_half_then_abort():
             ae = _ae()

@@ -10,7 +10,7 @@ import os
 import socket
 import textwrap
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import TestCase

@@ -1,0 +1,216 @@
+"""The instance index and the payload/job state: one SQLite database.
+
+The database lives at ``<storage>/dicomgw.sqlite`` in WAL mode.  Every
+access runs on one dedicated thread (``dicomgw-db``), so the reactor never
+waits for SQLite and transactions never interleave: each call of
+:meth:`Database.run` is one transaction, run in submission order.
+
+Header attributes are read with pydicom without the pixel data
+(:func:`read_header`), decoded with the dataset's Specific Character Set
+(pydicom handles ISO-IR 6, ISO-IR 100, ISO 2022 IR 87, ISO-IR 192 and the
+other PS3.5 character sets); that and the SHA-256 of the file run in the
+disk thread pool.
+
+Schema (``SCHEMA`` below) and states:
+
+- ``associations.state``: ``open`` until the association ends, then
+  ``released``, ``aborted``, ``lost``, or ``broken`` (a crash ended it).
+- ``instances.state``: ``received`` (its association is still open),
+  ``payload`` (joined payload ``payload``), ``kept`` (released on an AE
+  without pipelines: stored, never handed off), ``aborted`` (its association
+  did not release; removed at ``discard_after``), ``replaced`` (a later
+  copy of the same SOP Instance joined the same payload), ``missing`` (its
+  file was gone when the payload closed), ``removed``.
+- ``payloads.state``: ``open`` -> ``closing`` -> ``closed`` (jobs exist) ->
+  ``done`` (every job done) or ``failed`` (every job ended, one failed) ->
+  ``removed`` (the reclaimer freed its files).
+- ``jobs.state``: ``pending`` -> ``running`` -> ``done`` | ``failed``
+  (``pending`` again between retries); ``attempts`` counts every start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+
+DB_NAME = "dicomgw.sqlite"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS associations (
+    id TEXT PRIMARY KEY,
+    calling_ae TEXT, called_ae TEXT, peer TEXT,
+    started REAL, ended REAL,
+    state TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS instances (
+    id INTEGER PRIMARY KEY,
+    association TEXT,
+    ae TEXT NOT NULL,
+    sop_class_uid TEXT, sop_instance_uid TEXT,
+    patient_id TEXT, patient_name TEXT,
+    study_uid TEXT, series_uid TEXT, modality TEXT,
+    transfer_syntax TEXT,
+    size INTEGER, sha256 TEXT, inode INTEGER,
+    calling_ae TEXT, called_ae TEXT, peer TEXT,
+    received REAL,
+    path TEXT,
+    group_key TEXT,
+    state TEXT NOT NULL,
+    payload TEXT,
+    discard_after REAL
+);
+CREATE INDEX IF NOT EXISTS instances_association ON instances(association);
+CREATE INDEX IF NOT EXISTS instances_payload ON instances(payload);
+CREATE INDEX IF NOT EXISTS instances_state ON instances(state);
+CREATE TABLE IF NOT EXISTS payloads (
+    id TEXT PRIMARY KEY,
+    ae TEXT NOT NULL, grouping TEXT NOT NULL, key TEXT NOT NULL,
+    state TEXT NOT NULL,
+    created REAL, updated REAL, closed REAL, finished REAL,
+    path TEXT
+);
+CREATE INDEX IF NOT EXISTS payloads_open ON payloads(ae, key, state);
+CREATE TABLE IF NOT EXISTS payload_associations (
+    payload TEXT NOT NULL, association TEXT NOT NULL,
+    PRIMARY KEY (payload, association)
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY,
+    payload TEXT NOT NULL, pipeline TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt REAL,
+    created REAL, updated REAL,
+    reason TEXT,
+    outputs INTEGER NOT NULL DEFAULT 0,
+    export_jobs TEXT NOT NULL DEFAULT '[]'  -- JSON list of IExportQueue job ids
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
+"""
+
+
+class Database:
+    """SQLite on one dedicated thread; ``run(f, *args)`` = one transaction."""
+
+    def __init__(self, path: str, reactor, durable: bool = True):
+        self.path = path
+        self.reactor = reactor
+        self.durable = durable
+        self.pool = ThreadPool(minthreads=1, maxthreads=1, name="dicomgw-db")
+        self._conn: sqlite3.Connection | None = None
+
+    def start(self):
+        self.pool.start()
+        return self.run(lambda conn: None)
+
+    def stop(self):
+        def close(_conn):
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+        d = deferToThreadPool(self.reactor, self.pool, close)
+        d.addBoth(lambda r: self.pool.stop())
+        return d
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, check_same_thread=False, timeout=30)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.executescript(SCHEMA)
+        return conn
+
+    def _transaction(self, f, args, durable=False):
+        if self._conn is None:
+            self._conn = self._connect()
+        conn = self._conn
+        if durable:
+            conn.execute("PRAGMA synchronous=FULL")
+        try:
+            with conn:  # commit on return, roll back on an exception
+                return f(conn, *args)
+        finally:
+            if durable:
+                conn.execute("PRAGMA synchronous=NORMAL")
+
+    def run(self, f, *args):
+        """Run ``f(connection, *args)`` as one transaction on the database thread.
+
+        The commit survives a crash of the process (WAL, synchronous=NORMAL)
+        but not necessarily a power failure: see :meth:`run_durable`.
+        """
+        return deferToThreadPool(self.reactor, self.pool, self._transaction, f, args)
+
+    def run_durable(self, f, *args):
+        """Like :meth:`run`, and the commit is fsynced (when ``durable``).
+
+        The write-ahead log is sequential, so this also makes every earlier
+        commit durable: the index rows of an association's instances are
+        committed cheaply one by one and made durable together by the
+        release, before the A-RELEASE-RP says so to the peer.
+        """
+        return deferToThreadPool(self.reactor, self.pool, self._transaction, f, args, self.durable)
+
+
+# ---- header and hash (disk pool) --------------------------------------------
+
+_HEADER_TAGS = ("SOPClassUID", "SOPInstanceUID", "PatientID", "PatientName", "StudyInstanceUID",
+                "SeriesInstanceUID", "Modality", "SpecificCharacterSet")
+
+
+def read_header(path: str) -> dict:
+    """Attributes of a stored instance, its size, inode and SHA-256.
+
+    Only the header is parsed (no pixel data); text is decoded with the
+    dataset's Specific Character Set.  A dataset pydicom cannot parse still
+    gets its size and hash, with empty attributes.
+    """
+    import pydicom
+
+    attrs = {"patient_id": "", "patient_name": "", "study_uid": "", "series_uid": "", "modality": ""}
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(_HEADER_TAGS))
+        attrs["patient_id"] = str(ds.get("PatientID", "") or "")
+        attrs["patient_name"] = str(ds.get("PatientName", "") or "")
+        attrs["study_uid"] = str(ds.get("StudyInstanceUID", "") or "")
+        attrs["series_uid"] = str(ds.get("SeriesInstanceUID", "") or "")
+        attrs["modality"] = str(ds.get("Modality", "") or "")
+        attrs["header_error"] = ""
+    except Exception as e:  # a malformed dataset is still stored as-is
+        attrs["header_error"] = f"{type(e).__name__}: {e}"
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        while True:
+            chunk = f.read(1 << 20)
+            if not chunk:
+                break
+            h.update(chunk)
+    attrs["sha256"] = h.hexdigest()
+    attrs["size"] = st.st_size
+    attrs["inode"] = st.st_ino
+    return attrs
+
+
+def remove_if_same(path: str, inode: int | None) -> int:
+    """Unlink ``path`` if it is still the file we indexed; return bytes freed.
+
+    A later copy of the same SOP Instance (a new file, a new inode) is never
+    removed on behalf of an older one.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return 0
+    if inode is not None and st.st_ino != inode:
+        return 0
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return 0
+    return st.st_size if st.st_nlink <= 1 else 0
