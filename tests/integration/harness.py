@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import sys
 import textwrap
 
@@ -20,6 +21,16 @@ from gateway.tap import makeService
 from gateway.testing import listening_port
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on (now): for a child process to
+    bind, or for a peer whose connections must be refused."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
 
 
 def require_program(name: str) -> str:

@@ -16,15 +16,7 @@ import socket
 from twisted.internet import defer, error, protocol, reactor, task
 from twisted.trial.unittest import SkipTest
 
-from tests.integration.harness import IN_CI, require_program
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+from tests.integration.harness import IN_CI, free_port, require_program
 
 
 class _Collect(protocol.ProcessProtocol):

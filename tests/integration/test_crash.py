@@ -19,7 +19,7 @@ from twisted.trial import unittest
 
 from tests import dicomfiles
 from tests.integration import test_twistd as tw
-from tests.integration.harness import gateway_config, in_thread, require_pynetdicom, run
+from tests.integration.harness import free_port, gateway_config, in_thread, require_pynetdicom, run
 from tests.integration.test_payloads import PY, toml_list
 
 # Appends "<payload id> <instances>" to handoff.log in the gateway's directory.
@@ -47,7 +47,7 @@ class CrashTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def start(self, timeout, command=HANDOFF, storage_keys=""):
-        self.port = tw._free_port()
+        self.port = free_port()
         text = gateway_config("var/dicomgw", aes=(), fsync=True).replace(
             "tcp:0:interface=127.0.0.1", f"tcp:{self.port}:interface=127.0.0.1")
         text = text.replace("[storage]\n", "[storage]\n" + storage_keys + "\n", 1)

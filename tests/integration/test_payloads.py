@@ -18,22 +18,12 @@ from gateway.config import config_from_string
 from gateway.tap import makeService
 from gateway.testing import listening_port
 from tests import dicomfiles
-from tests.integration.harness import (RunningGateway, gateway_config, in_thread, require_pynetdicom, run,
+from tests.integration.harness import (RunningGateway, free_port, gateway_config, in_thread, require_pynetdicom, run,
                                        start_gateway)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(HERE)), "etc", "pipelines", "summarize.py")
 PY = sys.executable
-
-
-def _closed_port():
-    import socket
-
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()  # nothing listens here now: connections are refused
-    return port
 
 
 def _job_state(gw, job_id):
@@ -295,7 +285,7 @@ class PayloadTests(unittest.TestCase):
         """Pipeline results go to a live destination, byte for byte; the
         reclaimer keeps them while another destination's job is still retrying."""
         receiver = yield start_gateway(self, aes=("ARCHIVE",))
-        down = _closed_port()
+        down = free_port()  # nothing listens: connections are refused
         pipelines = (f'[pipeline.echo]\ncommand = {toml_list([PY, EXAMPLE, "{manifest}", "{output}", "--copy"])}\n'
                      'export = ["archive", "down"]\n'
                      "[scu]\nretries = 1\nretry_delay = 3\nconnect_timeout = 2\n"

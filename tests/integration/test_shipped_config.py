@@ -11,8 +11,8 @@ from twisted.internet import defer
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
 
-from tests.integration.harness import require_program, run
-from tests.integration.test_twistd import _free_port, _spawn, _stop, _wait_for_port
+from tests.integration.harness import free_port, require_program, run
+from tests.integration.test_twistd import _spawn, _stop, _wait_for_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DICOMGW = os.path.join(os.path.dirname(sys.executable), "dicomgw")
@@ -29,12 +29,12 @@ class ShippedConfigTests(unittest.TestCase):
         with open(os.path.join(ROOT, "etc", "dicomgw.toml")) as f:
             shipped = f.read()
         self.assertIn('dicom_tls = "tcp:2762"', shipped)
-        plain, tls = _free_port(), _free_port()
+        plain, tls = free_port(), free_port()
         # Only the ports change (the shipped ones may be taken on this machine),
         # and the storage watermark, which depends on how full this disk is.
         config = shipped.replace('dicom = "tcp:11112"', f'dicom = "tcp:{plain}:interface=127.0.0.1"')
         config = config.replace('dicom_tls = "tcp:2762"', f'dicom_tls = "tcp:{tls}:interface=127.0.0.1"')
-        config = config.replace('http = "tcp:8080:interface=127.0.0.1"', f'http = "tcp:{_free_port()}:interface=127.0.0.1"')
+        config = config.replace('http = "tcp:8080:interface=127.0.0.1"', f'http = "tcp:{free_port()}:interface=127.0.0.1"')
         config = config.replace("watermark_percent = 75", "watermark_percent = 100")
         config = config.replace("reserved_gb = 5", "reserved_gb = 0")
         self.assertNotIn("watermark_percent = 75", config)

@@ -12,17 +12,9 @@ from twisted.internet import defer, reactor, task
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
 
-from tests.integration.harness import gateway_config, require_program, run
+from tests.integration.harness import free_port, gateway_config, require_program, run
 
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
-
-
-def _free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 class TwistdTests(unittest.TestCase):
@@ -58,7 +50,7 @@ class TwistdTests(unittest.TestCase):
         require_program("echoscu")
         workdir = os.path.abspath(self.mktemp())
         os.makedirs(workdir)
-        port = _free_port()
+        port = free_port()
         config = gateway_config("var/dicomgw").replace("tcp:0:interface=127.0.0.1",
                                                        f"tcp:{port}:interface=127.0.0.1")
         with open(os.path.join(workdir, "dicomgw.toml"), "w") as f:
