@@ -1,0 +1,253 @@
+"""The receivers under test, each a separate process on 127.0.0.1.
+
+A :class:`Receiver` starts fresh for every measured run (clean storage, a
+fresh peak-RSS counter), reports its peak resident set size just before it
+is stopped, and counts the instances it stored.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+BENCH_AE = "DICOMGW"
+MAX_PDU = 131072
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"receiver exited with {proc.returncode} before listening on {port}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"receiver did not listen on {port} within {timeout:g} s")
+
+
+def peak_rss(pid: int) -> int | None:
+    """Peak resident set size (VmHWM) of a live process, in bytes."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _count_files(directory: str) -> int:
+    total = 0
+    for _, _, files in os.walk(directory):
+        total += sum(1 for name in files if not name.endswith(".part"))
+    return total
+
+
+def _bin(name: str) -> str:
+    return os.path.join(os.path.dirname(sys.executable), name)
+
+
+class Receiver:
+    """Base: one receiver process in its own session (so a forking server's
+    children go with it)."""
+
+    name = "?"
+    tls = False
+    forks = False  # peak RSS of the parent only means little then
+
+    def __init__(self, workdir: str):
+        self.workdir = workdir
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+        self.root = ""
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def store_dir(self) -> str:
+        return self.root
+
+    def prepare(self) -> None:
+        pass
+
+    def start(self, run_id: str) -> None:
+        self.root = os.path.join(self.workdir, "runs", run_id)
+        shutil.rmtree(self.root, ignore_errors=True)
+        os.makedirs(self.root)
+        self.port = free_port()
+        self.prepare()
+        self.log = open(os.path.join(self.root, "receiver.log"), "wb")
+        env = dict(os.environ, TCP_NODELAY="1")
+        self.proc = subprocess.Popen(self.command(), cwd=self.root, stdout=self.log,
+                                     stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        wait_for_port(self.port, self.proc)
+
+    def stop(self) -> int | None:
+        """Stop the process; return its peak RSS in bytes (None if unknown)."""
+        rss = peak_rss(self.proc.pid)
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.log.close()
+        return rss
+
+    def stored(self) -> int:
+        return _count_files(self.store_dir())
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+class Gateway(Receiver):
+    """This project: ``twistd -n dicomgw`` with a bench configuration."""
+
+    def __init__(self, workdir: str, *, fsync: bool = True, tls: "TLSFiles | None" = None, name=None):
+        super().__init__(workdir)
+        self.fsync = fsync
+        self.tls_files = tls
+        self.tls = tls is not None
+        self.name = name or ("dicomgw" + ("" if fsync else " fsync=false") + (" TLS" if tls else ""))
+
+    def config_text(self) -> str:
+        listen = f'dicom = "tcp:{self.port}:interface=127.0.0.1"'
+        if self.tls_files is not None:
+            # The TLS listener is dicom_tls (issue 3).  The plain port moves
+            # aside and the client is pointed at the TLS one.
+            self.plain_port = free_port()
+            listen = f'dicom = "tcp:{self.plain_port}:interface=127.0.0.1"\n' + tls_listen_config(
+                self.port, self.tls_files)
+        return textwrap.dedent(f"""\
+            [gateway]
+            storage = "var/dicomgw"
+            max_pdu_length = {MAX_PDU}
+
+            [listen]
+            {{listen}}
+
+            [timeouts]
+            artim = 30
+            dimse = 120
+
+            [storage]
+            fsync = {"true" if self.fsync else "false"}
+
+            [[ae]]
+            title = "{BENCH_AE}"
+            """).replace("{listen}", listen)
+
+    def prepare(self) -> None:
+        with open(os.path.join(self.root, "dicomgw.toml"), "w") as f:
+            f.write(self.config_text())
+
+    def command(self):
+        return [_bin("twistd"), "-n", "--pidfile=", "--logfile", "twistd.log", "dicomgw",
+                "--config", "dicomgw.toml"]
+
+    def store_dir(self):
+        return os.path.join(self.root, "var", "dicomgw", "instances")
+
+
+class DcmtkStorescp(Receiver):
+    """DCMTK ``storescp``: bit-preserving (stores the dataset as received,
+    like the gateway), no fsync (it has none).  ``fork`` serves
+    associations in parallel, as DCMTK is deployed for concurrent peers."""
+
+    def __init__(self, workdir: str, *, fork: bool = False, tls: "TLSFiles | None" = None):
+        super().__init__(workdir)
+        self.forks = fork
+        self.tls_files = tls
+        self.tls = tls is not None
+        self.name = "DCMTK storescp" + (" TLS" if tls else "")
+
+    def command(self):
+        cmd = ["storescp", "-q", "-od", "out", "-pdu", str(MAX_PDU), "+B", "-aet", BENCH_AE]
+        if self.forks:
+            cmd.append("--fork")
+        if self.tls_files is not None:
+            cmd += ["+tls", self.tls_files.key, self.tls_files.cert, "-ic"]
+        return cmd + [str(self.port)]
+
+    def prepare(self):
+        os.makedirs(os.path.join(self.root, "out"))
+
+    def store_dir(self):
+        return os.path.join(self.root, "out")
+
+
+class PynetdicomStorescp(Receiver):
+    name = "pynetdicom storescp"
+
+    def command(self):
+        return [sys.executable, "-m", "pynetdicom", "storescp", "-q", "-od", "out",
+                "-pdu", str(MAX_PDU), "-aet", BENCH_AE, str(self.port)]
+
+    def prepare(self):
+        os.makedirs(os.path.join(self.root, "out"))
+
+    def store_dir(self):
+        return os.path.join(self.root, "out")
+
+
+# ---- TLS -------------------------------------------------------------------
+
+
+class TLSFiles:
+    """A self-signed key and certificate for 127.0.0.1 (made with openssl)."""
+
+    def __init__(self, directory: str):
+        os.makedirs(directory, exist_ok=True)
+        self.key = os.path.join(directory, "key.pem")
+        self.cert = os.path.join(directory, "cert.pem")
+        if not (os.path.exists(self.key) and os.path.exists(self.cert)):
+            subprocess.run(
+                ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                 "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+                 "-keyout", self.key, "-out", self.cert],
+                check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def tls_listen_config(port: int, files: TLSFiles) -> str:
+    """The ``[listen]`` line for the gateway's TLS port.
+
+    The one place that knows how the TLS listener is configured: a Twisted
+    TLS server endpoint description under ``listen.dicom_tls``.
+    """
+    return (f'dicom_tls = "ssl:{port}:interface=127.0.0.1:privateKey={files.key}'
+            f':certKey={files.cert}"')
+
+
+def gateway_tls_support(files: TLSFiles) -> str | None:
+    """None when the gateway's configuration accepts a TLS listener, else why not."""
+    from gateway.config import ConfigError, config_from_string
+
+    text = (f'[listen]\ndicom = "tcp:0:interface=127.0.0.1"\n{tls_listen_config(0, files)}\n'
+            f'[[ae]]\ntitle = "{BENCH_AE}"\n')
+    try:
+        config_from_string(text)
+    except ConfigError as e:
+        detail = " ".join(str(e).split())
+        return f"the gateway configuration has no TLS listener yet ({detail})"
+    return None
