@@ -53,6 +53,16 @@ def peak_rss(pid: int) -> int | None:
     return None
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a live process, all its threads."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _count_files(directory: str) -> int:
     total = 0
     for _, _, files in os.walk(directory):
@@ -95,13 +105,20 @@ class Receiver:
         self.prepare()
         self.log = open(os.path.join(self.root, "receiver.log"), "wb")
         env = dict(os.environ, TCP_NODELAY="1")
+        # The bench package must import in the receiver's directory too.
+        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, env.get("PYTHONPATH")]))
         self.proc = subprocess.Popen(self.command(), cwd=self.root, stdout=self.log,
                                      stderr=subprocess.STDOUT, env=env, start_new_session=True)
         wait_for_port(self.port, self.proc)
 
     def stop(self) -> int | None:
-        """Stop the process; return its peak RSS in bytes (None if unknown)."""
+        """Stop the process; return its peak RSS in bytes (None if unknown).
+
+        Its CPU time is left in ``cpu`` (None if unknown).
+        """
         rss = peak_rss(self.proc.pid)
+        self.cpu = cpu_seconds(self.proc.pid)
         try:
             os.killpg(self.proc.pid, signal.SIGTERM)
         except ProcessLookupError:
@@ -162,8 +179,18 @@ class Gateway(Receiver):
         with open(os.path.join(self.root, "dicomgw.toml"), "w") as f:
             f.write(self.config_text())
 
+    #: When set, the gateway runs under cProfile and writes its stats here
+    #: (one file per run, suffixed with the run id).
+    profile_dir: str | None = None
+
     def command(self):
-        return [_bin("twistd"), "-n", "--pidfile=", "--logfile", "twistd.log", "dicomgw",
+        prefix = [sys.executable]
+        if self.profile_dir:
+            os.makedirs(self.profile_dir, exist_ok=True)
+            out = os.path.join(self.profile_dir, os.path.basename(self.root) + ".pstats")
+            return prefix + ["-m", "bench.profiled_twistd", out, "-n", "--pidfile=", "--logfile",
+                             "twistd.log", "dicomgw", "--config", "dicomgw.toml"]
+        return prefix + [_bin("twistd"), "-n", "--pidfile=", "--logfile", "twistd.log", "dicomgw",
                 "--config", "dicomgw.toml"]
 
     def store_dir(self):

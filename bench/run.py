@@ -115,6 +115,7 @@ class Run:
     stored: int
     failed_clients: int
     peak_rss: int | None
+    cpu_s: float | None = None  # the receiver process's CPU time (forked children not counted)
 
 
 @dataclass
@@ -133,6 +134,10 @@ class Sizes:
 
 QUICK = Sizes(ct_single=20, small=100, ct_groups=4, ct_per_group=5, concurrent=10,
               per_concurrent=5, big_bytes=32 << 20, ct_rows=512, reps=1, reps_big=1)
+
+
+NO_FSYNC = ("dicomgw fsyncs every instance and its directory before answering Success (the default); "
+            "neither DCMTK nor pynetdicom fsync: compare them with the fsync=false row")
 
 
 def build_scenarios(workdir: str, sizes: Sizes, only: set[str], big: bool, log=print) -> list[Scenario]:
@@ -155,10 +160,12 @@ def build_scenarios(workdir: str, sizes: Sizes, only: set[str], big: bool, log=p
 
     if "1" in only:
         out.append(Scenario("1", f"{sizes.ct_single} {ct_label}, one association",
-                            Workload([flat_ct[:sizes.ct_single]]), [Gateway(w), dcmtk(), pynet()], "MB/s"))
+                            Workload([flat_ct[:sizes.ct_single]]),
+                            [Gateway(w), Gateway(w, fsync=False), dcmtk(), pynet()], "MB/s", note=NO_FSYNC))
     if "2" in only:
         out.append(Scenario("2", f"{sizes.small} small (8 KB) instances, one association",
-                            Workload([small[:sizes.small]]), [Gateway(w), dcmtk(), pynet()], "inst/s"))
+                            Workload([small[:sizes.small]]),
+                            [Gateway(w), Gateway(w, fsync=False), dcmtk(), pynet()], "inst/s", note=NO_FSYNC))
     if "3" in only:
         out.append(Scenario("3", f"{sizes.ct_groups} concurrent associations x {sizes.ct_per_group} {ct_label}",
                             Workload(ct[:sizes.ct_groups]), [Gateway(w), dcmtk(fork=True), pynet()], "MB/s",
@@ -212,11 +219,12 @@ def measure(scenario: Scenario, reps: int, log=print) -> list[Run]:
                 if receiver.proc is not None and receiver.proc.poll() is None:
                     receiver.stop()
                 receiver.cleanup()
-            run = Run(scenario.key, receiver.name, rep, seconds, count, size, stored, failed, rss)
+            run = Run(scenario.key, receiver.name, rep, seconds, count, size, stored, failed, rss,
+                      None if receiver.forks else receiver.cpu)
             runs.append(run)
             log(f"  [{scenario.key}] {receiver.name:28s} rep {rep}: {seconds:7.3f} s, "
                 f"{stored}/{count} stored, {failed} failed client(s), "
-                f"peak RSS {_mb(rss)}")
+                f"peak RSS {_mb(rss)}, CPU {run.cpu_s if run.cpu_s is not None else float('nan'):.2f} s")
     return runs
 
 
@@ -431,10 +439,14 @@ def main(argv=None) -> int:
     ap.add_argument("--big", action="store_true", help="scenario 4 with 1000 associations")
     ap.add_argument("--reps", type=int, help="repetitions per scenario (default 3; 2 for scenario 5)")
     ap.add_argument("--only", default="1,2,3,4,5,6", help="comma-separated scenarios to run")
+    ap.add_argument("--receivers", default="",
+                    help="comma-separated name prefixes of the receivers to run (default: all)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
                     help="where results.md/.json/.png go")
     ap.add_argument("--workdir", help="data and receiver storage (default: a new temporary directory; "
                     "give one to reuse the generated data)")
+    ap.add_argument("--profile", metavar="DIR",
+                    help="run the gateway under cProfile, one .pstats file per run in DIR")
     ap.add_argument("--note", default="", help="a remark printed at the top of results.md")
     args = ap.parse_args(argv)
     args.argv = argv
@@ -442,6 +454,8 @@ def main(argv=None) -> int:
     if missing:
         print(f"missing peers: {', '.join(missing)} (install DCMTK, openssl and pynetdicom)", file=sys.stderr)
         return 2
+    if args.profile:
+        Gateway.profile_dir = os.path.abspath(args.profile)
     sizes = QUICK if args.quick else Sizes()
     if args.reps:
         sizes.reps = sizes.reps_big = args.reps
@@ -453,6 +467,10 @@ def main(argv=None) -> int:
     keep = args.workdir is not None
     try:
         scenarios = build_scenarios(workdir, sizes, only, args.big)
+        if args.receivers:
+            prefixes = tuple(args.receivers.split(","))
+            for sc in scenarios:
+                sc.receivers = [r for r in sc.receivers if r.name.startswith(prefixes)]
         runs = []
         for sc in scenarios:
             if not sc.receivers:
