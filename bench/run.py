@@ -16,6 +16,7 @@ output directory.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -456,7 +457,7 @@ def main(argv=None) -> int:
         return 2
     if args.profile:
         Gateway.profile_dir = os.path.abspath(args.profile)
-    sizes = QUICK if args.quick else Sizes()
+    sizes = dataclasses.replace(QUICK if args.quick else Sizes())
     if args.reps:
         sizes.reps = sizes.reps_big = args.reps
     only = set(args.only.split(","))
