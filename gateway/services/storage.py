@@ -246,6 +246,7 @@ class Storage:
         self.pool = pool
         self.fsync = fsync
         self.implementation_version_name = implementation_version_name
+        self._ae_dirs: dict[str, str] = {}  # called AE title -> its checked directory
 
     def prepare(self) -> int:
         """Create the directories and remove temporary files a crash left.
@@ -271,12 +272,18 @@ class Storage:
         """Where an instance is stored.  Refuses anything that is not a UID."""
         if not is_valid_uid(sop_instance_uid):
             raise ValueError(f"not a valid UID: {sop_instance_uid!r}")
-        path = os.path.join(self.instances_dir, called_ae, sop_instance_uid + ".dcm")
-        # Belt and braces: the AE title is one we configured and the UID is
-        # digits and dots, but never write outside the root whatever happens.
-        if os.path.commonpath([self.instances_dir, os.path.abspath(path)]) != self.instances_dir:
-            raise ValueError(f"path escapes the storage root: {path!r}")
-        return path
+        # A valid UID is digits and dots (never "." or ".."), so it cannot
+        # leave the AE directory: only that directory needs the check, once
+        # per AE title rather than once per instance.
+        directory = self._ae_dirs.get(called_ae)
+        if directory is None:
+            directory = os.path.join(self.instances_dir, called_ae)
+            # Belt and braces: the AE title is one we configured, but never
+            # write outside the root whatever happens.
+            if os.path.commonpath([self.instances_dir, os.path.abspath(directory)]) != self.instances_dir:
+                raise ValueError(f"path escapes the storage root: {directory!r}")
+            self._ae_dirs[called_ae] = directory
+        return os.path.join(directory, sop_instance_uid + ".dcm")
 
     def begin(self, *, called_ae: str, calling_ae: str, sop_class_uid: str,
               sop_instance_uid: str, transfer_syntax_uid: str) -> InstanceWriter:

@@ -83,6 +83,15 @@ class StorageTests(unittest.TestCase):
         for bad in ("../x", "1.2/3", "", "1..2", "a.b", "1." * 40):
             self.assertRaises(ValueError, self.begin, bad)
 
+    def test_refuses_an_ae_directory_outside_the_root(self):
+        for ae in ("..", "../elsewhere", "/abs"):
+            self.assertRaises(ValueError, self.storage.path_for, ae, "1.2.3")
+        # Checked once per AE title, and the answer does not change.
+        inside = os.path.join(self.storage.instances_dir, "AE1", "1.2.3.dcm")
+        self.assertEqual(self.storage.path_for("AE1", "1.2.3"), inside)
+        self.assertEqual(self.storage.path_for("AE1", "1.2.3"), inside)
+        self.assertRaises(ValueError, self.storage.path_for, "..", "1.2.3")
+
     @defer.inlineCallbacks
     def test_disk_full_is_reported_and_cleaned(self):
         w = self.begin()
