@@ -47,9 +47,9 @@ class ReportTests(unittest.TestCase):
         self.assertAlmostEqual(gw1.rate, 250 / 1.2)
         self.assertAlmostEqual(rows[3].rate, 2000 / 2.5)
         targets = dict((text.split(":")[0], (ok, figures)) for text, ok, figures in B.targets(rows, False))
-        self.assertTrue(targets["Scenario 1"][0])  # 1.2 <= 1.5 * 0.9, 6.0 >= 4 * 1.2
-        self.assertFalse(targets["Scenario 2"][0])  # 800 instances/s
-        self.assertIn("800 instances/s", targets["Scenario 2"][1])
+        self.assertTrue(targets["Scenario 1 (dicomgw)"][0])  # 1.2 <= 1.5 * 0.9, 6.0 >= 4 * 1.2
+        self.assertFalse(targets["Scenario 2 (dicomgw)"][0])  # 800 instances/s
+        self.assertIn("800 instances/s", targets["Scenario 2 (dicomgw)"][1])
 
     def test_missing_instances_are_reported(self):
         scenarios = [_scenario("1", "MB/s", self.names)]
