@@ -360,9 +360,27 @@ def machine() -> dict:
     }
 
 
+_LOCAL_OPTIONS = ("--workdir", "--out", "--profile", "--note")
+
+
+def shown_argv(argv: list[str]) -> list[str]:
+    """The options of a run as the results record them: without the local
+    paths of --workdir/--out/--profile, and without the note (shown apart)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in _LOCAL_OPTIONS:
+            skip = True
+        elif not arg.startswith(tuple(o + "=" for o in _LOCAL_OPTIONS)):
+            out.append(arg)
+    return out
+
+
 def markdown(rows, target_list, info, args, started) -> str:
-    lines = [f"# dicomgw benchmark results", "",
-             f"Run {started} UTC with `python -m bench.run {' '.join(args.argv)}`".rstrip() + ".", ""]
+    command = " ".join(["python -m bench.run"] + shown_argv(args.argv))
+    lines = ["# dicomgw benchmark results", "",
+             f"Run {started} UTC with `{command}`.", ""]
     if args.note:
         lines += [f"**Note:** {args.note}", ""]
     lines += ["## Machine", ""] + [f"- {k}: {v}" for k, v in info.items()] + [""]
@@ -506,7 +524,7 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(markdown(rows, target_list, info, args, started))
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"started": started, "argv": argv, "machine": info, "note": args.note,
+        json.dump({"started": started, "argv": shown_argv(argv), "machine": info, "note": args.note,
                    "runs": [asdict(r) for r in runs], "rows": [asdict(r) for r in rows]}, f, indent=1)
     drew = chart(rows, os.path.join(args.out, "results.png"))
     print(open(os.path.join(args.out, "results.md")).read())

@@ -63,6 +63,11 @@ class ReportTests(unittest.TestCase):
         self.assertIn("| 1: scenario 1 | dicomgw | 1.000 |", text)
         self.assertIn("| NO |", text)
         self.assertIn("a note", text)
+        self.assertIn("with `python -m bench.run --quick`.", text)
+
+    def test_local_paths_are_not_recorded(self):
+        self.assertEqual(B.shown_argv(["--big", "--workdir", "/x/y", "--note", "n", "--out=/z", "--reps", "2"]),
+                         ["--big", "--reps", "2"])
 
 
 class QuickRunTests(unittest.TestCase):
