@@ -150,16 +150,18 @@ class Gateway(Receiver):
 
     def config_text(self) -> str:
         listen = f'dicom = "tcp:{self.port}:interface=127.0.0.1"'
+        tls_section = ""
         if self.tls_files is not None:
-            # The TLS listener is dicom_tls (issue 3).  The plain port moves
-            # aside and the client is pointed at the TLS one.
+            # The TLS listener is listen.dicom_tls (issue 3).  The plain port
+            # moves aside and the client is pointed at the TLS one.
             self.plain_port = free_port()
-            listen = f'dicom = "tcp:{self.plain_port}:interface=127.0.0.1"\n' + tls_listen_config(
-                self.port, self.tls_files)
+            tls_listen, tls_section = tls_config(self.port, self.tls_files)
+            listen = f'dicom = "tcp:{self.plain_port}:interface=127.0.0.1"\n' + tls_listen
         return textwrap.dedent(f"""\
             [gateway]
             storage = "var/dicomgw"
             max_pdu_length = {MAX_PDU}
+            {{gateway_extra}}
 
             [listen]
             {{listen}}
@@ -173,7 +175,7 @@ class Gateway(Receiver):
 
             [[ae]]
             title = "{BENCH_AE}"
-            """).replace("{listen}", listen)
+            """).replace("{listen}", listen).replace("{gateway_extra}", gateway_extra()) + tls_section
 
     def prepare(self) -> None:
         with open(os.path.join(self.root, "dicomgw.toml"), "w") as f:
@@ -256,25 +258,51 @@ class TLSFiles:
                 check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def tls_listen_config(port: int, files: TLSFiles) -> str:
-    """The ``[listen]`` line for the gateway's TLS port.
+def tls_config(port: int, files: TLSFiles) -> tuple[str, str]:
+    """The gateway's TLS port: its ``[listen]`` line and its ``[tls]`` table.
 
-    The one place that knows how the TLS listener is configured: a Twisted
-    TLS server endpoint description under ``listen.dicom_tls``.
+    The one place that knows how the TLS listener is configured (issue 3):
+    ``listen.dicom_tls`` is an endpoint with TLS layered on top from
+    ``[tls]``.  The client presents the same self-signed certificate the
+    gateway trusts as its CA, so mutual TLS is exercised too.
     """
-    return (f'dicom_tls = "ssl:{port}:interface=127.0.0.1:privateKey={files.key}'
-            f':certKey={files.cert}"')
+    listen = f'dicom_tls = "tcp:{port}:interface=127.0.0.1"'
+    section = textwrap.dedent(f"""
+        [tls]
+        certificate = "{files.cert}"
+        private_key = "{files.key}"
+        ca_certificates = "{files.cert}"
+        require_client_certificate = true
+        """)
+    return listen, section
+
+
+def _accepted(text: str) -> str | None:
+    """None if the gateway's configuration parser accepts ``text``, else the problem."""
+    from gateway.config import ConfigError, config_from_string
+
+    try:
+        config_from_string(text + f'\n[[ae]]\ntitle = "{BENCH_AE}"\n')
+    except ConfigError as e:
+        return " ".join(str(e).split())
+    return None
+
+
+def gateway_extra() -> str:
+    """``[gateway]`` lines for keys this version of the gateway knows.
+
+    ``max_associations`` (issue 3) limits associations open at once; the
+    bench lifts it to its maximum so that scenario 4 measures serving, not
+    refusing.
+    """
+    line = "max_associations = 1000"
+    return line if _accepted(f"[gateway]\n{line}\n") is None else ""
 
 
 def gateway_tls_support(files: TLSFiles) -> str | None:
     """None when the gateway's configuration accepts a TLS listener, else why not."""
-    from gateway.config import ConfigError, config_from_string
-
-    text = (f'[listen]\ndicom = "tcp:0:interface=127.0.0.1"\n{tls_listen_config(0, files)}\n'
-            f'[[ae]]\ntitle = "{BENCH_AE}"\n')
-    try:
-        config_from_string(text)
-    except ConfigError as e:
-        detail = " ".join(str(e).split())
-        return f"the gateway configuration has no TLS listener yet ({detail})"
+    listen, section = tls_config(0, files)
+    why = _accepted(f'[listen]\ndicom = "tcp:0:interface=127.0.0.1"\n{listen}\n{section}')
+    if why is not None:
+        return f"the gateway configuration has no TLS listener yet ({why})"
     return None
