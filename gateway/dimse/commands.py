@@ -350,6 +350,8 @@ def encode_command(cmd: Command) -> bytes:
 
 # Maps every byte outside printable ASCII to "?".
 _PRINTABLE_OR_QUESTION = bytes(b if 0x20 <= b <= 0x7E else 0x3F for b in range(256))
+# Printable ASCII: deleting these leaves exactly the bytes that are not.
+_PRINTABLE = bytes(range(0x20, 0x7F))
 
 
 def _decode_text(raw: bytes, tag: int, strict: bool) -> str:
@@ -363,7 +365,7 @@ def _decode_text(raw: bytes, tag: int, strict: bool) -> str:
     """
     raw = raw.rstrip(b"\x00")
     if strict:
-        if any(b < 0x20 or b > 0x7E for b in raw):
+        if raw.translate(None, _PRINTABLE):  # in C: no per-byte Python loop
             raise DIMSEError(f"{_tag_str(tag)}: value is not printable ASCII")
         text = raw.decode("ascii")
     else:

@@ -12,6 +12,12 @@ is in flight at a time, and it handles the operations queued before it
 started.  ``pending`` counts bytes queued and not yet written, so the
 protocol can pause the transport when the disk falls behind.
 
+Write-behind: a job starts only once :data:`WRITE_BEHIND` bytes are queued,
+or when the instance is finished or discarded.  Each job costs two thread
+hand-offs (into the pool, back to the reactor); starting one per received
+fragment made them the bulk of the work for small instances.  A small
+instance is now written, closed and renamed by one job.
+
 Layout under the storage root::
 
     tmp/<random>.part                            instances being received
@@ -51,6 +57,11 @@ class StoredInstance:
 
 
 _FINISH = object()
+
+#: Queue this many bytes before a pool job writes them (see the module
+#: docstring).  Well below the SCP's low-water mark, so an association that
+#: is paused for its backlog always has a job running that will resume it.
+WRITE_BEHIND = 256 << 10
 _write = os.write  # the one disk write of the hot path (tests simulate a full disk here)
 
 
@@ -68,6 +79,7 @@ class InstanceWriter:
         self._running = False
         self._failed: BaseException | None = None
         self._finishing = None
+        self._closing = False  # _FINISH is queued: no more waiting for data
         self.pending = len(header)
         self.dataset_bytes = 0
         self.on_drained = None  # called (reactor thread) whenever pending drops
@@ -81,7 +93,8 @@ class InstanceWriter:
         n = len(data)
         self.pending += n
         self.dataset_bytes += n
-        self._kick()
+        if self.pending >= WRITE_BEHIND:
+            self._kick()
 
     def finish(self):
         """Fire with a :class:`StoredInstance` once the file is durable."""
@@ -89,6 +102,7 @@ class InstanceWriter:
 
         self._finishing = Deferred()
         self._ops.append(_FINISH)
+        self._closing = True
         self._kick()
         return self._finishing
 
@@ -98,11 +112,14 @@ class InstanceWriter:
         # popping from the queue right now, so it is not cleared here.
         self._failed = self._failed or ConnectionAbortedError("discarded")
         self._ops.append(_FINISH)
+        self._closing = True
         self._kick()
 
     def _kick(self):
         if self._running or not self._ops:
             return
+        if not self._closing and self.pending < WRITE_BEHIND:
+            return  # wait for more data (or the end of the instance)
         self._running = True
         batch = len(self._ops)
         d = deferToThreadPool(self._storage.reactor, self._storage.pool, self._drain, batch)
@@ -229,6 +246,7 @@ class Storage:
         self.pool = pool
         self.fsync = fsync
         self.implementation_version_name = implementation_version_name
+        self._ae_dirs: dict[str, str] = {}  # called AE title -> its checked directory
 
     def prepare(self) -> int:
         """Create the directories and remove temporary files a crash left.
@@ -254,12 +272,18 @@ class Storage:
         """Where an instance is stored.  Refuses anything that is not a UID."""
         if not is_valid_uid(sop_instance_uid):
             raise ValueError(f"not a valid UID: {sop_instance_uid!r}")
-        path = os.path.join(self.instances_dir, called_ae, sop_instance_uid + ".dcm")
-        # Belt and braces: the AE title is one we configured and the UID is
-        # digits and dots, but never write outside the root whatever happens.
-        if os.path.commonpath([self.instances_dir, os.path.abspath(path)]) != self.instances_dir:
-            raise ValueError(f"path escapes the storage root: {path!r}")
-        return path
+        # A valid UID is digits and dots (never "." or ".."), so it cannot
+        # leave the AE directory: only that directory needs the check, once
+        # per AE title rather than once per instance.
+        directory = self._ae_dirs.get(called_ae)
+        if directory is None:
+            directory = os.path.join(self.instances_dir, called_ae)
+            # Belt and braces: the AE title is one we configured, but never
+            # write outside the root whatever happens.
+            if os.path.commonpath([self.instances_dir, os.path.abspath(directory)]) != self.instances_dir:
+                raise ValueError(f"path escapes the storage root: {directory!r}")
+            self._ae_dirs[called_ae] = directory
+        return os.path.join(directory, sop_instance_uid + ".dcm")
 
     def begin(self, *, called_ae: str, calling_ae: str, sop_class_uid: str,
               sop_instance_uid: str, transfer_syntax_uid: str) -> InstanceWriter:

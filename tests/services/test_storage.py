@@ -40,9 +40,57 @@ class StorageTests(unittest.TestCase):
         self.assertEqual(w.pending, 0)
         self.assertEqual(os.listdir(self.storage.tmp_dir), [])
 
+    @defer.inlineCallbacks
+    def test_small_instance_is_written_by_one_job_at_finish(self):
+        # Write-behind: below WRITE_BEHIND nothing goes to the pool until
+        # finish(), which then writes, closes and renames in one job.
+        w = self.begin()
+        w.write(b"a" * 1000)
+        w.write(b"b" * 1000)
+        self.assertFalse(w._running)
+        self.assertEqual(os.listdir(self.storage.tmp_dir), [])
+        jobs = []
+        real = S.deferToThreadPool
+        self.patch(S, "deferToThreadPool", lambda *a: jobs.append(a) or real(*a))
+        stored = yield w.finish()
+        self.assertEqual(len(jobs), 1)
+        with open(stored.path, "rb") as f:
+            data = f.read()
+        self.assertEqual(data[dataset_offset(data):], b"a" * 1000 + b"b" * 1000)
+        self.assertEqual(w.pending, 0)
+
+    @defer.inlineCallbacks
+    def test_large_instance_is_written_before_finish(self):
+        # Memory stays bounded: once WRITE_BEHIND bytes wait, a job starts
+        # without waiting for the end of the instance.
+        w = self.begin()
+        chunk = b"z" * 65536
+        n = S.WRITE_BEHIND // len(chunk) + 1
+        for _ in range(n):
+            w.write(chunk)
+        self.assertTrue(w._running)
+        for _ in range(200):
+            if w.pending < S.WRITE_BEHIND:
+                break
+            yield _tick()
+        self.assertLess(w.pending, S.WRITE_BEHIND)
+        self.assertEqual(len(os.listdir(self.storage.tmp_dir)), 1)
+        stored = yield w.finish()
+        self.assertEqual(stored.dataset_size, n * len(chunk))
+        self.assertEqual(w.pending, 0)
+
     def test_refuses_non_uids(self):
         for bad in ("../x", "1.2/3", "", "1..2", "a.b", "1." * 40):
             self.assertRaises(ValueError, self.begin, bad)
+
+    def test_refuses_an_ae_directory_outside_the_root(self):
+        for ae in ("..", "../elsewhere", "/abs"):
+            self.assertRaises(ValueError, self.storage.path_for, ae, "1.2.3")
+        # Checked once per AE title, and the answer does not change.
+        inside = os.path.join(self.storage.instances_dir, "AE1", "1.2.3.dcm")
+        self.assertEqual(self.storage.path_for("AE1", "1.2.3"), inside)
+        self.assertEqual(self.storage.path_for("AE1", "1.2.3"), inside)
+        self.assertRaises(ValueError, self.storage.path_for, "..", "1.2.3")
 
     @defer.inlineCallbacks
     def test_disk_full_is_reported_and_cleaned(self):

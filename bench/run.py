@@ -1,0 +1,537 @@
+"""Benchmark dicomgw against DCMTK storescp and pynetdicom storescp.
+
+    python -m bench.run [--quick] [--big] [--reps N] [--only 1,2] [--out bench/results]
+
+Every receiver runs as its own process on 127.0.0.1 and is started fresh for
+each measured run.  The client is always DCMTK ``storescu`` (TCP_NODELAY=1).
+Within one repetition every receiver of a scenario gets the same workload in
+turn (alternating, so a noisy neighbour hurts all of them alike); the report
+gives medians over the repetitions and the ratio to DCMTK.
+
+Writes ``results.md`` (table, targets, machine), ``results.json`` (every
+run) and ``results.png`` (bar chart, when matplotlib is installed) under the
+output directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+from bench import data
+from bench.receivers import (
+    BENCH_AE,
+    DcmtkStorescp,
+    Gateway,
+    PynetdicomStorescp,
+    TLSFiles,
+    gateway_tls_support,
+)
+
+MB = 1e6
+CLIENT_TIMEOUT = 600.0
+
+
+# ---- workloads ---------------------------------------------------------------
+
+
+@dataclass
+class Workload:
+    """What the clients send: one file list per association, all at once."""
+
+    associations: list[list[str]]
+
+    @property
+    def instances(self) -> int:
+        return sum(len(a) for a in self.associations)
+
+    @property
+    def bytes(self) -> int:
+        return sum(os.path.getsize(p) for a in self.associations for p in a)
+
+
+def storescu_command(port: int, files: list[str], tls: TLSFiles | None = None) -> list[str]:
+    cmd = ["storescu", "-q", "-aet", "BENCH", "-aec", BENCH_AE, "-pdu", "131072"]
+    if tls is not None:
+        cmd += ["+tls", tls.key, tls.cert, "-ic"]
+    return cmd + ["127.0.0.1", str(port)] + files
+
+
+def run_clients(port: int, workload: Workload, tls: TLSFiles | None = None,
+                timeout: float = CLIENT_TIMEOUT) -> tuple[float, int]:
+    """Start one storescu per association at once; wait for all.
+
+    Returns (wall seconds from the first start to the last exit, number of
+    clients that failed).
+    """
+    env = dict(os.environ, TCP_NODELAY="1")
+    started = time.perf_counter()
+    procs = [subprocess.Popen(storescu_command(port, files, tls), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, env=env)
+             for files in workload.associations]
+    failed = 0
+    deadline = started + timeout
+    for p in procs:
+        try:
+            code = p.wait(max(0.1, deadline - time.perf_counter()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            code = p.wait()
+        failed += code != 0
+    return time.perf_counter() - started, failed
+
+
+# ---- scenarios ---------------------------------------------------------------
+
+
+@dataclass
+class Scenario:
+    key: str
+    title: str
+    workload: Workload
+    receivers: list
+    unit: str  # "MB/s" or "inst/s": the rate column
+    tls: TLSFiles | None = None
+    note: str = ""
+
+
+@dataclass
+class Run:
+    scenario: str
+    receiver: str
+    rep: int
+    seconds: float
+    instances: int
+    bytes: int
+    stored: int
+    failed_clients: int
+    peak_rss: int | None
+    cpu_s: float | None = None  # the receiver process's CPU time (forked children not counted)
+
+
+@dataclass
+class Sizes:
+    ct_single: int = 500
+    small: int = 2000
+    ct_groups: int = 8
+    ct_per_group: int = 100
+    concurrent: int = 200
+    per_concurrent: int = 5
+    big_bytes: int = 1 << 30
+    ct_rows: int = 512
+    reps: int = 3
+    reps_big: int = 2
+
+
+QUICK = Sizes(ct_single=20, small=100, ct_groups=4, ct_per_group=5, concurrent=10,
+              per_concurrent=5, big_bytes=32 << 20, ct_rows=512, reps=1, reps_big=1)
+
+
+NO_FSYNC = ("dicomgw fsyncs every instance and its directory before answering Success (the default); "
+            "neither DCMTK nor pynetdicom fsync: compare them with the fsync=false row")
+
+
+def build_scenarios(workdir: str, sizes: Sizes, only: set[str], big: bool, log=print) -> list[Scenario]:
+    """The scenarios of issue 7, their data generated (or reused) under workdir."""
+    w = workdir
+    dcmtk, pynet = (lambda **kw: DcmtkStorescp(w, **kw)), (lambda: PynetdicomStorescp(w))
+    out = []
+    need_ct = {"1", "3", "6"} & only
+    ct = []
+    if need_ct:
+        log(f"data: {sizes.ct_groups} x {max(sizes.ct_per_group, 1)} CT images ...")
+        groups = max(sizes.ct_groups, -(-sizes.ct_single // sizes.ct_per_group))
+        ct = data.ct_series(w, groups, sizes.ct_per_group, sizes.ct_rows)
+    flat_ct = [p for g in ct for p in g]
+    concurrent = 1000 if big else sizes.concurrent
+    small_needed = max(sizes.small if "2" in only else 0,
+                       concurrent * sizes.per_concurrent if "4" in only else 0)
+    small = data.small_instances(w, small_needed) if small_needed else []
+    ct_label = f"CT {sizes.ct_rows}x{sizes.ct_rows}"
+
+    if "1" in only:
+        out.append(Scenario("1", f"{sizes.ct_single} {ct_label}, one association",
+                            Workload([flat_ct[:sizes.ct_single]]),
+                            [Gateway(w), Gateway(w, fsync=False), dcmtk(), pynet()], "MB/s", note=NO_FSYNC))
+    if "2" in only:
+        out.append(Scenario("2", f"{sizes.small} small (8 KB) instances, one association",
+                            Workload([small[:sizes.small]]),
+                            [Gateway(w), Gateway(w, fsync=False), dcmtk(), pynet()], "inst/s", note=NO_FSYNC))
+    if "3" in only:
+        out.append(Scenario("3", f"{sizes.ct_groups} concurrent associations x {sizes.ct_per_group} {ct_label}",
+                            Workload(ct[:sizes.ct_groups]), [Gateway(w), dcmtk(fork=True), pynet()], "MB/s",
+                            note="DCMTK runs with --fork"))
+    if "4" in only:
+        n, k = concurrent, sizes.per_concurrent
+        out.append(Scenario("4", f"{n} concurrent associations x {k} small instances",
+                            Workload([small[i * k:(i + 1) * k] for i in range(n)]),
+                            [Gateway(w), dcmtk(fork=True), pynet()], "inst/s",
+                            note="DCMTK runs with --fork: its peak RSS is the parent's only"))
+    if "5" in only:
+        log(f"data: one instance of {sizes.big_bytes / 2**20:.0f} MiB ...")
+        path = data.big_instance(w, sizes.big_bytes)
+        out.append(Scenario("5", f"one {_size_label(sizes.big_bytes)} instance",
+                            Workload([[path]]), [Gateway(w), dcmtk(), pynet()], "MB/s"))
+    if "6" in only:
+        files = flat_ct[:sizes.ct_single]
+        receivers = [Gateway(w, fsync=True), Gateway(w, fsync=False), dcmtk()]
+        out.append(Scenario("6", f"gateway fsync on/off: {len(files)} {ct_label}, one association",
+                            Workload([files]), receivers, "MB/s"))
+        tls = TLSFiles(os.path.join(w, "tls"))
+        why = gateway_tls_support(tls)
+        if why is None:
+            out.append(Scenario("6-tls", f"over TLS: {len(files)} {ct_label}, one association",
+                                Workload([files]), [Gateway(w, tls=tls), dcmtk(tls=tls)], "MB/s", tls=tls))
+        else:
+            out.append(Scenario("6-tls", "over TLS", Workload([]), [], "MB/s",
+                                note=f"skipped: {why}"))
+    return out
+
+
+def _size_label(n: int) -> str:
+    return f"{n / 2**30:g} GiB" if n >= 1 << 30 else f"{n / 2**20:g} MiB"
+
+
+def measure(scenario: Scenario, reps: int, log=print) -> list[Run]:
+    """Run every receiver ``reps`` times, alternating receivers within a repetition."""
+    runs = []
+    workload = scenario.workload
+    count, size = workload.instances, workload.bytes
+    for rep in range(reps):
+        for i, receiver in enumerate(scenario.receivers):
+            receiver.start(f"s{scenario.key}-r{i}-{rep}")
+            try:
+                seconds, failed = run_clients(receiver.port, workload, scenario.tls)
+                # The last response is out: give a receiver that writes after
+                # answering (none should) no extra time; count what is there.
+                rss = receiver.stop()
+                stored = receiver.stored()
+            finally:
+                if receiver.proc is not None and receiver.proc.poll() is None:
+                    receiver.stop()
+                receiver.cleanup()
+            run = Run(scenario.key, receiver.name, rep, seconds, count, size, stored, failed, rss,
+                      None if receiver.forks else receiver.cpu)
+            runs.append(run)
+            log(f"  [{scenario.key}] {receiver.name:28s} rep {rep}: {seconds:7.3f} s, "
+                f"{stored}/{count} stored, {failed} failed client(s), "
+                f"peak RSS {_mb(rss)}, CPU {run.cpu_s if run.cpu_s is not None else float('nan'):.2f} s")
+    return runs
+
+
+# ---- summary -------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    scenario: str
+    title: str
+    receiver: str
+    median_s: float
+    rate: float
+    unit: str
+    ratio_to_dcmtk: float | None
+    peak_rss: int | None
+    stored_ok: bool
+    failed_clients: int
+    runs: int
+    note: str = ""
+
+
+def summarize(scenarios: list[Scenario], runs: list[Run]) -> list[Row]:
+    rows = []
+    for sc in scenarios:
+        if not sc.receivers:
+            rows.append(Row(sc.key, sc.title, "-", 0.0, 0.0, sc.unit, None, None, True, 0, 0, sc.note))
+            continue
+        medians = {}
+        for rec in sc.receivers:
+            mine = [r for r in runs if r.scenario == sc.key and r.receiver == rec.name]
+            if mine:
+                medians[rec.name] = statistics.median(r.seconds for r in mine)
+        base = next((v for k, v in medians.items() if k.startswith("DCMTK")), None)
+        for rec in sc.receivers:
+            mine = [r for r in runs if r.scenario == sc.key and r.receiver == rec.name]
+            if not mine:
+                continue
+            m = medians[rec.name]
+            rate = (mine[0].bytes / MB if sc.unit == "MB/s" else mine[0].instances) / m if m else 0.0
+            rss = [r.peak_rss for r in mine if r.peak_rss is not None]
+            rows.append(Row(
+                sc.key, sc.title, rec.name, m, rate, sc.unit,
+                (m / base) if base else None,
+                None if rec.forks else (max(rss) if rss else None),
+                all(r.stored == r.instances for r in mine),
+                sum(r.failed_clients for r in mine), len(mine), sc.note,
+            ))
+    return rows
+
+
+def _mb(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 2**20:.0f} MiB"
+
+
+def targets(rows: list[Row], big: bool) -> list[tuple[str, bool | None, str]]:
+    """Issue 7's targets, each (text, met?, figures); None when not measured.
+
+    Scenarios 1 and 2 are judged twice: with the default ``fsync = true``
+    and with ``fsync = false``, the like-for-like comparison (neither DCMTK
+    nor pynetdicom fsyncs).
+    """
+    def get(sc, name):
+        return next((r for r in rows if r.scenario == sc and r.receiver == name), None)
+
+    def find(sc, prefix):
+        return next((r for r in rows if r.scenario == sc and r.receiver.startswith(prefix)), None)
+
+    out = []
+    dc, pn = find("1", "DCMTK"), find("1", "pynetdicom")
+    for name in ("dicomgw", "dicomgw fsync=false"):
+        gw = get("1", name)
+        if gw and dc and pn:
+            ok = gw.median_s <= 1.5 * dc.median_s and pn.median_s >= 4 * gw.median_s
+            out.append((f"Scenario 1 ({name}): <= 1.5 x DCMTK time and >= 4 x faster than pynetdicom", ok,
+                        f"{gw.median_s:.2f} s = {gw.median_s / dc.median_s:.2f} x DCMTK ({dc.median_s:.2f} s); "
+                        f"pynetdicom {pn.median_s:.2f} s = {pn.median_s / gw.median_s:.1f} x the gateway"))
+    for name in ("dicomgw", "dicomgw fsync=false"):
+        gw = get("2", name)
+        if gw:
+            dc2 = find("2", "DCMTK")
+            extra = f"; DCMTK {dc2.rate:.0f} instances/s" if dc2 else ""
+            out.append((f"Scenario 2 ({name}): >= 1000 instances/s", gw.rate >= 1000,
+                        f"{gw.rate:.0f} instances/s{extra}"))
+    gw = get("5", "dicomgw")
+    if gw and gw.peak_rss is not None:
+        out.append((f"Scenario 5: gateway peak RSS < 100 MB ({gw.title})", gw.peak_rss < 100e6,
+                    f"{gw.peak_rss / 1e6:.0f} MB"))
+    gw = get("4", "dicomgw")
+    if gw:
+        label = "Scenario 4 with 1000 associations" if big else "Scenario 4 (1000 only with --big)"
+        ok = gw.failed_clients == 0 and gw.stored_ok
+        out.append((f"{label}: every association served", ok if big else (None if ok else False),
+                    f"{gw.title}: {gw.failed_clients} failed association(s), "
+                    f"all stored: {'yes' if gw.stored_ok else 'no'}, peak RSS {_mb(gw.peak_rss)}"))
+    return out
+
+
+def machine() -> dict:
+    cpu = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    mem = 0
+    try:
+        with open("/proc/meminfo") as f:
+            mem = int(next(line.split()[1] for line in f if line.startswith("MemTotal"))) * 1024
+    except (OSError, StopIteration):
+        pass
+
+    def version(cmd):
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=20).stdout
+            return out.strip().splitlines()[0] if out.strip() else "?"
+        except (OSError, subprocess.SubprocessError):
+            return "not installed"
+
+    import twisted
+    try:
+        import pynetdicom
+        pynet = pynetdicom.__version__
+    except ImportError:
+        pynet = "not installed"
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "memory": f"{mem / 2**30:.1f} GiB",
+        "os": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
+        "twisted": twisted.__version__, "pynetdicom": pynet,
+        "dcmtk": version(["storescp", "--version"]),
+        "load average at start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+    }
+
+
+_LOCAL_OPTIONS = ("--workdir", "--out", "--profile", "--note")
+
+
+def shown_argv(argv: list[str]) -> list[str]:
+    """The options of a run as the results record them: without the local
+    paths of --workdir/--out/--profile, and without the note (shown apart)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in _LOCAL_OPTIONS:
+            skip = True
+        elif not arg.startswith(tuple(o + "=" for o in _LOCAL_OPTIONS)):
+            out.append(arg)
+    return out
+
+
+def markdown(rows, target_list, info, args, started) -> str:
+    command = " ".join(["python -m bench.run"] + shown_argv(args.argv))
+    lines = ["# dicomgw benchmark results", "",
+             f"Run {started} UTC with `{command}`.", ""]
+    if args.note:
+        lines += [f"**Note:** {args.note}", ""]
+    lines += ["## Machine", ""] + [f"- {k}: {v}" for k, v in info.items()] + [""]
+    lines += ["## Results (medians)", "",
+              "Client: DCMTK `storescu` with `TCP_NODELAY=1`, max PDU 128 KiB on every receiver. "
+              "Ratio = receiver time / DCMTK time (lower is better).", "",
+              "| scenario | receiver | median time (s) | rate | x DCMTK | peak RSS | all stored | failed assoc. | runs |",
+              "|---|---|---:|---:|---:|---:|---|---:|---:|"]
+    for r in rows:
+        if r.receiver == "-":
+            lines.append(f"| {r.scenario}: {r.title} | {r.note} | | | | | | | |")
+            continue
+        ratio = f"{r.ratio_to_dcmtk:.2f}" if r.ratio_to_dcmtk is not None else ""
+        lines.append(f"| {r.scenario}: {r.title} | {r.receiver} | {r.median_s:.3f} | "
+                     f"{r.rate:,.0f} {r.unit} | {ratio} | {_mb(r.peak_rss)} | "
+                     f"{'yes' if r.stored_ok else 'NO'} | {r.failed_clients} | {r.runs} |")
+    notes = sorted({f"{r.scenario}: {r.note}" for r in rows if r.note and r.receiver != "-"})
+    if notes:
+        lines += [""] + [f"- {n}" for n in notes]
+    lines += ["", "## Targets (issue 7)", ""]
+    for text, ok, figures in target_list:
+        mark = "met" if ok else ("not measured" if ok is None else "NOT met")
+        lines.append(f"- {text}: **{mark}** ({figures})")
+    return "\n".join(lines) + "\n"
+
+
+def chart(rows: list[Row], path: str) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    keys = [k for k in dict.fromkeys(r.scenario for r in rows) if any(
+        x.scenario == k and x.receiver != "-" for x in rows)]
+    big = [r for r in rows if r.scenario == "5" and r.peak_rss is not None]
+    panels = len(keys) + (1 if big else 0)
+    if not panels:
+        return False
+    cols = min(panels, 4)
+    nrows = -(-panels // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.6 * nrows), squeeze=False)
+    colours = {"dicomgw": "tab:blue", "DCMTK": "tab:green", "pynetdicom": "tab:orange"}
+
+    def colour(name):
+        return next((c for k, c in colours.items() if name.startswith(k)), "tab:gray")
+
+    flat = [ax for row in axes for ax in row]
+    for ax, key in zip(flat, keys):
+        mine = [r for r in rows if r.scenario == key]
+        names = [r.receiver.replace(" storescp", "") for r in mine]
+        ax.bar(names, [r.median_s for r in mine], color=[colour(r.receiver) for r in mine])
+        ax.set_title(f"{key}: {mine[0].title}", fontsize=8, wrap=True)
+        ax.set_ylabel("median time (s), lower is better", fontsize=7)
+        ax.tick_params(axis="x", labelsize=7, rotation=20)
+        for i, r in enumerate(mine):
+            if r.ratio_to_dcmtk is not None:
+                ax.annotate(f"{r.ratio_to_dcmtk:.2f}x", (i, r.median_s), ha="center", va="bottom", fontsize=7)
+    if big:
+        ax = flat[len(keys)]
+        ax.bar([r.receiver.replace(" storescp", "") for r in big], [r.peak_rss / 2**20 for r in big],
+               color=[colour(r.receiver) for r in big])
+        ax.set_title(f"5: peak RSS, {big[0].title}", fontsize=8)
+        ax.set_ylabel("MiB", fontsize=7)
+        ax.set_yscale("log")
+        ax.tick_params(axis="x", labelsize=7, rotation=20)
+    for ax in flat[panels:]:
+        ax.set_visible(False)
+    fig.suptitle("dicomgw vs DCMTK storescp vs pynetdicom storescp (client: DCMTK storescu)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def check_peers() -> list[str]:
+    missing = [p for p in ("storescu", "storescp", "openssl") if shutil.which(p) is None]
+    try:
+        import pynetdicom  # noqa: F401
+    except ImportError:
+        missing.append("pynetdicom")
+    return missing
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny counts, one repetition (a smoke run)")
+    ap.add_argument("--big", action="store_true", help="scenario 4 with 1000 associations")
+    ap.add_argument("--reps", type=int, help="repetitions per scenario (default 3; 2 for scenario 5)")
+    ap.add_argument("--only", default="1,2,3,4,5,6", help="comma-separated scenarios to run")
+    ap.add_argument("--receivers", default="",
+                    help="comma-separated name prefixes of the receivers to run (default: all)")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
+                    help="where results.md/.json/.png go")
+    ap.add_argument("--workdir", help="data and receiver storage (default: a new temporary directory; "
+                    "give one to reuse the generated data)")
+    ap.add_argument("--profile", metavar="DIR",
+                    help="run the gateway under cProfile, one .pstats file per run in DIR")
+    ap.add_argument("--note", default="", help="a remark printed at the top of results.md")
+    args = ap.parse_args(argv)
+    args.argv = argv
+    missing = check_peers()
+    if missing:
+        print(f"missing peers: {', '.join(missing)} (install DCMTK, openssl and pynetdicom)", file=sys.stderr)
+        return 2
+    if args.profile:
+        Gateway.profile_dir = os.path.abspath(args.profile)
+    sizes = dataclasses.replace(QUICK if args.quick else Sizes())
+    if args.reps:
+        sizes.reps = sizes.reps_big = args.reps
+    only = set(args.only.split(","))
+    started = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
+    info = machine()
+    workdir = args.workdir or tempfile.mkdtemp(prefix="dicomgw-bench-")
+    os.makedirs(workdir, exist_ok=True)
+    keep = args.workdir is not None
+    try:
+        scenarios = build_scenarios(workdir, sizes, only, args.big)
+        if args.receivers:
+            prefixes = tuple(args.receivers.split(","))
+            for sc in scenarios:
+                sc.receivers = [r for r in sc.receivers if r.name.startswith(prefixes)]
+        runs = []
+        for sc in scenarios:
+            if not sc.receivers:
+                print(f"scenario {sc.key}: {sc.note}")
+                continue
+            print(f"scenario {sc.key}: {sc.title} ({sc.workload.instances} instances, "
+                  f"{sc.workload.bytes / MB:.0f} MB)")
+            # The 1 GiB instance runs fewer times; 1000 associations once
+            # (pynetdicom alone takes minutes there).
+            reps = sizes.reps_big if sc.key == "5" else sizes.reps
+            runs += measure(sc, 1 if sc.key == "4" and args.big else reps)
+    finally:
+        if not keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    rows = summarize(scenarios, runs)
+    os.makedirs(args.out, exist_ok=True)
+    target_list = targets(rows, args.big)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(markdown(rows, target_list, info, args, started))
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"started": started, "argv": shown_argv(argv), "machine": info, "note": args.note,
+                   "runs": [asdict(r) for r in runs], "rows": [asdict(r) for r in rows]}, f, indent=1)
+    drew = chart(rows, os.path.join(args.out, "results.png"))
+    print(open(os.path.join(args.out, "results.md")).read())
+    if not drew:
+        print("(no chart: install the [bench] extra for matplotlib)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

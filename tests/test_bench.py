@@ -1,0 +1,95 @@
+"""The benchmark still works: its report logic, and a tiny run end to end.
+
+Nothing here times anything: timing belongs to the benchmark itself.  These
+tests only make sure a broken bench is caught by CI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from twisted.trial import unittest
+
+from bench import run as B
+from tests.integration.harness import require_program, require_pynetdicom
+
+
+def _scenario(key, unit, names):
+    class R:
+        forks = False
+
+        def __init__(self, name):
+            self.name = name
+
+    return B.Scenario(key, f"scenario {key}", B.Workload([]), [R(n) for n in names], unit)
+
+
+class ReportTests(unittest.TestCase):
+    names = ["dicomgw", "DCMTK storescp", "pynetdicom storescp"]
+
+    def runs(self, key, seconds, instances=500, size=250_000_000, stored=None, failed=0, rss=50 << 20):
+        out = []
+        for name, times in zip(self.names, seconds):
+            for rep, t in enumerate(times):
+                out.append(B.Run(key, name, rep, t, instances, size,
+                                 instances if stored is None else stored, failed, rss))
+        return out
+
+    def test_medians_ratios_and_targets(self):
+        scenarios = [_scenario("1", "MB/s", self.names), _scenario("2", "inst/s", self.names)]
+        runs = (self.runs("1", [[1.0, 3.0, 1.2], [1.0, 0.9, 0.8], [5.0, 6.0, 7.0]])
+                + self.runs("2", [[2.5, 2.4, 2.6], [1.0, 1.0, 1.0], [9.0, 9.0, 9.0]], instances=2000))
+        rows = B.summarize(scenarios, runs)
+        gw1 = rows[0]
+        self.assertEqual((gw1.receiver, gw1.median_s), ("dicomgw", 1.2))  # median, not mean
+        self.assertAlmostEqual(gw1.ratio_to_dcmtk, 1.2 / 0.9)
+        self.assertAlmostEqual(gw1.rate, 250 / 1.2)
+        self.assertAlmostEqual(rows[3].rate, 2000 / 2.5)
+        targets = dict((text.split(":")[0], (ok, figures)) for text, ok, figures in B.targets(rows, False))
+        self.assertTrue(targets["Scenario 1 (dicomgw)"][0])  # 1.2 <= 1.5 * 0.9, 6.0 >= 4 * 1.2
+        self.assertFalse(targets["Scenario 2 (dicomgw)"][0])  # 800 instances/s
+        self.assertIn("800 instances/s", targets["Scenario 2 (dicomgw)"][1])
+
+    def test_missing_instances_are_reported(self):
+        scenarios = [_scenario("1", "MB/s", self.names)]
+        rows = B.summarize(scenarios, self.runs("1", [[1.0], [1.0], [1.0]], stored=499))
+        self.assertFalse(rows[0].stored_ok)
+
+        class Args:
+            argv, note = ["--quick"], "a note"
+
+        text = B.markdown(rows, B.targets(rows, False), {"cores": 2}, Args, "2026-01-01 00:00")
+        self.assertIn("| 1: scenario 1 | dicomgw | 1.000 |", text)
+        self.assertIn("| NO |", text)
+        self.assertIn("a note", text)
+        self.assertIn("with `python -m bench.run --quick`.", text)
+
+    def test_local_paths_are_not_recorded(self):
+        self.assertEqual(B.shown_argv(["--big", "--workdir", "/x/y", "--note", "n", "--out=/z", "--reps", "2"]),
+                         ["--big", "--reps", "2"])
+
+
+class QuickRunTests(unittest.TestCase):
+    """``python -m bench.run --quick`` for one scenario, gateway and DCMTK."""
+
+    timeout = 120
+
+    def test_quick_scenario_1(self):
+        require_program("storescu")
+        require_program("storescp")
+        require_program("openssl")
+        require_pynetdicom()
+        workdir, out = os.path.abspath(self.mktemp()), os.path.abspath(self.mktemp())
+        code = B.main(["--quick", "--only", "1", "--reps", "1", "--receivers", "dicomgw,DCMTK",
+                       "--workdir", workdir, "--out", out])
+        self.assertEqual(code, 0)
+        with open(os.path.join(out, "results.json")) as f:
+            result = json.load(f)
+        receivers = sorted(r["receiver"] for r in result["runs"])
+        self.assertEqual(receivers, ["DCMTK storescp", "dicomgw", "dicomgw fsync=false"])
+        for r in result["runs"]:
+            self.assertEqual(r["stored"], B.QUICK.ct_single, r)
+            self.assertEqual(r["failed_clients"], 0, r)
+        with open(os.path.join(out, "results.md")) as f:
+            self.assertIn("| 1: 20 CT 512x512, one association | dicomgw |", f.read())
