@@ -412,10 +412,11 @@ class PayloadService(Service):
                    transfer_syntax=instance.transfer_syntax_uid, calling_ae=association.calling_ae,
                    called_ae=association.called_ae, peer=association.peer, started=association.started,
                    received=received, path=instance.path, group_key=key)
-        d = self.db.run(_db_index, row)
+        d = self.db.run_coalesced(_db_index, row)
 
         def indexed(result):
-            self.log.debug("indexed {sop_instance_uid}", event="instance.indexed",
+            # Structured only (no format), like instance.stored: see scp.py.
+            self.log.debug(None, event="instance.indexed",
                            association=association.id, ae=association.called_ae,
                            sop_instance_uid=instance.sop_instance_uid, path=instance.path,
                            sha256=attrs["sha256"])
