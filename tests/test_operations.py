@@ -173,7 +173,7 @@ class MetricsTests(unittest.TestCase):
         m = Metrics()
         m({"event": "instance.stored", "called_ae": 'A"B\\', "bytes": 5, "latency": 0.02})
         m({"event": "instance.stored", "called_ae": 'A"B\\', "bytes": 7, "latency": 100.0})
-        m({"event": "pipeline.finished", "pipeline": "seg", "outcome": "done"})
+        m({"event": "pipeline.run", "pipeline": "seg", "outcome": "done"})
         m({"event": "export.job.finished", "destination": "pacs"})
         for i in range(MAX_SERIES + 10):
             m({"event": "instance.failed", "called_ae": f"AE{i}", "status": 0xA700})

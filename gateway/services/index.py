@@ -229,12 +229,14 @@ _HEADER_TAGS = ("SOPClassUID", "SOPInstanceUID", "PatientID", "PatientName", "St
                 "SeriesInstanceUID", "Modality", "SpecificCharacterSet")
 
 
-def read_header(path: str) -> dict:
+def read_header(path: str, known: dict | None = None) -> dict:
     """Attributes of a stored instance, its size, inode and SHA-256.
 
     Only the header is parsed (no pixel data); text is decoded with the
     dataset's Specific Character Set.  A dataset pydicom cannot parse still
-    gets its size and hash, with empty attributes.
+    gets its size and hash, with empty attributes.  ``known`` may give
+    ``sha256``, ``size`` and ``inode`` already (the writer computes them as
+    it writes); the file is then not read a second time to hash it.
     """
     import pydicom
 
@@ -249,6 +251,9 @@ def read_header(path: str) -> dict:
         attrs["header_error"] = ""
     except Exception as e:  # a malformed dataset is still stored as-is
         attrs["header_error"] = f"{type(e).__name__}: {e}"
+    if known and known.get("sha256"):
+        attrs.update(sha256=known["sha256"], size=known["size"], inode=known["inode"])
+        return attrs
     h = hashlib.sha256()
     with open(path, "rb") as f:
         st = os.fstat(f.fileno())

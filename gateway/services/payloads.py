@@ -375,7 +375,9 @@ class PayloadService(Service):
         """
         now = self.reactor.seconds()
         _ae, pending = self.examining.setdefault(association.id, (association.called_ae, []))
-        d = self._disk(read_header, instance.path)
+        known = {"sha256": getattr(instance, "sha256", ""), "size": instance.size,
+                 "inode": getattr(instance, "inode", 0)}
+        d = self._disk(read_header, instance.path, known)
         d.addCallback(self._examined, instance, association, now)
 
         def failed(failure):

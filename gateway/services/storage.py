@@ -27,6 +27,7 @@ Layout under the storage root::
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import secrets
 from collections import deque
@@ -54,6 +55,8 @@ class StoredInstance:
     size: int  # bytes of the whole Part 10 file
     dataset_size: int
     replaced: bool  # an earlier copy of the same instance was overwritten
+    sha256: str = ""  # of the whole file, computed as it was written
+    inode: int = 0
 
 
 _FINISH = object()
@@ -76,6 +79,7 @@ class InstanceWriter:
         self._header_len = len(header)
         self._meta = meta
         self._fd = -1
+        self._hash = hashlib.sha256()  # updated in the pool thread, chunk by chunk
         self._running = False
         self._failed: BaseException | None = None
         self._finishing = None
@@ -173,6 +177,9 @@ class InstanceWriter:
                 if self._fd < 0:
                     self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
                 view = memoryview(op)
+                # Hashing here, while the bytes are at hand, spares the index a
+                # second read of the whole file (hashlib drops the GIL for it).
+                self._hash.update(view)
                 while view:
                     n = _write(self._fd, view)
                     view = view[n:]
@@ -189,7 +196,8 @@ class InstanceWriter:
                 self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
             if self._storage.fsync:
                 os.fsync(self._fd)
-            size = os.fstat(self._fd).st_size
+            st = os.fstat(self._fd)
+            size = st.st_size
             os.close(self._fd)
             self._fd = -1
             directory = os.path.dirname(self._final)
@@ -207,6 +215,8 @@ class InstanceWriter:
                 size=size,
                 dataset_size=size - self._header_len,
                 replaced=replaced,
+                sha256=self._hash.hexdigest(),
+                inode=st.st_ino,
             )
         except BaseException as e:  # leave nothing behind
             if self._fd >= 0:

@@ -411,3 +411,13 @@ class PayloadApiTests(unittest.TestCase):
         self.assertEqual(item["key"], pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
         self.assertEqual({k: v["state"] for k, v in item["pipelines"].items()}, {"ok": "done", "bad": "failed"})
         self.assertEqual(item["pipelines"]["bad"]["reason"], "exit status 2")
+        # The same runs, counted from the services' own events.
+        from prometheus_client.parser import text_string_to_metric_families
+
+        code, text, _ = yield Client(gw.http_port).request("GET", "/metrics")
+        self.assertEqual(code, 200)
+        samples = {(m.name, tuple(sorted(m.labels.items()))): m.value
+                   for family in text_string_to_metric_families(text) for m in family.samples}
+        self.assertEqual(samples[("dicomgw_payloads_total", (("ae", "DICOMGW"),))], 1)
+        self.assertEqual(samples[("dicomgw_pipeline_runs_total", (("outcome", "done"), ("pipeline", "ok")))], 1)
+        self.assertEqual(samples[("dicomgw_pipeline_runs_total", (("outcome", "failed"), ("pipeline", "bad")))], 1)

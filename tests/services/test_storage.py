@@ -36,6 +36,10 @@ class StorageTests(unittest.TestCase):
             data = f.read()
         self.assertEqual(data[dataset_offset(data):], b"".join(chunks))
         self.assertEqual(stored.dataset_size, sum(map(len, chunks)))
+        # The hash and inode the index uses, computed while writing.
+        import hashlib
+        self.assertEqual(stored.sha256, hashlib.sha256(data).hexdigest())
+        self.assertEqual(stored.inode, os.stat(stored.path).st_ino)
         self.assertEqual(stored.path, os.path.join(self.storage.instances_dir, "AE1", "1.2.3.4.dcm"))
         self.assertEqual(w.pending, 0)
         self.assertEqual(os.listdir(self.storage.tmp_dir), [])
