@@ -19,6 +19,23 @@ from twisted.trial.unittest import SkipTest
 from tests.integration.harness import IN_CI, free_port, require_program
 
 
+def _stopper(proc, transport):
+    """A cleanup that stops a peer process: TERM, then KILL if it is still
+    there 10 s later; fires when the process has ended."""
+
+    def stop():
+        if not proc.ended.called:
+            try:
+                transport.signalProcess("TERM")
+            except error.ProcessExitedAlready:
+                pass
+            timer = reactor.callLater(10, lambda: proc.ended.called or transport.signalProcess("KILL"))
+            proc.ended.addBoth(lambda r: timer.active() and timer.cancel())
+        return proc.ended
+
+    return stop
+
+
 class _Collect(protocol.ProcessProtocol):
     def __init__(self):
         self.output = bytearray()
@@ -60,18 +77,7 @@ def _spawn(testcase, program, args, port, env=None):
     full_env.update(env or {})
     transport = reactor.spawnProcess(proc, path, [path, *args], env=full_env)
 
-    def stop():
-        if not proc.ended.called:
-            try:
-                transport.signalProcess("TERM")
-            except error.ProcessExitedAlready:
-                pass
-            # Bounded: kill if TERM is not enough within 10 s.
-            timer = reactor.callLater(10, lambda: proc.ended.called or transport.signalProcess("KILL"))
-            proc.ended.addBoth(lambda r: timer.active() and timer.cancel())
-        return proc.ended
-
-    testcase.addCleanup(stop)
+    testcase.addCleanup(_stopper(proc, transport))
     yield _wait_listening(port, proc, program)
     return proc
 
@@ -128,17 +134,7 @@ def start_orthanc(testcase, directory, ae="ORTHANC"):
     proc = _Collect()
     transport = reactor.spawnProcess(proc, program, [program, path], env=dict(os.environ))
 
-    def stop():
-        if not proc.ended.called:
-            try:
-                transport.signalProcess("TERM")
-            except error.ProcessExitedAlready:
-                pass
-            timer = reactor.callLater(10, lambda: proc.ended.called or transport.signalProcess("KILL"))
-            proc.ended.addBoth(lambda r: timer.active() and timer.cancel())
-        return proc.ended
-
-    testcase.addCleanup(stop)
+    testcase.addCleanup(_stopper(proc, transport))
     yield _wait_listening(dicom, proc, "Orthanc")
     yield _wait_listening(http, proc, "Orthanc (HTTP)")
     return dicom, http

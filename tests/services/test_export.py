@@ -7,7 +7,6 @@ the state machine); the bytes it stores are compared with the files sent.
 from __future__ import annotations
 
 import os
-import socket
 import textwrap
 
 from twisted.internet import defer, reactor
@@ -23,16 +22,9 @@ from gateway.services.export import (
     read_part10_header,
 )
 from tests.dicomfiles import ct_image, dataset_bytes, make_series, small_instance
-from tests.integration.harness import start_gateway
+from tests.integration.harness import free_port, start_gateway
 
 
-def closed_port() -> int:
-    """A loopback port nothing listens on (bound, then released)."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def scu_config(storage, destinations, *, max_associations=2, retries=3, retry_delay=0.1, artim=5,
@@ -105,7 +97,7 @@ class EchoTests(ExportCase):
         gw = yield start_gateway(self)
         config = scu_config(os.path.abspath(self.mktemp()),
                             [("gw", gw.port, "DICOMGW"), ("wrongae", gw.port, "NOSUCHAE"),
-                             ("down", closed_port(), "X")])
+                             ("down", free_port(), "X")])
         export = self.start_export(config)
         ok = yield export.destinations.echo("gw")
         self.assertTrue(ok["ok"], ok)
@@ -207,7 +199,7 @@ class RetryAndConcurrencyTests(ExportCase):
         src = self.mktemp()
         os.makedirs(src)
         paths = make_series(src, 6, rows=256, cols=256)
-        destinations = [("down", closed_port(), "DOWN")] + [(n, gw.port, "DICOMGW") for n in ("a", "b", "c")]
+        destinations = [("down", free_port(), "DOWN")] + [(n, gw.port, "DICOMGW") for n in ("a", "b", "c")]
         config = scu_config(os.path.abspath(self.mktemp()), destinations, max_associations=2, retries=2,
                             retry_delay=0.2)
         export = self.start_export(config)
