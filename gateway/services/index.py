@@ -229,14 +229,14 @@ _HEADER_TAGS = ("SOPClassUID", "SOPInstanceUID", "PatientID", "PatientName", "St
                 "SeriesInstanceUID", "Modality", "SpecificCharacterSet")
 
 
-def read_header(path: str, known: dict | None = None) -> dict:
-    """Attributes of a stored instance, its size, inode and SHA-256.
+def header_attributes(path: str) -> dict:
+    """The indexed attributes of a stored instance, from its header only.
 
     Only the header is parsed (no pixel data); text is decoded with the
-    dataset's Specific Character Set.  A dataset pydicom cannot parse still
-    gets its size and hash, with empty attributes.  ``known`` may give
-    ``sha256``, ``size`` and ``inode`` already (the writer computes them as
-    it writes); the file is then not read a second time to hash it.
+    dataset's Specific Character Set.  A dataset pydicom cannot parse gets
+    empty attributes and ``header_error``: it is still stored as-is.
+    Blocking: the storage writer runs it in its own pool job, right after the
+    file is in place (see ``Storage.after_write``).
     """
     import pydicom
 
@@ -251,6 +251,16 @@ def read_header(path: str, known: dict | None = None) -> dict:
         attrs["header_error"] = ""
     except Exception as e:  # a malformed dataset is still stored as-is
         attrs["header_error"] = f"{type(e).__name__}: {e}"
+    return attrs
+
+
+def read_header(path: str, known: dict | None = None) -> dict:
+    """:func:`header_attributes` plus the file's size, inode and SHA-256.
+
+    ``known`` may give ``sha256``, ``size`` and ``inode`` already (the writer
+    computes them as it writes); the file is then not read again to hash it.
+    """
+    attrs = header_attributes(path)
     if known and known.get("sha256"):
         attrs.update(sha256=known["sha256"], size=known["size"], inode=known["inode"])
         return attrs

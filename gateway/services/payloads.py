@@ -33,7 +33,7 @@ import os
 import secrets
 
 from twisted.application.service import Service
-from twisted.internet.defer import DeferredList, inlineCallbacks
+from twisted.internet.defer import DeferredList, inlineCallbacks, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -375,9 +375,14 @@ class PayloadService(Service):
         """
         now = self.reactor.seconds()
         _ae, pending = self.examining.setdefault(association.id, (association.called_ae, []))
-        known = {"sha256": getattr(instance, "sha256", ""), "size": instance.size,
-                 "inode": getattr(instance, "inode", 0)}
-        d = self._disk(read_header, instance.path, known)
+        attributes = getattr(instance, "attributes", None)
+        if attributes is not None and getattr(instance, "sha256", ""):
+            # The writer read the header in its own job (Storage.after_write).
+            d = succeed(dict(attributes, sha256=instance.sha256, size=instance.size, inode=instance.inode))
+        else:
+            known = {"sha256": getattr(instance, "sha256", ""), "size": instance.size,
+                     "inode": getattr(instance, "inode", 0)}
+            d = self._disk(read_header, instance.path, known)
         d.addCallback(self._examined, instance, association, now)
 
         def failed(failure):

@@ -57,6 +57,7 @@ class StoredInstance:
     replaced: bool  # an earlier copy of the same instance was overwritten
     sha256: str = ""  # of the whole file, computed as it was written
     inode: int = 0
+    attributes: dict | None = None  # what Storage.after_write returned, if set
 
 
 _FINISH = object()
@@ -206,6 +207,12 @@ class InstanceWriter:
             os.replace(self._tmp, self._final)
             if self._storage.fsync:
                 _fsync_dir(directory)
+            attributes = None
+            if self._storage.after_write is not None:
+                try:
+                    attributes = self._storage.after_write(self._final)
+                except Exception:  # the instance is stored; its reader will try again
+                    attributes = None
             meta = self._meta
             return StoredInstance(
                 path=self._final,
@@ -217,6 +224,7 @@ class InstanceWriter:
                 replaced=replaced,
                 sha256=self._hash.hexdigest(),
                 inode=st.st_ino,
+                attributes=attributes,
             )
         except BaseException as e:  # leave nothing behind
             if self._fd >= 0:
@@ -256,6 +264,11 @@ class Storage:
         self.pool = pool
         self.fsync = fsync
         self.implementation_version_name = implementation_version_name
+        # Called with the path of each stored file, in the same pool job,
+        # right after it is in place; its result rides along in
+        # StoredInstance.attributes.  The index sets it to read the header
+        # while the file is in the page cache, without a job of its own.
+        self.after_write = None
         self._ae_dirs: dict[str, str] = {}  # called AE title -> its checked directory
 
     def prepare(self) -> int:

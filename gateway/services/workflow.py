@@ -9,7 +9,7 @@ from twisted.application.service import Service
 
 from gateway.config import ConfigError
 from gateway.interfaces import IInstanceStoredObserver
-from gateway.services.index import DB_NAME, Database
+from gateway.services.index import DB_NAME, Database, header_attributes
 from gateway.services.payloads import PayloadService
 from gateway.services.pipelines import PipelineRunner
 from gateway.services.reclaimer import Reclaimer
@@ -67,6 +67,9 @@ def add_workflow(root, config, storage, scp, reactor, export_queue):
     ``export_queue`` (an IExportQueue).
     """
     db = Database(os.path.join(os.path.abspath(storage.root), DB_NAME), reactor, durable=config.fsync)
+    # The index needs each instance's header: the writer reads it in the job
+    # that wrote the file, while it is in the page cache (no extra job).
+    storage.after_write = header_attributes
     runner = PipelineRunner(config, db, storage, reactor, export_queue)
     DatabaseService(db, runner).setServiceParent(root)
     payloads = PayloadService(config, storage, db, reactor, runner)

@@ -134,3 +134,41 @@ def _tick():
     from twisted.internet import task
 
     return task.deferLater(reactor, 0.01, lambda: None)
+
+
+class AfterWriteTests(unittest.TestCase):
+    def setUp(self):
+        self.pool = ThreadPool(1, 2, name="test-disk")
+        self.pool.start()
+        self.addCleanup(self.pool.stop)
+        self.storage = S.Storage(self.mktemp(), reactor, self.pool, fsync=False)
+        self.storage.prepare()
+
+    def begin(self):
+        return self.storage.begin(called_ae="AE1", calling_ae="PEER", sop_class_uid="1.2.840.10008.5.1.4.1.1.7",
+                                  sop_instance_uid="1.2.3.4", transfer_syntax_uid="1.2.840.10008.1.2")
+
+    @defer.inlineCallbacks
+    def test_result_rides_along_and_a_failure_does_not_fail_the_store(self):
+        import threading
+
+        seen = []
+        self.storage.after_write = lambda path: seen.append((path, threading.current_thread().name)) or {"k": 1}
+        w = self.begin()
+        w.write(b"z" * 100)
+        stored = yield w.finish()
+        self.assertEqual(stored.attributes, {"k": 1})
+        [(path, thread)] = seen
+        self.assertEqual(path, stored.path)
+        self.assertTrue(os.path.exists(path))  # called once the file is in place
+        self.assertNotEqual(thread, threading.current_thread().name)  # in the pool, not the reactor
+
+        def broken(path):
+            raise ValueError("unreadable header")
+
+        self.storage.after_write = broken
+        w = self.begin()
+        w.write(b"y" * 100)
+        stored = yield w.finish()
+        self.assertIsNone(stored.attributes)
+        self.assertTrue(os.path.exists(stored.path))
