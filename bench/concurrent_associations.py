@@ -38,6 +38,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 from twisted.internet import defer, protocol, task  # noqa: E402
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS  # noqa: E402
 
+from bench.receivers import free_port  # noqa: E402
 from gateway.dimse import commands as C  # noqa: E402
 from gateway.dimse.message import fragment_message  # noqa: E402
 from gateway.ul import pdu as P  # noqa: E402
@@ -115,14 +116,6 @@ def rss_kib(pid: int) -> dict:
             if key in ("VmRSS", "VmHWM"):
                 fields[key] = int(value.split()[0])
     return fields
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def start_gateway(workdir: str, associations: int, tls: bool) -> tuple[subprocess.Popen, int]:

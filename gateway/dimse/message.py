@@ -98,7 +98,11 @@ class MessageAssembler:
     refuses any further PDV.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, contexts=None) -> None:
+        # The presentation context ids this association negotiated (any
+        # container, read at each PDV, so it may be filled in later); a PDV
+        # on any other context breaks the association.  None: no check.
+        self._contexts = contexts
         self._command = bytearray()  # command fragments received so far
         self._command_context: Optional[int] = None  # set while collecting
         self._dataset_context: Optional[int] = None  # set while a data set is due
@@ -120,6 +124,8 @@ class MessageAssembler:
         if self._failed:
             raise DIMSEError("message assembler already failed; abort the association")
         try:
+            if self._contexts is not None and pdv.context_id not in self._contexts:
+                raise DIMSEError(f"PDV on presentation context {pdv.context_id}, which was not negotiated")
             if pdv.control & CONTROL_COMMAND:
                 return self._feed_command(pdv)
             return self._feed_dataset(pdv)

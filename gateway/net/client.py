@@ -199,7 +199,7 @@ class SCUAssociation:
         self.refused: dict[tuple[str, str], int] = {}  # pair -> PC result
         self.peer_max_pdu = 0
         self.established: defer.Deferred = defer.Deferred()
-        self._assembler = MessageAssembler()
+        self._assembler = MessageAssembler(self.proposed)
         self._ids = itertools.count(1)
         self._waiting: dict[int, defer.Deferred] = {}  # message id -> response
         self._release: defer.Deferred | None = None
@@ -251,9 +251,6 @@ class SCUAssociation:
 
     def pdata_indication(self, pdu: P.PDataTF):
         for pdv in pdu.pdvs:
-            if pdv.context_id not in self.proposed:
-                self._protocol_error(f"P-DATA on presentation context {pdv.context_id}, which we never proposed")
-                return
             try:
                 events = self._assembler.feed(pdv)
             except C.DIMSEError as e:

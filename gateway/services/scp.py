@@ -154,7 +154,7 @@ class StoreSCP:
         self.called_ae = ""
         self.contexts: dict[int, tuple[str, str]] = {}  # id -> (abstract syntax, transfer syntax)
         self.peer_max_pdu = 0
-        self.assembler = MessageAssembler()
+        self.assembler = MessageAssembler(self.contexts)
         self.outbox: deque[_Slot] = deque()
         self.store: _Store | None = None
         self.writers: set = set()
@@ -228,11 +228,7 @@ class StoreSCP:
     # ---- data transfer ---------------------------------------------------
 
     def pdata_indication(self, pdu: P.PDataTF):
-        contexts = self.contexts
         for pdv in pdu.pdvs:
-            if pdv.context_id not in contexts:
-                self._protocol_error(f"P-DATA on presentation context {pdv.context_id}, which was not accepted")
-                return
             try:
                 events = self.assembler.feed(pdv)
             except C.DIMSEError as e:

@@ -159,6 +159,20 @@ class AssemblerTests(unittest.TestCase):
         self.assertRaises(DIMSEError, self.asm.feed, cmd_pdv(1, ECHO_RQ))
 
 
+class NegotiatedContextTests(unittest.TestCase):
+    def test_pdv_on_a_context_not_negotiated_breaks_the_association(self):
+        contexts = {}
+        asm = MessageAssembler(contexts)
+        contexts[1] = ("1.2.840.10008.1.1", "1.2.840.10008.1.2")  # filled in after creation
+        echo = encode_command(c.c_echo_rq(1))
+        [event] = asm.feed(cmd_pdv(1, echo))
+        self.assertEqual(event.command.command_field, c.C_ECHO_RQ)
+        with self.assertRaises(DIMSEError) as cm:
+            asm.feed(cmd_pdv(3, echo))
+        self.assertIn("context 3", str(cm.exception))
+        self.assertRaises(DIMSEError, asm.feed, cmd_pdv(1, echo))  # and nothing after
+
+
 class FragmentMessageTests(unittest.TestCase):
     def reassemble(self, pdus, max_pdu_length):
         """Decode PDUs, check limits and control bits, and reassemble."""
