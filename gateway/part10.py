@@ -68,3 +68,97 @@ def dataset_offset(data: bytes) -> int:
         raise ValueError("File Meta Information Group Length missing")
     (group_length,) = struct.unpack_from("<L", data, 140)
     return 144 + group_length
+
+
+# ---- reading the leading elements of a data set (PS3.5 section 7) ----------
+
+#: Explicit VRs whose length field is 32-bit, after two reserved bytes
+#: (PS3.5 Table 7.1-1); every other VR has a 16-bit length.
+LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR",
+                      b"UT", b"UV"})
+UNDEFINED_LENGTH = 0xFFFFFFFF
+_ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_TAG_LENGTH = struct.Struct("<HHL")  # group, element, 32-bit length (implicit VR, items)
+_MAX_DEPTH = 16  # nested sequences skipped before the data set is called malformed
+
+
+class Truncated(ValueError):
+    """The bytes end before the elements asked for: read more of the file."""
+
+
+def read_elements(data, *, implicit: bool, last_tag: int, wanted=None,
+                  complete: bool = False) -> dict[int, tuple[bytes | None, bytes]]:
+    """The top-level elements of a little-endian data set, up to ``last_tag``.
+
+    ``data`` is the start of the data set (the whole of it when ``complete``).
+    Returns ``{tag: (VR or None when implicit, value bytes)}`` for the elements
+    whose tag is at most ``last_tag`` (only those in ``wanted``, if given).
+    Sequences of undefined length are walked through, not decoded.  Raises
+    :class:`Truncated` when ``data`` ends first, ValueError when the bytes
+    are not a data set.  Pure and bounded: every length is checked against
+    the bytes at hand before it is used.
+    """
+    view = memoryview(data)
+    found: dict[int, tuple[bytes | None, bytes]] = {}
+    pos, end = 0, len(view)
+    while pos < end:
+        tag, vr, length, pos = _element_header(view, pos, implicit)
+        if tag > last_tag:
+            return found
+        if length == UNDEFINED_LENGTH:
+            if tag == _ITEM or tag == _ITEM_END or tag == _SEQUENCE_END:
+                raise ValueError(f"item tag ({tag >> 16:04X},{tag & 0xFFFF:04X}) outside a sequence")
+            # A UN element of undefined length is a sequence in implicit VR
+            # (PS3.5 section 6.2.2).
+            pos = _skip_sequence(view, pos, implicit or vr == b"UN", 1)
+            continue
+        if pos + length > end:
+            raise Truncated("element value runs past the data")
+        if wanted is None or tag in wanted:
+            found[tag] = (vr, bytes(view[pos:pos + length]))
+        pos += length
+    if not complete:
+        raise Truncated(f"the data end before ({last_tag >> 16:04X},{last_tag & 0xFFFF:04X})")
+    return found
+
+
+def _element_header(view, pos: int, implicit: bool):
+    """(tag, VR or None, value length, position of the value)."""
+    if pos + 8 > len(view):
+        raise Truncated("element header runs past the data")
+    group, element, length = _TAG_LENGTH.unpack_from(view, pos)
+    tag = (group << 16) | element
+    if implicit or group == 0xFFFE:  # item tags never carry a VR
+        return tag, None, length, pos + 8
+    vr = bytes(view[pos + 4:pos + 6])
+    if vr in LONG_VRS:
+        if pos + 12 > len(view):
+            raise Truncated("element header runs past the data")
+        (length,) = struct.unpack_from("<L", view, pos + 8)
+        return tag, vr, length, pos + 12
+    if not (65 <= vr[0] <= 90 and 65 <= vr[1] <= 90):
+        raise ValueError(f"({group:04X},{element:04X}) has no valid VR: {vr!r}")
+    return tag, vr, length >> 16, pos + 8  # the 16-bit length follows the VR
+
+
+def _skip_sequence(view, pos: int, implicit: bool, depth: int) -> int:
+    """Walk a sequence of undefined length; return the position after it."""
+    if depth > _MAX_DEPTH:
+        raise ValueError("sequences nested too deep")
+    while True:
+        tag, _vr, length, pos = _element_header(view, pos, True)
+        if tag == _SEQUENCE_END:
+            return pos
+        if tag != _ITEM:
+            raise ValueError(f"({tag >> 16:04X},{tag & 0xFFFF:04X}) where a sequence item belongs")
+        if length != UNDEFINED_LENGTH:
+            pos += length
+            continue
+        while True:  # an item of undefined length: its elements, up to the item end
+            tag, vr, length, pos = _element_header(view, pos, implicit)
+            if tag == _ITEM_END:
+                break
+            if length == UNDEFINED_LENGTH:
+                pos = _skip_sequence(view, pos, implicit or vr == b"UN", depth + 1)
+            else:
+                pos += length

@@ -44,6 +44,7 @@ from gateway.net.client import (
     connect,
     verification_contexts,
 )
+from gateway.part10 import read_elements
 
 DB_NAME = "exports.sqlite"
 
@@ -82,7 +83,6 @@ CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 # ---- Part 10 header (runs in a thread) ------------------------------------
 
 _SHORT = struct.Struct("<HH2sH")
-_LONG_VRS = {b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN", b"UC", b"UR", b"OD", b"OL", b"OV"}
 _META_LIMIT = 64 << 10
 
 
@@ -104,19 +104,8 @@ def read_part10_header(path: str):
         if group_length > _META_LIMIT or 144 + group_length > size:
             raise ValueError(f"implausible File Meta Information length {group_length}")
         meta = f.read(group_length)
-    values = {}
-    pos = 0
-    while pos + 8 <= len(meta):
-        group, element, vr, length = _SHORT.unpack_from(meta, pos)
-        if group != 2:
-            break
-        if vr in _LONG_VRS:
-            (length,) = struct.unpack_from("<L", meta, pos + 8)
-            pos += 12
-        else:
-            pos += 8
-        values[element] = meta[pos:pos + length]
-        pos += length
+    elements = read_elements(meta, implicit=False, last_tag=0x0002FFFF, complete=True)
+    values = {tag & 0xFFFF: value for tag, (_vr, value) in elements.items()}
 
     def uid(element, what):
         raw = values.get(element)

@@ -67,6 +67,9 @@ _FINISH = object()
 #: is paused for its backlog always has a job running that will resume it.
 WRITE_BEHIND = 256 << 10
 _write = os.write  # the one disk write of the hot path (tests simulate a full disk here)
+#: The first bytes of each data set are kept (copied) for ``Storage.after_write``:
+#: the index picks the attributes it needs out of them instead of reading the file.
+HEAD_BYTES = 64 << 10
 
 
 class InstanceWriter:
@@ -81,6 +84,8 @@ class InstanceWriter:
         self._meta = meta
         self._fd = -1
         self._hash = hashlib.sha256()  # updated in the pool thread, chunk by chunk
+        self._head = bytearray()  # the first HEAD_BYTES of the data set (pool thread)
+        self._header_written = False
         self._running = False
         self._failed: BaseException | None = None
         self._finishing = None
@@ -178,6 +183,10 @@ class InstanceWriter:
                 if self._fd < 0:
                     self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
                 view = memoryview(op)
+                if not self._header_written:  # the first op is our meta header
+                    self._header_written = True
+                elif len(self._head) < HEAD_BYTES:
+                    self._head += view[:HEAD_BYTES - len(self._head)]
                 # Hashing here, while the bytes are at hand, spares the index a
                 # second read of the whole file (hashlib drops the GIL for it).
                 self._hash.update(view)
@@ -210,7 +219,9 @@ class InstanceWriter:
             attributes = None
             if self._storage.after_write is not None:
                 try:
-                    attributes = self._storage.after_write(self._final)
+                    head = self._head
+                    attributes = self._storage.after_write(
+                        self._final, head, self._meta.transfer_syntax_uid, len(head) < HEAD_BYTES)
                 except Exception:  # the instance is stored; its reader will try again
                     attributes = None
             meta = self._meta
@@ -264,10 +275,11 @@ class Storage:
         self.pool = pool
         self.fsync = fsync
         self.implementation_version_name = implementation_version_name
-        # Called with the path of each stored file, in the same pool job,
-        # right after it is in place; its result rides along in
+        # Called in the same pool job as each stored file is in place, with
+        # (path, the first HEAD_BYTES of the data set, its transfer syntax,
+        # whether those bytes are all of it); its result rides along in
         # StoredInstance.attributes.  The index sets it to read the header
-        # while the file is in the page cache, without a job of its own.
+        # without a job of its own, and mostly without reading the file.
         self.after_write = None
         self._ae_dirs: dict[str, str] = {}  # called AE title -> its checked directory
 

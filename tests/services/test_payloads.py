@@ -13,7 +13,7 @@ from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
 
 from gateway.config import config_from_string
-from gateway.services.index import Database, read_header
+from gateway.services.index import Database, header_attributes, read_header
 from gateway.services.payloads import PayloadService
 from gateway.services.scp import AssociationInfo
 from gateway.services.storage import Storage, StoredInstance
@@ -268,6 +268,10 @@ class CharacterSetTests(unittest.TestCase):
         path, raw = self.write(charset, name)
         self.assertIn(encoded, raw)  # the name really is in that encoding on disk
         self.assertEqual(read_header(path)["patient_name"], name)
+        # The same from the data set's first bytes, as the writer hands them over.
+        head = dicomfiles.dataset_bytes(path)
+        self.assertEqual(header_attributes(path, head, pydicom.dcmread(path).file_meta.TransferSyntaxUID,
+                                           True)["patient_name"], name)
 
     def test_default_repertoire(self):
         self.check(None, "Test^Patient", b"Test^Patient")

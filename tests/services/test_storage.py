@@ -153,17 +153,25 @@ class AfterWriteTests(unittest.TestCase):
         import threading
 
         seen = []
-        self.storage.after_write = lambda path: seen.append((path, threading.current_thread().name)) or {"k": 1}
+
+        def after_write(path, head, transfer_syntax, complete):
+            seen.append((path, bytes(head), transfer_syntax, complete, threading.current_thread().name))
+            return {"k": 1}
+
+        self.storage.after_write = after_write
         w = self.begin()
-        w.write(b"z" * 100)
+        w.write(b"z" * 60)
+        w.write(b"w" * 40)
         stored = yield w.finish()
         self.assertEqual(stored.attributes, {"k": 1})
-        [(path, thread)] = seen
+        [(path, head, transfer_syntax, complete, thread)] = seen
         self.assertEqual(path, stored.path)
+        # The data set's first bytes, without our meta header: all of them here.
+        self.assertEqual((head, transfer_syntax, complete), (b"z" * 60 + b"w" * 40, "1.2.840.10008.1.2", True))
         self.assertTrue(os.path.exists(path))  # called once the file is in place
         self.assertNotEqual(thread, threading.current_thread().name)  # in the pool, not the reactor
 
-        def broken(path):
+        def broken(path, head, transfer_syntax, complete):
             raise ValueError("unreadable header")
 
         self.storage.after_write = broken
@@ -172,3 +180,15 @@ class AfterWriteTests(unittest.TestCase):
         stored = yield w.finish()
         self.assertIsNone(stored.attributes)
         self.assertTrue(os.path.exists(stored.path))
+
+    @defer.inlineCallbacks
+    def test_only_the_first_bytes_of_a_big_data_set_are_kept(self):
+        seen = []
+        self.storage.after_write = lambda path, head, ts, complete: seen.append((bytes(head), complete))
+        w = self.begin()
+        for i in range(3):  # three writer jobs' worth
+            w.write(bytes([65 + i]) * S.WRITE_BEHIND)
+        yield w.finish()
+        [(head, complete)] = seen
+        self.assertEqual(head, b"A" * S.HEAD_BYTES)
+        self.assertFalse(complete)
