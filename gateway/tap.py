@@ -70,6 +70,10 @@ class StorageService(Service):
         self.storage.prepare()
         self.log.info("storing instances under {root}", root=self.storage.root)
 
+    def stopService(self):
+        super().stopService()
+        return self.storage.spares.close()
+
     def reconfigure(self, config):
         # The root itself only changes with a restart (the reload says so).
         self.storage.fsync = config.fsync

@@ -17,6 +17,8 @@ import pydicom
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
+from gateway.services.storage import partial_files
+
 from tests import dicomfiles
 from tests.integration import test_twistd as tw
 from tests.integration.harness import free_port, gateway_config, in_thread, require_pynetdicom, run
@@ -120,7 +122,7 @@ class CrashTests(unittest.TestCase):
         self.assertEqual(count, "3")
         yield self.wait_for(lambda: self.query("SELECT state FROM payloads") == [("done",)], "payload done")
         self.check_payload(files, pid)
-        self.assertEqual(os.listdir(self.path("var", "dicomgw", "tmp")), [])
+        self.assertEqual(partial_files(self.path("var", "dicomgw", "tmp")), [])
         self.assertEqual(self.query("SELECT state FROM associations"), [("released",)])
 
     def test_kill_mid_association(self):

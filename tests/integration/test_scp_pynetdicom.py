@@ -8,6 +8,8 @@ import pydicom
 from twisted.internet import defer
 from twisted.trial import unittest
 
+from gateway.services.storage import partial_files
+
 from tests import dicomfiles
 from tests.integration.harness import in_thread, require_pynetdicom, start_gateway
 
@@ -128,7 +130,7 @@ class PynetdicomTests(unittest.TestCase):
         status = yield in_thread(send)
         self.assertEqual(status & 0xF000, 0xC000)
         self.assertEqual(gw.stored_files(), [])
-        self.assertEqual(os.listdir(os.path.join(gw.storage_root, "tmp")), [])
+        self.assertEqual(partial_files(os.path.join(gw.storage_root, "tmp")), [])
 
     @defer.inlineCallbacks
     def test_abort_mid_store_leaves_nothing(self):
@@ -170,7 +172,7 @@ class PynetdicomTests(unittest.TestCase):
             yield _sleep(0.05)
         self.assertEqual(gw.stored_files(), [])
         yield _sleep(0.2)
-        self.assertEqual(os.listdir(os.path.join(gw.storage_root, "tmp")), [])
+        self.assertEqual(partial_files(os.path.join(gw.storage_root, "tmp")), [])
 
 
 def _sleep(seconds):
@@ -206,4 +208,4 @@ class DiskFullTests(unittest.TestCase):
 
         self.assertEqual((yield in_thread(send)), 0xA700)
         self.assertEqual(gw.stored_files(), [])
-        self.assertEqual(os.listdir(os.path.join(gw.storage_root, "tmp")), [])
+        self.assertEqual(partial_files(os.path.join(gw.storage_root, "tmp")), [])

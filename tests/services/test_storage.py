@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import os
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
 from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
 
@@ -42,7 +42,7 @@ class StorageTests(unittest.TestCase):
         self.assertEqual(stored.inode, os.stat(stored.path).st_ino)
         self.assertEqual(stored.path, os.path.join(self.storage.instances_dir, "AE1", "1.2.3.4.dcm"))
         self.assertEqual(w.pending, 0)
-        self.assertEqual(os.listdir(self.storage.tmp_dir), [])
+        self.assertEqual(S.partial_files(self.storage.tmp_dir), [])
 
     @defer.inlineCallbacks
     def test_small_instance_is_written_by_one_job_at_finish(self):
@@ -52,7 +52,7 @@ class StorageTests(unittest.TestCase):
         w.write(b"a" * 1000)
         w.write(b"b" * 1000)
         self.assertFalse(w._running)
-        self.assertEqual(os.listdir(self.storage.tmp_dir), [])
+        self.assertEqual(S.partial_files(self.storage.tmp_dir), [])
         jobs = []
         real = S.deferToThreadPool
         self.patch(S, "deferToThreadPool", lambda *a: jobs.append(a) or real(*a))
@@ -78,7 +78,7 @@ class StorageTests(unittest.TestCase):
                 break
             yield _tick()
         self.assertLess(w.pending, S.WRITE_BEHIND)
-        self.assertEqual(len(os.listdir(self.storage.tmp_dir)), 1)
+        self.assertEqual(len(S.partial_files(self.storage.tmp_dir)), 1)
         stored = yield w.finish()
         self.assertEqual(stored.dataset_size, n * len(chunk))
         self.assertEqual(w.pending, 0)
@@ -107,7 +107,7 @@ class StorageTests(unittest.TestCase):
         w.write(b"x" * 100)
         with self.assertRaises(S.StorageFull):
             yield w.finish()
-        self.assertEqual(os.listdir(self.storage.tmp_dir), [])
+        self.assertEqual(S.partial_files(self.storage.tmp_dir), [])
         self.assertFalse(os.path.exists(os.path.join(self.storage.instances_dir, "AE1", "1.2.3.4.dcm")))
 
     @defer.inlineCallbacks
@@ -117,10 +117,10 @@ class StorageTests(unittest.TestCase):
         w.discard()
         # let the pool run
         for _ in range(100):
-            if not w._running and not os.listdir(self.storage.tmp_dir):
+            if not w._running and not S.partial_files(self.storage.tmp_dir):
                 break
             yield _tick()
-        self.assertEqual(os.listdir(self.storage.tmp_dir), [])
+        self.assertEqual(S.partial_files(self.storage.tmp_dir), [])
         self.assertFalse(os.path.exists(w._final))
 
     def test_prepare_removes_leftovers(self):
@@ -192,3 +192,78 @@ class AfterWriteTests(unittest.TestCase):
         [(head, complete)] = seen
         self.assertEqual(head, b"A" * S.HEAD_BYTES)
         self.assertFalse(complete)
+
+
+class SpareTests(unittest.TestCase):
+    """Temporary files made ahead of need, so that a writer does not wait to create one."""
+
+    def setUp(self):
+        self.pool = ThreadPool(1, 2, name="test-disk")
+        self.pool.start()
+        self.addCleanup(self.pool.stop)
+        self.storage = S.Storage(self.mktemp(), reactor, self.pool, fsync=False)
+        self.storage.prepare()
+
+    def begin(self, uid):
+        return self.storage.begin(called_ae="AE1", calling_ae="PEER", sop_class_uid="1.2.840.10008.5.1.4.1.1.7",
+                                  sop_instance_uid=uid, transfer_syntax_uid="1.2.840.10008.1.2")
+
+    @defer.inlineCallbacks
+    def wait_for_spares(self, count):
+        # (The writer that started the refill may take one of them as it is made.)
+        spares = self.storage.spares
+        for _ in range(500):
+            if not spares._filling:
+                if len(spares._ready) >= count:
+                    return
+                spares.refill()
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        self.fail(f"{count} spares were never made")
+
+    @defer.inlineCallbacks
+    def test_writers_take_spares_and_beginning_refills_them(self):
+        w = self.begin("1.2.3.1")  # the first instance finds none ready and makes its own file
+        w.write(b"a" * 10)
+        yield w.finish()
+        yield self.wait_for_spares(S.SPARES)
+        ready = [path for path, _fd in self.storage.spares._ready]
+        self.assertEqual(sorted(os.listdir(self.storage.tmp_dir)), sorted(os.path.basename(p) for p in ready))
+        self.assertEqual(S.partial_files(self.storage.tmp_dir), [])  # empty spares are not partial files
+
+        w = self.begin("1.2.3.2")
+        w.write(b"b" * 10)
+        stored = yield w.finish()
+        with open(stored.path, "rb") as f:
+            self.assertTrue(f.read().endswith(b"b" * 10))
+        left = set(os.listdir(self.storage.tmp_dir))
+        self.assertEqual(len(left & {os.path.basename(p) for p in ready}), S.SPARES - 1)  # one was used
+        self.assertEqual(len(self.storage.spares._ready), S.SPARES - 1)  # the next begin() refills
+
+        # A discarded instance removes the spare it took, data and all.
+        w = self.begin("1.2.3.3")
+        w.write(b"c" * (S.WRITE_BEHIND + 1))
+        while w._running or w.pending:
+            yield _tick()
+        self.assertEqual(len(S.partial_files(self.storage.tmp_dir)), 1)
+        w.discard()
+        while w._running:
+            yield _tick()
+        self.assertEqual(S.partial_files(self.storage.tmp_dir), [])
+
+        yield self.storage.spares.close()
+        self.assertEqual(os.listdir(self.storage.tmp_dir), [])
+        self.begin("1.2.3.4").discard()  # no refill once closed
+        yield _tick()
+        self.assertFalse(self.storage.spares._filling)
+
+    @defer.inlineCallbacks
+    def test_a_spare_that_cannot_be_made_is_not_an_error(self):
+        def refuse(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        self.patch(S, "_create", refuse)
+        w = self.begin("1.2.3.5")
+        w.write(b"x")
+        with self.assertRaises(S.StorageFull):
+            yield w.finish()
+        self.assertEqual(len(self.storage.spares._ready), 0)
