@@ -97,7 +97,7 @@ class InstanceWriter:
     def __init__(self, storage: "Storage", final_path: str, header: bytes, meta: StoredInstance):
         self._storage = storage
         self._final = final_path
-        self._tmp = storage.temporary_path()  # or a spare's (pool thread, on the first write)
+        self._tmp: str | None = None  # set by the first write (pool thread): a spare's, or a new one
         self._ops: deque = deque([header])
         self._header_len = len(header)
         self._meta = meta
@@ -222,6 +222,7 @@ class InstanceWriter:
         if spare is not None:
             self._tmp, self._fd = spare
         else:
+            self._tmp = self._storage.temporary_path()
             self._fd = _create(self._tmp)
 
     def _close(self):
@@ -270,10 +271,11 @@ class InstanceWriter:
                 except OSError:
                     pass
                 self._fd = -1
-            try:
-                os.unlink(self._tmp)
-            except OSError:
-                pass
+            if self._tmp is not None:
+                try:
+                    os.unlink(self._tmp)
+                except OSError:
+                    pass
             if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
                 return StorageFull(e.errno, e.strerror)
             return e
@@ -311,7 +313,8 @@ class Spares:
             return None
 
     def refill(self) -> None:
-        if self._filling or self._closed or len(self._ready) >= self.keep:
+        """Top up to ``keep`` once half are used: one pool job per few instances."""
+        if self._filling or self._closed or len(self._ready) > self.keep // 2:
             return
         self._filling = True
         storage = self._storage

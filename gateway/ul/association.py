@@ -167,7 +167,11 @@ class Association:
     def __init__(self, requestor: bool, max_pdu_length: int):
         self.requestor = requestor
         self.state = "Sta1"
-        self._buf = bytearray()
+        # The start of a PDU whose end has not arrived: the received chunks,
+        # joined once ``_need`` bytes are there (the whole PDU, or its header).
+        self._partial: list = []
+        self._partial_len = 0
+        self._need = 0
         self._discard = False  # stream cannot be framed any more
         limit = max_pdu_length + PDATA_SLACK if max_pdu_length else MAX_UNLIMITED_PDATA
         self._pdata_limit = min(limit, MAX_UNLIMITED_PDATA)
@@ -237,7 +241,7 @@ class Association:
     @property
     def partial_pdu(self) -> bool:
         """Some bytes of a PDU have arrived, but not all of it."""
-        return bool(self._buf) and not self._discard
+        return bool(self._partial) and not self._discard
 
     @property
     def established(self) -> bool:
@@ -246,13 +250,32 @@ class Association:
     # ---- bytes from the peer --------------------------------------------
 
     def receive_data(self, data) -> list:
+        """Feed bytes from the peer; return the effects.
+
+        Copies each byte at most once: complete PDUs are decoded straight
+        from ``data`` (P-DATA values are memoryview slices of it), and the
+        chunks of a PDU that spans several reads are joined once, when all
+        of it is there.  A PDU's declared length is checked against the
+        limit as soon as its header is in, before anything waits for it.
+        """
         if self._discard:
             return []
-        buf = self._buf
-        buf += data
+        if type(data) is not bytes:
+            data = bytes(data)  # the views below must not see the caller reuse its buffer
+        if self._partial:
+            self._partial.append(data)
+            self._partial_len += len(data)
+            if self._partial_len < self._need:
+                return []
+            data = b"".join(self._partial)
+            self._partial.clear()
+        view = memoryview(data)
+        total = len(view)
+        off = 0
+        need = 6
         effects: list = []
-        while len(buf) >= 6 and not self._discard:
-            pdu_type, length = _HEADER.unpack_from(buf)
+        while total - off >= 6 and not self._discard:
+            pdu_type, length = _HEADER.unpack_from(view, off)
             event = _EVENT_FOR_TYPE.get(pdu_type)
             if event is None:
                 effects += self._invalid(ABORT_UNRECOGNIZED_PDU, f"unrecognized PDU type 0x{pdu_type:02x}")
@@ -264,22 +287,27 @@ class Association:
                     f"PDU type 0x{pdu_type:02x} declares {length} bytes, limit {limit}",
                 )
                 break
-            end = 6 + length
-            if len(buf) < end:
+            end = off + 6 + length
+            if end > total:
+                need = 6 + length
                 break
-            body = bytes(memoryview(buf)[6:end])
-            del buf[:end]
+            body = view[off + 6:end]
+            off = end
             try:
-                pdu = decode_pdu(pdu_type, body)
+                pdu = decode_pdu(pdu_type, body if pdu_type == P_DATA_TF else bytes(body))
             except PDUError as e:
                 effects += self._invalid(e.reason, str(e))
                 break
             effects += self._event(event, pdu)
+        if off < total and not self._discard:
+            self._partial.append(view[off:])
+            self._partial_len = total - off
+            self._need = need
         return effects
 
     def _invalid(self, reason: int, detail: str) -> list:
         self._discard = True
-        self._buf.clear()
+        self._partial.clear()
         self._detail = detail
         self._abort = Abort(ABORT_SOURCE_PROVIDER, reason)
         return self._event("Evt19")

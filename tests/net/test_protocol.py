@@ -159,7 +159,7 @@ class UpperLayerTests(unittest.TestCase):
         # A P-DATA-TF header announcing 1 GiB, and a few bytes of it.
         p.dataReceived(struct.pack(">BxL", 0x04, 1 << 30) + b"\x00" * 100)
         self.assertEqual(t.value(), bytes([A_ABORT, 0, 0, 0, 0, 4, 0, 0, 2, 6]))
-        self.assertEqual(len(p.core._buf), 0)
+        self.assertEqual(p.core._partial, [])  # nothing of it was kept
         event = user.events[-1]
         self.assertEqual(event[0], "aborted")
         self.assertTrue(event[1].local)
