@@ -317,19 +317,26 @@ def _quick_header(head: bytes, implicit: bool, complete: bool) -> dict | None:
     return attrs
 
 
-def read_header(path: str, known: dict | None = None) -> dict:
+def read_header(path: str, known: dict | None = None, attributes: dict | None = None) -> dict:
     """:func:`header_attributes` plus the file's size, inode and SHA-256.
 
-    ``known`` may give ``sha256``, ``size`` and ``inode`` already (the writer
-    computes them as it writes); the file is then not read again to hash it.
+    ``attributes`` may give the header attributes already (the writer picks
+    them out as it writes); ``known`` may give ``sha256``, ``size`` and
+    ``inode`` (the writer hashes a small instance as it writes it): the
+    file is then not read again for them.  When the file at ``path`` is no
+    longer the inode ``known`` says (a later copy replaced it before it was
+    hashed), the SHA-256 is left empty rather than taken from that copy.
     """
-    attrs = header_attributes(path)
+    attrs = dict(attributes) if attributes is not None else header_attributes(path)
     if known and known.get("sha256"):
         attrs.update(sha256=known["sha256"], size=known["size"], inode=known["inode"])
         return attrs
     h = hashlib.sha256()
     with open(path, "rb") as f:
         st = os.fstat(f.fileno())
+        if known and known.get("inode") and st.st_ino != known["inode"]:
+            attrs.update(sha256="", size=known["size"], inode=known["inode"])
+            return attrs
         while True:
             chunk = f.read(1 << 20)
             if not chunk:

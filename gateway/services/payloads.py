@@ -377,12 +377,12 @@ class PayloadService(Service):
         _ae, pending = self.examining.setdefault(association.id, (association.called_ae, []))
         attributes = getattr(instance, "attributes", None)
         if attributes is not None and getattr(instance, "sha256", ""):
-            # The writer read the header in its own job (Storage.after_write).
+            # The writer read the header and hashed the file (a small one).
             d = succeed(dict(attributes, sha256=instance.sha256, size=instance.size, inode=instance.inode))
-        else:
+        else:  # a big instance is hashed here, after its response
             known = {"sha256": getattr(instance, "sha256", ""), "size": instance.size,
                      "inode": getattr(instance, "inode", 0)}
-            d = self._disk(read_header, instance.path, known)
+            d = self._disk(read_header, instance.path, known, attributes)
         d.addCallback(self._examined, instance, association, now)
 
         def failed(failure):

@@ -16,7 +16,11 @@ Write-behind: a job starts only once :data:`WRITE_BEHIND` bytes are queued,
 or when the instance is finished or discarded.  Each job costs two thread
 hand-offs (into the pool, back to the reactor); starting one per received
 fragment made them the bulk of the work for small instances.  A small
-instance is now written, closed and renamed by one job.
+instance is written, hashed (SHA-256), closed and renamed by one job.  A
+bigger one keeps a job going whenever :data:`STREAMING` bytes are queued,
+so that little is left to write once its last fragment is in; it is not
+hashed here: the index hashes it after the response, from the page cache,
+so that the peer does not wait for it.
 
 Layout under the storage root::
 
@@ -55,7 +59,7 @@ class StoredInstance:
     size: int  # bytes of the whole Part 10 file
     dataset_size: int
     replaced: bool  # an earlier copy of the same instance was overwritten
-    sha256: str = ""  # of the whole file, computed as it was written
+    sha256: str = ""  # of the whole file, computed as it was written; "" for a big one
     inode: int = 0
     attributes: dict | None = None  # what Storage.after_write returned, if set
 
@@ -67,6 +71,9 @@ _FINISH = object()
 #: is paused for its backlog always has a job running that will resume it.
 WRITE_BEHIND = 256 << 10
 _write = os.write  # the one disk write of the hot path (tests simulate a full disk here)
+#: Once a big instance is being written, a job starts whenever this much is
+#: queued, so that little is left to write when its last fragment arrives.
+STREAMING = 64 << 10
 #: The first bytes of each data set are kept (copied) for ``Storage.after_write``:
 #: the index picks the attributes it needs out of them instead of reading the file.
 HEAD_BYTES = 64 << 10
@@ -102,9 +109,12 @@ class InstanceWriter:
         self._header_len = len(header)
         self._meta = meta
         self._fd = -1
-        self._hash = hashlib.sha256()  # updated in the pool thread, chunk by chunk
+        # Updated in the pool thread, chunk by chunk, for an instance written
+        # by one job; None for a bigger one (see _kick).
+        self._hash = hashlib.sha256()
         self._head = bytearray()  # the first HEAD_BYTES of the data set (pool thread)
         self._header_written = False
+        self._streaming = False  # a big instance: its first job has started
         self._running = False
         self._failed: BaseException | None = None
         self._finishing = None
@@ -147,8 +157,12 @@ class InstanceWriter:
     def _kick(self):
         if self._running or not self._ops:
             return
-        if not self._closing and self.pending < WRITE_BEHIND:
+        if not self._closing and self.pending < (STREAMING if self._streaming else WRITE_BEHIND):
             return  # wait for more data (or the end of the instance)
+        if not self._streaming:  # the first job
+            self._streaming = True
+            if not self._closing:
+                self._hash = None  # too big to be written in one job: the index hashes it later
         self._running = True
         batch = len(self._ops)
         d = deferToThreadPool(self._storage.reactor, self._storage.pool, self._drain, batch)
@@ -206,9 +220,8 @@ class InstanceWriter:
                     self._header_written = True
                 elif len(self._head) < HEAD_BYTES:
                     self._head += view[:HEAD_BYTES - len(self._head)]
-                # Hashing here, while the bytes are at hand, spares the index a
-                # second read of the whole file (hashlib drops the GIL for it).
-                self._hash.update(view)
+                if self._hash is not None:
+                    self._hash.update(view)
                 while view:
                     n = _write(self._fd, view)
                     view = view[n:]
@@ -260,7 +273,7 @@ class InstanceWriter:
                 size=size,
                 dataset_size=size - self._header_len,
                 replaced=replaced,
-                sha256=self._hash.hexdigest(),
+                sha256=self._hash.hexdigest() if self._hash is not None else "",
                 inode=st.st_ino,
                 attributes=attributes,
             )

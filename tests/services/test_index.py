@@ -105,3 +105,28 @@ class HeaderTests(unittest.TestCase):
         attrs = header_attributes(path, b"\x10\x00\x20\x00zz\x04\x00PAT1", "1.2.840.10008.1.2.1", True)
         self.assertNotEqual(attrs["header_error"], "")  # pydicom had the last word: not readable
         self.assertEqual(attrs["patient_id"], "")
+
+
+class ReadHeaderTests(unittest.TestCase):
+    def test_hashes_what_the_writer_did_not_and_never_a_later_copy(self):
+        import hashlib
+
+        from gateway.services.index import read_header
+
+        path = os.path.abspath(self.mktemp())
+        with open(path, "wb") as f:
+            f.write(b"instance bytes")
+        st = os.stat(path)
+        attrs = {"patient_id": "P"}
+        known = {"sha256": "", "size": st.st_size, "inode": st.st_ino}
+        got = read_header(path, known, attrs)
+        self.assertEqual((got["patient_id"], got["sha256"], got["inode"]),
+                         ("P", hashlib.sha256(b"instance bytes").hexdigest(), st.st_ino))
+        # Replaced by a later copy (a new inode) before it was hashed.
+        os.link(path, path + ".old")  # (kept, so that its inode number is not reused)
+        with open(path + ".new", "wb") as f:
+            f.write(b"a later copy")
+        os.replace(path + ".new", path)
+        self.assertNotEqual(os.stat(path).st_ino, st.st_ino)
+        got = read_header(path, known, attrs)
+        self.assertEqual((got["sha256"], got["inode"], got["size"]), ("", st.st_ino, st.st_size))

@@ -235,7 +235,7 @@ class IndexFailureTests(PayloadCase):
     def test_release_fails_and_instances_count_as_aborted(self):
         from gateway.services import payloads as module
 
-        def broken(path, known=None):
+        def broken(*args):
             raise OSError("disk trouble")
 
         yield self.make("study")

@@ -42,6 +42,15 @@ class StorageTests(unittest.TestCase):
         self.assertEqual(stored.inode, os.stat(stored.path).st_ino)
         self.assertEqual(stored.path, os.path.join(self.storage.instances_dir, "AE1", "1.2.3.4.dcm"))
         self.assertEqual(w.pending, 0)
+
+        # An instance too big for one job is not hashed here: the index
+        # hashes it after the response (read_header).
+        w = self.begin()
+        big = b"q" * (S.WRITE_BEHIND + 1)
+        w.write(big)
+        stored = yield w.finish()
+        self.assertEqual(stored.sha256, "")
+        self.assertEqual(stored.size, os.stat(stored.path).st_size)
         self.assertEqual(S.partial_files(self.storage.tmp_dir), [])
 
     @defer.inlineCallbacks
