@@ -43,6 +43,9 @@ from gateway.ul.association import (
 )
 from gateway.ul.pdu import ABORT_REASON_NOT_SPECIFIED
 
+#: Bytes read from a TCP socket at a time (see connectionMade).
+READ_SIZE = 256 << 10
+
 
 class DicomProtocol(Protocol):
     log = Logger()
@@ -66,6 +69,10 @@ class DicomProtocol(Protocol):
     # ---- transport events ----------------------------------------------
 
     def connectionMade(self):
+        if isinstance(getattr(self.transport, "bufferSize", None), int):
+            # Read up to READ_SIZE bytes at a time (Twisted's default is 64 KiB):
+            # fewer trips through the reactor, and most PDUs arrive whole.
+            self.transport.bufferSize = READ_SIZE
         set_nodelay = getattr(self.transport, "setTcpNoDelay", None)
         if set_nodelay is not None:
             try:
