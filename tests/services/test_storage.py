@@ -13,17 +13,24 @@ from gateway.part10 import dataset_offset
 from gateway.services import storage as S
 
 
-class StorageTests(unittest.TestCase):
+class StorageCase(unittest.TestCase):
+    """A Storage under a scratch root, with a real two-thread disk pool."""
+
+    fsync = True
+
     def setUp(self):
         self.pool = ThreadPool(1, 2, name="test-disk")
         self.pool.start()
         self.addCleanup(self.pool.stop)
-        self.storage = S.Storage(self.mktemp(), reactor, self.pool, fsync=True)
+        self.storage = S.Storage(self.mktemp(), reactor, self.pool, fsync=self.fsync)
         self.storage.prepare()
 
     def begin(self, uid="1.2.3.4"):
         return self.storage.begin(called_ae="AE1", calling_ae="PEER", sop_class_uid="1.2.840.10008.5.1.4.1.1.7",
                                   sop_instance_uid=uid, transfer_syntax_uid="1.2.840.10008.1.2")
+
+
+class StorageTests(StorageCase):
 
     @defer.inlineCallbacks
     def test_chunks_written_in_order(self):
@@ -145,17 +152,8 @@ def _tick():
     return task.deferLater(reactor, 0.01, lambda: None)
 
 
-class AfterWriteTests(unittest.TestCase):
-    def setUp(self):
-        self.pool = ThreadPool(1, 2, name="test-disk")
-        self.pool.start()
-        self.addCleanup(self.pool.stop)
-        self.storage = S.Storage(self.mktemp(), reactor, self.pool, fsync=False)
-        self.storage.prepare()
-
-    def begin(self):
-        return self.storage.begin(called_ae="AE1", calling_ae="PEER", sop_class_uid="1.2.840.10008.5.1.4.1.1.7",
-                                  sop_instance_uid="1.2.3.4", transfer_syntax_uid="1.2.840.10008.1.2")
+class AfterWriteTests(StorageCase):
+    fsync = False
 
     @defer.inlineCallbacks
     def test_result_rides_along_and_a_failure_does_not_fail_the_store(self):
@@ -203,19 +201,10 @@ class AfterWriteTests(unittest.TestCase):
         self.assertFalse(complete)
 
 
-class SpareTests(unittest.TestCase):
+class SpareTests(StorageCase):
     """Temporary files made ahead of need, so that a writer does not wait to create one."""
 
-    def setUp(self):
-        self.pool = ThreadPool(1, 2, name="test-disk")
-        self.pool.start()
-        self.addCleanup(self.pool.stop)
-        self.storage = S.Storage(self.mktemp(), reactor, self.pool, fsync=False)
-        self.storage.prepare()
-
-    def begin(self, uid):
-        return self.storage.begin(called_ae="AE1", calling_ae="PEER", sop_class_uid="1.2.840.10008.5.1.4.1.1.7",
-                                  sop_instance_uid=uid, transfer_syntax_uid="1.2.840.10008.1.2")
+    fsync = False
 
     @defer.inlineCallbacks
     def settled(self):
