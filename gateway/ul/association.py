@@ -252,24 +252,37 @@ class Association:
     def receive_data(self, data) -> list:
         """Feed bytes from the peer; return the effects.
 
-        Copies each byte at most once: complete PDUs are decoded straight
-        from ``data`` (P-DATA values are memoryview slices of it), and the
-        chunks of a PDU that spans several reads are joined once, when all
-        of it is there.  A PDU's declared length is checked against the
-        limit as soon as its header is in, before anything waits for it.
+        Copies only the PDUs that straddle two reads, once: complete PDUs
+        are decoded straight from ``data`` (P-DATA values are memoryview
+        slices of it), and the pieces of one that spans several reads are
+        joined when its last byte is in.  A PDU's declared length is checked
+        against the limit as soon as its header is in, before anything
+        waits for the rest of it.
         """
         if self._discard:
             return []
         if type(data) is not bytes:
-            data = bytes(data)  # the views below must not see the caller reuse its buffer
-        if self._partial:
-            self._partial.append(data)
-            self._partial_len += len(data)
-            if self._partial_len < self._need:
-                return []
-            data = b"".join(self._partial)
-            self._partial.clear()
+            data = bytes(data)  # the views kept below must not see the caller reuse its buffer
         view = memoryview(data)
+        effects: list = []
+        while self._partial and view and not self._discard:
+            missing = self._need - self._partial_len
+            if len(view) < missing:
+                self._partial.append(view)
+                self._partial_len += len(view)
+                return effects
+            self._partial.append(view[:missing])
+            view = view[missing:]
+            unit = b"".join(self._partial)  # a whole PDU, or the header that says how long it is
+            self._partial.clear()
+            self._partial_len = 0
+            effects += self._frame(memoryview(unit))
+        if view and not self._discard:
+            effects += self._frame(view)
+        return effects
+
+    def _frame(self, view) -> list:
+        """Decode the whole PDUs at the start of ``view``; keep the rest."""
         total = len(view)
         off = 0
         need = 6
