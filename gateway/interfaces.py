@@ -34,7 +34,6 @@ events, so no service needs to know about either.  Names in use:
                          attempt, sop_instance_uid
 ``export.file.finished`` the same fields, outcome = state ``sent`` or ``failed``
 ``echo``                 destination, ok, rtt_ms, reason
-``instance.indexed``     association, ae, sop_instance_uid, path, sha256
 ``instances.discarded``  association, count, retained (seconds or 0): instances of
                          an aborted/lost association (or of one a crash broke)
 ``payload.closed``       payload, ae, key, instances, pipelines, path

@@ -422,11 +422,6 @@ class PayloadService(Service):
         d = self.db.run_coalesced(_db_index, row)
 
         def indexed(result):
-            # Structured only (no format), like instance.stored: see scp.py.
-            self.log.debug(None, event="instance.indexed",
-                           association=association.id, ae=association.called_ae,
-                           sop_instance_uid=instance.sop_instance_uid, path=instance.path,
-                           sha256=attrs["sha256"])
             if result[0] == "aborted":  # its association ended while the file was being written
                 return self._discard(association.id, "aborted")
 

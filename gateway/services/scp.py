@@ -22,7 +22,7 @@ import secrets
 from collections import deque
 from dataclasses import dataclass
 
-from twisted.internet.defer import FirstError, gatherResults, maybeDeferred
+from twisted.internet.defer import Deferred, FirstError, fail, gatherResults, succeed
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -77,8 +77,21 @@ class SCPService:
         self.observers: list = []
 
     def notify(self, method: str, *args):
-        """Call ``method`` on every observer; fire when all have finished."""
-        ds = [maybeDeferred(getattr(o, method), *args) for o in self.observers]
+        """Call ``method`` on every observer; fire when all have finished.
+
+        Runs once per instance: observers that finish at once (the index
+        does) cost no Deferred of their own.
+        """
+        ds = []
+        for o in self.observers:
+            try:
+                result = getattr(o, method)(*args)
+            except Exception:
+                result = fail()
+            if isinstance(result, Deferred):
+                ds.append(result)
+        if not ds:
+            return succeed(None)
         d = gatherResults(ds, consumeErrors=True)
         d.addErrback(lambda f: f.value.subFailure if f.check(FirstError) else f)
         return d
