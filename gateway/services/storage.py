@@ -17,10 +17,8 @@ or when the instance is finished or discarded.  Each job costs two thread
 hand-offs (into the pool, back to the reactor); starting one per received
 fragment made them the bulk of the work for small instances.  A small
 instance is written, hashed (SHA-256), closed and renamed by one job.  A
-bigger one keeps a job going whenever :data:`STREAMING` bytes are queued,
-so that little is left to write once its last fragment is in; it is not
-hashed here: the index hashes it after the response, from the page cache,
-so that the peer does not wait for it.
+bigger one is not hashed here: the index hashes it after the response,
+from the page cache, so that the peer does not wait for it.
 
 Layout under the storage root::
 
@@ -71,9 +69,6 @@ _FINISH = object()
 #: is paused for its backlog always has a job running that will resume it.
 WRITE_BEHIND = 256 << 10
 _write = os.write  # the one disk write of the hot path (tests simulate a full disk here)
-#: Once a big instance is being written, a job starts whenever this much is
-#: queued, so that little is left to write when its last fragment arrives.
-STREAMING = 64 << 10
 #: The first bytes of each data set are kept (copied) for ``Storage.after_write``:
 #: the index picks the attributes it needs out of them instead of reading the file.
 HEAD_BYTES = 64 << 10
@@ -114,7 +109,7 @@ class InstanceWriter:
         self._hash = hashlib.sha256()
         self._head = bytearray()  # the first HEAD_BYTES of the data set (pool thread)
         self._header_written = False
-        self._streaming = False  # a big instance: its first job has started
+        self._started = False  # its first job has started
         self._running = False
         self._failed: BaseException | None = None
         self._finishing = None
@@ -157,10 +152,10 @@ class InstanceWriter:
     def _kick(self):
         if self._running or not self._ops:
             return
-        if not self._closing and self.pending < (STREAMING if self._streaming else WRITE_BEHIND):
+        if not self._closing and self.pending < WRITE_BEHIND:
             return  # wait for more data (or the end of the instance)
-        if not self._streaming:  # the first job
-            self._streaming = True
+        if not self._started:
+            self._started = True
             if not self._closing:
                 self._hash = None  # too big to be written in one job: the index hashes it later
         self._running = True
