@@ -246,9 +246,16 @@ class InstanceWriter:
             os.close(self._fd)
             self._fd = -1
             directory = os.path.dirname(self._final)
-            os.makedirs(directory, exist_ok=True)
             replaced = os.path.exists(self._final)
-            os.replace(self._tmp, self._final)
+            try:
+                os.replace(self._tmp, self._final)
+            except FileNotFoundError:  # the AE title's first instance (or its directory was removed)
+                if not os.path.exists(self._tmp):
+                    raise
+                os.makedirs(directory, exist_ok=True)
+                if self._storage.fsync:
+                    _fsync_dir(os.path.dirname(directory))  # the new directory's own entry
+                os.replace(self._tmp, self._final)
             if self._storage.fsync:
                 _fsync_dir(directory)
             attributes = None

@@ -271,3 +271,25 @@ class SpareTests(StorageCase):
         with self.assertRaises(S.StorageFull):
             yield w.finish()
         self.assertEqual(len(self.storage.spares._ready), 0)
+
+
+class DirectoryTests(StorageCase):
+    @defer.inlineCallbacks
+    def test_an_ae_directory_is_made_when_missing_even_after_it_was_removed(self):
+        import shutil
+
+        calls = []
+        real = S._fsync_dir
+        self.patch(S, "_fsync_dir", lambda path: calls.append(path) or real(path))
+        w = self.begin("1.2.3.1")
+        w.write(b"a")
+        stored = yield w.finish()
+        ae_dir = os.path.dirname(stored.path)
+        # fsync: the new AE directory's entry in instances/, then the file's in it.
+        self.assertEqual(calls, [self.storage.instances_dir, ae_dir])
+        shutil.rmtree(ae_dir)  # by hand, say
+        w = self.begin("1.2.3.2")
+        w.write(b"b")
+        stored = yield w.finish()
+        self.assertTrue(os.path.exists(stored.path))
+        self.assertEqual(S.partial_files(self.storage.tmp_dir), [])
