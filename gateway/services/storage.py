@@ -32,6 +32,7 @@ import errno
 import hashlib
 import os
 import secrets
+import threading
 from collections import deque
 from dataclasses import dataclass
 
@@ -300,6 +301,14 @@ def _create(path: str) -> int:
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
 
 
+def _discard_spare(path: str, fd: int) -> None:
+    os.close(fd)
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 class Spares:
     """Empty temporary files created ahead of need, in the disk pool.
 
@@ -319,6 +328,7 @@ class Spares:
         self._ready: deque = deque()  # (path, fd); deque appends and pops are thread-safe
         self._filling = False
         self._closed = False
+        self._lock = threading.Lock()  # a spare made as close() empties the queue is not kept
 
     def take(self):
         """A ready (path, fd), or None.  Any thread."""
@@ -349,23 +359,25 @@ class Spares:
                 fd = _create(path)
             except OSError:
                 return  # a full disk, say: writers will report it when they try
-            self._ready.append((path, fd))
+            with self._lock:
+                if not self._closed:
+                    self._ready.append((path, fd))
+                    continue
+            _discard_spare(path, fd)
+            return
 
     def close(self):
         """Stop refilling; remove the ready files (in the pool)."""
-        self._closed = True
+        with self._lock:
+            self._closed = True
+        spares = []
+        while (spare := self.take()) is not None:  # writers may be taking some at the same time
+            spares.append(spare)
         storage = self._storage
 
         def remove():
-            while True:
-                spare = self.take()
-                if spare is None:
-                    return
-                os.close(spare[1])
-                try:
-                    os.unlink(spare[0])
-                except OSError:
-                    pass
+            for path, fd in spares:
+                _discard_spare(path, fd)
 
         return deferToThreadPool(storage.reactor, storage.pool, remove)
 

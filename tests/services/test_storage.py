@@ -6,6 +6,7 @@ import errno
 import os
 
 from twisted.internet import defer, reactor, task
+from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
 
@@ -259,6 +260,21 @@ class SpareTests(StorageCase):
         self.begin("1.2.3.4").discard()  # no refill once closed
         yield _tick()
         self.assertFalse(self.storage.spares._filling)
+
+    @defer.inlineCallbacks
+    def test_a_spare_made_while_closing_is_not_kept(self):
+        spares = self.storage.spares
+        real = S._create
+
+        def create_then_close(path):
+            fd = real(path)
+            spares._closed = True  # close() ran while this file was being made
+            return fd
+
+        self.patch(S, "_create", create_then_close)
+        yield deferToThreadPool(reactor, self.pool, spares._fill, 2)
+        self.assertEqual(len(spares._ready), 0)
+        self.assertEqual(os.listdir(self.storage.tmp_dir), [])
 
     @defer.inlineCallbacks
     def test_a_spare_that_cannot_be_made_is_not_an_error(self):
