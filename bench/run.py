@@ -220,6 +220,9 @@ def measure(scenario: Scenario, reps: int, log=print) -> list[Run]:
                 if receiver.proc is not None and receiver.proc.poll() is None:
                     receiver.stop()
                 receiver.cleanup()
+                # Every receiver starts on a settled disk: the next one does not
+                # pay for writing back this one's files (or their removal).
+                os.sync()
             run = Run(scenario.key, receiver.name, rep, seconds, count, size, stored, failed, rss,
                       None if receiver.forks else receiver.cpu)
             runs.append(run)
