@@ -45,6 +45,10 @@ from gateway.dimse import sop
 from gateway.part10 import read_elements
 
 DB_NAME = "dicomgw.sqlite"
+#: run_coalesced: a batch waits at most this long (seconds) for company, and
+#: goes at once with this many calls.
+COALESCE_DELAY = 0.02
+COALESCE_MAX = 256
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS associations (
@@ -111,12 +115,15 @@ class Database:
         self._conn: sqlite3.Connection | None = None
         self._batch: list = []  # (f, args, Deferred) waiting for the next shared transaction
         self._batch_running = False
+        self._batch_timer = None
 
     def start(self):
         self.pool.start()
         return self.run(lambda conn: None)
 
     def stop(self):
+        self.flush()  # queued ahead of the close
+
         def close(_conn):
             if self._conn is not None:
                 self._conn.close()
@@ -156,22 +163,33 @@ class Database:
         return deferToThreadPool(self.reactor, self.pool, self._transaction, f, args)
 
     def run_coalesced(self, f, *args):
-        """Like :meth:`run`, but calls made while an earlier batch is being
-        committed are committed together, in one transaction.
+        """Like :meth:`run`, but calls made within :data:`COALESCE_DELAY` of
+        each other (or while an earlier batch is being committed) are
+        committed together, in one transaction.
 
         Each call runs in its own savepoint, so one that raises rolls back
-        only itself and fails only its own Deferred.  When the database is
-        idle a call goes at once; under load (an instance arriving every
-        millisecond) a commit per instance becomes a commit per batch, which
-        is what keeps the index off the critical path of storing.  Callers
-        that need an order against other writes wait for these Deferreds
-        first (an association's release waits for its instances' rows).
+        only itself and fails only its own Deferred.  A batch goes when it
+        has :data:`COALESCE_MAX` calls, when the delay is up, or when
+        :meth:`flush` says someone is waiting.  Callers that need an order
+        against other writes flush and wait for these Deferreds first (an
+        association's release waits for its instances' rows).
         """
         d = Deferred()
         self._batch.append((f, args, d))
         if not self._batch_running:
-            self._next_batch()
+            if len(self._batch) >= COALESCE_MAX:
+                self.flush()
+            elif self._batch_timer is None:
+                self._batch_timer = self.reactor.callLater(COALESCE_DELAY, self.flush)
         return d
+
+    def flush(self):
+        """Commit what :meth:`run_coalesced` holds now, without waiting."""
+        timer, self._batch_timer = self._batch_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        if self._batch and not self._batch_running:
+            self._next_batch()
 
     def _next_batch(self):
         batch, self._batch = self._batch, []
@@ -179,24 +197,21 @@ class Database:
         job = deferToThreadPool(self.reactor, self.pool, self._transaction, _run_items,
                                 ([(f, args) for f, args, _d in batch],))
 
-        def committed(results):
-            for (_f, _a, d), (ok, value) in zip(batch, results):
-                if ok:
-                    d.callback(value)
-                else:
-                    d.errback(value)
-
-        def failed(failure):  # the commit itself failed: every call of the batch did
-            for _f, _a, d in batch:
-                d.errback(failure)
-
-        def next_one(_):
+        def finished(outcome):
             self._batch_running = False
-            if self._batch:
-                self._next_batch()
+            if isinstance(outcome, Failure):  # the commit itself failed: every call of the batch did
+                for _f, _a, d in batch:
+                    d.errback(outcome)
+            else:
+                for (_f, _a, d), (ok, value) in zip(batch, outcome):
+                    if ok:
+                        d.callback(value)
+                    else:
+                        d.errback(value)
+            if self._batch:  # they have waited for this batch already
+                self.flush()
 
-        job.addCallbacks(committed, failed)
-        job.addBoth(next_one)
+        job.addBoth(finished)
 
     def run_durable(self, f, *args):
         """Like :meth:`run`, and the commit is fsynced (when ``durable``).

@@ -332,6 +332,8 @@ class PayloadService(Service):
         # association id -> (AE title, Deferreds of instances still being examined)
         self.examining: dict[str, tuple] = {}
         self.failed: set[str] = set()  # associations with an instance that could not be indexed
+        self.awaited: set[str] = set()  # associations whose end waits for their rows
+        self.recorded: set[str] = set()  # associations whose first row has gone to the database
         self.started_at = None
         self.recovered = None
 
@@ -420,6 +422,13 @@ class PayloadService(Service):
                    called_ae=association.called_ae, peer=association.peer, started=association.started,
                    received=received, path=instance.path, group_key=key)
         d = self.db.run_coalesced(_db_index, row)
+        if association.id in self.awaited or association.id not in self.recorded:
+            # The association's first row goes at once, so that a crash leaves
+            # its record (state "broken"); its other rows may wait a few
+            # milliseconds for company.  Files whose rows a crash lost are
+            # adopted at the next start (_db_recover) and handled as aborted.
+            self.recorded.add(association.id)
+            self.db.flush()
 
         def indexed(result):
             if result[0] == "aborted":  # its association ended while the file was being written
@@ -430,12 +439,19 @@ class PayloadService(Service):
     def _settled(self, association_id):
         """Fire once every instance of the association has been examined."""
         _ae, pending = self.examining.get(association_id, (None, []))
+        # Someone waits for these rows now: no waiting for company (see
+        # Database.run_coalesced), neither for the rows already queued nor
+        # for those of instances still being examined (_examined).
+        self.awaited.add(association_id)
+        self.db.flush()
         return DeferredList(list(pending))
 
     @inlineCallbacks
     def association_released(self, association):
         yield self._settled(association.id)
         self.examining.pop(association.id, None)
+        self.awaited.discard(association.id)
+        self.recorded.discard(association.id)
         if association.id in self.failed:
             # Not every instance is indexed: the release fails (the SCP aborts)
             # and the association counts as aborted.
@@ -456,6 +472,8 @@ class PayloadService(Service):
     def association_ended(self, association, result):
         yield self._settled(association.id)
         self.examining.pop(association.id, None)
+        self.awaited.discard(association.id)
+        self.recorded.discard(association.id)
         self.failed.discard(association.id)
         keys = self.open_keys.pop(association.id, set())
         yield self._discard(association.id, result)

@@ -24,8 +24,7 @@ class CoalescedTests(unittest.TestCase):
         self.addCleanup(self.db.stop)
         yield self.db.run(insert, 0)
 
-    @defer.inlineCallbacks
-    def test_calls_while_busy_share_a_transaction_and_fail_alone(self):
+    def count_batches(self):
         batches = []
         real = self.db._next_batch
 
@@ -34,15 +33,39 @@ class CoalescedTests(unittest.TestCase):
             real()
 
         self.patch(self.db, "_next_batch", counting)
-        # The first call starts a batch at once; the rest queue behind it.
+        return batches
+
+    @defer.inlineCallbacks
+    def test_calls_close_together_share_a_transaction_and_fail_alone(self):
+        batches = self.count_batches()
         ds = [self.db.run_coalesced(insert, v) for v in (1, 2, 2, 3)]
-        results = yield defer.DeferredList(ds, consumeErrors=True)
+        self.assertEqual(batches, [])  # waiting for company
+        results = yield defer.DeferredList(ds, consumeErrors=True)  # the delay is up
         self.assertEqual([ok for ok, _ in results], [True, True, False, True])
         self.assertEqual([r for ok, r in results if ok], [1, 2, 3])
         self.assertIn("UNIQUE", str(results[2][1].value))
-        self.assertEqual(batches, [1, 3])  # two transactions for four calls
+        self.assertEqual(batches, [4])  # one transaction for four calls
         rows = yield self.db.run(lambda conn: [r[0] for r in conn.execute("SELECT v FROM t ORDER BY v")])
         self.assertEqual(rows, [0, 1, 2, 3])  # the failed call rolled back only itself
+
+    @defer.inlineCallbacks
+    def test_flush_and_a_full_batch_go_at_once_and_later_calls_follow(self):
+        from gateway.services import index
+
+        batches = self.count_batches()
+        first = self.db.run_coalesced(insert, 10)
+        self.db.flush()
+        self.assertEqual(batches, [1])
+        # While that batch commits, calls gather; they go as soon as it is done.
+        later = [self.db.run_coalesced(insert, v) for v in (11, 12)]
+        yield first
+        yield defer.gatherResults(later)
+        self.assertEqual(batches, [1, 2])
+        self.patch(index, "COALESCE_MAX", 3)
+        full = [self.db.run_coalesced(insert, v) for v in (13, 14, 15)]
+        self.assertEqual(batches, [1, 2, 3])
+        yield defer.gatherResults(full)
+        self.assertIsNone(self.db._batch_timer)
 
 
 class HeaderTests(unittest.TestCase):
