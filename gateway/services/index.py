@@ -245,12 +245,15 @@ def _run_items(conn, items):
 
 # ---- header and hash (disk pool) --------------------------------------------
 
-_HEADER_TAGS = ("SOPClassUID", "SOPInstanceUID", "PatientID", "PatientName", "StudyInstanceUID",
-                "SeriesInstanceUID", "Modality", "SpecificCharacterSet")
-#: The same, as tag numbers: what the quick read looks for, and how far.
-_HEADER_TAG_NUMBERS = frozenset({0x00080005, 0x00080016, 0x00080018, 0x00080060, 0x00100010,
-                                 0x00100020, 0x0020000D, 0x0020000E})
-_LAST_HEADER_TAG = 0x0020000E
+#: The indexed attributes: tag -> (pydicom keyword, key in the attributes).
+_INDEXED = {0x00100020: ("PatientID", "patient_id"), 0x00100010: ("PatientName", "patient_name"),
+            0x0020000D: ("StudyInstanceUID", "study_uid"), 0x0020000E: ("SeriesInstanceUID", "series_uid"),
+            0x00080060: ("Modality", "modality")}
+_SPECIFIC_CHARACTER_SET = 0x00080005
+#: What either way of reading looks for (and, for the quick read, how far).
+_HEADER_TAGS = [keyword for keyword, _key in _INDEXED.values()] + ["SpecificCharacterSet"]
+_HEADER_TAG_NUMBERS = frozenset(_INDEXED) | {_SPECIFIC_CHARACTER_SET}
+_LAST_HEADER_TAG = max(_HEADER_TAG_NUMBERS)
 #: Transfer syntaxes whose data set is not plain little endian: their header
 #: is read from the file by pydicom.
 _NOT_LITTLE_ENDIAN = frozenset({sop.EXPLICIT_VR_BIG_ENDIAN, sop.DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
@@ -281,7 +284,7 @@ def header_attributes(path: str, head: bytes | None = None, transfer_syntax: str
         if attrs is None:
             import pydicom
 
-            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(_HEADER_TAGS))
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
             attrs = {key: str(ds.get(keyword, "") or "") for keyword, key in _INDEXED.values()}
         attrs["header_error"] = ""
     except Exception as e:  # a malformed dataset is still stored as-is
@@ -290,10 +293,6 @@ def header_attributes(path: str, head: bytes | None = None, transfer_syntax: str
     return attrs
 
 
-#: tag -> (pydicom keyword, key in the attributes)
-_INDEXED = {0x00100020: ("PatientID", "patient_id"), 0x00100010: ("PatientName", "patient_name"),
-            0x0020000D: ("StudyInstanceUID", "study_uid"), 0x0020000E: ("SeriesInstanceUID", "series_uid"),
-            0x00080060: ("Modality", "modality")}
 _PLAIN = re.compile(rb"[\x20-\x5b\x5d-\x7e]*")  # printable ASCII but the backslash (value separator)
 
 
@@ -318,8 +317,8 @@ def _quick_header(head: bytes, implicit: bool, complete: bool) -> dict | None:
         from pydicom.dataset import Dataset
         from pydicom.tag import Tag
 
-        if 0x00080005 in found:
-            others[0x00080005] = found[0x00080005]
+        if _SPECIFIC_CHARACTER_SET in found:
+            others[_SPECIFIC_CHARACTER_SET] = found[_SPECIFIC_CHARACTER_SET]
         raw = {}
         for number, (vr, value) in others.items():
             tag = Tag(number)
