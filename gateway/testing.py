@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
 from gateway.interfaces import IDestinations, IExportQueue, IInstanceStoredObserver, IPayloadQuery
+from gateway.services.storage import SPARE_PREFIX
 
 
 def listening_port(service, name: str = "dicom") -> Deferred:
@@ -109,3 +112,18 @@ class RecordingObserver:
 
     def association_ended(self, association, result):
         self.ended.append((association, result))
+
+
+def partial_files(tmp_dir: str) -> list[str]:
+    """What is in ``tmp_dir`` besides empty spares: instances being received
+    (or, after a crash, left half-written)."""
+    out = []
+    for name in sorted(os.listdir(tmp_dir)):
+        if name.startswith(SPARE_PREFIX):
+            try:
+                if os.path.getsize(os.path.join(tmp_dir, name)) == 0:
+                    continue
+            except FileNotFoundError:
+                continue
+        out.append(name)
+    return out

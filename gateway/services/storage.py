@@ -79,21 +79,6 @@ SPARES = 4
 SPARE_PREFIX = "spare-"
 
 
-def partial_files(tmp_dir: str) -> list[str]:
-    """What is in ``tmp_dir`` besides empty spares: instances being received
-    (or, after a crash, left half-written)."""
-    out = []
-    for name in sorted(os.listdir(tmp_dir)):
-        if name.startswith(SPARE_PREFIX):
-            try:
-                if os.path.getsize(os.path.join(tmp_dir, name)) == 0:
-                    continue
-            except FileNotFoundError:
-                continue
-        out.append(name)
-    return out
-
-
 class InstanceWriter:
     """Writes one instance; see the module docstring."""
 

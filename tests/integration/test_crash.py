@@ -17,8 +17,7 @@ import pydicom
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
-from gateway.services.storage import partial_files
-
+from gateway.testing import partial_files
 from tests import dicomfiles
 from tests.integration import test_twistd as tw
 from tests.integration.harness import free_port, gateway_config, in_thread, require_pynetdicom, run

@@ -22,7 +22,7 @@ from twisted.trial import unittest
 from gateway.dimse import commands as C
 from gateway.dimse.message import fragment_message
 from gateway.dimse.sop import is_valid_uid
-from gateway.services.storage import partial_files
+from gateway.testing import partial_files
 from gateway.ul import pdu as P
 from tests import dicomfiles
 from tests.integration.harness import in_thread, run, start_gateway

@@ -8,8 +8,7 @@ import pydicom
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from gateway.services.storage import partial_files
-
+from gateway.testing import partial_files
 from tests import dicomfiles
 from tests.integration.harness import in_thread, require_pynetdicom, start_gateway
 

@@ -12,6 +12,7 @@ from twisted.trial import unittest
 
 from gateway.part10 import dataset_offset
 from gateway.services import storage as S
+from gateway.testing import partial_files
 
 
 class StorageCase(unittest.TestCase):
@@ -59,7 +60,7 @@ class StorageTests(StorageCase):
         stored = yield w.finish()
         self.assertEqual(stored.sha256, "")
         self.assertEqual(stored.size, os.stat(stored.path).st_size)
-        self.assertEqual(S.partial_files(self.storage.tmp_dir), [])
+        self.assertEqual(partial_files(self.storage.tmp_dir), [])
 
     @defer.inlineCallbacks
     def test_small_instance_is_written_by_one_job_at_finish(self):
@@ -69,7 +70,7 @@ class StorageTests(StorageCase):
         w.write(b"a" * 1000)
         w.write(b"b" * 1000)
         self.assertFalse(w._running)
-        self.assertEqual(S.partial_files(self.storage.tmp_dir), [])
+        self.assertEqual(partial_files(self.storage.tmp_dir), [])
         jobs = []
         real = S.deferToThreadPool
         self.patch(S, "deferToThreadPool", lambda *a: jobs.append(a) or real(*a))
@@ -95,7 +96,7 @@ class StorageTests(StorageCase):
                 break
             yield _tick()
         self.assertLess(w.pending, S.WRITE_BEHIND)
-        self.assertEqual(len(S.partial_files(self.storage.tmp_dir)), 1)
+        self.assertEqual(len(partial_files(self.storage.tmp_dir)), 1)
         stored = yield w.finish()
         self.assertEqual(stored.dataset_size, n * len(chunk))
         self.assertEqual(w.pending, 0)
@@ -124,7 +125,7 @@ class StorageTests(StorageCase):
         w.write(b"x" * 100)
         with self.assertRaises(S.StorageFull):
             yield w.finish()
-        self.assertEqual(S.partial_files(self.storage.tmp_dir), [])
+        self.assertEqual(partial_files(self.storage.tmp_dir), [])
         self.assertFalse(os.path.exists(os.path.join(self.storage.instances_dir, "AE1", "1.2.3.4.dcm")))
 
     @defer.inlineCallbacks
@@ -134,10 +135,10 @@ class StorageTests(StorageCase):
         w.discard()
         # let the pool run
         for _ in range(100):
-            if not w._running and not S.partial_files(self.storage.tmp_dir):
+            if not w._running and not partial_files(self.storage.tmp_dir):
                 break
             yield _tick()
-        self.assertEqual(S.partial_files(self.storage.tmp_dir), [])
+        self.assertEqual(partial_files(self.storage.tmp_dir), [])
         self.assertFalse(os.path.exists(w._final))
 
     def test_prepare_removes_leftovers(self):
@@ -225,7 +226,7 @@ class SpareTests(StorageCase):
         ready = [path for path, _fd in self.storage.spares._ready]
         self.assertIn(len(ready), (S.SPARES - 1, S.SPARES))
         self.assertEqual(sorted(os.listdir(self.storage.tmp_dir)), sorted(os.path.basename(p) for p in ready))
-        self.assertEqual(S.partial_files(self.storage.tmp_dir), [])  # empty spares are not partial files
+        self.assertEqual(partial_files(self.storage.tmp_dir), [])  # empty spares are not partial files
 
         w = self.begin("1.2.3.2")
         w.write(b"b" * 10)
@@ -249,11 +250,11 @@ class SpareTests(StorageCase):
         w.write(b"c" * (S.WRITE_BEHIND + 1))
         while w._running or w.pending:
             yield _tick()
-        self.assertEqual(len(S.partial_files(self.storage.tmp_dir)), 1)
+        self.assertEqual(len(partial_files(self.storage.tmp_dir)), 1)
         w.discard()
         while w._running:
             yield _tick()
-        self.assertEqual(S.partial_files(self.storage.tmp_dir), [])
+        self.assertEqual(partial_files(self.storage.tmp_dir), [])
 
         yield self.storage.spares.close()
         self.assertEqual(os.listdir(self.storage.tmp_dir), [])
@@ -308,4 +309,4 @@ class DirectoryTests(StorageCase):
         w.write(b"b")
         stored = yield w.finish()
         self.assertTrue(os.path.exists(stored.path))
-        self.assertEqual(S.partial_files(self.storage.tmp_dir), [])
+        self.assertEqual(partial_files(self.storage.tmp_dir), [])
