@@ -31,7 +31,6 @@ Schema (``SCHEMA`` below) and states:
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import sqlite3
@@ -331,34 +330,17 @@ def _quick_header(head: bytes, implicit: bool, complete: bool) -> dict | None:
     return attrs
 
 
-def read_header(path: str, known: dict | None = None, attributes: dict | None = None) -> dict:
-    """:func:`header_attributes` plus the file's size, inode and SHA-256.
+def read_header(path: str, known: dict, attributes: dict | None = None) -> dict:
+    """The index columns of a stored file: the header attributes plus the
+    ``sha256``, ``size`` and ``inode`` in ``known`` (the writer computed them
+    as it wrote the file).
 
-    ``attributes`` may give the header attributes already (the writer picks
-    them out as it writes); ``known`` may give ``sha256``, ``size`` and
-    ``inode`` (the writer hashes a small instance as it writes it): the
-    file is then not read again for them.  When the file at ``path`` is no
-    longer the inode ``known`` says (a later copy replaced it before it was
-    hashed), the SHA-256 is left empty rather than taken from that copy.
+    ``attributes`` gives the header attributes when the writer picked them
+    out already (nearly always); otherwise :func:`header_attributes` reads
+    them from the file.
     """
     attrs = dict(attributes) if attributes is not None else header_attributes(path)
-    if known and known.get("sha256"):
-        attrs.update(sha256=known["sha256"], size=known["size"], inode=known["inode"])
-        return attrs
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        st = os.fstat(f.fileno())
-        if known and known.get("inode") and st.st_ino != known["inode"]:
-            attrs.update(sha256="", size=known["size"], inode=known["inode"])
-            return attrs
-        while True:
-            chunk = f.read(1 << 20)
-            if not chunk:
-                break
-            h.update(chunk)
-    attrs["sha256"] = h.hexdigest()
-    attrs["size"] = st.st_size
-    attrs["inode"] = st.st_ino
+    attrs.update(sha256=known["sha256"], size=known["size"], inode=known["inode"])
     return attrs
 
 

@@ -368,8 +368,9 @@ class PayloadService(Service):
     def instance_stored(self, instance, association):
         """Index the instance in the background; the C-STORE is answered at once.
 
-        The header is read and the file hashed in the disk pool, then the row
-        is written in one transaction.  None of it is needed before the
+        The writer has hashed the file and (nearly always) picked out its
+        header; the row is then written with others in one transaction.
+        None of it is needed before the
         association releases, and the release waits for them (and makes
         them durable) before the A-RELEASE-RP.  An acknowledged instance
         whose row a crash prevented belongs to an association that never
@@ -377,14 +378,12 @@ class PayloadService(Service):
         """
         now = self.reactor.seconds()
         _ae, pending = self.examining.setdefault(association.id, (association.called_ae, []))
-        attributes = getattr(instance, "attributes", None)
-        if attributes is not None and getattr(instance, "sha256", ""):
-            # The writer read the header and hashed the file (a small one).
-            d = succeed(dict(attributes, sha256=instance.sha256, size=instance.size, inode=instance.inode))
-        else:  # a big instance is hashed here, after its response
-            known = {"sha256": getattr(instance, "sha256", ""), "size": instance.size,
-                     "inode": getattr(instance, "inode", 0)}
-            d = self._disk(read_header, instance.path, known, attributes)
+        known = {"sha256": instance.sha256, "size": instance.size, "inode": instance.inode}
+        attributes = instance.attributes
+        if attributes is not None:  # the writer picked the header out (nearly always)
+            d = succeed(read_header(instance.path, known, attributes))
+        else:  # pydicom reads it, in the disk pool
+            d = self._disk(read_header, instance.path, known)
         d.addCallback(self._examined, instance, association, now)
 
         def failed(failure):

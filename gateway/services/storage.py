@@ -9,16 +9,19 @@ fire, and only then may the C-STORE-RSP say Success.
 
 All disk work of one writer runs in order: at most one pool job per writer
 is in flight at a time, and it handles the operations queued before it
-started.  ``pending`` counts bytes queued and not yet written, so the
-protocol can pause the transport when the disk falls behind.
+started and while it runs.  ``pending`` counts bytes queued and not yet
+reported written, so the protocol can pause the transport when the disk
+falls behind.
 
 Write-behind: a job starts only once :data:`WRITE_BEHIND` bytes are queued,
 or when the instance is finished or discarded.  Each job costs two thread
 hand-offs (into the pool, back to the reactor); starting one per received
-fragment made them the bulk of the work for small instances.  A small
-instance is written, hashed (SHA-256), closed and renamed by one job.  A
-bigger one is not hashed here: the index hashes it after the response,
-from the page cache, so that the peer does not wait for it.
+fragment made them the bulk of the work for small instances.  A job goes on
+with whatever is queued while it runs, so a big instance is written as it
+arrives and mostly finished by the job already running when its last
+fragment comes.  A small instance is written, closed and renamed by one job.
+Every byte is hashed (SHA-256) as it is written, from memory: the file is
+never read back for it.
 
 Layout under the storage root::
 
@@ -58,7 +61,7 @@ class StoredInstance:
     size: int  # bytes of the whole Part 10 file
     dataset_size: int
     replaced: bool  # an earlier copy of the same instance was overwritten
-    sha256: str = ""  # of the whole file, computed as it was written; "" for a big one
+    sha256: str = ""  # of the whole file, computed as it was written
     inode: int = 0
     attributes: dict | None = None  # what Storage.after_write returned, if set
 
@@ -90,12 +93,9 @@ class InstanceWriter:
         self._header_len = len(header)
         self._meta = meta
         self._fd = -1
-        # Updated in the pool thread, chunk by chunk, for an instance written
-        # by one job; None for a bigger one (see _kick).
-        self._hash = hashlib.sha256()
+        self._hash = hashlib.sha256()  # of everything written (pool thread)
         self._head = bytearray()  # the first HEAD_BYTES of the data set (pool thread)
         self._header_written = False
-        self._started = False  # its first job has started
         self._running = False
         self._failed: BaseException | None = None
         self._finishing = None
@@ -140,13 +140,8 @@ class InstanceWriter:
             return
         if not self._closing and self.pending < WRITE_BEHIND:
             return  # wait for more data (or the end of the instance)
-        if not self._started:
-            self._started = True
-            if not self._closing:
-                self._hash = None  # too big to be written in one job: the index hashes it later
         self._running = True
-        batch = len(self._ops)
-        d = deferToThreadPool(self._storage.reactor, self._storage.pool, self._drain, batch)
+        d = deferToThreadPool(self._storage.reactor, self._storage.pool, self._drain)
         d.addBoth(self._drained)
 
     def _drained(self, result):
@@ -178,8 +173,9 @@ class InstanceWriter:
 
     # ---- pool thread side -------------------------------------------------
 
-    def _drain(self, batch: int):
-        """Run up to ``batch`` queued operations; return (bytes written, outcome).
+    def _drain(self):
+        """Run the queued operations, and any queued meanwhile; return (bytes
+        written, outcome).
 
         outcome is None while the instance is still open, a StoredInstance on
         success, or the exception that ended it.
@@ -187,7 +183,7 @@ class InstanceWriter:
         written = 0
         ops = self._ops
         try:
-            for _ in range(batch):
+            while ops:
                 op = ops.popleft()
                 if op is _FINISH:
                     return written, self._close()
@@ -201,8 +197,7 @@ class InstanceWriter:
                     self._header_written = True
                 elif len(self._head) < HEAD_BYTES:
                     self._head += view[:HEAD_BYTES - len(self._head)]
-                if self._hash is not None:
-                    self._hash.update(view)
+                self._hash.update(view)
                 while view:
                     n = _write(self._fd, view)
                     view = view[n:]
@@ -261,7 +256,7 @@ class InstanceWriter:
                 size=size,
                 dataset_size=size - self._header_len,
                 replaced=replaced,
-                sha256=self._hash.hexdigest() if self._hash is not None else "",
+                sha256=self._hash.hexdigest(),
                 inode=st.st_ino,
                 attributes=attributes,
             )

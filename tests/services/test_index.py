@@ -131,25 +131,15 @@ class HeaderTests(unittest.TestCase):
 
 
 class ReadHeaderTests(unittest.TestCase):
-    def test_hashes_what_the_writer_did_not_and_never_a_later_copy(self):
-        import hashlib
-
+    def test_the_writers_figures_with_attributes_given_or_read(self):
         from gateway.services.index import read_header
+        from tests import dicomfiles
 
-        path = os.path.abspath(self.mktemp())
-        with open(path, "wb") as f:
-            f.write(b"instance bytes")
-        st = os.stat(path)
-        attrs = {"patient_id": "P"}
-        known = {"sha256": "", "size": st.st_size, "inode": st.st_ino}
-        got = read_header(path, known, attrs)
-        self.assertEqual((got["patient_id"], got["sha256"], got["inode"]),
-                         ("P", hashlib.sha256(b"instance bytes").hexdigest(), st.st_ino))
-        # Replaced by a later copy (a new inode) before it was hashed.
-        os.link(path, path + ".old")  # (kept, so that its inode number is not reused)
-        with open(path + ".new", "wb") as f:
-            f.write(b"a later copy")
-        os.replace(path + ".new", path)
-        self.assertNotEqual(os.stat(path).st_ino, st.st_ino)
-        got = read_header(path, known, attrs)
-        self.assertEqual((got["sha256"], got["inode"], got["size"]), ("", st.st_ino, st.st_size))
+        path = dicomfiles.ct_image(self.mktemp(), rows=8, cols=8, patient_id="P7")
+        known = {"sha256": "ab" * 32, "size": 123, "inode": 456}
+        got = read_header(path, known, {"patient_id": "given"})
+        self.assertEqual(got, {"patient_id": "given", **known})
+        # Without attributes from the writer, the file's header is read.
+        got = read_header(path, known)
+        self.assertEqual((got["patient_id"], got["sha256"], got["size"], got["inode"]),
+                         ("P7", "ab" * 32, 123, 456))

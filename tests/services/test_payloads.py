@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import time
@@ -13,7 +14,7 @@ from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
 
 from gateway.config import config_from_string
-from gateway.services.index import Database, header_attributes, read_header
+from gateway.services.index import Database, header_attributes
 from gateway.services.payloads import PayloadService
 from gateway.services.scp import AssociationInfo
 from gateway.services.storage import Storage, StoredInstance
@@ -86,9 +87,11 @@ class PayloadCase(unittest.TestCase):
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, ds.SOPInstanceUID + ".dcm")
         os.link(src, path)
-        size = os.path.getsize(path)
+        with open(path, "rb") as f:  # as the writer hashes what it writes
+            sha256 = hashlib.sha256(f.read()).hexdigest()
+        st = os.stat(path)
         stored = StoredInstance(path, ds.SOPClassUID, ds.SOPInstanceUID, ds.file_meta.TransferSyntaxUID,
-                                size, size - 300, False)
+                                st.st_size, st.st_size - 300, False, sha256, st.st_ino)
         yield self.service.instance_stored(stored, association)
         yield self.service._settled(association.id)  # indexed (in the background)
 
@@ -267,7 +270,7 @@ class CharacterSetTests(unittest.TestCase):
     def check(self, charset, name, encoded):
         path, raw = self.write(charset, name)
         self.assertIn(encoded, raw)  # the name really is in that encoding on disk
-        self.assertEqual(read_header(path)["patient_name"], name)
+        self.assertEqual(header_attributes(path)["patient_name"], name)
         # The same from the data set's first bytes, as the writer hands them over.
         head = dicomfiles.dataset_bytes(path)
         self.assertEqual(header_attributes(path, head, pydicom.dcmread(path).file_meta.TransferSyntaxUID,

@@ -52,13 +52,13 @@ class StorageTests(StorageCase):
         self.assertEqual(stored.path, os.path.join(self.storage.instances_dir, "AE1", "1.2.3.4.dcm"))
         self.assertEqual(w.pending, 0)
 
-        # An instance too big for one job is not hashed here: the index
-        # hashes it after the response (read_header).
+        # An instance written by several jobs is hashed as well, from memory.
         w = self.begin()
-        big = b"q" * (S.WRITE_BEHIND + 1)
-        w.write(big)
+        for part in (b"q" * (S.WRITE_BEHIND + 1), b"r" * 10, b"s" * S.WRITE_BEHIND):
+            w.write(part)
         stored = yield w.finish()
-        self.assertEqual(stored.sha256, "")
+        with open(stored.path, "rb") as f:
+            self.assertEqual(stored.sha256, hashlib.sha256(f.read()).hexdigest())
         self.assertEqual(stored.size, os.stat(stored.path).st_size)
         self.assertEqual(partial_files(self.storage.tmp_dir), [])
 
@@ -100,6 +100,36 @@ class StorageTests(StorageCase):
         stored = yield w.finish()
         self.assertEqual(stored.dataset_size, n * len(chunk))
         self.assertEqual(w.pending, 0)
+
+    @defer.inlineCallbacks
+    def test_the_running_job_takes_what_is_queued_meanwhile(self):
+        # The last fragments and the finish, queued while a job writes, are
+        # handled by that job: no second trip through the pool.
+        import threading
+
+        started, release = threading.Event(), threading.Event()
+        real_write = S._write
+
+        def slow_write(fd, data):
+            started.set()
+            release.wait(10)
+            return real_write(fd, data)
+
+        self.patch(S, "_write", slow_write)
+        w = self.begin()
+        jobs = []
+        real = S.deferToThreadPool
+        self.patch(S, "deferToThreadPool", lambda *a: jobs.append(a) or real(*a))
+        w.write(b"x" * S.WRITE_BEHIND)
+        self.assertTrue(started.wait(10))  # the job is writing
+        w.write(b"y" * 100)
+        finished = w.finish()
+        release.set()
+        stored = yield finished
+        self.assertEqual(len(jobs), 1)
+        with open(stored.path, "rb") as f:
+            data = f.read()
+        self.assertEqual(data[dataset_offset(data):], b"x" * S.WRITE_BEHIND + b"y" * 100)
 
     def test_refuses_non_uids(self):
         for bad in ("../x", "1.2/3", "", "1..2", "a.b", "1." * 40):
