@@ -148,9 +148,13 @@ class InstanceWriter:
         self._running = False
         if isinstance(result, tuple):
             written, done = result
-        else:  # a Failure: the thread function never raises, but be safe
-            written, done = 0, None
-            self._failed = self._failed or result.value
+        else:  # a Failure: _drain never raises; should it, end the instance, never retry
+            written, done = 0, result.value
+            self._failed = self._failed or done
+            if not self._closing:  # later writes are dropped, and finish() reports it
+                self._ops.clear()
+                self.pending = written = 0
+                done = None
         self.pending -= written
         if done is not None:
             self._complete(done)

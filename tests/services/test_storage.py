@@ -131,6 +131,29 @@ class StorageTests(StorageCase):
             data = f.read()
         self.assertEqual(data[dataset_offset(data):], b"x" * S.WRITE_BEHIND + b"y" * 100)
 
+    @defer.inlineCallbacks
+    def test_a_job_that_raises_ends_the_instance_without_retrying(self):
+        jobs = []
+
+        def broken(writer):
+            jobs.append(writer)
+            raise RuntimeError("bug")
+
+        w = self.begin()
+        self.patch(S.InstanceWriter, "_drain", broken)
+        drained = []
+        w.on_drained = drained.append
+        w.write(b"x" * S.WRITE_BEHIND)
+        for _ in range(50):
+            if drained:
+                break
+            yield _tick()
+        self.assertEqual((len(jobs), w.pending), (1, 0))  # a paused peer is resumed
+        w.write(b"y" * 10)  # dropped
+        with self.assertRaises(RuntimeError):
+            yield w.finish()
+        self.assertEqual(len(jobs), 2)
+
     def test_refuses_non_uids(self):
         for bad in ("../x", "1.2/3", "", "1..2", "a.b", "1." * 40):
             self.assertRaises(ValueError, self.begin, bad)
