@@ -72,8 +72,8 @@ class StorageTests(StorageCase):
         self.assertFalse(w._running)
         self.assertEqual(partial_files(self.storage.tmp_dir), [])
         jobs = []
-        real = S.deferToThreadPool
-        self.patch(S, "deferToThreadPool", lambda *a: jobs.append(a) or real(*a))
+        real = self.pool.callInThread
+        self.patch(self.pool, "callInThread", lambda *a: jobs.append(a) or real(*a))
         stored = yield w.finish()
         self.assertEqual(len(jobs), 1)
         with open(stored.path, "rb") as f:
@@ -118,8 +118,8 @@ class StorageTests(StorageCase):
         self.patch(S, "_write", slow_write)
         w = self.begin()
         jobs = []
-        real = S.deferToThreadPool
-        self.patch(S, "deferToThreadPool", lambda *a: jobs.append(a) or real(*a))
+        real = self.pool.callInThread
+        self.patch(self.pool, "callInThread", lambda *a: jobs.append(a) or real(*a))
         w.write(b"x" * S.WRITE_BEHIND)
         self.assertTrue(started.wait(10))  # the job is writing
         w.write(b"y" * 100)
@@ -263,21 +263,21 @@ class SpareTests(StorageCase):
 
     @defer.inlineCallbacks
     def settled(self):
+        """Wait for the job that stored an instance to make the spares."""
         for _ in range(500):
-            if not self.storage.spares._filling:
+            if len(self.storage.spares._ready) == S.SPARES:
                 return
             yield task.deferLater(reactor, 0.01, lambda: None)
         self.fail("the spares were never made")
 
     @defer.inlineCallbacks
-    def test_writers_take_spares_and_beginning_refills_them(self):
-        w = self.begin("1.2.3.1")  # the first instance finds none ready: begin() has them made
+    def test_writers_take_spares_and_storing_tops_them_up(self):
+        self.assertEqual(len(self.storage.spares._ready), 0)
+        w = self.begin("1.2.3.1")  # the first instance finds none ready and makes its own file
         w.write(b"a" * 10)
         yield w.finish()
-        yield self.settled()
-        # (That first writer may have taken one of them as it was made.)
+        yield self.settled()  # ... and then the spares
         ready = [path for path, _fd in self.storage.spares._ready]
-        self.assertIn(len(ready), (S.SPARES - 1, S.SPARES))
         self.assertEqual(sorted(os.listdir(self.storage.tmp_dir)), sorted(os.path.basename(p) for p in ready))
         self.assertEqual(partial_files(self.storage.tmp_dir), [])  # empty spares are not partial files
 
@@ -286,17 +286,9 @@ class SpareTests(StorageCase):
         stored = yield w.finish()
         with open(stored.path, "rb") as f:
             self.assertTrue(f.read().endswith(b"b" * 10))
+        yield self.settled()  # topped up again
         left = set(os.listdir(self.storage.tmp_dir))
         self.assertEqual(len(left & {os.path.basename(p) for p in ready}), len(ready) - 1)  # one was used
-        self.assertEqual(len(self.storage.spares._ready), len(ready) - 1)
-        # Below half, the next begin() tops them up again.
-        while len(self.storage.spares._ready) > S.SPARES // 2:
-            path, fd = self.storage.spares.take()
-            os.close(fd)
-            os.unlink(path)
-        self.begin("1.2.3.9").discard()
-        yield self.settled()
-        self.assertEqual(len(self.storage.spares._ready), S.SPARES)
 
         # A discarded instance removes the spare it took, data and all.
         w = self.begin("1.2.3.3")
@@ -311,9 +303,13 @@ class SpareTests(StorageCase):
 
         yield self.storage.spares.close()
         self.assertEqual(os.listdir(self.storage.tmp_dir), [])
-        self.begin("1.2.3.4").discard()  # no refill once closed
-        yield _tick()
-        self.assertFalse(self.storage.spares._filling)
+        w = self.begin("1.2.3.4")
+        w.write(b"d")
+        stored = yield w.finish()
+        for _ in range(10):
+            yield _tick()
+        self.assertEqual(os.listdir(self.storage.tmp_dir), [])  # none made once closed
+        self.assertEqual(len(self.storage.spares._ready), 0)
 
     @defer.inlineCallbacks
     def test_a_spare_made_while_closing_is_not_kept(self):
