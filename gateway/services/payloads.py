@@ -370,11 +370,11 @@ class PayloadService(Service):
 
         The writer has hashed the file and (nearly always) picked out its
         header; the row is then written with others in one transaction.
-        None of it is needed before the
-        association releases, and the release waits for them (and makes
-        them durable) before the A-RELEASE-RP.  An acknowledged instance
-        whose row a crash prevented belongs to an association that never
-        released: at restart it is treated as aborted, as it should be.
+        None of it is needed before the association releases, and the
+        release waits for them (and makes them durable) before the
+        A-RELEASE-RP.  An acknowledged instance whose row a crash prevented
+        belongs to an association that never released: at restart it is
+        treated as aborted, as it should be.
         """
         now = self.reactor.seconds()
         _ae, pending = self.examining.setdefault(association.id, (association.called_ae, []))

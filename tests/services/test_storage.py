@@ -305,7 +305,7 @@ class SpareTests(StorageCase):
         self.assertEqual(os.listdir(self.storage.tmp_dir), [])
         w = self.begin("1.2.3.4")
         w.write(b"d")
-        stored = yield w.finish()
+        yield w.finish()
         for _ in range(10):
             yield _tick()
         self.assertEqual(os.listdir(self.storage.tmp_dir), [])  # none made once closed
