@@ -242,7 +242,7 @@ def _run_items(conn, items):
     return results
 
 
-# ---- header and hash (disk pool) --------------------------------------------
+# ---- header (disk pool) --------------------------------------------------
 
 #: The indexed attributes: tag -> (pydicom keyword, key in the attributes).
 _INDEXED = {0x00100020: ("PatientID", "patient_id"), 0x00100010: ("PatientName", "patient_name"),

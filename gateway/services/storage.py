@@ -334,11 +334,7 @@ class Spares:
 
     def top_up(self) -> None:
         """Make up to ``keep`` ready (pool thread)."""
-        if not self._closed:
-            self._fill(self.keep - len(self._ready))
-
-    def _fill(self, count: int) -> None:
-        for _ in range(count):
+        for _ in range(self.keep - len(self._ready)):
             if self._closed:
                 return
             path = self._storage.temporary_path(spare=True)

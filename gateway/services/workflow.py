@@ -67,8 +67,9 @@ def add_workflow(root, config, storage, scp, reactor, export_queue):
     ``export_queue`` (an IExportQueue).
     """
     db = Database(os.path.join(os.path.abspath(storage.root), DB_NAME), reactor, durable=config.fsync)
-    # The index needs each instance's header: the writer reads it in the job
-    # that wrote the file, while it is in the page cache (no extra job).
+    # The index needs each instance's header: the writer picks it out of the
+    # data set's first bytes, kept as they were written, in the job that put
+    # the file in place (no extra job; the file is read only when they fall short).
     storage.after_write = header_attributes
     runner = PipelineRunner(config, db, storage, reactor, export_queue)
     DatabaseService(db, runner).setServiceParent(root)

@@ -322,7 +322,7 @@ class SpareTests(StorageCase):
             return fd
 
         self.patch(S, "_create", create_then_close)
-        yield deferToThreadPool(reactor, self.pool, spares._fill, 2)
+        yield deferToThreadPool(reactor, self.pool, spares.top_up)
         self.assertEqual(len(spares._ready), 0)
         self.assertEqual(os.listdir(self.storage.tmp_dir), [])
 
