@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 from bench import data
 from bench.receivers import (
     BENCH_AE,
+    RUNS,
     DcmtkStorescp,
     Gateway,
     PynetdicomStorescp,
@@ -219,9 +220,9 @@ def measure(scenario: Scenario, reps: int, log=print) -> list[Run]:
             finally:
                 if receiver.proc is not None and receiver.proc.poll() is None:
                     receiver.stop()
-                receiver.cleanup()
                 # Every receiver starts on a settled disk: the next one does not
-                # pay for writing back this one's files (or their removal).
+                # pay for writing back this one's files.  The files stay until
+                # the bench ends (see RUNS below).
                 os.sync()
             run = Run(scenario.key, receiver.name, rep, seconds, count, size, stored, failed, rss,
                       None if receiver.forks else receiver.cpu)
@@ -519,6 +520,7 @@ def main(argv=None) -> int:
             reps = sizes.reps_big if sc.key == "5" else sizes.reps
             runs += measure(sc, 1 if sc.key == "4" and args.big else reps)
     finally:
+        shutil.rmtree(os.path.join(workdir, RUNS), ignore_errors=True)
         if not keep:
             shutil.rmtree(workdir, ignore_errors=True)
     rows = summarize(scenarios, runs)
