@@ -368,7 +368,8 @@ class PayloadService(Service):
     def instance_stored(self, instance, association):
         """Index the instance in the background; the C-STORE is answered at once.
 
-        The writer has hashed the file and (nearly always) picked out its
+        The writer hashes the file (a big one's hash comes just after the
+        response: ``instance.digest``) and (nearly always) picks out its
         header; the row is then written with others in one transaction.
         None of it is needed before the association releases, and the
         release waits for them (and makes them durable) before the
@@ -378,12 +379,8 @@ class PayloadService(Service):
         """
         now = self.reactor.seconds()
         _ae, pending = self.examining.setdefault(association.id, (association.called_ae, []))
-        known = {"sha256": instance.sha256, "size": instance.size, "inode": instance.inode}
-        attributes = instance.attributes
-        if attributes is not None:  # the writer picked the header out (nearly always)
-            d = succeed(read_header(instance.path, known, attributes))
-        else:  # pydicom reads it, in the disk pool
-            d = self._disk(read_header, instance.path, known)
+        d = succeed(instance.sha256) if instance.digest is None else instance.digest
+        d.addCallback(self._header, instance)
         d.addCallback(self._examined, instance, association, now)
 
         def failed(failure):
@@ -404,6 +401,12 @@ class PayloadService(Service):
         d.addErrback(failed)
         pending.append(d)
         d.addBoth(lambda _: pending.remove(d))
+
+    def _header(self, sha256, instance):
+        known = {"sha256": sha256, "size": instance.size, "inode": instance.inode}
+        if instance.attributes is not None:  # the writer picked the header out (nearly always)
+            return read_header(instance.path, known, instance.attributes)
+        return self._disk(read_header, instance.path, known)  # pydicom reads it, in the disk pool
 
     def _examined(self, attrs, instance, association, received):
         if attrs.get("header_error"):

@@ -38,7 +38,8 @@ from gateway.services.storage import StorageFull
 from gateway.ul import pdu as P
 
 # Pause reading from a peer while this many received bytes wait for the
-# disk, resume below the low mark: memory per association stays bounded.
+# disk, resume below the low mark: memory per association stays bounded
+# (with storage.HASH_LAG more, written and waiting for the hash).
 HIGH_WATER = 8 << 20
 LOW_WATER = 2 << 20
 

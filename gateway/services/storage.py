@@ -20,8 +20,13 @@ fragment made them the bulk of the work for small instances.  A job goes on
 with whatever is queued while it runs, so a big instance is written as it
 arrives and mostly finished by the job already running when its last
 fragment comes.  A small instance is written, closed and renamed by one job.
-Every byte is hashed (SHA-256) as it is written, from memory: the file is
-never read back for it.
+
+Every byte is hashed (SHA-256) from memory, never read back from the file.
+The hash lags the write (by at most :data:`HASH_LAG` bytes, held by
+reference): the disk gets each fragment first, and what is left to hash when
+a big instance is in place is hashed after its outcome has gone to the
+reactor, while the response is on its way; ``StoredInstance.digest`` brings
+the hash then.
 
 Layout under the storage root::
 
@@ -39,6 +44,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 
+from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -61,9 +67,13 @@ class StoredInstance:
     size: int  # bytes of the whole Part 10 file
     dataset_size: int
     replaced: bool  # an earlier copy of the same instance was overwritten
-    sha256: str = ""  # of the whole file, computed as it was written
+    sha256: str = ""  # of the whole file; "" while ``digest`` is pending
     inode: int = 0
     attributes: dict | None = None  # what Storage.after_write returned, if set
+    #: None when ``sha256`` is set; else a Deferred (for one consumer, the
+    #: index) that fires with it, on the reactor thread, once the writer has
+    #: hashed the rest of the file, after the instance's outcome.
+    digest: Deferred | None = None
 
 
 _FINISH = object()
@@ -76,6 +86,12 @@ _write = os.write  # the one disk write of the hot path (tests simulate a full d
 #: The first bytes of each data set are kept (copied) for ``Storage.after_write``:
 #: the index picks the attributes it needs out of them instead of reading the file.
 HEAD_BYTES = 64 << 10
+#: The hash may fall this far behind the write (see the module docstring);
+#: the fragments not yet hashed are kept by reference until it catches up.
+HASH_LAG = 1 << 20
+#: When no more than this is left to hash as an instance is put in place, it
+#: is hashed at once: a second hand-off to the reactor would cost more.
+HASH_AT_ONCE = 64 << 10
 #: Temporary files kept ready for the next instances (see :class:`Spares`),
 #: named ``tmp/spare-<random>.part``.
 SPARES = 4
@@ -93,7 +109,9 @@ class InstanceWriter:
         self._header_len = len(header)
         self._meta = meta
         self._fd = -1
-        self._hash = hashlib.sha256()  # of everything written (pool thread)
+        self._hash = hashlib.sha256()  # of everything written and hashed so far (pool thread)
+        self._unhashed: list = []  # written, not yet hashed (pool thread)
+        self._unhashed_bytes = 0
         self._head = bytearray()  # the first HEAD_BYTES of the data set (pool thread)
         self._header_written = False
         self._running = False
@@ -118,8 +136,6 @@ class InstanceWriter:
 
     def finish(self):
         """Fire with a :class:`StoredInstance` once the file is durable."""
-        from twisted.internet.defer import Deferred
-
         self._finishing = Deferred()
         self._ops.append(_FINISH)
         self._closing = True
@@ -151,8 +167,17 @@ class InstanceWriter:
             result = self._drain()
         except BaseException as e:  # _drain never raises; should it, end the instance, never retry
             result = e
-        self._storage.reactor.callFromThread(self._drained, result)
+        reactor = self._storage.reactor
+        reactor.callFromThread(self._drained, result)
         if isinstance(result, tuple) and isinstance(result[1], StoredInstance):
+            digest = result[1].digest
+            if digest is not None:  # the rest of the hash, while the response goes out
+                try:
+                    self._catch_up()
+                    outcome = self._hash.hexdigest()
+                except BaseException as e:
+                    outcome = e
+                reactor.callFromThread(_fire, digest, outcome)
             self._storage.spares.top_up()
 
     def _drained(self, result):
@@ -207,19 +232,31 @@ class InstanceWriter:
                     continue
                 if self._fd < 0:
                     self._open()
-                view = memoryview(op)
+                data = view = memoryview(op)
                 if not self._header_written:  # the first op is our meta header
                     self._header_written = True
                 elif len(self._head) < HEAD_BYTES:
                     self._head += view[:HEAD_BYTES - len(self._head)]
-                self._hash.update(view)
                 while view:
                     n = _write(self._fd, view)
                     view = view[n:]
                 written += len(op)
+                self._unhashed.append(data)
+                self._unhashed_bytes += len(data)
+                if self._unhashed_bytes > HASH_LAG:
+                    self._catch_up()
         except OSError as e:
             self._failed = StorageFull(e.errno, e.strerror) if e.errno in (errno.ENOSPC, errno.EDQUOT) else e
+            self._unhashed.clear()
         return written, None
+
+    def _catch_up(self):
+        """Hash what is written and not yet hashed (pool thread)."""
+        update = self._hash.update
+        for view in self._unhashed:
+            update(view)
+        self._unhashed.clear()
+        self._unhashed_bytes = 0
 
     def _open(self):
         spare = self._storage.spares.take()
@@ -262,6 +299,12 @@ class InstanceWriter:
                         self._final, head, self._meta.transfer_syntax_uid, len(head) < HEAD_BYTES)
                 except Exception:  # the instance is stored; its reader will try again
                     attributes = None
+            digest = None
+            if self._unhashed_bytes <= HASH_AT_ONCE:
+                self._catch_up()
+                sha256 = self._hash.hexdigest()
+            else:  # hashed by _job once the outcome is on its way
+                sha256, digest = "", Deferred()
             meta = self._meta
             return StoredInstance(
                 path=self._final,
@@ -271,11 +314,13 @@ class InstanceWriter:
                 size=size,
                 dataset_size=size - self._header_len,
                 replaced=replaced,
-                sha256=self._hash.hexdigest(),
+                sha256=sha256,
                 inode=st.st_ino,
                 attributes=attributes,
+                digest=digest,
             )
         except BaseException as e:  # leave nothing behind
+            self._unhashed.clear()
             if self._fd >= 0:
                 try:
                     os.close(self._fd)
@@ -290,6 +335,13 @@ class InstanceWriter:
             if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
                 return StorageFull(e.errno, e.strerror)
             return e
+
+
+def _fire(d: Deferred, outcome) -> None:
+    if isinstance(outcome, BaseException):
+        d.errback(outcome)
+    else:
+        d.callback(outcome)
 
 
 def _create(path: str) -> int:

@@ -331,7 +331,9 @@ class PayloadTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_storescu_study_indexed_with_attributes(self):
         gw = yield start(self, ae_table("DICOMGW"))
-        files = self.series(2)
+        # 128 KiB of pixels: more than the writer hashes before the response,
+        # so the rest of each hash reaches the index after it (StoredInstance.digest).
+        files = dicomfiles.make_series(self.mktemp(), 2, rows=256, cols=256)
         out, err, code = yield run("storescu", "-aet", "STORESCU", "-aec", "DICOMGW", "127.0.0.1",
                                    str(gw.port), *files)
         self.assertEqual(code, 0, err)
@@ -344,9 +346,10 @@ class PayloadTests(unittest.TestCase):
         self.assertEqual(rows[0][5:7], ("STORESCU", "DICOMGW"))
         self.assertTrue(rows[0][7].startswith("127.0.0.1:"))
         import hashlib
-        with open(rows[0][10], "rb") as f:
-            data = f.read()
-        self.assertEqual((rows[0][8], rows[0][9]), (len(data), hashlib.sha256(data).hexdigest()))
+        for row in rows:
+            with open(row[10], "rb") as f:
+                data = f.read()
+            self.assertEqual((row[8], row[9]), (len(data), hashlib.sha256(data).hexdigest()))
         self.assertEqual(rows[0][11], rows[1][11])
 
 

@@ -77,8 +77,12 @@ class PayloadCase(unittest.TestCase):
         self.n = 0
 
     @defer.inlineCallbacks
-    def store(self, association, patient, study, series, ae="DICOMGW"):
-        """Put an instance in the inbox as the SCP would, and tell the service."""
+    def store(self, association, patient, study, series, ae="DICOMGW", digest=None):
+        """Put an instance in the inbox as the SCP would, and tell the service.
+
+        With ``digest`` (a Deferred), the hash comes later, as for a big
+        instance (the caller fires it); the instance is then not waited for.
+        """
         self.n += 1
         src = dicomfiles.ct_image(os.path.join(self.source, f"{self.n}.dcm"), study_uid=study,
                                   series_uid=series, number=self.n, rows=8, cols=8, patient_id=patient)
@@ -91,9 +95,12 @@ class PayloadCase(unittest.TestCase):
             sha256 = hashlib.sha256(f.read()).hexdigest()
         st = os.stat(path)
         stored = StoredInstance(path, ds.SOPClassUID, ds.SOPInstanceUID, ds.file_meta.TransferSyntaxUID,
-                                st.st_size, st.st_size - 300, False, sha256, st.st_ino)
+                                st.st_size, st.st_size - 300, False, "" if digest else sha256, st.st_ino,
+                                digest=digest)
         yield self.service.instance_stored(stored, association)
-        yield self.service._settled(association.id)  # indexed (in the background)
+        if digest is None:
+            yield self.service._settled(association.id)  # indexed (in the background)
+        return sha256
 
     def association(self, ae="DICOMGW"):
         self.n += 1
@@ -202,6 +209,20 @@ class GroupingTests(PayloadCase):
         self.assertEqual((yield self.states()), [("open", 1)])
         yield self.service.association_released(a2)
         self.assertEqual((yield self.states(expected_closed=1)), [("closed", 2)])
+
+    @defer.inlineCallbacks
+    def test_hash_after_the_response_reaches_the_row_before_the_release(self):
+        yield self.make("study")
+        a1 = self.association()
+        digest = defer.Deferred()
+        sha256 = yield self.store(a1, "P1", generate_uid(), generate_uid(), digest=digest)
+        released = self.service.association_released(a1)
+        yield task.deferLater(reactor, 0.1, lambda: None)
+        self.assertFalse(released.called)  # the row waits for its hash
+        digest.callback(sha256)
+        yield released
+        rows = yield self.db.run(lambda c: c.execute("SELECT sha256 FROM instances").fetchall())
+        self.assertEqual([tuple(r) for r in rows], [(sha256,)])
 
     @defer.inlineCallbacks
     def test_aborted_association_joins_nothing(self):

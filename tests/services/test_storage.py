@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 
 from twisted.internet import defer, reactor, task
@@ -45,22 +46,53 @@ class StorageTests(StorageCase):
             data = f.read()
         self.assertEqual(data[dataset_offset(data):], b"".join(chunks))
         self.assertEqual(stored.dataset_size, sum(map(len, chunks)))
-        # The hash and inode the index uses, computed while writing.
-        import hashlib
-        self.assertEqual(stored.sha256, hashlib.sha256(data).hexdigest())
-        self.assertEqual(stored.inode, os.stat(stored.path).st_ino)
+        self.assertEqual(stored.inode, os.stat(stored.path).st_ino)  # for the index
         self.assertEqual(stored.path, os.path.join(self.storage.instances_dir, "AE1", "1.2.3.4.dcm"))
         self.assertEqual(w.pending, 0)
+        self.assertEqual(partial_files(self.storage.tmp_dir), [])
 
-        # An instance written by several jobs is hashed as well, from memory.
-        w = self.begin()
+    @defer.inlineCallbacks
+    def test_hash_from_memory(self):
+        # SHA-256 of the whole file, from the bytes as they were written.
+        def sha256(path):
+            with open(path, "rb") as f:
+                return hashlib.sha256(f.read()).hexdigest()
+
+        # Little left to hash at the end: the hash comes with the outcome.
+        w = self.begin("1.1")
+        w.write(b"a" * (S.HASH_AT_ONCE - 1000))
+        stored = yield w.finish()
+        self.assertIsNone(stored.digest)
+        self.assertEqual(stored.sha256, sha256(stored.path))
+
+        # More: it comes after the outcome, through the digest.
+        w = self.begin("1.2")
         for part in (b"q" * (S.WRITE_BEHIND + 1), b"r" * 10, b"s" * S.WRITE_BEHIND):
             w.write(part)
         stored = yield w.finish()
-        with open(stored.path, "rb") as f:
-            self.assertEqual(stored.sha256, hashlib.sha256(f.read()).hexdigest())
-        self.assertEqual(stored.size, os.stat(stored.path).st_size)
-        self.assertEqual(partial_files(self.storage.tmp_dir), [])
+        self.assertEqual(stored.sha256, "")
+        self.assertEqual((yield stored.digest), sha256(stored.path))
+
+        # The hash never falls more than HASH_LAG behind: fragments are not
+        # held for the whole of a big instance.
+        self.patch(S, "HASH_LAG", 300_000)
+        lag = []
+        real = S.InstanceWriter._catch_up
+
+        def catch_up(writer):
+            lag.append(writer._unhashed_bytes)
+            real(writer)
+
+        self.patch(S.InstanceWriter, "_catch_up", catch_up)
+        w = self.begin("1.3")
+        for i in range(20):
+            w.write(bytes([i]) * 100_000)
+            yield task.deferLater(reactor, 0, lambda: None)
+        stored = yield w.finish()
+        self.assertEqual((yield stored.digest), sha256(stored.path))
+        self.assertGreater(len(lag), 3)
+        self.assertLessEqual(max(lag), 300_000 + 100_000)
+        self.assertEqual(w._unhashed, [])
 
     @defer.inlineCallbacks
     def test_small_instance_is_written_by_one_job_at_finish(self):
