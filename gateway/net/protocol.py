@@ -23,6 +23,7 @@ the A-ASSOCIATE-RQ to send), ``associate_indication(rq)``,
 
 from __future__ import annotations
 
+from twisted.internet import tcp
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
@@ -45,6 +46,27 @@ from gateway.ul.pdu import ABORT_REASON_NOT_SPECIFIED
 
 #: Bytes read from a TCP socket at a time (see connectionMade).
 READ_SIZE = 256 << 10
+
+
+def _write(transport, data: bytes) -> None:
+    """``transport.write(data)``, sent at once where it can be.
+
+    Twisted queues each write and sends it on the reactor's next turn, after
+    registering for writability (and unregistering after): two ``epoll_ctl``
+    calls and a reactor iteration per response, about 7% of the reactor's
+    CPU for a stream of small instances.  On a plain TCP connection with
+    nothing queued the bytes go to the socket now; whatever it does not take
+    is queued as before, so their order is kept.  TLS connections (and test
+    transports) take the ordinary path.
+    """
+    if (isinstance(transport, tcp.Connection) and transport.connected and not transport.disconnecting
+            and not transport.dataBuffer and not transport._tempDataLen):
+        sent = transport.writeSomeData(data)
+        if type(sent) is int:  # else the connection is lost: write() below finds out as usual
+            if sent == len(data):
+                return
+            data = data[sent:]
+    transport.write(data)
 
 
 class DicomProtocol(Protocol):
@@ -199,7 +221,7 @@ class DicomProtocol(Protocol):
         for fx in effects:
             kind = type(fx)
             if kind is Send:
-                self.transport.write(fx.data)
+                _write(self.transport, fx.data)
             elif kind is PDataIndication:
                 user.pdata_indication(fx.pdu)
             elif kind is StartARTIM:
