@@ -12,6 +12,7 @@ import os
 from twisted.trial import unittest
 
 from bench import run as B
+from bench.receivers import RUNS
 from tests.integration.harness import require_program, require_pynetdicom
 
 
@@ -70,6 +71,14 @@ class ReportTests(unittest.TestCase):
                          ["--big", "--reps", "2"])
 
 
+class ClientTests(unittest.TestCase):
+    def test_a_client_still_running_at_the_deadline_is_killed_and_counted(self):
+        self.patch(B, "storescu_command", lambda port, files, tls=None: ["sleep", files[0]])
+        seconds, failed = B.run_clients(0, B.Workload([["0"], ["60"]]), timeout=0.5)
+        self.assertEqual(failed, 1)
+        self.assertLess(seconds, 30)
+
+
 class QuickRunTests(unittest.TestCase):
     """``python -m bench.run --quick`` for one scenario, gateway and DCMTK."""
 
@@ -93,3 +102,7 @@ class QuickRunTests(unittest.TestCase):
             self.assertEqual(r["failed_clients"], 0, r)
         with open(os.path.join(out, "results.md")) as f:
             self.assertIn("| 1: 20 CT 512x512, one association | dicomgw |", f.read())
+        # The receivers' files stay until the bench ends, and go then; the
+        # generated data stay in a given work directory.
+        self.assertFalse(os.path.exists(os.path.join(workdir, RUNS)))
+        self.assertTrue(os.listdir(os.path.join(workdir, "data")))
