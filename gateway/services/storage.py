@@ -22,8 +22,8 @@ arrives and mostly finished by the job already running when its last
 fragment comes.  A small instance is written, closed and renamed by one job.
 
 Every byte is hashed (SHA-256) from memory, never read back from the file.
-The hash lags the write (by at most :data:`HASH_LAG` bytes, held by
-reference): the disk gets each fragment first, and what is left to hash when
+The hash lags the write (by :data:`HASH_LAG` bytes and one fragment at
+most, held by reference): the disk gets each fragment first, and what is left to hash when
 a big instance is in place is hashed after its outcome has gone to the
 reactor, while the response is on its way; ``StoredInstance.digest`` brings
 the hash then.
@@ -86,8 +86,8 @@ _write = os.write  # the one disk write of the hot path (tests simulate a full d
 #: The first bytes of each data set are kept (copied) for ``Storage.after_write``:
 #: the index picks the attributes it needs out of them instead of reading the file.
 HEAD_BYTES = 64 << 10
-#: The hash may fall this far behind the write (see the module docstring);
-#: the fragments not yet hashed are kept by reference until it catches up.
+#: The hash catches up once it is more than this behind the write (see the
+#: module docstring); the fragments not yet hashed are kept by reference.
 HASH_LAG = 1 << 20
 #: When no more than this is left to hash as an instance is put in place, it
 #: is hashed at once: a second hand-off to the reactor would cost more.
