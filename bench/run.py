@@ -229,8 +229,9 @@ def measure(scenario: Scenario, reps: int, log=print) -> list[Run]:
                 if receiver.proc is not None and receiver.proc.poll() is None:
                     receiver.stop()
                 # Every receiver starts on a settled disk: the next one does not
-                # pay for writing back this one's files.  The files stay until
-                # the bench ends (see RUNS below).
+                # pay for writing back this one's files.  They are emptied, not
+                # removed, until the bench ends (see RUNS).
+                receiver.release_space()
                 os.sync()
             run = Run(scenario.key, receiver.name, rep, seconds, count, size, stored, failed, rss,
                       None if receiver.forks else receiver.cpu)

@@ -79,6 +79,21 @@ class ClientTests(unittest.TestCase):
         self.assertLess(seconds, 30)
 
 
+class SpaceTests(unittest.TestCase):
+    def test_a_run_gives_its_space_back_and_keeps_its_files(self):
+        from bench.receivers import Receiver
+
+        receiver = Receiver(os.path.abspath(self.mktemp()))
+        receiver.root = os.path.join(receiver.workdir, RUNS, "s1-r0-0")
+        os.makedirs(os.path.join(receiver.root, "a", "b"))
+        for path in ("x.dcm", "a/b/y.dcm"):
+            with open(os.path.join(receiver.root, path), "wb") as f:
+                f.write(b"z" * 10000)
+        receiver.release_space()
+        sizes = {path: os.path.getsize(os.path.join(receiver.root, path)) for path in ("x.dcm", "a/b/y.dcm")}
+        self.assertEqual(sizes, {"x.dcm": 0, "a/b/y.dcm": 0})
+
+
 class QuickRunTests(unittest.TestCase):
     """``python -m bench.run --quick`` for one scenario, gateway and DCMTK."""
 
