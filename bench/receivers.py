@@ -23,8 +23,8 @@ MAX_PDU = 131072
 #: after it (:meth:`Receiver.release_space`) and removed only when the bench
 #: ends: on an ext4 file system without a journal, creating a file skips, one
 #: lookup each, every inode of its block group freed in the last minutes, so
-#: deleting one run's files slowed the next run's file creation tenfold
-#: (whichever receiver it was).  Emptying a file frees its blocks, not its inode.
+#: deleting one run's files slowed the next run's file creation ten to thirty
+#: times (whichever receiver it was).  Emptying a file frees its blocks, not its inode.
 RUNS = "runs"
 
 
