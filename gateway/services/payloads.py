@@ -448,12 +448,16 @@ class PayloadService(Service):
         self.db.flush()
         return DeferredList(list(pending))
 
+    def _forget(self, association_id):
+        """The association has ended and its rows are in: drop what tracked them."""
+        self.examining.pop(association_id, None)
+        self.awaited.discard(association_id)
+        self.recorded.discard(association_id)
+
     @inlineCallbacks
     def association_released(self, association):
         yield self._settled(association.id)
-        self.examining.pop(association.id, None)
-        self.awaited.discard(association.id)
-        self.recorded.discard(association.id)
+        self._forget(association.id)
         if association.id in self.failed:
             # Not every instance is indexed: the release fails (the SCP aborts)
             # and the association counts as aborted.
@@ -473,9 +477,7 @@ class PayloadService(Service):
     @inlineCallbacks
     def association_ended(self, association, result):
         yield self._settled(association.id)
-        self.examining.pop(association.id, None)
-        self.awaited.discard(association.id)
-        self.recorded.discard(association.id)
+        self._forget(association.id)
         self.failed.discard(association.id)
         keys = self.open_keys.pop(association.id, set())
         yield self._discard(association.id, result)

@@ -22,11 +22,11 @@ arrives and mostly finished by the job already running when its last
 fragment comes.  A small instance is written, closed and renamed by one job.
 
 Every byte is hashed (SHA-256) from memory, never read back from the file.
-The hash lags the write (by :data:`HASH_LAG` bytes and one fragment at
-most, held by reference): the disk gets each fragment first, and what is left to hash when
-a big instance is in place is hashed after its outcome has gone to the
-reactor, while the response is on its way; ``StoredInstance.digest`` brings
-the hash then.
+The hash lags the write (by :data:`HASH_LAG` bytes and one fragment at most,
+held by reference): the disk gets each fragment first, and what is left to
+hash when a big instance is in place is hashed after its outcome has gone to
+the reactor, while the response is on its way; ``StoredInstance.digest``
+brings the hash then.
 
 Layout under the storage root::
 
@@ -204,12 +204,8 @@ class InstanceWriter:
         self._ops.clear()
         self.pending = 0
         d, self._finishing = self._finishing, None
-        if d is None:
-            return
-        if isinstance(done, BaseException):
-            d.errback(done)
-        else:
-            d.callback(done)
+        if d is not None:
+            _fire(d, done)
 
     # ---- pool thread side -------------------------------------------------
 
@@ -338,6 +334,7 @@ class InstanceWriter:
 
 
 def _fire(d: Deferred, outcome) -> None:
+    """Fire ``d`` with an outcome from the pool: a result, or the exception."""
     if isinstance(outcome, BaseException):
         d.errback(outcome)
     else:
