@@ -33,7 +33,7 @@ import os
 import secrets
 
 from twisted.application.service import Service
-from twisted.internet.defer import DeferredList, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -331,6 +331,7 @@ class PayloadService(Service):
         self.timers: dict[str, object] = {}
         # association id -> (AE title, Deferreds of instances still being examined)
         self.examining: dict[str, tuple] = {}
+        self._unexamined: list = []  # (Deferred, instance) to start on the next turn: _examine
         self.failed: set[str] = set()  # associations with an instance that could not be indexed
         self.awaited: set[str] = set()  # associations whose end waits for their rows
         self.recorded: set[str] = set()  # associations whose first row has gone to the database
@@ -379,7 +380,12 @@ class PayloadService(Service):
         """
         now = self.reactor.seconds()
         _ae, pending = self.examining.setdefault(association.id, (association.called_ae, []))
-        d = succeed(instance.sha256) if instance.digest is None else instance.digest
+        # The work starts on the reactor's next turn, once the response has
+        # gone: the peer is not kept waiting for the index.
+        d = Deferred()
+        if not self._unexamined:
+            self.reactor.callLater(0, self._examine)
+        self._unexamined.append((d, instance))
         d.addCallback(self._header, instance)
         d.addCallback(self._examined, instance, association, now)
 
@@ -401,6 +407,14 @@ class PayloadService(Service):
         d.addErrback(failed)
         pending.append(d)
         d.addBoth(lambda _: pending.remove(d))
+
+    def _examine(self):
+        batch, self._unexamined = self._unexamined, []
+        for d, instance in batch:
+            if instance.digest is None:
+                d.callback(instance.sha256)
+            else:  # a big instance's hash, when the writer has it
+                instance.digest.chainDeferred(d)
 
     def _header(self, sha256, instance):
         known = {"sha256": sha256, "size": instance.size, "inode": instance.inode}

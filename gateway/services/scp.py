@@ -339,7 +339,14 @@ class StoreSCP:
                 "the earlier copy was replaced",
                 association=self.id, sop_instance_uid=stored.sop_instance_uid,
             )
-        # One event per instance, for the metrics and audit observers: it has
+        latency = self.service.reactor.seconds() - slot.started
+        self._drained(writer)
+        # Success only once every observer (the index) has the instance.
+        d = self.service.notify("instance_stored", stored, self.info)
+        d.addCallbacks(lambda _: self._answer_store(slot, C.SUCCESS), self._observer_failed,
+                       errbackArgs=(slot,))
+        # One event per instance, for the metrics and audit observers, once
+        # the response is on its way (unless an observer holds it): it has
         # no format, so text logs skip it (a study would be thousands of
         # lines) and formatting costs nothing on the hot path.  The JSON-lines
         # log shows it at debug level.
@@ -348,13 +355,8 @@ class StoreSCP:
             event="instance.stored", association=self.id, called_ae=self.called_ae,
             calling_ae=self.calling_ae, sop_class_uid=stored.sop_class_uid,
             sop_instance_uid=stored.sop_instance_uid, bytes=stored.dataset_size,
-            latency=self.service.reactor.seconds() - slot.started,
+            latency=latency,
         )
-        self._drained(writer)
-        # Success only once every observer (the index) has the instance.
-        d = self.service.notify("instance_stored", stored, self.info)
-        d.addCallbacks(lambda _: self._answer_store(slot, C.SUCCESS), self._observer_failed,
-                       errbackArgs=(slot,))
 
     def _observer_failed(self, failure, slot):
         self.log.failure("association {association}: an observer failed on {sop_instance_uid}",

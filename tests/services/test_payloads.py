@@ -98,6 +98,7 @@ class PayloadCase(unittest.TestCase):
                                 st.st_size, st.st_size - 300, False, "" if digest else sha256, st.st_ino,
                                 digest=digest)
         yield self.service.instance_stored(stored, association)
+        self.clock.advance(0)  # the reactor's next turn, when the examination starts
         if digest is None:
             yield self.service._settled(association.id)  # indexed (in the background)
         return sha256
