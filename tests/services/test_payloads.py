@@ -77,11 +77,13 @@ class PayloadCase(unittest.TestCase):
         self.n = 0
 
     @defer.inlineCallbacks
-    def store(self, association, patient, study, series, ae="DICOMGW", digest=None):
+    def store(self, association, patient, study, series, ae="DICOMGW", digest=None, turn=True):
         """Put an instance in the inbox as the SCP would, and tell the service.
 
         With ``digest`` (a Deferred), the hash comes later, as for a big
         instance (the caller fires it); the instance is then not waited for.
+        Without ``turn`` the reactor does not turn after the SCP's call: the
+        examination has not started (the caller advances the clock).
         """
         self.n += 1
         src = dicomfiles.ct_image(os.path.join(self.source, f"{self.n}.dcm"), study_uid=study,
@@ -98,6 +100,8 @@ class PayloadCase(unittest.TestCase):
                                 st.st_size, st.st_size - 300, False, "" if digest else sha256, st.st_ino,
                                 digest=digest)
         yield self.service.instance_stored(stored, association)
+        if not turn:
+            return sha256
         self.clock.advance(0)  # the reactor's next turn, when the examination starts
         if digest is None:
             yield self.service._settled(association.id)  # indexed (in the background)
@@ -222,6 +226,29 @@ class GroupingTests(PayloadCase):
         self.assertFalse(released.called)  # the row waits for its hash
         digest.callback(sha256)
         yield released
+        rows = yield self.db.run(lambda c: c.execute("SELECT sha256 FROM instances").fetchall())
+        self.assertEqual([tuple(r) for r in rows], [(sha256,)])
+
+    @defer.inlineCallbacks
+    def test_examination_follows_the_response_and_the_release_waits_for_it(self):
+        yield self.make("study")
+        a1 = self.association()
+        examined = []
+        header = self.service._header
+
+        def recording_header(sha256, instance):
+            examined.append(instance.sop_instance_uid)
+            return header(sha256, instance)
+
+        self.service._header = recording_header
+        sha256 = yield self.store(a1, "P1", generate_uid(), generate_uid(), turn=False)
+        self.assertEqual(examined, [])  # the SCP answers now; the index has not begun
+        released = self.service.association_released(a1)  # the peer released at once
+        yield task.deferLater(reactor, 0.05, lambda: None)
+        self.assertFalse(released.called)
+        self.clock.advance(0)
+        yield released
+        self.assertEqual(len(examined), 1)
         rows = yield self.db.run(lambda c: c.execute("SELECT sha256 FROM instances").fetchall())
         self.assertEqual([tuple(r) for r in rows], [(sha256,)])
 
