@@ -350,19 +350,19 @@ def sha256_rate(seconds: float = 0.3) -> float:
     return done / elapsed
 
 
+def _proc_field(path: str, key: str) -> str | None:
+    """The value of the first ``key: value`` line of a /proc file, or None."""
+    try:
+        with open(path) as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith(key))
+    except (OSError, StopIteration):
+        return None
+
+
 def machine() -> dict:
-    cpu = "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    mem = 0
-    try:
-        with open("/proc/meminfo") as f:
-            mem = int(next(line.split()[1] for line in f if line.startswith("MemTotal"))) * 1024
-    except (OSError, StopIteration):
-        pass
+    cpu = _proc_field("/proc/cpuinfo", "model name") or "?"
+    flags = set((_proc_field("/proc/cpuinfo", "flags") or "").split())
+    mem = int((_proc_field("/proc/meminfo", "MemTotal") or "0 kB").split()[0]) * 1024
 
     def version(cmd):
         try:
@@ -370,13 +370,6 @@ def machine() -> dict:
             return out.strip().splitlines()[0] if out.strip() else "?"
         except (OSError, subprocess.SubprocessError):
             return "not installed"
-
-    flags = set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(next(line.split(":", 1)[1].split() for line in f if line.startswith("flags")))
-    except (OSError, StopIteration):
-        pass
 
     import twisted
     try:
