@@ -15,9 +15,9 @@ import sys
 
 from twisted.internet import defer
 from twisted.logger import globalLogPublisher
-from twisted.python.threadpool import ThreadPool
 
 from gateway.services.export import Destinations, ExportService, expand_paths
+from gateway.threads import WorkerPool
 
 # Failed files listed per job in the summary; the rest are in the database.
 MAX_LISTED = 20
@@ -47,7 +47,7 @@ def _run(main):
 
 
 def _pool():
-    pool = ThreadPool(minthreads=1, maxthreads=2, name="dicomgw-cli-read")
+    pool = WorkerPool(2, "dicomgw-cli-read")
     pool.start()
     return pool
 

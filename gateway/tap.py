@@ -6,7 +6,6 @@ from twisted.application import strports
 from twisted.application.service import MultiService, Service
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from gateway.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
@@ -17,6 +16,7 @@ from gateway.services.scp import SCPService
 from gateway.services.storage import Storage
 from gateway.services.watermark import Watermark
 from gateway.services.workflow import add_workflow, check_observers
+from gateway.threads import WorkerPool
 
 # Disk work (writes, fsync, rename) runs here; bounded so that a burst of
 # associations cannot spawn unbounded threads.
@@ -41,10 +41,10 @@ class Options(usage.Options):
             raise usage.UsageError(str(e)) from None
 
 
-class ThreadPoolService(Service):
-    """Starts and stops a named, bounded thread pool with the application."""
+class WorkerPoolService(Service):
+    """Starts and stops a worker pool with the application."""
 
-    def __init__(self, pool: ThreadPool):
+    def __init__(self, pool: WorkerPool):
         self.pool = pool
 
     def startService(self):
@@ -86,8 +86,8 @@ def makeService(options, reactor=None) -> MultiService:
     config = options["config_object"] if "config_object" in options else load_config(options["config"])
     root = MultiService()
 
-    pool = ThreadPool(minthreads=1, maxthreads=DISK_THREADS, name="dicomgw-disk")
-    ThreadPoolService(pool).setServiceParent(root)
+    pool = WorkerPool(DISK_THREADS, "dicomgw-disk")
+    WorkerPoolService(pool).setServiceParent(root)
     storage = Storage(config.storage, reactor, pool, fsync=config.fsync,
                       implementation_version_name=config.implementation_version_name)
     StorageService(storage).setServiceParent(root)

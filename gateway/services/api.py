@@ -316,7 +316,7 @@ class ApiResource(Resource):
         except OSError as e:
             storage = {"root": api.storage.root, "error": e.strerror}
         active = api.active_associations()
-        queues = {"disk_jobs": api.pool.q.qsize() if hasattr(api.pool, "q") else None,
+        queues = {"disk_jobs": api.pool.queued(),
                   "disk_pending_bytes": sum(w.pending for a in api.scp.active for w in a.writers)}
         if api.exports is not None:
             queued = yield api.exports.jobs(limit=MAX_LIMIT, offset=0, state="queued")

@@ -31,7 +31,6 @@ from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from gateway.dimse import commands as C
@@ -45,6 +44,7 @@ from gateway.net.client import (
     verification_contexts,
 )
 from gateway.part10 import read_elements
+from gateway.threads import WorkerPool
 
 DB_NAME = "exports.sqlite"
 
@@ -154,7 +154,7 @@ class ExportStore:
         self.reactor = reactor
         # One thread owns the connection; tests may pass a pool of their own.
         self._own_pool = pool is None
-        self.pool = pool or ThreadPool(minthreads=1, maxthreads=1, name="dicomgw-exportdb")
+        self.pool = pool or WorkerPool(1, "dicomgw-exportdb")
         self._db: sqlite3.Connection | None = None
 
     def start(self):

@@ -38,10 +38,10 @@ import sqlite3
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 
 from gateway.dimse import sop
 from gateway.part10 import read_elements
+from gateway.threads import WorkerPool
 
 DB_NAME = "dicomgw.sqlite"
 #: run_coalesced: a batch waits at most this long (seconds) for company, and
@@ -110,7 +110,7 @@ class Database:
         self.path = path
         self.reactor = reactor
         self.durable = durable
-        self.pool = ThreadPool(minthreads=1, maxthreads=1, name="dicomgw-db")
+        self.pool = WorkerPool(1, "dicomgw-db")
         self._conn: sqlite3.Connection | None = None
         self._batch: list = []  # (f, args, Deferred) waiting for the next shared transaction
         self._batch_running = False

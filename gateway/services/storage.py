@@ -47,11 +47,11 @@ from dataclasses import dataclass
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.threadpool import ThreadPool
 
 from gateway import IMPLEMENTATION_CLASS_UID
 from gateway.dimse.sop import is_valid_uid
 from gateway.part10 import file_meta
+from gateway.threads import WorkerPool
 
 
 class StorageFull(OSError):
@@ -427,7 +427,7 @@ class Storage:
 
     log = Logger()
 
-    def __init__(self, root: str, reactor, pool: ThreadPool, *, fsync: bool = True,
+    def __init__(self, root: str, reactor, pool: WorkerPool, *, fsync: bool = True,
                  implementation_version_name: str = "DICOMGW"):
         self.root = os.path.abspath(root)
         self.tmp_dir = os.path.join(self.root, "tmp")

@@ -13,11 +13,11 @@ import urllib.request
 
 from twisted.internet import defer, reactor
 from twisted.internet.utils import getProcessOutputAndValue
-from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import TestCase
 
 from gateway.config import config_from_string
 from gateway.services.export import ExportService, read_part10_header
+from gateway.threads import WorkerPool
 from tests.dicomfiles import dataset_bytes, make_series, odd_instance, rle_image, small_instance
 from tests.integration.harness import in_thread
 from tests.integration.peers import Certs, free_port, start_orthanc, start_storescp
@@ -48,7 +48,7 @@ class PeerCase(TestCase):
     timeout = 90
 
     def start_export(self, config):
-        pool = ThreadPool(minthreads=1, maxthreads=2, name="test-export-read")
+        pool = WorkerPool(2, "test-export-read")
         pool.start()
         self.addCleanup(pool.stop)
         service = ExportService(config, reactor, pool)

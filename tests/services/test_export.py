@@ -11,7 +11,6 @@ import textwrap
 
 from twisted.internet import defer, reactor
 from twisted.internet.protocol import Factory, Protocol
-from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import TestCase
 
 from gateway.config import config_from_string
@@ -21,6 +20,7 @@ from gateway.services.export import (
     job_outcome,
     read_part10_header,
 )
+from gateway.threads import WorkerPool
 from tests.dicomfiles import ct_image, dataset_bytes, make_series, small_instance
 from tests.integration.harness import free_port, start_gateway
 
@@ -57,7 +57,7 @@ class ExportCase(TestCase):
     timeout = 60
 
     def start_export(self, config, **kw):
-        pool = ThreadPool(minthreads=1, maxthreads=2, name="test-export-read")
+        pool = WorkerPool(2, "test-export-read")
         pool.start()
         self.addCleanup(pool.stop)
         service = ExportService(config, reactor, pool, **kw)

@@ -10,7 +10,6 @@ import time
 import pydicom
 from pydicom.uid import generate_uid
 from twisted.internet import defer, reactor, task
-from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
 
 from gateway.config import config_from_string
@@ -18,6 +17,7 @@ from gateway.services.index import Database, header_attributes
 from gateway.services.payloads import PayloadService
 from gateway.services.scp import AssociationInfo
 from gateway.services.storage import Storage, StoredInstance
+from gateway.threads import WorkerPool
 from tests import dicomfiles
 
 
@@ -61,7 +61,7 @@ class PayloadCase(unittest.TestCase):
         self.clock = ClockReactor()
         self.clock.advance(1_000_000)
         root = os.path.abspath(self.mktemp())
-        pool = ThreadPool(1, 2, name="test-disk")
+        pool = WorkerPool(2, "test-disk")
         pool.start()
         self.addCleanup(pool.stop)
         self.storage = Storage(root, self.clock, pool, fsync=False)

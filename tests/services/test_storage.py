@@ -8,12 +8,12 @@ import os
 
 from twisted.internet import defer, reactor, task
 from twisted.internet.threads import deferToThreadPool
-from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
 
 from gateway.part10 import dataset_offset
 from gateway.services import storage as S
 from gateway.testing import partial_files
+from gateway.threads import WorkerPool
 
 
 class StorageCase(unittest.TestCase):
@@ -22,7 +22,7 @@ class StorageCase(unittest.TestCase):
     fsync = True
 
     def setUp(self):
-        self.pool = ThreadPool(1, 2, name="test-disk")
+        self.pool = WorkerPool(2, "test-disk")
         self.pool.start()
         self.addCleanup(self.pool.stop)
         self.storage = S.Storage(self.mktemp(), reactor, self.pool, fsync=self.fsync)

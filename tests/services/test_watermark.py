@@ -39,9 +39,9 @@ class ProbeTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_probe_errors_are_logged_and_the_state_kept(self):
         from twisted.internet import reactor
-        from twisted.python.threadpool import ThreadPool
+        from gateway.threads import WorkerPool
 
-        pool = ThreadPool(1, 1)
+        pool = WorkerPool(1, "test-disk")
         pool.start()
         self.addCleanup(pool.stop)
         scp = SCP()
