@@ -96,6 +96,32 @@ class WorkerPoolTests(unittest.TestCase):
         self.assertEqual(pool.queued(), 2)
         gate.set()
 
+    def test_busy_threads_leave_jobs_in_the_backlog_in_order(self):
+        pool = self.pool(2)
+        gate = threading.Event()
+        running = []
+        both = threading.Barrier(3)
+
+        def hold(n):
+            running.append(n)
+            both.wait(10)  # both threads are busy at once
+            gate.wait(10)
+
+        pool.callInThread(hold, 0)
+        pool.callInThread(hold, 1)
+        both.wait(10)
+        self.assertEqual(sorted(running), [0, 1])
+        order = []
+        done = threading.Event()
+        for n in range(5):
+            pool.callInThread(order.append, n)
+        pool.callInThread(done.set)
+        self.assertEqual(pool.queued(), 6)
+        gate.set()
+        self.assertTrue(done.wait(10))
+        self.assertEqual(sorted(order), list(range(5)))
+        self.assertEqual(pool.queued(), 0)
+
     def test_a_job_may_stop_its_own_pool(self):
         pool = WorkerPool(2, "test-pool")
         pool.start()
