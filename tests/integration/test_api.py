@@ -121,6 +121,7 @@ class APITests(unittest.TestCase):
         self.assertEqual(body["listeners"]["dicom"], {"state": "up", "address": f"127.0.0.1:{dicom}"})
         self.assertGreater(body["storage"]["free_bytes"], 0)
         self.assertIn("disk_pending_bytes", body["queues"])
+        self.assertEqual(body["queues"]["disk_jobs"], 0)  # the disk pool's backlog: none when idle
 
     @defer.inlineCallbacks
     def test_metrics_parsed_by_prometheus_client(self):
