@@ -154,6 +154,9 @@ class HostileTests(unittest.TestCase):
             # P-DATA on a presentation context that was not accepted.
             "P-DATA on context 99": (True, b"".join(fragment_message(99, C.encode_command(C.c_echo_rq(1)), 16384)),
                                      abort_bytes(2, 6)),
+            # A DIMSE response: the SCP asked nothing; it must not wait for ever.
+            "C-ECHO-RSP to the SCP": (True, b"".join(fragment_message(
+                1, C.encode_command(C.c_echo_rsp(C.c_echo_rq(1))), 16384)), abort_bytes(2, 6)),
             # A second A-ASSOCIATE-RQ inside an association: unexpected PDU.
             "A-ASSOCIATE-RQ in Sta6": (True, rq(), abort_bytes(2, 2)),
             # Malformed item: a presentation context item whose length runs past the PDU.

@@ -253,3 +253,21 @@ class EchoBytesTests(unittest.TestCase):
         (reply,) = pdus(t.value())
         rsp = C.decode_command(bytes(reply.pdvs[0].data))
         self.assertEqual((rsp.command_field, rsp.status), (C.C_FIND_RQ | 0x8000, C.UNRECOGNIZED_OPERATION))
+
+    def test_a_response_sent_to_the_scp_ends_the_association(self):
+        # A response answers nothing the gateway asked: were it queued like a
+        # request with no answer, every later response would wait behind it
+        # and the DIMSE timer would count the silence as ours, for ever.
+        config = config_from_string('[[ae]]\ntitle = "DICOMGW"\n')
+        clock = Clock()
+        service = SCPService(config, storage=None, reactor=clock)
+        p = service.factory().buildProtocol(None)
+        t = StringTransport()
+        p.makeConnection(t)
+        p.dataReceived(encode_pdu(rq()))
+        t.clear()
+        echo_rsp = C.c_echo_rsp(C.c_echo_rq(5))
+        p.dataReceived(encode_pdata(1, 0x03, C.encode_command(echo_rsp)))
+        # A-ABORT, service-provider, invalid PDU parameter value (PS3.8 9.3.8)
+        self.assertEqual(t.value(), bytes([A_ABORT, 0, 0, 0, 0, 4, 0, 0, 2, 6]))
+        self.assertIn("unexpected C-ECHO-RSP", p.disconnect_reason)
