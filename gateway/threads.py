@@ -115,7 +115,7 @@ class WorkerPool:
                     f(*args, **kwargs)
                 except BaseException:
                     self.log.failure("{pool}: job {job!r} raised", Failure(), pool=self.name, job=f)
-                del f, args, kwargs  # nothing of a finished job stays alive while waiting
+                job = f = args = kwargs = None  # nothing of a finished job stays alive while waiting
             with lock:
                 if backlog:
                     job = backlog.popleft()

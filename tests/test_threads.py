@@ -141,3 +141,24 @@ class WorkerPoolTests(unittest.TestCase):
     def test_at_least_one_thread(self):
         with self.assertRaises(ValueError):
             WorkerPool(0, "test-pool")
+
+    def test_a_finished_job_is_not_kept_alive_by_a_waiting_thread(self):
+        import gc
+        import weakref
+
+        class Payload:
+            pass
+
+        pool = self.pool(1)
+        payload = Payload()
+        ref = weakref.ref(payload)
+        done = threading.Event()
+        pool.callInThread(lambda p: done.set(), payload)
+        self.assertTrue(done.wait(10))
+        del payload
+        for _ in range(100):  # the thread drops it on its way back to waiting
+            gc.collect()
+            if ref() is None:
+                break
+            threading.Event().wait(0.01)
+        self.assertIsNone(ref())
