@@ -100,7 +100,7 @@ class WorkerPool:
     def callInThreadWithCallback(self, on_result, f, *args, **kwargs):
         """Run ``f``; then, still in the worker thread, ``on_result(True, value)``
         or ``on_result(False, Failure)`` (the contract of Twisted's ThreadPool)."""
-        self.callInThread(_with_callback, on_result, f, args, kwargs)
+        self.callInThread(run_with_callback, on_result, f, args, kwargs)
 
     def _work(self):
         inbox: SimpleQueue = SimpleQueue()
@@ -124,7 +124,9 @@ class WorkerPool:
             job = inbox.get()
 
 
-def _with_callback(on_result, f, args, kwargs):
+def run_with_callback(on_result, f, args, kwargs):
+    """``f(*args, **kwargs)``, its outcome given to ``on_result`` as
+    ``callInThreadWithCallback`` promises (also for pools that tests fake)."""
     try:
         result = f(*args, **kwargs)
     except BaseException:

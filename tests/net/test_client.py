@@ -27,6 +27,7 @@ from gateway.net.client import (
     SCUTimeout,
 )
 from gateway.net.protocol import DicomProtocol
+from gateway.threads import run_with_callback
 from gateway.ul.pdu import (
     ABORT_SOURCE_PROVIDER,
     PC_ACCEPTANCE,
@@ -62,12 +63,7 @@ class InlinePool:
     """Runs 'thread pool' work at once, in the caller's thread."""
 
     def callInThreadWithCallback(self, on_result, f, *args, **kw):
-        try:
-            result = f(*args, **kw)
-        except BaseException:
-            on_result(False, Failure())
-        else:
-            on_result(True, result)
+        run_with_callback(on_result, f, args, kw)
 
 
 class ProducerTransport(StringTransport):

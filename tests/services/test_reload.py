@@ -17,6 +17,7 @@ from gateway.interfaces import IReconfigurable
 from gateway.services.reload import ReloadService, changed_fields
 from gateway.tap import makeService
 from gateway.testing import listening_port
+from gateway.threads import run_with_callback
 from tests import dicomfiles
 from tests.integration.harness import gateway_config, in_thread, require_pynetdicom
 
@@ -39,14 +40,7 @@ class _ManualPool:
 
     def run_next(self):
         on_result, f, a, kw = self.jobs.pop(0)
-        try:
-            result = f(*a, **kw)
-        except Exception:
-            from twisted.python.failure import Failure
-
-            on_result(False, Failure())
-        else:
-            on_result(True, result)
+        run_with_callback(on_result, f, a, kw)
 
 
 @implementer(IReconfigurable)
