@@ -265,16 +265,15 @@ class StoreSCP:
             self._flush()
         elif field == C.C_CANCEL_RQ:
             pass  # nothing of ours is cancellable
+        elif cmd.is_response:
+            # The SCP asked nothing.  Queued with no answer to give, it would
+            # hold back every later response, and the DIMSE timer would wait
+            # for ever.
+            self._protocol_error(f"DIMSE: unexpected {cmd.name} (0x{field:04X}) from the peer: "
+                                 "this gateway sent it no request")
         else:
-            response = C.failure_response(cmd, C.UNRECOGNIZED_OPERATION)
-            if response is None:
-                # A response (the SCP asked nothing): queued, it would hold back
-                # every later response, and the DIMSE timer would wait for ever.
-                self._protocol_error(f"DIMSE: unexpected {cmd.name} (0x{field:04X}) from the peer: "
-                                     "this gateway sent it no request")
-                return
             slot = self._slot(cmd, event.context_id)
-            slot.response = response
+            slot.response = C.failure_response(cmd, C.UNRECOGNIZED_OPERATION)
             if cmd.has_dataset:
                 self.store = _Store(slot, None, C.UNRECOGNIZED_OPERATION)
             self.log.warn(
