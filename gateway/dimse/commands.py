@@ -249,7 +249,7 @@ class Command:
 
 
 # Value representations used in group 0000 (PS3.7 Table E.1-1).
-_US, _UL, _UI, _AE, _LO, _AT = "US", "UL", "UI", "AE", "LO", "AT"
+_US, _UI, _AE, _LO, _AT = "US", "UI", "AE", "LO", "AT"
 
 # tag -> (Command field name, VR) for the typed fields.
 _FIELDS: dict[int, tuple[str, str]] = {
@@ -268,11 +268,8 @@ _FIELDS: dict[int, tuple[str, str]] = {
     0x00001030: ("move_originator_ae", _AE),
     0x00001031: ("move_originator_message_id", _US),
 }
-_FIELD_TAGS = {name: tag for tag, (name, _vr) in _FIELDS.items()}
 
 _TAG_GROUP_LENGTH = 0x00000000
-_TAG_COMMAND_FIELD = 0x00000100
-_TAG_DATA_SET_TYPE = 0x00000800
 
 _HEADER = struct.Struct("<HHI")  # group, element, value length
 _US_STRUCT = struct.Struct("<H")
@@ -295,24 +292,35 @@ def _ascii(value: str, tag: int) -> bytes:
         raise DIMSEError(f"{_tag_str(tag)}: value is not ASCII") from None
 
 
-def _encode_value(vr: str, value: object, tag: int) -> bytes:
-    if vr in (_US, _UL):
-        limit = 0xFFFF if vr == _US else 0xFFFFFFFF
-        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= limit:
-            raise DIMSEError(f"{_tag_str(tag)}: {value!r} is not a valid {vr}")
-        return (_US_STRUCT if vr == _US else _UL_STRUCT).pack(value)
-    if vr == _AT:
-        out = bytearray()
-        for t in value:  # type: ignore[attr-defined]
-            if not isinstance(t, int) or not 0 <= t <= 0xFFFFFFFF:
-                raise DIMSEError(f"{_tag_str(tag)}: {t!r} is not a tag")
-            out += struct.pack("<HH", t >> 16, t & 0xFFFF)
-        return bytes(out)
+def _encode_us(value: object, tag: int) -> bytes:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 0xFFFF:
+        raise DIMSEError(f"{_tag_str(tag)}: {value!r} is not a valid US")
+    return _US_STRUCT.pack(value)
+
+
+def _encode_at(value: object, tag: int) -> bytes:
+    out = bytearray()
+    for t in value:  # type: ignore[attr-defined]
+        if not isinstance(t, int) or not 0 <= t <= 0xFFFFFFFF:
+            raise DIMSEError(f"{_tag_str(tag)}: {t!r} is not a tag")
+        out += struct.pack("<HH", t >> 16, t & 0xFFFF)
+    return bytes(out)
+
+
+def _encode_ui(value: object, tag: int) -> bytes:
     raw = _ascii(value, tag)  # type: ignore[arg-type]
     # PS3.5 6.2: UI is padded to even length with NUL, text VRs with space.
-    if len(raw) % 2:
-        raw += b"\x00" if vr == _UI else b" "
-    return raw
+    return raw + b"\x00" if len(raw) % 2 else raw
+
+
+def _encode_text(value: object, tag: int) -> bytes:
+    raw = _ascii(value, tag)  # type: ignore[arg-type]
+    return raw + b" " if len(raw) % 2 else raw
+
+
+_ENCODE_VR = {_US: _encode_us, _AT: _encode_at, _UI: _encode_ui, _AE: _encode_text, _LO: _encode_text}
+# The typed fields in ascending tag order, each with its encoder.
+_ENCODERS = [(tag, name, _ENCODE_VR[vr]) for tag, (name, vr) in sorted(_FIELDS.items())]
 
 
 def encode_command(cmd: Command) -> bytes:
@@ -323,23 +331,28 @@ def encode_command(cmd: Command) -> bytes:
     Values in ``extra`` are written as given, NUL-padded if of odd length.
     Raises :class:`DIMSEError` (a ValueError) if a field cannot be encoded.
     """
-    elements: dict[int, bytes] = {}
-    for tag, (name, vr) in _FIELDS.items():
+    pack = _HEADER.pack
+    elements = []  # (tag, element bytes), in tag order
+    for tag, name, encode in _ENCODERS:
         value = getattr(cmd, name)
         if value is not None:
-            elements[tag] = _encode_value(vr, value, tag)
-    for tag, raw in cmd.extra:
-        if not isinstance(tag, int) or not 0 < tag <= 0xFFFF:
-            raise DIMSEError(f"extra element {tag!r} is not a group 0000 tag")
-        if tag in elements:
-            raise DIMSEError(f"extra element {_tag_str(tag)} given twice or shadows a field")
-        raw = bytes(raw)
-        elements[tag] = raw + b"\x00" if len(raw) % 2 else raw
-
-    body = b"".join(
-        _HEADER.pack(0x0000, tag, len(value)) + value for tag, value in sorted(elements.items())
-    )
-    encoded = _HEADER.pack(0x0000, 0x0000, 4) + _UL_STRUCT.pack(len(body)) + body
+            raw = encode(value, tag)
+            elements.append((tag, pack(0x0000, tag, len(raw)) + raw))
+    if cmd.extra:
+        taken = {tag for tag, _ in elements}
+        for tag, raw in cmd.extra:
+            if not isinstance(tag, int) or not 0 < tag <= 0xFFFF:
+                raise DIMSEError(f"extra element {tag!r} is not a group 0000 tag")
+            if tag in taken:
+                raise DIMSEError(f"extra element {_tag_str(tag)} given twice or shadows a field")
+            taken.add(tag)
+            raw = bytes(raw)
+            if len(raw) % 2:
+                raw += b"\x00"
+            elements.append((tag, pack(0x0000, tag, len(raw)) + raw))
+        elements.sort()
+    body = b"".join([element for _tag, element in elements])
+    encoded = pack(0x0000, 0x0000, 4) + _UL_STRUCT.pack(len(body)) + body
     if len(encoded) > MAX_COMMAND_LENGTH:
         raise DIMSEError(f"command set of {len(encoded)} bytes exceeds {MAX_COMMAND_LENGTH}")
     return encoded
@@ -373,20 +386,29 @@ def _decode_text(raw: bytes, tag: int, strict: bool) -> str:
     return text.strip(" ")
 
 
-def _decode_value(vr: str, raw: bytes, tag: int) -> object:
-    if vr == _US:
-        if len(raw) != 2:
-            raise DIMSEError(f"{_tag_str(tag)}: US value of length {len(raw)}")
-        return _US_STRUCT.unpack(raw)[0]
-    if vr == _AT:
-        if len(raw) % 4:
-            raise DIMSEError(f"{_tag_str(tag)}: AT value of length {len(raw)}")
-        return tuple(
-            (group << 16) | element for group, element in struct.iter_unpack("<HH", raw)
-        )
-    if vr == _LO:
-        return _decode_text(raw, tag, strict=False)
-    return _decode_text(raw, tag, strict=True)  # UI, AE
+def _decode_us(raw: bytes, tag: int) -> int:
+    if len(raw) != 2:
+        raise DIMSEError(f"{_tag_str(tag)}: US value of length {len(raw)}")
+    return raw[0] | raw[1] << 8
+
+
+def _decode_at(raw: bytes, tag: int) -> tuple[int, ...]:
+    if len(raw) % 4:
+        raise DIMSEError(f"{_tag_str(tag)}: AT value of length {len(raw)}")
+    return tuple((group << 16) | element for group, element in struct.iter_unpack("<HH", raw))
+
+
+def _decode_lo(raw: bytes, tag: int) -> str:
+    return _decode_text(raw, tag, strict=False)
+
+
+def _decode_strict(raw: bytes, tag: int) -> str:  # UI, AE
+    return _decode_text(raw, tag, strict=True)
+
+
+_DECODE_VR = {_US: _decode_us, _AT: _decode_at, _LO: _decode_lo, _UI: _decode_strict, _AE: _decode_strict}
+# tag (group 0000, so the element number alone) -> (field name, decoder)
+_DECODERS = {tag: (name, _DECODE_VR[vr]) for tag, (name, vr) in _FIELDS.items()}
 
 
 def decode_command(data: Union[bytes, bytearray, memoryview]) -> Command:
@@ -401,43 +423,47 @@ def decode_command(data: Union[bytes, bytearray, memoryview]) -> Command:
     length that does not match, a missing Command Field or Command Data Set
     Type, and a message ID missing where PS3.7 makes it mandatory.
     """
-    view = memoryview(data)
-    size = view.nbytes
+    size = len(data) if isinstance(data, bytes) else memoryview(data).nbytes
     if size > MAX_COMMAND_LENGTH:
         raise DIMSEError(f"command set of {size} bytes exceeds {MAX_COMMAND_LENGTH}")
-    buf = view.tobytes()  # small (capped above); bytes make slicing simple
+    buf = data if isinstance(data, bytes) else bytes(data)  # small (capped above)
 
     values: dict[str, object] = {}
     extra: list[tuple[int, bytes]] = []
-    seen: set[int] = set()
     group_length: Optional[int] = None
+    unpack_from = _HEADER.unpack_from
+    decoders = _DECODERS
     pos = 0
     while pos < size:
-        if size - pos < _HEADER.size:
+        if size - pos < 8:
             raise DIMSEError(f"truncated element header at offset {pos}")
-        group, element, length = _HEADER.unpack_from(buf, pos)
-        tag = (group << 16) | element
+        group, tag, length = unpack_from(buf, pos)
         if group != 0x0000:
-            raise DIMSEError(f"element {_tag_str(tag)} is not in command group 0000")
-        if tag in seen:
-            raise DIMSEError(f"element {_tag_str(tag)} appears twice")
-        seen.add(tag)
-        start = pos + _HEADER.size
+            raise DIMSEError(f"element {_tag_str((group << 16) | tag)} is not in command group 0000")
+        start = pos + 8
         # Undefined length (0xFFFFFFFF) is caught here too: it never fits.
         if length > size - start:
             raise DIMSEError(f"element {_tag_str(tag)} length {length} runs past the end")
-        raw = buf[start : start + length]
         pos = start + length
-
-        if tag == _TAG_GROUP_LENGTH:
+        field = decoders.get(tag)
+        if field is not None:
+            name = field[0]
+            if name in values:
+                raise DIMSEError(f"element {_tag_str(tag)} appears twice")
+            values[name] = field[1](buf[start:pos], tag)
+        elif tag == _TAG_GROUP_LENGTH:
+            if group_length is not None:
+                raise DIMSEError(f"element {_tag_str(tag)} appears twice")
             if length != 4:
                 raise DIMSEError(f"Command Group Length of length {length}")
-            group_length = _UL_STRUCT.unpack(raw)[0]
-        elif tag in _FIELDS:
-            name, vr = _FIELDS[tag]
-            values[name] = _decode_value(vr, raw, tag)
+            group_length = _UL_STRUCT.unpack_from(buf, start)[0]
         else:
-            extra.append((tag, raw))
+            extra.append((tag, buf[start:pos]))
+    if extra:
+        extra.sort()
+        for (tag, _), (next_tag, _) in zip(extra, extra[1:]):
+            if tag == next_tag:
+                raise DIMSEError(f"element {_tag_str(tag)} appears twice")
 
     # The group length counts every byte of the group after its own
     # 12-byte element; computed this way it does not depend on order.
@@ -460,7 +486,6 @@ def decode_command(data: Union[bytes, bytearray, memoryview]) -> Command:
     elif "message_id" not in values:
         raise DIMSEError("request without Message ID (0000,0110)")
 
-    extra.sort()
     return Command(extra=tuple(extra), **values)  # type: ignore[arg-type]
 
 

@@ -506,6 +506,12 @@ class DecodeTests(unittest.TestCase):
     def test_duplicate_element(self):
         body = us(0x00000100, 0x0030) + us(0x00000110, 1) + us(0x00000800, 0x0101)
         self.assertRejected(with_group_length(body + us(0x00000110, 2)))
+        # An element without a field of its own, twice, apart or together.
+        self.assertRejected(with_group_length(us(0x00000600, 1) + body + us(0x00000600, 1)))
+        self.assertRejected(with_group_length(body + element(0x00005000, b"") * 2))
+        # The group length, twice.
+        once = with_group_length(body)
+        self.assertRejected(once[:12] + once)
 
     def test_non_ascii_uid_and_ae(self):
         base = us(0x00000100, 0x0030) + us(0x00000110, 1) + us(0x00000800, 0x0101)
