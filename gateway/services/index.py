@@ -166,8 +166,11 @@ class Database:
         each other (or while an earlier batch is being committed) are
         committed together, in one transaction.
 
-        Each call runs in its own savepoint, so one that raises rolls back
-        only itself and fails only its own Deferred.  A batch goes when it
+        ``f`` is called as ``f(connection, shared, *args)``: ``shared`` is a
+        dict common to the calls of one transaction, where a call may keep
+        what it read for the next (only coalesced calls write in that
+        transaction).  One that raises rolls back only itself and fails only
+        its own Deferred (see :func:`_run_items`).  A batch goes when it
         has :data:`COALESCE_MAX` calls, when the delay is up, or when
         :meth:`flush` says someone is waiting.  Callers that need an order
         against other writes flush and wait for these Deferreds first (an
@@ -224,14 +227,31 @@ class Database:
 
 
 def _run_items(conn, items):
-    """The body of one coalesced transaction: each item in its own savepoint."""
+    """The body of one coalesced transaction.
+
+    The items run together in one savepoint, sharing one dict.  Should one
+    raise, that savepoint is rolled back and each item runs again in a
+    savepoint of its own with a dict of its own, so that only the one that
+    raised is undone: the outcome is the same as if each had been isolated
+    from the start, for two statements fewer per item when none fails.
+    """
     if not conn.in_transaction:
         conn.execute("BEGIN")
+    conn.execute("SAVEPOINT batch")
+    try:
+        shared: dict = {}
+        results = [(True, f(conn, shared, *args)) for f, args in items]
+    except Exception:
+        conn.execute("ROLLBACK TO batch")
+        conn.execute("RELEASE batch")
+    else:
+        conn.execute("RELEASE batch")
+        return results
     results = []
     for f, args in items:
         conn.execute("SAVEPOINT item")
         try:
-            value = f(conn, *args)
+            value = f(conn, {}, *args)
         except Exception:
             conn.execute("ROLLBACK TO item")
             conn.execute("RELEASE item")

@@ -57,13 +57,17 @@ def group_key(grouping: str, association_id: str, attrs: dict) -> str:
 
 # ---- transactions (database thread) ------------------------------------------
 
-def _db_index(conn, row: dict):
+def _db_index(conn, states: dict, row: dict):
+    """Record one instance; ``states``: association id -> state, as read in
+    this transaction (where only instance rows are written)."""
     a = row["association"]
-    conn.execute(
-        "INSERT OR IGNORE INTO associations (id, calling_ae, called_ae, peer, started, state) "
-        "VALUES (?, ?, ?, ?, ?, 'open')",
-        (a, row["calling_ae"], row["called_ae"], row["peer"], row["started"]))
-    state = conn.execute("SELECT state FROM associations WHERE id = ?", (a,)).fetchone()[0]
+    state = states.get(a)
+    if state is None:
+        conn.execute(
+            "INSERT OR IGNORE INTO associations (id, calling_ae, called_ae, peer, started, state) "
+            "VALUES (?, ?, ?, ?, ?, 'open')",
+            (a, row["calling_ae"], row["called_ae"], row["peer"], row["started"]))
+        state = states[a] = conn.execute("SELECT state FROM associations WHERE id = ?", (a,)).fetchone()[0]
     row = dict(row, state="received" if state == "open" else "aborted")
     cols = ("association", "ae", "sop_class_uid", "sop_instance_uid", "patient_id", "patient_name",
             "study_uid", "series_uid", "modality", "transfer_syntax", "size", "sha256", "inode",
@@ -401,7 +405,7 @@ class PayloadService(Service):
                        calling_ae=association.calling_ae, called_ae=association.called_ae,
                        peer=association.peer, started=association.started, received=now,
                        path=instance.path)
-            return self.db.run(_db_index, row).addErrback(
+            return self.db.run(_db_index, {}, row).addErrback(
                 lambda f: self.log.failure("could not record {path}", f, path=instance.path))
 
         d.addErrback(failed)

@@ -10,7 +10,7 @@ from twisted.trial import unittest
 from gateway.services.index import Database, header_attributes
 
 
-def insert(conn, value):
+def insert(conn, shared, value):
     conn.execute("CREATE TABLE IF NOT EXISTS t (v INTEGER UNIQUE)")
     conn.execute("INSERT INTO t (v) VALUES (?)", (value,))
     return value
@@ -22,7 +22,7 @@ class CoalescedTests(unittest.TestCase):
         self.db = Database(os.path.join(os.path.abspath(self.mktemp()) + ".sqlite"), reactor, durable=False)
         yield self.db.start()
         self.addCleanup(self.db.stop)
-        yield self.db.run(insert, 0)
+        yield self.db.run(insert, {}, 0)
 
     def count_batches(self):
         batches = []
@@ -47,6 +47,29 @@ class CoalescedTests(unittest.TestCase):
         self.assertEqual(batches, [4])  # one transaction for four calls
         rows = yield self.db.run(lambda conn: [r[0] for r in conn.execute("SELECT v FROM t ORDER BY v")])
         self.assertEqual(rows, [0, 1, 2, 3])  # the failed call rolled back only itself
+
+    @defer.inlineCallbacks
+    def test_calls_of_a_batch_share_a_dict_unless_one_fails(self):
+        dicts = []
+
+        def noting(conn, shared, value):
+            dicts.append(shared)
+            shared[value] = True
+            return insert(conn, shared, value)
+
+        yield defer.gatherResults([self.db.run_coalesced(noting, v) for v in (1, 2)])
+        self.assertIs(dicts[0], dicts[1])
+        self.assertEqual(dicts[0], {1: True, 2: True})
+        # 4 fails (a duplicate): the batch is undone and each call runs again alone.
+        del dicts[:]
+        results = yield defer.DeferredList([self.db.run_coalesced(noting, v) for v in (3, 4, 4, 5)],
+                                           consumeErrors=True)
+        self.assertEqual([ok for ok, _ in results], [True, True, False, True])
+        self.assertEqual(len(dicts), 3 + 4)  # up to the failure, then one each
+        self.assertEqual(len({id(d) for d in dicts[3:]}), 4)
+        self.assertEqual([d for d in dicts[3:]], [{3: True}, {4: True}, {4: True}, {5: True}])
+        rows = yield self.db.run(lambda conn: [r[0] for r in conn.execute("SELECT v FROM t ORDER BY v")])
+        self.assertEqual(rows, [0, 1, 2, 3, 4, 5])
 
     @defer.inlineCallbacks
     def test_flush_and_a_full_batch_go_at_once_and_later_calls_follow(self):
