@@ -127,6 +127,10 @@ class Run:
     failed_clients: int
     peak_rss: int | None
     cpu_s: float | None = None  # the receiver process's CPU time (forked children not counted)
+    # The host just before and during the run (see host_times): SHA-256 in
+    # MB/s on one core, and the share of all CPU time the hypervisor took.
+    sha256_probe: float | None = None
+    steal: float | None = None
 
 
 @dataclass
@@ -219,9 +223,12 @@ def measure(scenario: Scenario, reps: int, log=print) -> list[Run]:
     count, size = workload.instances, workload.bytes
     for rep in range(reps):
         for i, receiver in enumerate(scenario.receivers):
+            probe = sha256_rate(PROBE_SECONDS) / MB
             receiver.start(f"s{scenario.key}-r{i}-{rep}")
             try:
+                before = host_times()
                 seconds, failed = run_clients(receiver.port, workload, scenario.tls)
+                steal = stolen(before, host_times())
                 # The last response is out: give a receiver that writes after
                 # answering (none should) no extra time; count what is there.
                 rss = receiver.stop()
@@ -235,11 +242,12 @@ def measure(scenario: Scenario, reps: int, log=print) -> list[Run]:
                 receiver.release_space()
                 os.sync()
             run = Run(scenario.key, receiver.name, rep, seconds, count, size, stored, failed, rss,
-                      None if receiver.forks else receiver.cpu)
+                      None if receiver.forks else receiver.cpu, probe, steal)
             runs.append(run)
             log(f"  [{scenario.key}] {receiver.name:28s} rep {rep}: {seconds:7.3f} s, "
                 f"{stored}/{count} stored, {failed} failed client(s), "
-                f"peak RSS {_mb(rss)}, CPU {run.cpu_s if run.cpu_s is not None else float('nan'):.2f} s")
+                f"peak RSS {_mb(rss)}, CPU {run.cpu_s if run.cpu_s is not None else float('nan'):.2f} s, "
+                f"SHA-256 before {probe:,.0f} MB/s")
     return runs
 
 
@@ -350,6 +358,53 @@ def sha256_rate(seconds: float = 0.3) -> float:
     return done / elapsed
 
 
+#: How long the CPU's speed is probed (SHA-256) before each run.
+PROBE_SECONDS = 0.1
+
+
+def host_times(path: str = "/proc/stat") -> tuple[int, int] | None:
+    """(CPU time of all cores, of it the time the hypervisor gave to others),
+    in clock ticks since boot; None where the kernel does not say."""
+    try:
+        with open(path) as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if len(fields) < 9 or fields[0] != "cpu":
+        return None
+    # user nice system idle iowait irq softirq steal (guest time is in user)
+    ticks = [int(x) for x in fields[1:9]]
+    return sum(ticks), ticks[7]
+
+
+def stolen(before, after) -> float | None:
+    """The share of the CPU time between two :func:`host_times` that was stolen."""
+    if before is None or after is None:
+        return None
+    total = after[0] - before[0]
+    return (after[1] - before[1]) / total if total > 0 else 0.0
+
+
+def host_lines(runs: list[Run]) -> list[str]:
+    """Per scenario: how fast the CPU was before its runs, and how much the host took."""
+    lines = []
+    for key in dict.fromkeys(r.scenario for r in runs):
+        mine = [r for r in runs if r.scenario == key]
+        probes = [r.sha256_probe for r in mine if r.sha256_probe is not None]
+        timed = [(r.steal, r.seconds) for r in mine if r.steal is not None]
+        parts = []
+        if probes:
+            parts.append(f"SHA-256 {min(probes):,.0f}-{max(probes):,.0f} MB/s before its runs "
+                         f"(median {statistics.median(probes):,.0f})")
+        if timed and sum(t for _s, t in timed) > 0:
+            # Weighted by duration: a short run spans few clock ticks.
+            share = sum(s * t for s, t in timed) / sum(t for _s, t in timed)
+            parts.append(f"CPU time taken by the hypervisor during its runs {share:.1%}")
+        if parts:
+            lines.append(f"- {key}: " + "; ".join(parts))
+    return lines
+
+
 def _proc_field(path: str, key: str) -> str | None:
     """The value of the first ``key: value`` line of a /proc file, or None."""
     try:
@@ -407,7 +462,7 @@ def shown_argv(argv: list[str]) -> list[str]:
     return out
 
 
-def markdown(rows, target_list, info, args, started) -> str:
+def markdown(rows, target_list, info, args, started, runs=()) -> str:
     command = " ".join(["python -m bench.run"] + shown_argv(args.argv))
     lines = ["# dicomgw benchmark results", "",
              f"Run {started} UTC with `{command}`.", ""]
@@ -430,6 +485,12 @@ def markdown(rows, target_list, info, args, started) -> str:
     notes = sorted({f"{r.scenario}: {r.note}" for r in rows if r.note and r.receiver != "-"})
     if notes:
         lines += [""] + [f"- {n}" for n in notes]
+    host = host_lines(list(runs))
+    if host:
+        lines += ["", "## The host during the runs", "",
+                  "A shared VM's speed moves from minute to minute, the reference's with it: a scenario "
+                  "whose probes spread widely or whose runs lost CPU time to the hypervisor compares "
+                  "less well with another run's.", ""] + host
     lines += ["", "## Targets (issue 7)", ""]
     for text, ok, figures in target_list:
         mark = "met" if ok else ("not measured" if ok is None else "NOT met")
@@ -553,7 +614,7 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     target_list = targets(rows, args.big)
     with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(markdown(rows, target_list, info, args, started))
+        f.write(markdown(rows, target_list, info, args, started, runs))
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"started": started, "argv": shown_argv(argv), "machine": info, "note": args.note,
                    "runs": [asdict(r) for r in runs], "rows": [asdict(r) for r in rows]}, f, indent=1)

@@ -66,6 +66,31 @@ class ReportTests(unittest.TestCase):
         self.assertIn("a note", text)
         self.assertIn("with `python -m bench.run --quick`.", text)
 
+    def test_the_host_is_reported_per_scenario(self):
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("cpu  100 0 50 800 10 0 5 35 0 0\ncpu0 50 0 25 400 5 0 3 17 0 0\n")
+        self.assertEqual(B.host_times(path), (1000, 35))
+        self.assertIsNone(B.host_times(path + ".missing"))
+        self.assertAlmostEqual(B.stolen((1000, 35), (1400, 55)), 0.05)
+        self.assertIsNone(B.stolen(None, (1400, 55)))
+        scenarios = [_scenario("2", "inst/s", self.names)]
+        runs = self.runs("2", [[2.0, 2.2], [1.0, 1.1], [9.0, 9.0]], instances=2000)
+        for run, (probe, steal) in zip(runs, [(300, 0.0), (180, 0.02), (250, 0.001), (260, 0.0),
+                                              (240, 0.0), (255, 0.0)]):
+            run.sha256_probe, run.steal = probe, steal
+        rows = B.summarize(scenarios, runs)
+
+        class Args:
+            argv, note = [], ""
+
+        text = B.markdown(rows, B.targets(rows, False), {"cores": 2}, Args, "2026-01-01 00:00", runs)
+        # Weighted by duration: (0.02 * 2.2 + 0.001 * 1.0) / (2.0 + 2.2 + 1.0 + 1.1 + 9.0 + 9.0)
+        self.assertIn("- 2: SHA-256 180-300 MB/s before its runs (median 252); CPU time taken by the "
+                      "hypervisor during its runs 0.2%", text)
+        # Without probes (results from elsewhere), no such section.
+        self.assertNotIn("## The host", B.markdown(rows, [], {}, Args, "2026-01-01 00:00"))
+
     def test_local_paths_are_not_recorded(self):
         self.assertEqual(B.shown_argv(["--big", "--workdir", "/x/y", "--note", "n", "--out=/z", "--reps", "2"]),
                          ["--big", "--reps", "2"])
@@ -115,8 +140,11 @@ class QuickRunTests(unittest.TestCase):
         for r in result["runs"]:
             self.assertEqual(r["stored"], B.QUICK.ct_single, r)
             self.assertEqual(r["failed_clients"], 0, r)
+            self.assertGreater(r["sha256_probe"], 0, r)
         with open(os.path.join(out, "results.md")) as f:
-            self.assertIn("| 1: 20 CT 512x512, one association | dicomgw |", f.read())
+            text = f.read()
+        self.assertIn("| 1: 20 CT 512x512, one association | dicomgw |", text)
+        self.assertIn("- 1: SHA-256 ", text)
         # The receivers' files stay until the bench ends, and go then; the
         # generated data stay in a given work directory.
         self.assertFalse(os.path.exists(os.path.join(workdir, RUNS)))
