@@ -123,7 +123,7 @@ def start_gateway(workdir: str, associations: int, tls: bool) -> tuple[subproces
     config = os.path.join(workdir, "dicomgw.toml")
     listen = f'dicom = "tcp:{port}:interface=127.0.0.1:backlog=1024"'
     if tls:
-        from gateway.devcerts import make_dev_certs
+        from gateway.cli.devcerts import make_dev_certs
 
         make_dev_certs(os.path.join(workdir, "tls"))
         listen = (f'dicom = "tcp:{free_port()}:interface=127.0.0.1"\n'

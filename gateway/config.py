@@ -40,13 +40,13 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class AETitle:
     title: str
-    # Association policy (see gateway.services.policy).
+    # Association policy (see gateway.ingest.policy).
     tls_only: bool = False
     sources: tuple[str, ...] | None = None  # calling AE titles from [[source]]
     allowed_sop_classes: frozenset[str] | None = None
     ignored_sop_classes: frozenset[str] = frozenset()
     transfer_syntaxes: tuple[str, ...] | None = None
-    # Payloads (see gateway.services.payloads): how instances are grouped,
+    # Payloads (see gateway.workflow.payloads): how instances are grouped,
     # seconds of quiet that close a group, and the pipelines it goes to.
     grouping: str = "study"
     timeout: float = 5.0

@@ -57,12 +57,12 @@ class IInstanceStoredObserver(Interface):
     The SCP calls every observer on the reactor thread.  A method may return
     a Deferred: the SCP waits for it before it answers (so the C-STORE
     Success, and the A-RELEASE response, mean "the observers have it").
-    ``association`` is a :class:`gateway.services.scp.AssociationInfo`
+    ``association`` is a :class:`gateway.ingest.scp.AssociationInfo`
     (id, calling_ae, called_ae, peer, started).
     """
 
     def instance_stored(instance, association):
-        """``instance`` (a :class:`gateway.services.storage.StoredInstance`)
+        """``instance`` (a :class:`gateway.store.writer.StoredInstance`)
         is durable on disk; the C-STORE-RSP waits for the returned Deferred.
         A failure makes the response "processing failure" (0110)."""
 
@@ -120,7 +120,7 @@ class IPayloadQuery(Interface):
 class IReconfigurable(Interface):
     """A service that can take a new configuration without a restart (SIGHUP).
 
-    :class:`gateway.services.reload.ReloadService` calls ``reconfigure`` on
+    :class:`gateway.ops.reload.ReloadService` calls ``reconfigure`` on
     every provider in the service tree (and on the objects registered with
     it) once a new file has been parsed and validated as a whole.  Work in
     progress (an association, a running job) keeps the config it started

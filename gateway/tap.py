@@ -11,11 +11,11 @@ from zope.interface import implementer
 from gateway.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
 from gateway.interfaces import IReconfigurable
 from gateway.net.tls import server_options
-from gateway.services.export import ExportService
-from gateway.services.scp import SCPService
-from gateway.services.storage import Storage
-from gateway.services.watermark import Watermark
-from gateway.services.workflow import add_workflow, check_observers
+from gateway.export.jobs import ExportService
+from gateway.ingest.scp import SCPService
+from gateway.store.writer import Storage
+from gateway.ops.watermark import Watermark
+from gateway.workflow.wiring import add_workflow, check_observers
 from gateway.threads import WorkerPool
 
 # Disk work (writes, fsync, rename) runs here; bounded so that a burst of
@@ -127,9 +127,9 @@ def _add_operations(root, options, config, scp, storage, pool, reactor):
     import os
 
     from gateway.logs import AuditTrail, ObserverService, RecentAssociations
-    from gateway.metrics import Metrics
-    from gateway.services.api import ApiService
-    from gateway.services.reload import ReloadService
+    from gateway.ops.metrics import Metrics
+    from gateway.ops.api import ApiService
+    from gateway.ops.reload import ReloadService
 
     metrics, recent = Metrics(), RecentAssociations()
     observers = [metrics, recent]

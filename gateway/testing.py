@@ -8,7 +8,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
 from gateway.interfaces import IDestinations, IExportQueue, IInstanceStoredObserver, IPayloadQuery
-from gateway.services.storage import SPARE_PREFIX
+from gateway.store.writer import SPARE_PREFIX
 
 
 def listening_port(service, name: str = "dicom") -> Deferred:

@@ -19,8 +19,8 @@ from gateway import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from gateway.config import Config
 from gateway.dimse import commands as C
 from gateway.dimse import sop
-from gateway.net.client import MAX_CONTEXTS, verification_contexts
-from gateway.services.scp import SCPService, StoreSCP
+from gateway.export.scu import MAX_CONTEXTS, verification_contexts
+from gateway.ingest.scp import SCPService, StoreSCP
 from gateway.ul import pdu as P
 from gateway.ul.association import MAX_ASSOCIATION_PDU, MAX_UNLIMITED_PDATA
 
@@ -121,7 +121,7 @@ def _tls_versions() -> str:
 def _policy_reject(called_ae="DICOMGW", calling_ae="CT01", active=0, congestion=None) -> str:
     """Association policy (issue 3) on a configuration that uses it."""
     from gateway.config import config_from_string
-    from gateway.services.policy import check_association
+    from gateway.ingest.policy import check_association
 
     config = config_from_string(
         '[gateway]\nreject_unknown_sources = true\n[listen]\ndicom_tls = "tcp:2762"\n'

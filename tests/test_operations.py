@@ -14,7 +14,7 @@ from twisted.trial import unittest
 
 from gateway.config import ConfigError, config_from_string
 from gateway.logs import AuditTrail, JSONLinesObserver, RecentAssociations
-from gateway.metrics import MAX_SERIES, Metrics
+from gateway.ops.metrics import MAX_SERIES, Metrics
 
 AE = '[[ae]]\ntitle = "A"\n'
 

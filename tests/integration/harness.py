@@ -92,7 +92,7 @@ def gateway_config(storage: str, extra: str = "", aes=("DICOMGW",), **sections) 
 
 def make_certificates(testcase) -> str:
     """A directory with a development CA, server and client certificate."""
-    from gateway.devcerts import make_dev_certs
+    from gateway.cli.devcerts import make_dev_certs
 
     directory = os.path.abspath(testcase.mktemp())
     make_dev_certs(directory)

@@ -16,12 +16,12 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
 from gateway.config import config_from_string
-from gateway.services.export import ExportService, read_part10_header
+from gateway.export.jobs import ExportService, read_part10_header
 from gateway.threads import WorkerPool
 from tests.dicomfiles import dataset_bytes, make_series, odd_instance, rle_image, small_instance
 from tests.integration.harness import in_thread
 from tests.integration.peers import Certs, free_port, start_orthanc, start_storescp
-from tests.services.test_export import scu_config
+from tests.export.test_jobs import scu_config
 
 
 def received_by_uid(directory):

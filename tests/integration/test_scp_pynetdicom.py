@@ -187,7 +187,7 @@ class DiskFullTests(unittest.TestCase):
     def test_full_disk_answers_a700_and_leaves_nothing(self):
         import errno
 
-        from gateway.services import storage as S
+        from gateway.store import writer as S
 
         def full(fd, data):
             raise OSError(errno.ENOSPC, "No space left on device")

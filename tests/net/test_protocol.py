@@ -11,7 +11,7 @@ from twisted.trial import unittest
 from gateway.config import config_from_string
 from gateway.dimse import commands as C
 from gateway.net.protocol import DicomProtocol
-from gateway.services.scp import SCPService
+from gateway.ingest.scp import SCPService
 from gateway.ul.pdu import (
     A_ABORT,
     Abort,

@@ -10,7 +10,7 @@ from twisted.python import usage
 from twisted.trial import unittest
 
 from gateway.config import ConfigError, TLSConfig
-from gateway.devcerts import make_dev_certs
+from gateway.cli.devcerts import make_dev_certs
 from gateway.net.tls import PROFILES, server_options
 from gateway.tap import Options
 

@@ -1,0 +1,694 @@
+"""Export: durable jobs that C-STORE Part 10 files to configured destinations.
+
+- :class:`ExportStore` keeps jobs and per-file state in SQLite
+  (``exports.sqlite`` under the storage root, WAL), always off the reactor
+  thread: one dedicated thread owns the connection.
+- :class:`Destinations` implements :class:`~gateway.interfaces.IDestinations`:
+  connecting (plain or TLS) and C-ECHO.
+- :class:`ExportService` implements :class:`~gateway.interfaces.IExportQueue`:
+  it runs jobs, at most ``[scu] max_associations`` associations at once over
+  all destinations and at most one per destination (so a destination that is
+  down never holds every slot), all files of a job over one association.
+
+A job tries every file that has not been sent yet.  Files the destination
+answered with a failure status, and files that could not be tried because
+the association failed, are retried up to ``retries`` times, after
+``retry_delay`` seconds, doubled each time.  Files that can never succeed
+(not a Part 10 file, transfer syntax refused) fail at once.  At the end a job
+is ``done`` (every file sent), ``partially_failed``, or ``failed`` (more than
+half of its files failed).  States on the way: ``queued``, ``in_progress``,
+``retrying`` (waiting for its next attempt).  A restart resumes every job
+that was not finished.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import struct
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from gateway.dimse import commands as C
+from gateway.interfaces import IDestinations, IExportQueue, IReconfigurable
+from gateway.export.scu import (
+    MAX_CONTEXTS,
+    ContextNotAccepted,
+    Peer,
+    SCUError,
+    connect,
+    verification_contexts,
+)
+from gateway.part10 import read_elements
+from gateway.threads import WorkerPool
+
+DB_NAME = "exports.sqlite"
+
+FINAL_STATES = ("done", "partially_failed", "failed")
+JOB_STATES = ("queued", "in_progress", "retrying") + FINAL_STATES
+# File states: queued (not tried yet), retry (failed, will be tried again),
+# sent, failed (for good).
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    destination TEXT NOT NULL,
+    origin TEXT NOT NULL,
+    state TEXT NOT NULL,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt REAL,
+    reason TEXT
+);
+CREATE TABLE IF NOT EXISTS files (
+    job_id INTEGER NOT NULL REFERENCES jobs(id),
+    seq INTEGER NOT NULL,
+    path TEXT NOT NULL,
+    state TEXT NOT NULL,
+    status INTEGER,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    reason TEXT,
+    sop_instance_uid TEXT,
+    PRIMARY KEY (job_id, seq)
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
+"""
+
+
+# ---- Part 10 header (runs in a thread) ------------------------------------
+
+_SHORT = struct.Struct("<HH2sH")
+_META_LIMIT = 64 << 10
+
+
+def read_part10_header(path: str):
+    """(sop_class, sop_instance, transfer_syntax, dataset offset, dataset size).
+
+    Blocking: call it in a thread.  Raises ValueError for anything that is
+    not a Part 10 file with the three UIDs in its meta group.
+    """
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(144)
+        if len(head) < 144 or head[128:132] != b"DICM":
+            raise ValueError("not a DICOM Part 10 file (no DICM prefix)")
+        group, element, vr, length = _SHORT.unpack_from(head, 132)
+        if (group, element, vr, length) != (2, 0, b"UL", 4):
+            raise ValueError("File Meta Information Group Length missing")
+        (group_length,) = struct.unpack_from("<L", head, 140)
+        if group_length > _META_LIMIT or 144 + group_length > size:
+            raise ValueError(f"implausible File Meta Information length {group_length}")
+        meta = f.read(group_length)
+    elements = read_elements(meta, implicit=False, last_tag=0x0002FFFF, complete=True)
+    values = {tag & 0xFFFF: value for tag, (_vr, value) in elements.items()}
+
+    def uid(element, what):
+        raw = values.get(element)
+        text = raw.rstrip(b"\x00 ").decode("ascii", "replace") if raw else ""
+        if not text:
+            raise ValueError(f"no {what} in the File Meta Information")
+        return text
+
+    offset = 144 + group_length
+    return (uid(0x0002, "Media Storage SOP Class UID"), uid(0x0003, "Media Storage SOP Instance UID"),
+            uid(0x0010, "Transfer Syntax UID"), offset, size - offset)
+
+
+def expand_paths(paths) -> list[str]:
+    """Files as given, directories walked in sorted order (blocking)."""
+    out = []
+    for p in paths:
+        if os.path.isdir(p):
+            for root, dirs, files in os.walk(p):
+                dirs.sort()
+                out.extend(os.path.join(root, name) for name in sorted(files))
+        else:
+            out.append(p)
+    return [os.path.abspath(p) for p in out]
+
+
+def status_ok(status: int) -> bool:
+    """Success and warnings: the destination has the instance."""
+    return status == C.SUCCESS or status == 0x0001 or 0xB000 <= status <= 0xBFFF
+
+
+def job_outcome(total: int, failed: int) -> str:
+    if failed == 0:
+        return "done"
+    return "failed" if failed * 2 > total else "partially_failed"
+
+
+# ---- SQLite, off the reactor thread ----------------------------------------
+
+
+class ExportStore:
+    """Export jobs in SQLite; every method returns a Deferred."""
+
+    def __init__(self, path: str, reactor, pool=None):
+        self.path = path
+        self.reactor = reactor
+        # One thread owns the connection; tests may pass a pool of their own.
+        self._own_pool = pool is None
+        self.pool = pool or WorkerPool(1, "dicomgw-exportdb")
+        self._db: sqlite3.Connection | None = None
+
+    def start(self):
+        if self._own_pool:
+            self.pool.start()
+        return self._run(self._open)
+
+    def stop(self):
+        d = self._run(self._close)
+        if self._own_pool:
+            d.addBoth(lambda r: (self.pool.stop(), r)[1])
+        return d
+
+    def _run(self, f, *args):
+        return deferToThreadPool(self.reactor, self.pool, self._call, f, args)
+
+    def _call(self, f, args):
+        if self._db is None and f not in (self._open, self._close):
+            raise sqlite3.OperationalError(f"the export database {self.path} is not open")
+        return f(*args)
+
+    def _open(self):
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+        db.execute("PRAGMA journal_mode=WAL")
+        # A submitted job must survive a power cut: fsync every commit.
+        db.execute("PRAGMA synchronous=FULL")
+        db.executescript(_SCHEMA)
+        db.row_factory = sqlite3.Row
+        self._db = db
+
+    def _close(self):
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    # -- writes
+
+    def add_jobs(self, destinations, paths, origin, now):
+        return self._run(self._add_jobs, list(destinations), list(paths), origin, now)
+
+    def _add_jobs(self, destinations, paths, origin, now):
+        db = self._db
+        ids = []
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for dest in destinations:
+                cur = db.execute(
+                    "INSERT INTO jobs (destination, origin, state, created, updated) VALUES (?, ?, 'queued', ?, ?)",
+                    (dest, origin, now, now))
+                job_id = cur.lastrowid
+                db.executemany("INSERT INTO files (job_id, seq, path, state) VALUES (?, ?, ?, 'queued')",
+                               [(job_id, i, p) for i, p in enumerate(paths)])
+                ids.append(job_id)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return ids
+
+    def set_job(self, job_id, now, **fields):
+        return self._run(self._set_job, job_id, now, fields)
+
+    def _set_job(self, job_id, now, fields):
+        fields["updated"] = now
+        names = ", ".join(f"{k} = ?" for k in fields)
+        self._db.execute(f"UPDATE jobs SET {names} WHERE id = ?", (*fields.values(), job_id))
+
+    def set_file(self, job_id, seq, **fields):
+        return self._run(self._set_file, job_id, seq, fields)
+
+    def _set_file(self, job_id, seq, fields):
+        names = ", ".join(f"{k} = ?" for k in fields)
+        self._db.execute(f"UPDATE files SET {names} WHERE job_id = ? AND seq = ?", (*fields.values(), job_id, seq))
+
+    # -- reads
+
+    def unfinished(self):
+        return self._run(self._unfinished)
+
+    def _unfinished(self):
+        rows = self._db.execute(
+            "SELECT id, destination, state, next_attempt FROM jobs WHERE state IN ('queued', 'in_progress', 'retrying') ORDER BY id")
+        return [dict(r) for r in rows]
+
+    def pending_files(self, job_id):
+        return self._run(self._pending_files, job_id)
+
+    def _pending_files(self, job_id):
+        rows = self._db.execute(
+            "SELECT seq, path, attempts FROM files WHERE job_id = ? AND state IN ('queued', 'retry') ORDER BY seq",
+            (job_id,))
+        return [dict(r) for r in rows]
+
+    def counts(self, job_id):
+        return self._run(self._counts, job_id)
+
+    def _counts(self, job_id):
+        row = self._db.execute(
+            "SELECT COUNT(*) AS files, SUM(state = 'sent') AS done, SUM(state = 'failed') AS failed, "
+            "SUM(state IN ('queued', 'retry')) AS pending FROM files WHERE job_id = ?", (job_id,)).fetchone()
+        return {k: row[k] or 0 for k in ("files", "done", "failed", "pending")}
+
+    _JOB_COLUMNS = (
+        "SELECT j.id, j.destination, j.state, j.origin, j.created, j.updated, j.attempts, j.next_attempt, "
+        "j.reason, COUNT(f.seq) AS files, COALESCE(SUM(f.state = 'sent'), 0) AS done, "
+        "COALESCE(SUM(f.state = 'failed'), 0) AS failed FROM jobs j LEFT JOIN files f ON f.job_id = j.id ")
+
+    def jobs(self, limit=100, offset=0, state=None):
+        return self._run(self._jobs, limit, offset, state)
+
+    def _jobs(self, limit, offset, state):
+        where, args = ("WHERE j.state = ? ", (state,)) if state else ("", ())
+        rows = self._db.execute(self._JOB_COLUMNS + where + "GROUP BY j.id ORDER BY j.id DESC LIMIT ? OFFSET ?",
+                                (*args, int(limit), int(offset)))
+        return [dict(r) for r in rows]
+
+    def job(self, job_id):
+        try:
+            job_id = int(job_id)  # the API hands over the id from a URL
+        except (TypeError, ValueError):
+            return defer.succeed(None)
+        return self._run(self._job, job_id)
+
+    def _job(self, job_id):
+        row = self._db.execute(self._JOB_COLUMNS + "WHERE j.id = ? GROUP BY j.id", (job_id,)).fetchone()
+        if row is None:
+            return None
+        job = dict(row)
+        job["file_statuses"] = [dict(r) for r in self._db.execute(
+            "SELECT path, state, status, attempts, reason, sop_instance_uid FROM files WHERE job_id = ? ORDER BY seq",
+            (job_id,))]
+        return job
+
+
+# ---- destinations ----------------------------------------------------------
+
+
+def _read(path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _tls_options(destination, tls):
+    """optionsForClientTLS for a destination (blocking: reads PEM files).
+
+    ``tls`` is the ``[tls]`` section: its profile's TLS 1.2 ciphers (never
+    below TLS 1.2), its CA file when that exists (else the system's CAs),
+    its certificate and key as our client certificate when those exist,
+    unless the destination names its own.
+    """
+    from twisted.internet.ssl import (
+        AcceptableCiphers,
+        Certificate,
+        PrivateCertificate,
+        optionsForClientTLS,
+        trustRootFromCertificates,
+    )
+
+    from gateway.net.tls import MINIMUM_VERSION, PROFILES
+
+    ca_file = destination.ca_certificates
+    if not ca_file and tls.ca_certificates and os.path.isfile(tls.ca_certificates):
+        ca_file = tls.ca_certificates
+    cert_file, key_file = destination.certificate, destination.private_key
+    if not cert_file and tls.certificate and tls.private_key \
+            and os.path.isfile(tls.certificate) and os.path.isfile(tls.private_key):
+        cert_file, key_file = tls.certificate, tls.private_key
+    trust = None  # the platform's trust store
+    if ca_file:
+        pem = _read(ca_file)
+        certs = [Certificate.loadPEM(b"-----BEGIN CERTIFICATE-----" + part)
+                 for part in pem.split(b"-----BEGIN CERTIFICATE-----")[1:]]
+        if not certs:
+            raise ValueError(f"{ca_file}: no certificate in it")
+        trust = trustRootFromCertificates(certs)
+    client = None
+    if cert_file:
+        client = PrivateCertificate.loadPEM(_read(cert_file) + b"\n" + _read(key_file))
+    # The host name or IP address is verified against the certificate by
+    # service-identity.
+    ciphers = AcceptableCiphers.fromOpenSSLCipherString(":".join(PROFILES.get(tls.profile, PROFILES["bcp195-nd"])))
+    return optionsForClientTLS(destination.host, trustRoot=trust, clientCertificate=client,
+                               extraCertificateOptions={"raiseMinimumTo": MINIMUM_VERSION,
+                                                        "acceptableCiphers": ciphers})
+
+
+@implementer(IDestinations)
+class Destinations:
+    """Connects to configured destinations; C-ECHO."""
+
+    log = Logger()
+
+    def __init__(self, config, reactor, read_pool):
+        self.config = config
+        self.reactor = reactor
+        self.read_pool = read_pool
+
+    def names(self):
+        return [d.name for d in self.config.destinations]
+
+    def get(self, name):
+        d = self.config.destination(name)
+        if d is None:
+            raise KeyError(name)
+        return d
+
+    @defer.inlineCallbacks
+    def connect(self, name, contexts):
+        """Fires with an established SCUAssociation; fails with SCUError."""
+        dest = self.get(name)
+        config = self.config
+        tls = None
+        if dest.tls:
+            try:
+                tls = yield deferToThreadPool(self.reactor, self.read_pool, _tls_options, dest, config.tls)
+            except Exception as e:
+                raise SCUError(f"TLS set-up failed: {e}") from e
+        peer = Peer(dest.host, dest.port, dest.ae_title, config.scu.ae_title, dest.name)
+        assoc = yield connect(
+            self.reactor, peer, contexts, read_pool=self.read_pool, max_pdu_length=config.max_pdu_length,
+            implementation_version_name=config.implementation_version_name,
+            connect_timeout=config.scu.connect_timeout, artim_timeout=config.artim,
+            dimse_timeout=config.dimse, tls_options=tls)
+        return assoc
+
+    def echo(self, name):
+        self.get(name)  # KeyError now, not in the Deferred
+        return self._echo(name)
+
+    @defer.inlineCallbacks
+    def _echo(self, name):
+        result = {"destination": name, "ok": False, "rtt_ms": None, "reason": None}
+        try:
+            assoc = yield self.connect(name, verification_contexts())
+            started = self.reactor.seconds()
+            status = yield assoc.echo()
+            rtt = self.reactor.seconds() - started
+            yield assoc.release()
+            result["rtt_ms"] = round(rtt * 1000, 3)
+            if status == C.SUCCESS:
+                result["ok"] = True
+            else:
+                result["reason"] = f"C-ECHO answered status 0x{status:04X}"
+        except SCUError as e:
+            result["reason"] = str(e)
+        self.log.info(
+            "echo {destination}: {outcome}", event="echo", destination=name, ok=result["ok"],
+            rtt_ms=result["rtt_ms"], reason=result["reason"],
+            outcome=f"success in {result['rtt_ms']} ms" if result["ok"] else result["reason"])
+        return result
+
+
+# ---- the queue and its scheduler ------------------------------------------
+
+
+@implementer(IExportQueue, IReconfigurable)
+class ExportService(Service):
+    """Runs export jobs; see the module docstring for the rules."""
+
+    log = Logger()
+
+    def __init__(self, config, reactor, read_pool, *, db_path=None, destinations=None, resume=True,
+                 db_pool=None):
+        self.config = config
+        self.reactor = reactor
+        self.read_pool = read_pool
+        self.store = ExportStore(db_path or os.path.join(config.storage, DB_NAME), reactor, db_pool)
+        self.destinations = destinations or Destinations(config, reactor, read_pool)
+        self.resume = resume
+        self._ready: list[tuple[int, str]] = []  # (job id, destination), FIFO
+        self._running: dict[str, int] = {}  # destination -> job id
+        self._timers: dict[int, object] = {}  # job id -> DelayedCall (retry)
+        self._running_d: dict[str, defer.Deferred] = {}  # destination -> the job's run
+        self._assocs: dict[str, object] = {}  # destination -> its open association
+        self._finished: dict[int, list[defer.Deferred]] = {}
+        self._started: defer.Deferred | None = None
+        self._start_error: BaseException | None = None
+        self._stopping = False
+        self.max_running = 0  # the most associations we ever had at once
+
+    # ---- service ----------------------------------------------------------
+
+    def startService(self):
+        super().startService()
+        self._stopping = False
+        self._started = self.store.start()
+        if self.resume:
+            self._started.addCallback(lambda _: self._resume())
+        self._started.addErrback(self._start_failed)
+
+    def _start_failed(self, failure):
+        self._start_error = failure.value
+        self.log.error("export queue cannot use {path}: {error}", path=self.store.path, error=failure.value)
+
+    @defer.inlineCallbacks
+    def _resume(self):
+        for job in (yield self.store.unfinished()):
+            if job["state"] == "retrying" and job["next_attempt"]:
+                self._schedule(job["id"], job["destination"], max(0.0, job["next_attempt"] - self.reactor.seconds()))
+            else:
+                if job["state"] == "in_progress":
+                    self.log.info("export job {job} to {destination} was interrupted; resuming it",
+                                  job=job["id"], destination=job["destination"])
+                self._ready.append((job["id"], job["destination"]))
+        self._pump()
+
+    def stopService(self):
+        if not self.running:
+            return defer.succeed(None)
+        super().stopService()
+        self._stopping = True
+        for call in self._timers.values():
+            if call.active():
+                call.cancel()
+        self._timers.clear()
+        self._ready.clear()
+        # Running jobs end their association now; their unsent files stay
+        # pending and the job is resumed at the next start.
+        for assoc in list(self._assocs.values()):
+            assoc.abort("the gateway is stopping")
+        running = list(self._running_d.values())
+        d = self._when_started()
+        d.addBoth(lambda _: defer.DeferredList(running))
+        d.addBoth(lambda _: self.store.stop())
+        return d
+
+    def _when_started(self) -> defer.Deferred:
+        d = defer.Deferred()
+        if self._started is None:
+            d.callback(None)
+        else:
+            self._started.addBoth(lambda r: (d.callback(None), r)[1])
+        return d
+
+    def reconfigure(self, config):
+        """SIGHUP: new destinations and [scu] settings apply to the next
+        association; a job already sending keeps its association."""
+        self.config = config
+        if isinstance(self.destinations, Destinations):
+            self.destinations.config = config
+        self._pump()
+
+    # ---- IExportQueue ---------------------------------------------------
+
+    def submit(self, destinations, paths, origin):
+        destinations = list(destinations)
+        for name in destinations:
+            self.destinations.get(name)  # KeyError for an unknown name
+        paths = [os.path.abspath(p) for p in paths]
+        return defer.Deferred.fromCoroutine(self._submit(destinations, paths, origin))
+
+    async def _submit(self, destinations, paths, origin):
+        await self._when_started()
+        if self._start_error is not None:
+            raise self._start_error
+        ids = await self.store.add_jobs(destinations, paths, origin, self.reactor.seconds())
+        for job_id, name in zip(ids, destinations):
+            self.log.info("export job {job} to {destination}: {files} file(s) queued from {origin}",
+                          event="export.job", job=job_id, destination=name, state="queued",
+                          files=len(paths), done=0, failed=0, origin=origin)
+            self._ready.append((job_id, name))
+        self._pump()
+        return ids
+
+    def jobs(self, limit=100, offset=0, state=None):
+        return self.store.jobs(limit, offset, state)
+
+    def job(self, job_id):
+        return self.store.job(job_id)
+
+    def wait(self, job_id) -> defer.Deferred:
+        """Fires with the job's final state (for the CLI and tests)."""
+        d = defer.Deferred()
+        self._finished.setdefault(job_id, []).append(d)
+
+        def check(job):
+            # Finished before we asked: answer from the database.
+            if job is not None and job["state"] in FINAL_STATES and not d.called:
+                waiters = self._finished.get(job_id, [])
+                if d in waiters:
+                    waiters.remove(d)
+                d.callback(job["state"])
+
+        self._when_started().addCallback(lambda _: self.store.job(job_id)).addCallback(check)
+        return d
+
+    # ---- scheduling -----------------------------------------------------
+
+    def _pump(self):
+        if self._stopping:
+            return
+        limit = self.config.scu.max_associations
+        i = 0
+        while len(self._running) < limit and i < len(self._ready):
+            job_id, name = self._ready[i]
+            if name in self._running:
+                i += 1
+                continue
+            del self._ready[i]
+            self._running[name] = job_id
+            self.max_running = max(self.max_running, len(self._running))
+            d = defer.Deferred.fromCoroutine(self._run_job(job_id, name))
+            d.addErrback(lambda f, j=job_id: self.log.failure("export job {job} crashed", f, job=j))
+            d.addBoth(self._job_ended, name)
+            if name in self._running:
+                self._running_d[name] = d
+
+    def _job_ended(self, _, name):
+        self._running.pop(name, None)
+        self._running_d.pop(name, None)
+        self._pump()
+
+    def _schedule(self, job_id, name, delay):
+        def due():
+            self._timers.pop(job_id, None)
+            self._ready.append((job_id, name))
+            self._pump()
+        self._timers[job_id] = self.reactor.callLater(delay, due)
+
+    # ---- one attempt of one job -------------------------------------------
+
+    async def _run_job(self, job_id, name):
+        store = self.store
+        job = await store.job(job_id)
+        if job is None or job["state"] in FINAL_STATES:
+            return
+        attempt = job["attempts"] + 1
+        await store.set_job(job_id, self.reactor.seconds(), state="in_progress", attempts=attempt, next_attempt=None)
+        files = await store.pending_files(job_id)
+        if name not in self.destinations.names():
+            for f in files:
+                await self._file_result(job_id, name, f, "failed", None, f"destination {name!r} is no longer configured", attempt)
+            await self._finish(job_id, name, attempt, "destination no longer configured")
+            return
+
+        # Headers first (in a thread): they give the presentation contexts.
+        sendable = []
+        for f in files:
+            try:
+                f["header"] = await deferToThreadPool(self.reactor, self.read_pool, read_part10_header, f["path"])
+                sendable.append(f)
+            except (OSError, ValueError) as e:
+                await self._file_result(job_id, name, f, "failed", None, f"cannot read: {e}", attempt)
+        # One association for the job, unless its files need more
+        # presentation contexts than one association can carry: then one
+        # association per batch of contexts, one after the other.
+        contexts = list(dict.fromkeys((f["header"][0], f["header"][2]) for f in sendable))
+        batches = [contexts[i:i + MAX_CONTEXTS] for i in range(0, len(contexts), MAX_CONTEXTS)]
+        reason = None
+        for n, batch in enumerate(batches):
+            wanted = set(batch)
+            files = [f for f in sendable if (f["header"][0], f["header"][2]) in wanted]
+            try:
+                assoc = await self.destinations.connect(name, batch)
+            except SCUError as e:
+                # The destination is not there: the rest waits for the next attempt.
+                reason = str(e)
+                later = set().union(*batches[n:])
+                for f in sendable:
+                    if (f["header"][0], f["header"][2]) in later:
+                        await self._file_result(job_id, name, f, "retry", None, reason, attempt)
+                break
+            self._assocs[name] = assoc
+            try:
+                reason = await self._send_files(assoc, job_id, name, files, attempt) or reason
+            finally:
+                self._assocs.pop(name, None)
+                await assoc.release()
+            if self._stopping:
+                break
+        await self._finish(job_id, name, attempt, reason)
+
+    async def _send_files(self, assoc, job_id, name, files, attempt):
+        for i, f in enumerate(files):
+            sop_class, sop_instance, ts, offset, size = f["header"]
+            try:
+                rsp = await assoc.store(f["path"], offset, size, sop_class, sop_instance, ts)
+            except ContextNotAccepted as e:
+                await self._file_result(job_id, name, f, "failed", None, str(e), attempt, sop_instance)
+                continue
+            except OSError as e:
+                await self._file_result(job_id, name, f, "retry", None, f"cannot read: {e}", attempt, sop_instance)
+                return f"cannot read {f['path']}"
+            except SCUError as e:
+                # The association is gone: this file and the rest wait for
+                # the next attempt.
+                for g in files[i:]:
+                    await self._file_result(job_id, name, g, "retry", None, str(e), attempt, g["header"][1])
+                return str(e)
+            status = rsp.status if rsp.status is not None else 0xFFFF
+            if status_ok(status):
+                await self._file_result(job_id, name, f, "sent", status, rsp.error_comment, attempt, sop_instance)
+            else:
+                why = f"destination answered 0x{status:04X}" + (f": {rsp.error_comment}" if rsp.error_comment else "")
+                await self._file_result(job_id, name, f, "retry", status, why, attempt, sop_instance)
+        return None
+
+    async def _file_result(self, job_id, name, f, state, status, reason, attempt, sop_instance=None):
+        retries = self.config.scu.retries
+        # A file cut off by our own shutdown is not a failed attempt's end:
+        # it stays pending for the next start.
+        if state == "retry" and attempt > retries and not self._stopping:
+            state = "failed"
+        await self.store.set_file(job_id, f["seq"], state=state, status=status, reason=reason,
+                                  attempts=f["attempts"] + 1, sop_instance_uid=sop_instance)
+        level = self.log.info if state == "sent" else self.log.warn
+        final = state in ("sent", "failed")
+        level("export job {job} to {destination}: {path} {state}{detail}",
+              event="export.file.finished" if final else "export.file", outcome=state, job=job_id, destination=name, path=f["path"], state=state,
+              status=status, reason=reason, attempt=attempt, sop_instance_uid=sop_instance,
+              detail=f" (status 0x{status:04X})" if status is not None and state == "sent"
+              else (f": {reason}" if reason else ""))
+
+    async def _finish(self, job_id, name, attempt, reason):
+        counts = await self.store.counts(job_id)
+        if counts["pending"] and attempt <= self.config.scu.retries and not self._stopping:
+            delay = self.config.scu.retry_delay * (2 ** (attempt - 1))
+            await self.store.set_job(job_id, self.reactor.seconds(), state="retrying", reason=reason,
+                                     next_attempt=self.reactor.seconds() + delay)
+            self.log.warn("export job {job} to {destination}: {pending} file(s) to retry in {delay:g} s "
+                          "(attempt {attempt} of {attempts}){why}",
+                          event="export.job", job=job_id, destination=name, state="retrying",
+                          pending=counts["pending"], delay=delay, attempt=attempt, attempts=self.config.scu.retries + 1,
+                          files=counts["files"], done=counts["done"], failed=counts["failed"],
+                          why=f": {reason}" if reason else "")
+            self._schedule(job_id, name, delay)
+            return
+        if counts["pending"] and self._stopping:
+            return  # stays in progress; resumed at the next start
+        state = job_outcome(counts["files"], counts["failed"])
+        await self.store.set_job(job_id, self.reactor.seconds(), state=state, reason=reason)
+        self.log.info("export job {job} to {destination}: {state}, {done} of {files} file(s) sent, {failed} failed",
+                      event="export.job.finished", outcome=state, job=job_id, destination=name, state=state,
+                      files=counts["files"], done=counts["done"], failed=counts["failed"])
+        for d in self._finished.pop(job_id, []):
+            d.callback(state)

@@ -1,0 +1,489 @@
+"""The Storage and Verification SCP: what the gateway does on each association.
+
+:class:`SCPService` holds what all associations share (configuration,
+storage, counters); :class:`StoreSCP` is the service user of one
+association, driven by :class:`gateway.net.protocol.DicomProtocol`:
+
+- A-ASSOCIATE: the called AE title must be configured (else reject, reason 7)
+  and the calling AE title well formed (else reject, reason 3); Verification
+  and every storage SOP class are accepted with the first transfer syntax the
+  requestor proposed for it.
+- C-ECHO answers Success.  C-STORE streams the dataset to an
+  :class:`~gateway.store.writer.InstanceWriter` and answers once the file
+  is durable.  Any other DIMSE request is answered "unrecognized operation".
+- Responses go out in the order the requests came in.
+- A-RELEASE is answered once every response is out.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+from collections import deque
+from dataclasses import dataclass
+
+from twisted.internet.defer import Deferred, FirstError, fail, gatherResults, succeed
+from twisted.internet.protocol import ServerFactory
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from gateway import IMPLEMENTATION_CLASS_UID
+from gateway.dimse import commands as C
+from gateway.dimse.message import CommandReceived, DataFragment, MessageAssembler, fragment_message
+from gateway.dimse.sop import is_valid_uid
+from gateway.interfaces import IReconfigurable
+from gateway.net.protocol import DicomProtocol
+from gateway.ingest import policy
+from gateway.store.writer import StorageFull
+from gateway.ul import pdu as P
+
+# Pause reading from a peer while this many received bytes wait for the
+# disk, resume below the low mark: memory per association stays bounded
+# (with storage.HASH_LAG more, written and waiting for the hash).
+HIGH_WATER = 8 << 20
+LOW_WATER = 2 << 20
+
+_ids = itertools.count(1)
+
+
+def _new_association_id() -> str:
+    return f"{next(_ids):x}-{secrets.token_hex(3)}"
+
+
+@dataclass(frozen=True)
+class AssociationInfo:
+    """What observers are told about the association an instance came on."""
+
+    id: str
+    calling_ae: str
+    called_ae: str
+    peer: str
+    started: float
+
+
+@implementer(IReconfigurable)
+class SCPService:
+    """Shared state of the SCP; one per running gateway."""
+
+    log = Logger()
+
+    def __init__(self, config, storage, reactor):
+        self.config = config
+        self.storage = storage
+        self.reactor = reactor
+        self.active: set[StoreSCP] = set()
+        # Set by the watermark service: why storage is congested, or None.
+        self.congestion: str | None = None
+        # IInstanceStoredObserver providers, called in order.
+        self.observers: list = []
+
+    def notify(self, method: str, *args):
+        """Call ``method`` on every observer; fire when all have finished.
+
+        Runs once per instance: observers that finish at once (the index
+        does) cost no Deferred of their own.
+        """
+        ds = []
+        for o in self.observers:
+            try:
+                result = getattr(o, method)(*args)
+            except Exception:
+                result = fail()
+            if isinstance(result, Deferred):
+                ds.append(result)
+        if not ds:
+            return succeed(None)
+        d = gatherResults(ds, consumeErrors=True)
+        d.addErrback(lambda f: f.value.subFailure if f.check(FirstError) else f)
+        return d
+
+    def factory(self, tls: bool = False) -> "DicomServerFactory":
+        """The protocol factory of one listener; ``tls`` says it is the TLS port."""
+        return DicomServerFactory(self, tls)
+
+    def reconfigure(self, config):
+        """New associations use ``config``; those in progress keep theirs."""
+        self.config = config
+
+
+class DicomServerFactory(ServerFactory):
+    def __init__(self, service: SCPService, tls: bool = False):
+        self.service = service
+        self.tls = tls
+
+    def buildProtocol(self, addr):
+        service = self.service
+        config = service.config
+        user = StoreSCP(service, config, tls=self.tls)
+        return DicomProtocol(
+            user,
+            service.reactor,
+            requestor=False,
+            max_pdu_length=config.max_pdu_length,
+            artim_timeout=config.artim,
+            dimse_timeout=config.dimse,
+            pdu_timeout=config.pdu_timeout,
+        )
+
+
+class _Slot:
+    """One request awaiting its response; responses leave in request order."""
+
+    __slots__ = ("command", "context_id", "response", "started")
+
+    def __init__(self, command, context_id, started=0.0):
+        self.command = command
+        self.started = started
+        self.context_id = context_id
+        self.response = None
+
+
+class _Store:
+    """The C-STORE whose dataset is arriving now."""
+
+    __slots__ = ("slot", "writer", "status", "comment")
+
+    def __init__(self, slot, writer, status=C.SUCCESS, comment=None):
+        self.slot = slot
+        self.writer = writer
+        self.status = status
+        self.comment = comment
+
+
+class StoreSCP:
+    log = Logger()
+
+    def __init__(self, service: SCPService, config=None, tls: bool = False):
+        self.service = service
+        # The rules this association started under, whatever a reload does.
+        self.config = config if config is not None else service.config
+        self.tls = tls
+        self.tls_subject: str | None = None
+        self.ae = None  # our AETitle config once accepted
+        self.ignored = 0
+        self.protocol: DicomProtocol | None = None
+        self.id = _new_association_id()
+        self.started = service.reactor.seconds()
+        self.calling_ae = ""
+        self.called_ae = ""
+        self.contexts: dict[int, tuple[str, str]] = {}  # id -> (abstract syntax, transfer syntax)
+        self.peer_max_pdu = 0
+        self.assembler = MessageAssembler(self.contexts)
+        self.outbox: deque[_Slot] = deque()
+        self.store: _Store | None = None
+        self.writers: set = set()
+        self.release_requested = False
+        self.instances = 0
+        self.bytes = 0
+        self.failures = 0
+        self.outcome = "connection closed before association"
+        self.result = "lost"  # released | aborted | rejected | lost
+        self.reject_fields: dict = {}
+        self.info: AssociationInfo | None = None  # set once accepted
+        self.end_notified = False
+
+    # ---- association establishment ------------------------------------
+
+    def associate_indication(self, rq: P.AssociateRQ):
+        config = self.config
+        self.calling_ae, self.called_ae = rq.calling_ae, rq.called_ae
+        if self.tls:
+            self.tls_subject = self.protocol.peer_certificate_subject()
+        reject = policy.check_association(
+            config, rq, peer_host=getattr(self.protocol, "peer_host", None), tls=self.tls,
+            active=len(self.service.active), congestion=self.service.congestion,
+        )
+        if reject is not None:
+            self.outcome = f"rejected: {reject.describe()}"
+            self.result = "rejected"
+            self.reject_fields = {"reject_result": reject.result, "reject_source": reject.source,
+                                  "reject_reason": reject.reason}
+            self.protocol.reject(reject.rj)
+            return
+        self.ae = config.ae(rq.called_ae)
+
+        self.peer_max_pdu = rq.user_information.max_length or 0
+        results = []
+        for pc in rq.presentation_contexts:
+            result, ts = policy.negotiate(self.ae, pc)
+            results.append(P.PresentationContextAC(pc.id, result, ts))
+            if result == P.PC_ACCEPTANCE:
+                self.contexts[pc.id] = (pc.abstract_syntax, ts)
+        accepted = {a for a, _ in self.contexts.values()}
+        ui = rq.user_information
+        roles = tuple(
+            P.RoleSelection(r.sop_class_uid, r.scu_role, 0)
+            for r in ui.role_selections
+            if r.sop_class_uid in accepted
+        )
+        ac = P.AssociateAC(
+            called_ae=rq.called_ae,
+            calling_ae=rq.calling_ae,
+            presentation_contexts=tuple(results),
+            user_information=P.UserInformation(
+                max_length=config.max_pdu_length,
+                implementation_class_uid=IMPLEMENTATION_CLASS_UID,
+                implementation_version_name=config.implementation_version_name,
+                async_ops=(1, 1) if ui.async_ops is not None else None,
+                role_selections=roles,
+            ),
+        )
+        self.outcome = "accepted"
+        self.info = AssociationInfo(self.id, self.calling_ae, self.called_ae, self.protocol.peer,
+                                    self.started)
+        self.service.active.add(self)
+        self.protocol.accept(ac)
+
+    @staticmethod
+    def _negotiate(pc: P.PresentationContextRQ) -> tuple[int, str]:
+        """Negotiation without per-AE lists (see :func:`policy.negotiate`)."""
+        return policy.negotiate(None, pc)
+
+    # ---- data transfer ---------------------------------------------------
+
+    def pdata_indication(self, pdu: P.PDataTF):
+        for pdv in pdu.pdvs:
+            try:
+                events = self.assembler.feed(pdv)
+            except C.DIMSEError as e:
+                self._protocol_error(f"DIMSE: {e}")
+                return
+            for event in events:
+                if type(event) is DataFragment:
+                    self._data(event)
+                else:
+                    self._command(event)
+
+    def _command(self, event: CommandReceived):
+        cmd = event.command
+        field = cmd.command_field
+        if field == C.C_STORE_RQ:
+            self._begin_store(cmd, event.context_id)
+        elif field == C.C_ECHO_RQ:
+            slot = self._slot(cmd, event.context_id)
+            slot.response = C.c_echo_rsp(cmd, C.SUCCESS)
+            self._flush()
+        elif field == C.C_CANCEL_RQ:
+            pass  # nothing of ours is cancellable
+        elif cmd.is_response:
+            # The SCP asked nothing.  Queued with no answer to give, it would
+            # hold back every later response, and the DIMSE timer would wait
+            # for ever.
+            self._protocol_error(f"DIMSE: unexpected {cmd.name} (0x{field:04X}) from the peer: "
+                                 "this gateway sent it no request")
+        else:
+            slot = self._slot(cmd, event.context_id)
+            slot.response = C.failure_response(cmd, C.UNRECOGNIZED_OPERATION)
+            if cmd.has_dataset:
+                self.store = _Store(slot, None, C.UNRECOGNIZED_OPERATION)
+            self.log.warn(
+                "association {association}: {calling_ae} sent unsupported DIMSE command 0x{field:04x}",
+                association=self.id, calling_ae=self.calling_ae, field=field,
+            )
+            if not cmd.has_dataset:
+                self._flush()
+
+    def _begin_store(self, cmd, context_id):
+        slot = self._slot(cmd, context_id)
+        if not cmd.has_dataset:
+            slot.response = C.c_store_rsp(cmd, C.CANNOT_UNDERSTAND, "C-STORE-RQ without a data set")
+            self._flush()
+            return
+        abstract, ts = self.contexts[context_id]
+        sop_class = cmd.affected_sop_class_uid or ""
+        sop_instance = cmd.affected_sop_instance_uid or ""
+        if not is_valid_uid(sop_class) or not is_valid_uid(sop_instance):
+            self.store = _Store(slot, None, C.CANNOT_UNDERSTAND,
+                                f"invalid SOP Class/Instance UID {sop_class!r} / {sop_instance!r}")
+            return
+        if self.ae is not None and (abstract in self.ae.ignored_sop_classes
+                                    or sop_class in self.ae.ignored_sop_classes):
+            # Accepted and answered Success, but not stored (ignored SOP class).
+            self.ignored += 1
+            self.store = _Store(slot, None, C.SUCCESS)
+            return
+        if self.service.congestion:
+            self.store = _Store(slot, None, C.OUT_OF_RESOURCES, f"storage: {self.service.congestion}")
+            return
+        try:
+            writer = self.service.storage.begin(
+                called_ae=self.called_ae, calling_ae=self.calling_ae, sop_class_uid=sop_class,
+                sop_instance_uid=sop_instance, transfer_syntax_uid=ts,
+            )
+        except ValueError as e:
+            self.store = _Store(slot, None, C.CANNOT_UNDERSTAND, str(e))
+            return
+        writer.on_drained = self._drained
+        self.writers.add(writer)
+        self.store = _Store(slot, writer)
+
+    def _data(self, event: DataFragment):
+        store = self.store
+        if store is None:  # the assembler guarantees a command came first
+            return
+        writer = store.writer
+        if writer is not None:
+            writer.write(event.data)
+            if writer.pending > HIGH_WATER:
+                self.protocol.pause()
+        if event.last:
+            self.store = None
+            if writer is None:
+                self._answer_store(store.slot, store.status, store.comment)
+            else:
+                d = writer.finish()
+                d.addCallbacks(self._stored, self._store_failed,
+                               callbackArgs=(store.slot, writer), errbackArgs=(store.slot, writer))
+
+    def _stored(self, stored, slot, writer):
+        self.writers.discard(writer)
+        self.instances += 1
+        self.bytes += stored.dataset_size
+        if stored.replaced:
+            self.log.info(
+                "association {association}: instance {sop_instance_uid} received again; "
+                "the earlier copy was replaced",
+                association=self.id, sop_instance_uid=stored.sop_instance_uid,
+            )
+        latency = self.service.reactor.seconds() - slot.started
+        self._drained(writer)
+        # Success only once every observer (the index) has the instance.
+        d = self.service.notify("instance_stored", stored, self.info)
+        d.addCallbacks(lambda _: self._answer_store(slot, C.SUCCESS), self._observer_failed,
+                       errbackArgs=(slot,))
+        # One event per instance, for the metrics and audit observers, once
+        # the response is on its way (unless an observer holds it): it has
+        # no format, so text logs skip it (a study would be thousands of
+        # lines) and formatting costs nothing on the hot path.  The JSON-lines
+        # log shows it at debug level.
+        self.log.debug(
+            None,
+            event="instance.stored", association=self.id, called_ae=self.called_ae,
+            calling_ae=self.calling_ae, sop_class_uid=stored.sop_class_uid,
+            sop_instance_uid=stored.sop_instance_uid, bytes=stored.dataset_size,
+            latency=latency,
+        )
+
+    def _observer_failed(self, failure, slot):
+        self.log.failure("association {association}: an observer failed on {sop_instance_uid}",
+                         failure, association=self.id,
+                         sop_instance_uid=slot.command.affected_sop_instance_uid)
+        self._answer_store(slot, C.PROCESSING_FAILURE, "could not index the instance")
+
+    def _store_failed(self, failure, slot, writer):
+        self.writers.discard(writer)
+        error = failure.value
+        if isinstance(error, ConnectionAbortedError):
+            return None  # discarded because the association went away
+        status = C.OUT_OF_RESOURCES if isinstance(error, (StorageFull, OSError)) else C.PROCESSING_FAILURE
+        self.log.error(
+            "association {association}: could not store {sop_instance_uid} from {calling_ae}: {error}",
+            association=self.id, sop_instance_uid=slot.command.affected_sop_instance_uid,
+            calling_ae=self.calling_ae, error=error,
+        )
+        self._answer_store(slot, status, "could not store the instance")
+        self._drained(writer)
+        return None
+
+    def _answer_store(self, slot, status, comment=None):
+        if status != C.SUCCESS:
+            self.failures += 1
+            self.log.info(
+                "association {association}: C-STORE of {sop_instance_uid} answered 0x{status:04x}",
+                event="instance.failed", association=self.id, called_ae=self.called_ae,
+                calling_ae=self.calling_ae, sop_instance_uid=slot.command.affected_sop_instance_uid,
+                status=status,
+            )
+        slot.response = C.c_store_rsp(slot.command, status, comment[:64] if comment else None)
+        self._flush()
+
+    def _slot(self, cmd, context_id) -> _Slot:
+        slot = _Slot(cmd, context_id, self.service.reactor.seconds())
+        self.outbox.append(slot)
+        return slot
+
+    def _flush(self):
+        outbox = self.outbox
+        protocol = self.protocol
+        while outbox and outbox[0].response is not None:
+            slot = outbox.popleft()
+            for pdu_bytes in fragment_message(slot.context_id, C.encode_command(slot.response),
+                                              self.peer_max_pdu):
+                protocol.send_pdata(pdu_bytes)
+        if self.release_requested and not outbox and self.store is None:
+            self.release_requested = False
+            # The release response waits until the observers have recorded it.
+            self.end_notified = True
+            d = self.service.notify("association_released", self.info)
+            d.addCallbacks(lambda _: protocol.release_response(), self._release_failed)
+
+    def _release_failed(self, failure):
+        self.log.failure("association {association}: an observer failed on release", failure,
+                         association=self.id)
+        self.result = "aborted"
+        self.outcome = "aborted by us: could not record the release"
+        self.protocol.abort(why="could not record the release")
+
+    def _drained(self, _writer):
+        if sum(w.pending for w in self.writers) < LOW_WATER:
+            self.protocol.resume()
+
+    def busy(self) -> bool:
+        return bool(self.outbox)
+
+    # ---- release and abort -------------------------------------------------
+
+    def release_indication(self, collision):
+        self.outcome = "released"
+        self.result = "released"
+        self.release_requested = True
+        self._flush()
+
+    def aborted(self, indication):
+        self.result = "aborted" if indication.local or not indication.provider else "lost"
+        if indication.local:
+            self.outcome = f"aborted by us: {indication.detail or 'protocol error'}"
+        elif indication.provider:
+            self.outcome = f"lost: {indication.detail or 'provider abort'}"
+        else:
+            self.outcome = f"aborted by the peer (source {indication.source}, reason {indication.reason})"
+        self._discard_all()
+
+    def _protocol_error(self, detail):
+        self.log.warn("association {association} from {peer}: {detail}; aborting",
+                      association=self.id, peer=self.protocol.peer, detail=detail)
+        self.protocol.provider_abort(P.ABORT_INVALID_PDU_PARAMETER_VALUE, detail)
+
+    def _discard_all(self):
+        for writer in self.writers:
+            writer.discard()
+        self.writers.clear()
+        self.store = None
+        self.outbox.clear()
+
+    def closed(self, reason):
+        self._discard_all()
+        if self.info is not None and not self.end_notified:
+            self.end_notified = True
+            result = self.result if self.result in ("aborted", "lost") else "lost"
+            self.service.notify("association_ended", self.info, result).addErrback(
+                lambda f: self.log.failure("association {association}: an observer failed", f,
+                                           association=self.id))
+        self.service.active.discard(self)
+        if self.outcome == "accepted":
+            self.outcome = "connection closed without release"
+        elif self.protocol.disconnect_reason and self.outcome.startswith("connection closed"):
+            self.outcome = self.protocol.disconnect_reason
+        duration = self.service.reactor.seconds() - self.started
+        self.log.info(
+            "association {association} {calling_ae} -> {called_ae} from {peer}{via}: "
+            "{instances} instance(s), {bytes} bytes, {failures} failure(s), {ignored} ignored "
+            "in {duration:.3f} s; {outcome}",
+            event="association.closed", result=self.result,
+            association=self.id, calling_ae=self.calling_ae or "-", called_ae=self.called_ae or "-",
+            peer=self.protocol.peer, instances=self.instances, bytes=self.bytes,
+            failures=self.failures, duration=duration, outcome=self.outcome,
+            ignored=self.ignored, tls=self.tls, tls_subject=self.tls_subject,
+            via=(f" over TLS ({self.tls_subject or 'no client certificate'})" if self.tls else ""),
+            **self.reject_fields,
+        )

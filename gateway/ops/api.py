@@ -1,0 +1,422 @@
+"""The management API: HTTP + JSON on ``[listen] http`` (loopback by default).
+
+=========  =================================  ==================================================
+method     path                               answer
+=========  =================================  ==================================================
+GET        /health                            200 ``{"status": "ok"}``, or 503 with ``reasons``
+GET        /status                            listeners, active associations, storage, queues
+GET        /metrics                           Prometheus text format (see :mod:`gateway.ops.metrics`)
+GET        /associations?limit=&offset=       recent associations, newest first
+GET        /exports?limit=&offset=&state=     export jobs (needs an IExportQueue)
+GET        /exports/{id}                      one export job with per-file statuses
+POST       /exports                           ``{"destinations": [...], "paths": [...]}`` -> 202
+GET        /destinations                      configured destination names (IDestinations)
+POST       /destinations/{name}/echo          C-ECHO: 200 when it answered, 502 when not
+GET        /payloads?limit=&offset=&state=    payloads (needs an IPayloadQuery)
+=========  =================================  ==================================================
+
+Every answer but ``/metrics`` is JSON; errors are ``{"error": "..."}`` with the
+HTTP status that fits (400 bad request, 401 no/wrong token, 404, 405 with
+``Allow``, 413, 422 unknown destination, 503 provider absent or unhealthy).
+When ``[http] token_file`` is set every request needs
+``Authorization: Bearer <token>``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import time
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IServiceCollection, Service
+from twisted.internet.defer import inlineCallbacks, maybeDeferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Site
+from zope.interface import implementer
+
+from gateway import IMPLEMENTATION_CLASS_UID, __version__
+from gateway.interfaces import IHealthCheck, IReconfigurable
+
+MAX_BODY = 1 << 20
+MAX_LIMIT = 1000
+
+
+class ApiError(Exception):
+    def __init__(self, code: int, message: str, headers=None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+
+
+def _walk(service):
+    yield service
+    if IServiceCollection.providedBy(service):
+        for child in service:
+            yield from _walk(child)
+
+
+def listener_state(listener) -> tuple[str, str | None]:
+    """("up", "host:port") / ("starting", None) / ("down", why) for a strports service."""
+    d = getattr(listener, "_waitingForPort", None)
+    if not listener.running or d is None:
+        return "down", "not running"
+    if not d.called:
+        return "starting", None
+    port = d.result
+    if port is None:  # strports swallowed the listen failure after logging it
+        return "down", "could not listen (see the log)"
+    if hasattr(port, "getHost"):
+        if getattr(port, "connected", True) is False:
+            return "down", "stopped listening"
+        host = port.getHost()
+        return "up", f"{getattr(host, 'host', '')}:{getattr(host, 'port', '')}"
+    return "down", str(getattr(port, "value", port))
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+@implementer(IReconfigurable)
+class ApiService(Service):
+    """What the API reads: the running gateway and the optional providers."""
+
+    log = Logger()
+
+    def __init__(self, config, root, reactor, pool, *, scp, storage, metrics, recent,
+                 exports=None, destinations=None, payloads=None):
+        self.config = config
+        self.root = root
+        self.reactor = reactor
+        self.pool = pool
+        self.scp = scp
+        self.storage = storage
+        self.metrics = metrics
+        self.recent = recent
+        self.exports = exports
+        self.destinations = destinations
+        self.payloads = payloads
+        self.started = reactor.seconds()
+
+    def reconfigure(self, config):
+        self.config = config  # the token may have changed
+
+    def site(self) -> Site:
+        site = Site(ApiResource(self))
+        site.noisy = False
+        return site
+
+    # ---- facts ---------------------------------------------------------------
+
+    def listeners(self) -> dict:
+        out = {}
+        for svc in _walk(self.root):
+            if isinstance(svc, StreamServerEndpointService) and svc.name:
+                state, detail = listener_state(svc)
+                out[svc.name] = {"state": state, ("address" if state == "up" else "detail"): detail}
+        return out
+
+    def _statvfs(self):
+        root = self.storage.root
+        st = os.statvfs(root)
+        total = st.f_blocks * st.f_frsize
+        free = st.f_bavail * st.f_frsize
+        return {"root": root, "total_bytes": total, "free_bytes": free,
+                "used_percent": round(100.0 * (total - st.f_bfree * st.f_frsize) / total, 2) if total else 0.0}
+
+    def storage_usage(self):
+        return deferToThreadPool(self.reactor, self.pool, self._statvfs)
+
+    @inlineCallbacks
+    def health(self):
+        reasons = []
+        if not self.running:
+            reasons.append("the gateway is stopping")
+        for name, info in self.listeners().items():
+            if name != "http" and info["state"] != "up":
+                reasons.append(f"listener {name} is {info['state']}"
+                               + (f": {info.get('detail')}" if info.get("detail") else ""))
+        try:
+            yield self.storage_usage()
+        except OSError as e:
+            reasons.append(f"storage root {self.storage.root} is not usable: {e.strerror}")
+        for svc in _walk(self.root):
+            if IHealthCheck.providedBy(svc):
+                reasons.extend(svc.health_problems())
+        return reasons
+
+    def active_associations(self) -> list:
+        out = []
+        for a in sorted(self.scp.active, key=lambda a: a.started):
+            out.append({"association": a.id, "peer": a.protocol.peer if a.protocol else None,
+                        "calling_ae": a.calling_ae, "called_ae": a.called_ae,
+                        "started": _iso(a.started), "instances": a.instances, "bytes": a.bytes,
+                        "failures": a.failures})
+        return out
+
+
+def _param_int(request, name, default, lo, hi):
+    raw = request.args.get(name.encode(), [None])[0]
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError(400, f"query parameter {name!r} must be an integer") from None
+    if not lo <= value <= hi:
+        raise ApiError(400, f"query parameter {name!r} must be from {lo} to {hi}")
+    return value
+
+
+def _param_str(request, name):
+    raw = request.args.get(name.encode(), [None])[0]
+    return None if raw is None else raw.decode("utf-8", "replace")
+
+
+class ApiResource(Resource):
+    isLeaf = True
+    log = Logger()
+
+    def __init__(self, api: ApiService):
+        super().__init__()
+        self.api = api
+        # (method, path pattern) -> handler; "{}" matches one segment.
+        self.routes = [
+            ("GET", ("health",), self.get_health),
+            ("GET", ("status",), self.get_status),
+            ("GET", ("metrics",), self.get_metrics),
+            ("GET", ("associations",), self.get_associations),
+            ("GET", ("exports",), self.get_exports),
+            ("POST", ("exports",), self.post_exports),
+            ("GET", ("exports", "{}"), self.get_export),
+            ("GET", ("destinations",), self.get_destinations),
+            ("POST", ("destinations", "{}", "echo"), self.post_echo),
+            ("GET", ("payloads",), self.get_payloads),
+        ]
+
+    # ---- dispatch ---------------------------------------------------------
+
+    def render(self, request):
+        d = maybeDeferred(self._dispatch, request)
+        d.addCallbacks(self._write, self._error, callbackArgs=(request,), errbackArgs=(request,))
+        d.addErrback(lambda f: self.log.failure("writing an API response", f))
+        return NOT_DONE_YET
+
+    def _dispatch(self, request):
+        self._authorize(request)
+        segments = [s.decode("utf-8", "replace") for s in request.postpath]
+        if segments and segments[-1] == "":
+            segments.pop()
+        method = request.method.decode("ascii", "replace")
+        allowed = []
+        for m, pattern, handler in self.routes:
+            if len(pattern) != len(segments):
+                continue
+            args = []
+            for p, s in zip(pattern, segments):
+                if p == "{}":
+                    args.append(s)
+                elif p != s:
+                    break
+            else:
+                if m == method or (method == "HEAD" and m == "GET"):
+                    return handler(request, *args)
+                allowed.append(m)
+        if allowed:
+            raise ApiError(405, f"{method} is not allowed on /{'/'.join(segments)}",
+                           {"Allow": ", ".join(sorted(set(allowed)))})
+        raise ApiError(404, f"no such resource: /{'/'.join(segments)}")
+
+    def _authorize(self, request):
+        token = self.api.config.http_token
+        if not token:
+            return
+        header = (request.getHeader("authorization") or "").strip()
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+            raise ApiError(401, "a valid bearer token is required (Authorization: Bearer <token>)",
+                           {"WWW-Authenticate": 'Bearer realm="dicomgw"'})
+
+    def _write(self, result, request):
+        code, body = result[0], result[1]
+        if isinstance(body, str):  # /metrics
+            data = body.encode("utf-8")
+            ctype = "text/plain; version=0.0.4; charset=utf-8"
+        else:
+            data = (json.dumps(body, indent=1, default=str) + "\n").encode("utf-8")
+            ctype = "application/json; charset=utf-8"
+        if request.finished or getattr(request, "_disconnected", False):
+            return
+        request.setResponseCode(code)
+        request.setHeader("content-type", ctype)
+        request.setHeader("cache-control", "no-store")
+        for k, v in (result[2] if len(result) > 2 else {}).items():
+            request.setHeader(k, v)
+        request.setHeader("content-length", str(len(data)))
+        if request.method != b"HEAD":
+            request.write(data)
+        request.finish()
+
+    def _error(self, failure, request):
+        if failure.check(ApiError):
+            e = failure.value
+            return self._write((e.code, {"error": e.message}, e.headers), request)
+        self.log.failure("management API: {method} {path} failed", failure,
+                         method=request.method, path=request.path)
+        return self._write((500, {"error": "internal error; see the gateway log"}), request)
+
+    # ---- helpers ---------------------------------------------------------------
+
+    def _provider(self, name, what):
+        provider = getattr(self.api, name)
+        if provider is None:
+            raise ApiError(503, f"{what} is not available in this gateway (no {name} service configured)")
+        return provider
+
+    def _json_body(self, request) -> dict:
+        length = request.getHeader("content-length")
+        if length is not None and length.isdigit() and int(length) > MAX_BODY:
+            raise ApiError(413, f"request body over {MAX_BODY} bytes")
+        request.content.seek(0)
+        raw = request.content.read(MAX_BODY + 1)
+        if len(raw) > MAX_BODY:
+            raise ApiError(413, f"request body over {MAX_BODY} bytes")
+        try:
+            body = json.loads(raw or b"null")
+        except ValueError as e:
+            raise ApiError(400, f"the body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the body must be a JSON object")
+        return body
+
+    @staticmethod
+    def _paging(request):
+        return (_param_int(request, "limit", 100, 1, MAX_LIMIT),
+                _param_int(request, "offset", 0, 0, 10 ** 9))
+
+    # ---- handlers --------------------------------------------------------------
+
+    @inlineCallbacks
+    def get_health(self, request):
+        reasons = yield self.api.health()
+        if reasons:
+            return 503, {"status": "unhealthy", "reasons": reasons}
+        return 200, {"status": "ok"}
+
+    @inlineCallbacks
+    def get_status(self, request):
+        api = self.api
+        try:
+            storage = yield api.storage_usage()
+        except OSError as e:
+            storage = {"root": api.storage.root, "error": e.strerror}
+        active = api.active_associations()
+        queues = {"disk_jobs": api.pool.queued(),
+                  "disk_pending_bytes": sum(w.pending for a in api.scp.active for w in a.writers)}
+        if api.exports is not None:
+            queued = yield api.exports.jobs(limit=MAX_LIMIT, offset=0, state="queued")
+            queues["export_jobs_queued"] = len(queued)
+        return 200, {
+            "version": __version__,
+            "implementation_class_uid": IMPLEMENTATION_CLASS_UID,
+            "config": api.config.source,
+            "uptime_seconds": round(api.reactor.seconds() - api.started, 3),
+            "listeners": api.listeners(),
+            "associations": {"active": len(active), "list": active},
+            "storage": storage,
+            "queues": queues,
+        }
+
+    @inlineCallbacks
+    def get_metrics(self, request):
+        api = self.api
+        gauges = [("dicomgw_active_associations", "Associations in progress.",
+                   [({}, len(api.scp.active))])]
+        try:
+            usage = yield api.storage_usage()
+        except OSError:
+            pass
+        else:
+            gauges.append(("dicomgw_storage_free_bytes", "Bytes available to the gateway under the storage root.",
+                           [({}, usage["free_bytes"])]))
+            gauges.append(("dicomgw_storage_total_bytes", "Size of the file system of the storage root.",
+                           [({}, usage["total_bytes"])]))
+        return 200, api.metrics.render(gauges)
+
+    def get_associations(self, request):
+        limit, offset = self._paging(request)
+        total, items = self.api.recent.page(limit, offset)
+        return 200, {"total": total, "limit": limit, "offset": offset, "items": items}
+
+    @inlineCallbacks
+    def get_exports(self, request):
+        exports = self._provider("exports", "export")
+        limit, offset = self._paging(request)
+        items = yield exports.jobs(limit=limit, offset=offset, state=_param_str(request, "state"))
+        return 200, {"limit": limit, "offset": offset, "items": items}
+
+    @inlineCallbacks
+    def get_export(self, request, job_id):
+        exports = self._provider("exports", "export")
+        job = yield exports.job(job_id)
+        if job is None:
+            raise ApiError(404, f"no export job {job_id!r}")
+        return 200, job
+
+    @inlineCallbacks
+    def post_exports(self, request):
+        exports = self._provider("exports", "export")
+        body = self._json_body(request)
+        destinations, paths = body.get("destinations"), body.get("paths")
+        unknown = sorted(set(body) - {"destinations", "paths"})
+        if unknown:
+            raise ApiError(400, f"unknown field(s): {', '.join(unknown)}")
+        for name, value in (("destinations", destinations), ("paths", paths)):
+            if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+                raise ApiError(400, f"{name!r} must be a non-empty list of strings")
+        problems = yield deferToThreadPool(self.api.reactor, self.api.pool, self._check_paths, paths)
+        if problems:
+            raise ApiError(400, "; ".join(problems))
+        try:
+            ids = yield exports.submit(destinations, [os.path.realpath(p) for p in paths], "api")
+        except KeyError as e:
+            raise ApiError(422, f"unknown destination {e.args[0] if e.args else ''!r}") from None
+        return 202, {"jobs": list(ids)}
+
+    def _check_paths(self, paths):
+        root = os.path.realpath(self.api.storage.root)
+        problems = []
+        for p in paths:
+            real = os.path.realpath(p)
+            if os.path.commonpath([root, real]) != root:
+                problems.append(f"{p!r} is outside the storage root {root}")
+            elif not os.path.isfile(real):
+                problems.append(f"{p!r} is not a file")
+        return problems
+
+    def get_destinations(self, request):
+        destinations = self._provider("destinations", "destinations")
+        return 200, {"destinations": sorted(destinations.names())}
+
+    @inlineCallbacks
+    def post_echo(self, request, name):
+        destinations = self._provider("destinations", "destinations")
+        if name not in set(destinations.names()):
+            raise ApiError(404, f"no destination named {name!r}")
+        try:
+            result = yield destinations.echo(name)
+        except KeyError:
+            raise ApiError(404, f"no destination named {name!r}") from None
+        return (200 if result.get("ok") else 502), result
+
+    @inlineCallbacks
+    def get_payloads(self, request):
+        payloads = self._provider("payloads", "payload query")
+        limit, offset = self._paging(request)
+        items = yield payloads.payloads(limit=limit, offset=offset, state=_param_str(request, "state"))
+        return 200, {"limit": limit, "offset": offset, "items": items}

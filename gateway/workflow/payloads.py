@@ -1,0 +1,620 @@
+"""Payloads: received instances gathered per AE title and handed to pipelines.
+
+:class:`PayloadService` is an :class:`IInstanceStoredObserver` of the SCP:
+
+- ``instance_stored``: the instance is indexed (state ``received``), then
+  its header is read and the file hashed (disk pool), in the background: the
+  C-STORE is answered at once.  Its group key (per ``[[ae]] grouping``: the
+  association id, Patient ID, Study or Series Instance UID) is remembered,
+  scoped by AE title.
+- ``association_released``: once all its instances are indexed, the
+  association's instances join the open payload of their (AE, key), or a
+  new one, in one durable transaction, before the A-RELEASE-RP goes out.  An AE without pipelines keeps its instances
+  (state ``kept``) and forms no payloads.
+- ``association_ended`` (aborted or lost): its instances never reach a
+  payload; they are removed at once, or after ``[storage] aborted_retention``.
+
+A payload closes when ``timeout`` seconds passed since the last instance of
+its group arrived and no open association has instances for the group.
+Closing links its files into ``payloads/<id>/``, writes ``manifest.json``
+(atomically), records one job per pipeline and only then removes the inbox
+links; the jobs go to the :class:`~gateway.workflow.pipelines.PipelineRunner`.
+
+At start (:meth:`recover`): associations a crash broke are treated as
+aborted, files in ``instances/`` that were never indexed (never
+acknowledged) likewise, payloads caught closing are closed again (every step
+is idempotent), open payloads get their timers, and unfinished jobs run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from gateway.interfaces import IInstanceStoredObserver, IPayloadQuery, IReconfigurable
+from gateway.store.index import read_header, remove_if_same
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+
+
+def group_key(grouping: str, association_id: str, attrs: dict) -> str:
+    if grouping == "association":
+        return association_id
+    if grouping == "patient":
+        return attrs["patient_id"]
+    if grouping == "series":
+        return attrs["series_uid"]
+    return attrs["study_uid"]
+
+
+# ---- transactions (database thread) ------------------------------------------
+
+def _db_index(conn, states: dict, row: dict):
+    """Record one instance; ``states``: association id -> state, as read in
+    this transaction (where only instance rows are written)."""
+    a = row["association"]
+    state = states.get(a)
+    if state is None:
+        conn.execute(
+            "INSERT OR IGNORE INTO associations (id, calling_ae, called_ae, peer, started, state) "
+            "VALUES (?, ?, ?, ?, ?, 'open')",
+            (a, row["calling_ae"], row["called_ae"], row["peer"], row["started"]))
+        state = states[a] = conn.execute("SELECT state FROM associations WHERE id = ?", (a,)).fetchone()[0]
+    row = dict(row, state="received" if state == "open" else "aborted")
+    cols = ("association", "ae", "sop_class_uid", "sop_instance_uid", "patient_id", "patient_name",
+            "study_uid", "series_uid", "modality", "transfer_syntax", "size", "sha256", "inode",
+            "calling_ae", "called_ae", "peer", "received", "path", "group_key", "state")
+    cur = conn.execute(f"INSERT INTO instances ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                       [row.get(c) for c in cols])
+    return row["state"], cur.lastrowid
+
+
+def _db_release(conn, info, now, aes: dict):
+    """Join the association's instances to payloads; return the open payloads touched."""
+    conn.execute(
+        "INSERT OR IGNORE INTO associations (id, calling_ae, called_ae, peer, started, state) "
+        "VALUES (?, ?, ?, ?, ?, 'open')",
+        (info.id, info.calling_ae, info.called_ae, info.peer, info.started))
+    conn.execute("UPDATE associations SET state = 'released', ended = ? WHERE id = ?", (now, info.id))
+    rows = conn.execute("SELECT id, ae, group_key, received, sop_instance_uid FROM instances "
+                        "WHERE association = ? AND state = 'received'", (info.id,)).fetchall()
+    touched = {}
+    for r in rows:
+        ae = aes.get(r["ae"])
+        if ae is None or not ae.pipelines:
+            conn.execute("UPDATE instances SET state = 'kept' WHERE id = ?", (r["id"],))
+            continue
+        key = r["group_key"] or ""
+        p = conn.execute("SELECT id, updated FROM payloads WHERE ae = ? AND key = ? AND state = 'open'",
+                         (r["ae"], key)).fetchone()
+        if p is None:
+            pid = f"{int(now):d}-{secrets.token_hex(6)}"
+            conn.execute("INSERT INTO payloads (id, ae, grouping, key, state, created, updated) "
+                         "VALUES (?, ?, ?, ?, 'open', ?, ?)", (pid, r["ae"], ae.grouping, key, now, r["received"]))
+            updated = r["received"]
+        else:
+            pid, updated = p["id"], max(p["updated"] or 0, r["received"] or 0)
+            conn.execute("UPDATE payloads SET updated = ? WHERE id = ?", (updated, pid))
+        conn.execute("UPDATE instances SET state = 'payload', payload = ? WHERE id = ?", (pid, r["id"]))
+        # The same instance received again for the same payload: latest wins.
+        conn.execute("UPDATE instances SET state = 'replaced' WHERE payload = ? AND state = 'payload' "
+                     "AND sop_instance_uid = ? AND id < ?", (pid, r["sop_instance_uid"], r["id"]))
+        conn.execute("INSERT OR IGNORE INTO payload_associations (payload, association) VALUES (?, ?)",
+                     (pid, info.id))
+        touched[pid] = (r["ae"], key, updated)
+    return touched
+
+
+def _keep(conn, keep_aes, where, args):
+    """Instances on AE titles without pipelines are kept whatever happens:
+    nothing is handed on from there, and the SCP acknowledged them."""
+    if keep_aes:
+        conn.execute(f"UPDATE instances SET state = 'kept' WHERE {where} AND state = 'received' "
+                     f"AND ae IN ({', '.join('?' * len(keep_aes))})", [*args, *keep_aes])
+
+
+def _db_discard(conn, association_id, result, now, retention, keep_aes=()):
+    """Mark the association ended without release; its instances are aborted."""
+    conn.execute("UPDATE associations SET state = ?, ended = ? WHERE id = ? AND state = 'open'",
+                 (result, now, association_id))
+    _keep(conn, keep_aes, "association = ?", [association_id])
+    cur = conn.execute("UPDATE instances SET state = 'aborted', discard_after = ? "
+                       "WHERE association = ? AND state = 'received'", (now + retention, association_id))
+    return cur.rowcount, _due_aborted(conn, now, association_id)
+
+
+def _due_aborted(conn, now, association_id=None):
+    # A row whose file was never examined (no inode: a crash came first) is
+    # not removed while a live row shares its path: that file is a later copy.
+    q = ("SELECT id, path, inode FROM instances i WHERE state = 'aborted' AND discard_after <= ? "
+         "AND NOT (inode IS NULL AND EXISTS (SELECT 1 FROM instances o WHERE o.path = i.path "
+         "AND o.id != i.id AND o.state IN ('received', 'payload', 'kept')))")
+    args = [now]
+    if association_id is not None:
+        q += " AND association = ?"
+        args.append(association_id)
+    return [tuple(r) for r in conn.execute(q, args).fetchall()]
+
+
+def _db_removed(conn, instance_ids):
+    conn.executemany("UPDATE instances SET state = 'removed' WHERE id = ?", [(i,) for i in instance_ids])
+
+
+def _db_recover(conn, now, retention, instances_dir, started_before, keep_aes=(), handoff_aes=None):
+    """After a restart: end broken associations, adopt never-indexed files."""
+    broken = [r[0] for r in conn.execute("SELECT id FROM associations WHERE state = 'open'")]
+    for a in broken:
+        conn.execute("UPDATE associations SET state = 'broken', ended = ? WHERE id = ?", (now, a))
+        _keep(conn, keep_aes, "association = ?", [a])
+        conn.execute("UPDATE instances SET state = 'aborted', discard_after = ? "
+                     "WHERE association = ? AND state = 'received'", (now + retention, a))
+    known = {r[0] for r in conn.execute(
+        "SELECT path FROM instances WHERE state IN ('received', 'kept', 'aborted', 'payload')")}
+    orphans = kept = 0
+    if os.path.isdir(instances_dir):
+        for ae in sorted(os.listdir(instances_dir)):
+            directory = os.path.join(instances_dir, ae)
+            if not os.path.isdir(directory):
+                continue
+            for name in sorted(os.listdir(directory)):
+                path = os.path.join(directory, name)
+                if path in known:
+                    continue
+                try:
+                    st = os.stat(path)
+                except FileNotFoundError:
+                    continue
+                if st.st_mtime >= started_before:
+                    continue  # arrived since this start: its row is on the way
+                # Stored but never indexed: the crash broke its association.  On an
+                # AE title with pipelines it is treated like an aborted association's
+                # instance; anywhere else (no pipelines, no longer configured, files
+                # from before the index existed) it is kept, as the SCP keeps files.
+                aborted = handoff_aes is None or ae in handoff_aes
+                conn.execute(
+                    "INSERT INTO instances (ae, sop_instance_uid, size, inode, received, path, state, "
+                    "discard_after) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (ae, name[:-4] if name.endswith(".dcm") else name, st.st_size, st.st_ino,
+                     st.st_mtime, path, "aborted" if aborted else "kept", now + retention))
+                if aborted:
+                    orphans += 1
+                else:
+                    kept += 1
+    conn.execute("UPDATE jobs SET state = 'pending', reason = 'interrupted by a restart', next_attempt = ? "
+                 "WHERE state = 'running'", (now,))
+    opened = [tuple(r) for r in conn.execute(
+        "SELECT id, ae, key, updated FROM payloads WHERE state = 'open'")]
+    closing = [r[0] for r in conn.execute("SELECT id FROM payloads WHERE state = 'closing'")]
+    return broken, orphans, kept, _due_aborted(conn, now), opened, closing
+
+
+def _db_begin_close(conn, pid):
+    cur = conn.execute("UPDATE payloads SET state = 'closing' WHERE id = ? AND state IN ('open', 'closing')",
+                       (pid,))
+    if cur.rowcount == 0:
+        return None
+    payload = dict(conn.execute("SELECT * FROM payloads WHERE id = ?", (pid,)).fetchone())
+    instances = [dict(r) for r in conn.execute(
+        "SELECT * FROM instances WHERE payload = ? AND state = 'payload' ORDER BY id", (pid,))]
+    associations = [dict(r) for r in conn.execute(
+        "SELECT a.* FROM associations a JOIN payload_associations pa ON pa.association = a.id "
+        "WHERE pa.payload = ? ORDER BY a.started", (pid,))]
+    return payload, instances, associations
+
+
+def _db_finish_close(conn, pid, directory, moved, missing, pipelines, now):
+    for instance_id, path in moved:
+        conn.execute("UPDATE instances SET path = ? WHERE id = ?", (path, instance_id))
+    for instance_id in missing:
+        conn.execute("UPDATE instances SET state = 'missing' WHERE id = ?", (instance_id,))
+    conn.execute("UPDATE payloads SET state = 'closed', closed = ?, path = ? WHERE id = ?",
+                 (now, directory, pid))
+    ids = []
+    for name in pipelines:
+        if conn.execute("SELECT 1 FROM jobs WHERE payload = ? AND pipeline = ?", (pid, name)).fetchone():
+            continue
+        cur = conn.execute("INSERT INTO jobs (payload, pipeline, state, created, updated, next_attempt) "
+                           "VALUES (?, ?, 'pending', ?, ?, ?)", (pid, name, now, now, now))
+        ids.append(cur.lastrowid)
+    if not pipelines:
+        conn.execute("UPDATE payloads SET state = 'done', finished = ? WHERE id = ?", (now, pid))
+    return ids
+
+
+def _db_payloads(conn, limit, offset, state):
+    q = "SELECT * FROM payloads"
+    args: list = []
+    if state is not None:
+        q += " WHERE state = ?"
+        args.append(state)
+    q += " ORDER BY created DESC, id DESC LIMIT ? OFFSET ?"
+    args += [limit, offset]
+    out = []
+    for p in conn.execute(q, args).fetchall():
+        d = {k: p[k] for k in ("id", "ae", "key", "state", "created", "closed")}
+        d["instances"] = conn.execute("SELECT COUNT(*) FROM instances WHERE payload = ?", (p["id"],)).fetchone()[0]
+        d["pipelines"] = {j["pipeline"]: {"state": j["state"], "attempts": j["attempts"], "reason": j["reason"]}
+                          for j in conn.execute("SELECT * FROM jobs WHERE payload = ? ORDER BY id", (p["id"],))}
+        out.append(d)
+    return out
+
+
+# ---- files (disk pool) ---------------------------------------------------------
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _build_payload_dir(root, payload, instances, associations, pipelines, fsync):
+    """Link the files into ``payloads/<id>/`` and write the manifest; idempotent."""
+    directory = os.path.join(root, payload["id"])
+    os.makedirs(directory, exist_ok=True)
+    moved, entries, missing = [], [], []
+    for inst in instances:
+        name = os.path.basename(inst["path"])
+        target = os.path.join(directory, name)
+        if inst["path"] != target:
+            if not os.path.exists(inst["path"]) and os.path.exists(target):
+                pass  # linked before a crash; the inbox link is already gone
+            elif not os.path.exists(inst["path"]):
+                missing.append(inst["id"])  # gone from the disk: never blocks the payload
+                continue
+            else:
+                tmp = target + ".link"
+                if os.path.lexists(tmp):
+                    os.unlink(tmp)
+                os.link(inst["path"], tmp)
+                os.replace(tmp, target)
+            moved.append((inst["id"], target, inst["path"], inst["inode"]))
+        entries.append({
+            "sop_class_uid": inst["sop_class_uid"], "sop_instance_uid": inst["sop_instance_uid"],
+            "patient_id": inst["patient_id"], "patient_name": inst["patient_name"],
+            "study_instance_uid": inst["study_uid"], "series_instance_uid": inst["series_uid"],
+            "modality": inst["modality"], "transfer_syntax_uid": inst["transfer_syntax"],
+            "path": name, "size": inst["size"], "sha256": inst["sha256"],
+            "association": inst["association"], "received": inst["received"],
+        })
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "payload": payload["id"], "ae": payload["ae"], "grouping": payload["grouping"],
+        "key": payload["key"], "pipelines": list(pipelines),
+        "created": payload["created"], "updated": payload["updated"],
+        "associations": [{
+            "id": a["id"], "calling_ae": a["calling_ae"], "called_ae": a["called_ae"],
+            "peer": a["peer"], "started": a["started"], "ended": a["ended"], "result": a["state"],
+        } for a in associations],
+        "instances": entries,
+    }
+    path = os.path.join(directory, MANIFEST)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=1, ensure_ascii=False)
+        f.flush()
+        if fsync:
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
+    if fsync:
+        _fsync_dir(directory)
+    return directory, moved, missing
+
+
+def _remove_all(items):
+    freed = 0
+    for _id, path, inode in items:
+        freed += remove_if_same(path, inode)
+    return freed
+
+
+@implementer(IInstanceStoredObserver, IPayloadQuery, IReconfigurable)
+class PayloadService(Service):
+    log = Logger()
+
+    def __init__(self, config, storage, db, reactor, runner=None):
+        self.config = config
+        self.storage = storage
+        self.db = db
+        self.reactor = reactor
+        self.runner = runner
+        self.payloads_dir = os.path.join(storage.root, "payloads")
+        self.aes = {ae.title: ae for ae in config.ae_titles}
+        self.open_keys: dict[str, set] = {}      # association id -> {(ae, key)}
+        self.last_seen: dict[tuple, float] = {}  # (ae, key) -> time of the last instance
+        self.open_payloads: dict[tuple, list] = {}  # (ae, key) -> [payload id, updated]
+        self.timers: dict[str, object] = {}
+        # association id -> (AE title, Deferreds of instances still being examined)
+        self.examining: dict[str, tuple] = {}
+        self._unexamined: list = []  # (Deferred, instance) to start on the next turn: _examine
+        self.failed: set[str] = set()  # associations with an instance that could not be indexed
+        self.awaited: set[str] = set()  # associations whose end waits for their rows
+        self.recorded: set[str] = set()  # associations whose first row has gone to the database
+        self.started_at = None
+        self.recovered = None
+
+    def reconfigure(self, config):
+        """New instances use the new grouping and timeout; payloads closing from
+        now on get the new pipelines.  An open payload keeps its group key."""
+        self.config = config
+        self.aes = {ae.title: ae for ae in config.ae_titles}
+        if self.runner is not None:
+            self.runner.reconfigure(config)
+
+    # ---- service -------------------------------------------------------------
+
+    def startService(self):
+        super().startService()
+        self.started_at = self.reactor.seconds()
+        self.recovered = self.recover()
+        self.recovered.addErrback(lambda f: self.log.failure("payload recovery failed", f))
+
+    def stopService(self):
+        super().stopService()
+        for t in list(self.timers.values()):
+            if t.active():
+                t.cancel()
+        self.timers.clear()
+
+    def _disk(self, f, *args):
+        return deferToThreadPool(self.reactor, self.storage.pool, f, *args)
+
+    # ---- observer ------------------------------------------------------------
+
+    def instance_stored(self, instance, association):
+        """Index the instance in the background; the C-STORE is answered at once.
+
+        The writer hashes the file (a big one's hash comes just after the
+        response: ``instance.digest``) and (nearly always) picks out its
+        header; the row is then written with others in one transaction.
+        None of it is needed before the association releases, and the
+        release waits for them (and makes them durable) before the
+        A-RELEASE-RP.  An acknowledged instance whose row a crash prevented
+        belongs to an association that never released: at restart it is
+        treated as aborted, as it should be.
+        """
+        now = self.reactor.seconds()
+        _ae, pending = self.examining.setdefault(association.id, (association.called_ae, []))
+        # The work starts on the reactor's next turn, once the response has
+        # gone: the peer is not kept waiting for the index.
+        d = Deferred()
+        if not self._unexamined:
+            self.reactor.callLater(0, self._examine)
+        self._unexamined.append((d, instance))
+        d.addCallback(self._header, instance)
+        d.addCallback(self._examined, instance, association, now)
+
+        def failed(failure):
+            self.failed.add(association.id)
+            self.log.failure("association {association}: could not index {sop_instance_uid}", failure,
+                             association=association.id, sop_instance_uid=instance.sop_instance_uid)
+            # A row without attributes, so that the file is handled (removed or
+            # kept) with the rest of its association, which will not hand off.
+            row = dict(association=association.id, ae=association.called_ae,
+                       sop_class_uid=instance.sop_class_uid, sop_instance_uid=instance.sop_instance_uid,
+                       transfer_syntax=instance.transfer_syntax_uid, size=instance.size,
+                       calling_ae=association.calling_ae, called_ae=association.called_ae,
+                       peer=association.peer, started=association.started, received=now,
+                       path=instance.path)
+            return self.db.run(_db_index, {}, row).addErrback(
+                lambda f: self.log.failure("could not record {path}", f, path=instance.path))
+
+        d.addErrback(failed)
+        pending.append(d)
+        d.addBoth(lambda _: pending.remove(d))
+
+    def _examine(self):
+        batch, self._unexamined = self._unexamined, []
+        for d, instance in batch:
+            if instance.digest is None:
+                d.callback(instance.sha256)
+            else:  # a big instance's hash, when the writer has it
+                instance.digest.chainDeferred(d)
+
+    def _header(self, sha256, instance):
+        known = {"sha256": sha256, "size": instance.size, "inode": instance.inode}
+        if instance.attributes is not None:  # the writer picked the header out (nearly always)
+            return read_header(instance.path, known, instance.attributes)
+        return self._disk(read_header, instance.path, known)  # pydicom reads it, in the disk pool
+
+    def _examined(self, attrs, instance, association, received):
+        if attrs.get("header_error"):
+            self.log.warn("{path}: header not readable ({error}); indexed without attributes",
+                          path=instance.path, error=attrs["header_error"])
+        ae = self.aes.get(association.called_ae)
+        key = group_key(ae.grouping if ae else "study", association.id, attrs)
+        if association.id in self.examining:  # else the association has already ended
+            self.open_keys.setdefault(association.id, set()).add((association.called_ae, key))
+        k = (association.called_ae, key)
+        self.last_seen[k] = max(self.last_seen.get(k, 0), received)
+        row = dict(attrs, association=association.id, ae=association.called_ae,
+                   sop_class_uid=instance.sop_class_uid, sop_instance_uid=instance.sop_instance_uid,
+                   transfer_syntax=instance.transfer_syntax_uid, calling_ae=association.calling_ae,
+                   called_ae=association.called_ae, peer=association.peer, started=association.started,
+                   received=received, path=instance.path, group_key=key)
+        d = self.db.run_coalesced(_db_index, row)
+        if association.id in self.awaited or association.id not in self.recorded:
+            # The association's first row goes at once, so that a crash leaves
+            # its record (state "broken"); its other rows may wait a few
+            # milliseconds for company.  Files whose rows a crash lost are
+            # adopted at the next start (_db_recover) and handled as aborted.
+            self.recorded.add(association.id)
+            self.db.flush()
+
+        def indexed(result):
+            if result[0] == "aborted":  # its association ended while the file was being written
+                return self._discard(association.id, "aborted")
+
+        return d.addCallback(indexed)
+
+    def _settled(self, association_id):
+        """Fire once every instance of the association has been examined."""
+        _ae, pending = self.examining.get(association_id, (None, []))
+        # Someone waits for these rows now: no waiting for company (see
+        # Database.run_coalesced), neither for the rows already queued nor
+        # for those of instances still being examined (_examined).
+        self.awaited.add(association_id)
+        self.db.flush()
+        return DeferredList(list(pending))
+
+    def _forget(self, association_id):
+        """The association has ended and its rows are in: drop what tracked them."""
+        self.examining.pop(association_id, None)
+        self.awaited.discard(association_id)
+        self.recorded.discard(association_id)
+
+    @inlineCallbacks
+    def association_released(self, association):
+        yield self._settled(association.id)
+        self._forget(association.id)
+        if association.id in self.failed:
+            # Not every instance is indexed: the release fails (the SCP aborts)
+            # and the association counts as aborted.
+            self.failed.discard(association.id)
+            self.open_keys.pop(association.id, None)
+            yield self._discard(association.id, "aborted")
+            raise RuntimeError(f"association {association.id}: instances could not be indexed")
+        now = self.reactor.seconds()
+        touched = yield self.db.run_durable(_db_release, association, now, self.aes)
+        keys = self.open_keys.pop(association.id, set())
+        keys.update((ae, key) for ae, key, _u in touched.values())
+        for pid, (ae, key, updated) in touched.items():
+            self.open_payloads[(ae, key)] = [pid, updated]
+        for k in keys:
+            self._check_key(k)
+
+    @inlineCallbacks
+    def association_ended(self, association, result):
+        yield self._settled(association.id)
+        self._forget(association.id)
+        self.failed.discard(association.id)
+        keys = self.open_keys.pop(association.id, set())
+        yield self._discard(association.id, result)
+        for k in keys:
+            self._check_key(k)
+
+    @inlineCallbacks
+    def _discard(self, association_id, result):
+        retention = self.config.aborted_retention
+        count, due = yield self.db.run(_db_discard, association_id, result, self.reactor.seconds(),
+                                       retention, self._keep_aes())
+        freed = yield self._disk(_remove_all, due)
+        if due:
+            yield self.db.run(_db_removed, [i for i, _p, _n in due])
+        if count or due:
+            self.log.info("association {association} ended {result}: {count} instance(s) discarded "
+                          "({what})", event="instances.discarded", association=association_id,
+                          result=result, count=max(count, len(due)), freed=freed, retained=retention,
+                          what=f"kept for {retention:g} s" if retention else f"{freed} bytes freed")
+
+    def _keep_aes(self):
+        return tuple(title for title, ae in self.aes.items() if not ae.pipelines)
+
+    # ---- timers --------------------------------------------------------------
+
+    def _check_key(self, k):
+        entry = self.open_payloads.get(k)
+        if entry is None:
+            if not any(k in keys for keys in self.open_keys.values()):
+                self.last_seen.pop(k, None)  # nothing waits for this group
+            return
+        pid, updated = entry
+        ae = self.aes.get(k[0])
+        timeout = ae.timeout if ae else 5.0
+        last = max(updated or 0, self.last_seen.get(k, 0))
+        delay = last + timeout - self.reactor.seconds()
+        old = self.timers.pop(pid, None)
+        if old is not None and old.active():
+            old.cancel()
+        if delay > 0:
+            self.timers[pid] = self.reactor.callLater(delay, self._check_key, k)
+            return
+        if any(k in keys for keys in self.open_keys.values()):
+            return  # an open association still brings instances; checked again when it ends
+        unexamined = [d for ae, ds in self.examining.values() if ae == k[0] for d in ds]
+        if unexamined:  # their group is not known yet: look again once it is
+            DeferredList(unexamined).addCallback(lambda _: self._check_key(k))
+            return
+        del self.open_payloads[k]
+        self.last_seen.pop(k, None)
+        self.close(pid).addErrback(self._close_failed, pid)
+
+    def _close_failed(self, failure, pid):
+        self.log.failure("payload {payload}: closing failed; trying again in 30 s", failure, payload=pid)
+        self.timers[pid] = self.reactor.callLater(30, self._retry_close, pid)
+
+    def _retry_close(self, pid):
+        self.timers.pop(pid, None)
+        self.close(pid).addErrback(self._close_failed, pid)
+
+    @inlineCallbacks
+    def close(self, pid):
+        """Close payload ``pid``: directory, manifest, jobs; hand it off."""
+        self.timers.pop(pid, None)
+        found = yield self.db.run(_db_begin_close, pid)
+        if found is None:
+            return None
+        payload, instances, associations = found
+        ae = self.aes.get(payload["ae"])
+        pipelines = ae.pipelines if ae else ()
+        directory, moved, missing = yield self._disk(_build_payload_dir, self.payloads_dir, payload,
+                                                     instances, associations, pipelines, self.storage.fsync)
+        if missing:
+            self.log.warn("payload {payload}: {count} instance file(s) were no longer on disk; "
+                          "left out of the payload", payload=pid, count=len(missing))
+        job_ids = yield self.db.run_durable(_db_finish_close, pid, directory,
+                                    [(i, target) for i, target, _src, _ino in moved], missing,
+                                    pipelines, self.reactor.seconds())
+        # The payload directory holds its own links now: drop the inbox ones
+        # (only if no later copy of the same instance replaced them).
+        yield self._disk(_remove_all, [(i, src, ino) for i, _t, src, ino in moved])
+        self.log.info("payload {payload} of {ae} ({key}) closed: {instances} instance(s) to {pipelines}",
+                      event="payload.closed", payload=pid, ae=payload["ae"], key=payload["key"],
+                      instances=len(instances) - len(missing), pipelines=list(pipelines), path=directory)
+        if self.runner is not None and job_ids:
+            self.runner.submit(job_ids)
+        return directory
+
+    # ---- recovery ------------------------------------------------------------
+
+    @inlineCallbacks
+    def recover(self):
+        now = self.reactor.seconds()
+        retention = self.config.aborted_retention
+        broken, orphans, kept, due, opened, closing = yield self.db.run(
+            _db_recover, now, retention, self.storage.instances_dir, now, self._keep_aes(),
+            tuple(title for title, ae in self.aes.items() if ae.pipelines))
+        if kept:
+            self.log.info("recovery: {kept} file(s) not in the index were indexed as kept", kept=kept)
+        if broken or orphans:
+            self.log.info("recovery: {associations} association(s) broken by a restart and {orphans} "
+                          "never-acknowledged file(s) are treated as aborted",
+                          event="instances.discarded", association=None, count=len(broken) + orphans,
+                          associations=len(broken), orphans=orphans, retained=retention)
+        if due:
+            yield self._disk(_remove_all, due)
+            yield self.db.run(_db_removed, [i for i, _p, _n in due])
+        for pid, ae, key, updated in opened:
+            self.open_payloads[(ae, key)] = [pid, updated]
+            self._check_key((ae, key))
+        for pid in closing:
+            try:
+                yield self.close(pid)
+            except Exception:
+                self.log.failure("payload {payload}: closing after restart failed", payload=pid)
+        if self.runner is not None:
+            yield self.runner.recover()
+
+    # ---- IPayloadQuery -------------------------------------------------------
+
+    def payloads(self, limit=100, offset=0, state=None):
+        return self.db.run(_db_payloads, limit, offset, state)
