@@ -41,7 +41,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS  # noqa
 from bench.receivers import free_port  # noqa: E402
 from gateway.dimse import commands as C  # noqa: E402
 from gateway.dimse.message import fragment_message  # noqa: E402
-from gateway.ul import pdu as P  # noqa: E402
+from gateway import ul as P  # noqa: E402
 
 VERIFICATION = "1.2.840.10008.1.1"
 IMPLICIT = "1.2.840.10008.1.2"

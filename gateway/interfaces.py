@@ -48,7 +48,107 @@ Each service that adds events lists them here.
 
 from __future__ import annotations
 
-from zope.interface import Interface
+from zope.interface import Attribute, Interface
+
+
+class IAssociationUser(Interface):
+    """The service user of one association: what the Protocol tells it.
+
+    :class:`gateway.net.protocol.DicomProtocol` calls these on the reactor
+    thread, in the order the upper layer produces them.  The SCP's user
+    (:class:`gateway.ingest.scp.StoreSCP`) and the SCU's
+    (:class:`gateway.export.scu.SCUAssociation`) share
+    :class:`gateway.dimse.user.DIMSEUser`.
+    """
+
+    def connection_made(provider):
+        """The transport is up; ``provider`` is the IAssociationProvider of
+        this association, to ask everything of from now on."""
+
+    def association_request():
+        """Requestor only: the A-ASSOCIATE-RQ to send."""
+
+    def associate_indication(rq):
+        """Acceptor: the peer's A-ASSOCIATE-RQ; answer with ``provider.accept``
+        or ``provider.reject``."""
+
+    def associate_accepted(ac):
+        """Requestor: the peer accepted."""
+
+    def associate_rejected(rj):
+        """Requestor: the peer rejected (an A-ASSOCIATE-RJ)."""
+
+    def pdata_indication(pdu):
+        """A P-DATA-TF PDU arrived (its PDVs are views of the received bytes)."""
+
+    def release_indication(collision):
+        """The peer asks to release; answer with ``provider.release_response``."""
+
+    def release_confirmation():
+        """Requestor: the peer confirmed our release."""
+
+    def aborted(indication):
+        """An A-ABORT or A-P-ABORT (a :class:`gateway.ul.AbortIndication`)."""
+
+    def closed(reason):
+        """The connection is gone (a Failure); always the last call."""
+
+    def owes_response():
+        """True while we owe the peer an answer: its silence is then ours,
+        and the DIMSE timer waits."""
+
+
+class IAssociationProvider(Interface):
+    """What the service user of one association may ask of the upper layer.
+
+    Provided by :class:`gateway.net.protocol.DicomProtocol`.  A request the
+    state does not allow any more (an answer after an abort) is dropped.
+    """
+
+    peer = Attribute("The peer's address as host:port, for logs.")
+    peer_host = Attribute("The peer's IP address, or None.")
+    peer_max_pdu = Attribute("The Maximum Length the peer announced (0: no limit).")
+    closed = Attribute("True once the connection is gone.")
+    disconnect_reason = Attribute("Why we closed the connection, if we did; else None.")
+    can_send_data = Attribute("True while P-DATA may go out.")
+    can_request_release = Attribute("True while the association is established and no release is under way.")
+
+    def peer_certificate_subject():
+        """The TLS peer certificate's subject (RFC 4514), or None."""
+
+    def accept(ac):
+        """Answer the A-ASSOCIATE indication with this A-ASSOCIATE-AC."""
+
+    def reject(rj):
+        """Answer the A-ASSOCIATE indication with this A-ASSOCIATE-RJ."""
+
+    def send_pdata(pdu_bytes):
+        """Send one encoded P-DATA-TF PDU."""
+
+    def release_request():
+        """Requestor: ask the peer to release."""
+
+    def release_response():
+        """Answer the peer's release request."""
+
+    def abort(reason, why, now):
+        """A-ABORT (service-user); ``why`` is kept as the disconnect reason;
+        ``now`` drops the connection without waiting for the peer."""
+
+    def provider_abort(reason, detail):
+        """A-ABORT (service-provider): the peer broke a rule above the upper layer."""
+
+    def pause():
+        """Stop reading from the peer (our disk is behind)."""
+
+    def resume():
+        """Read from the peer again."""
+
+    def register_producer(producer):
+        """Have the transport pause and resume this IPushProducer (sending side)."""
+
+    def unregister_producer():
+        """Undo :meth:`register_producer`."""
 
 
 class IInstanceStoredObserver(Interface):

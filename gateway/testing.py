@@ -5,10 +5,18 @@ from __future__ import annotations
 import os
 
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
 from zope.interface import implementer
 
-from gateway.interfaces import IDestinations, IExportQueue, IInstanceStoredObserver, IPayloadQuery
+from gateway.interfaces import (
+    IAssociationProvider,
+    IDestinations,
+    IExportQueue,
+    IInstanceStoredObserver,
+    IPayloadQuery,
+)
 from gateway.store.writer import SPARE_PREFIX
+from gateway.threads import run_with_callback
 
 
 def listening_port(service, name: str = "dicom") -> Deferred:
@@ -23,7 +31,88 @@ def listening_port(service, name: str = "dicom") -> Deferred:
     return d
 
 
+# ---- a reactor and threads that run everything at once, in the test's thread --
+
+
+class ThreadlessClock(Clock):
+    """A Clock that is also the reactor ``deferToThreadPool`` and the
+    worker pools call back into."""
+
+    def callFromThread(self, f, *args, **kw):
+        f(*args, **kw)
+
+
+class InlinePool:
+    """A :class:`gateway.threads.WorkerPool` that runs each job at once, in
+    the caller's thread."""
+
+    def callInThread(self, f, *args, **kw):
+        f(*args, **kw)
+
+    def callInThreadWithCallback(self, on_result, f, *args, **kw):
+        run_with_callback(on_result, f, args, kw)
+
+    def queued(self) -> int:
+        return 0
+
+
 # ---- in-memory fakes of the provider interfaces (gateway.interfaces) --------
+
+
+@implementer(IAssociationProvider)
+class FakeProvider:
+    """An upper layer that records what its user asks of it (no bytes, no timers)."""
+
+    peer = "192.0.2.1:104"
+    peer_host = "192.0.2.1"
+    peer_max_pdu = 16384
+    closed = False
+    disconnect_reason = None
+    can_send_data = True
+    can_request_release = True
+
+    def __init__(self):
+        self.accepted = None
+        self.rejected = None
+        self.sent: list[bytes] = []  # P-DATA-TF PDUs
+        self.calls: list[tuple] = []  # every other request, by name
+
+    def peer_certificate_subject(self):
+        return None
+
+    def accept(self, ac):
+        self.accepted = ac
+
+    def reject(self, rj):
+        self.rejected = rj
+
+    def send_pdata(self, pdu_bytes):
+        self.sent.append(bytes(pdu_bytes))
+
+    def release_request(self):
+        self.calls.append(("release_request",))
+
+    def release_response(self):
+        self.calls.append(("release_response",))
+
+    def abort(self, reason=0, why="aborted", now=False):
+        self.calls.append(("abort", reason, why))
+
+    def provider_abort(self, reason, detail):
+        self.calls.append(("provider_abort", reason, detail))
+
+    def pause(self):
+        self.calls.append(("pause",))
+
+    def resume(self):
+        self.calls.append(("resume",))
+
+    def register_producer(self, producer):
+        self.calls.append(("register_producer", producer))
+
+    def unregister_producer(self):
+        self.calls.append(("unregister_producer",))
+
 
 
 @implementer(IExportQueue)

@@ -20,8 +20,10 @@ from gateway.config import Config
 from gateway.dimse import commands as C
 from gateway.dimse import sop
 from gateway.export.scu import MAX_CONTEXTS, verification_contexts
+from gateway.ingest import policy
 from gateway.ingest.scp import SCPService, StoreSCP
-from gateway.ul import pdu as P
+from gateway.testing import FakeProvider
+from gateway import ul as P
 from gateway.ul.association import MAX_ASSOCIATION_PDU, MAX_UNLIMITED_PDATA
 
 DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
@@ -32,24 +34,13 @@ CT = "1.2.840.10008.5.1.4.1.1.2"
 
 def _reject_for(called_ae="DICOMGW", calling_ae="MODALITY", context=P.DICOM_APPLICATION_CONTEXT) -> str:
     """Run the SCP's association acceptance and return 'result, source, reason'."""
-
-    class Protocol:
-        peer = "test"
-        rejected = None
-
-        def reject(self, rj):
-            self.rejected = rj
-
-        def accept(self, ac):
-            pass
-
     scp = StoreSCP(SCPService(DEFAULTS, None, Clock()))
-    scp.protocol = Protocol()
+    scp.connection_made(FakeProvider())
     rq = P.AssociateRQ(called_ae=called_ae, calling_ae=calling_ae, application_context=context,
                        presentation_contexts=(P.PresentationContextRQ(1, CT, (sop.IMPLICIT_VR_LITTLE_ENDIAN,)),),
                        user_information=P.UserInformation(max_length=16384))
     scp.associate_indication(rq)
-    rj = scp.protocol.rejected
+    rj = scp.provider.rejected
     return f"{rj.result}, {rj.source}, {rj.reason}"
 
 
@@ -57,16 +48,8 @@ def _accepted_user_information() -> P.UserInformation:
     """The user information of our A-ASSOCIATE-AC to a request that proposes
     asynchronous operations (5, 5), SCU and SCP roles, extended negotiation
     and a user identity."""
-
-    class Protocol:
-        peer = "test"
-        accepted = None
-
-        def accept(self, ac):
-            self.accepted = ac
-
     scp = StoreSCP(SCPService(DEFAULTS, None, Clock()))
-    scp.protocol = Protocol()
+    scp.connection_made(FakeProvider())
     rq = P.AssociateRQ(
         called_ae="DICOMGW", calling_ae="MODALITY", application_context=P.DICOM_APPLICATION_CONTEXT,
         presentation_contexts=(P.PresentationContextRQ(1, CT, (sop.IMPLICIT_VR_LITTLE_ENDIAN,)),),
@@ -76,7 +59,7 @@ def _accepted_user_information() -> P.UserInformation:
             user_identity=P.UserIdentityRQ(1, 1, b"user", b""),
         ))
     scp.associate_indication(rq)
-    return scp.protocol.accepted.user_information
+    return scp.provider.accepted.user_information
 
 
 def _async_window() -> str:
@@ -94,7 +77,7 @@ def _ignored(field) -> str:
 
 
 def _negotiate(abstract, *syntaxes) -> tuple[int, str]:
-    return StoreSCP._negotiate(P.PresentationContextRQ(1, abstract, syntaxes))
+    return policy.negotiate(None, P.PresentationContextRQ(1, abstract, syntaxes))
 
 
 def _first_proposed_policy() -> str:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional, Union
 
 from gateway.dimse.commands import MAX_COMMAND_LENGTH, Command, DIMSEError, decode_command
-from gateway.ul.pdu import PDV, encode_pdata
+from gateway.ul import PDV, encode_pdata
 
 __all__ = [
     "CommandReceived",

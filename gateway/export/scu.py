@@ -34,16 +34,11 @@ from zope.interface import implementer
 
 from gateway import IMPLEMENTATION_CLASS_UID
 from gateway.dimse import commands as C
-from gateway.dimse.message import (
-    CONTROL_LAST,
-    CommandReceived,
-    MessageAssembler,
-    fragment_message,
-    pdv_data_limit,
-)
+from gateway.dimse.message import CONTROL_LAST, pdv_data_limit
 from gateway.dimse.sop import IMPLICIT_VR_LITTLE_ENDIAN, VERIFICATION
+from gateway.dimse.user import DIMSEUser
 from gateway.net.protocol import DicomProtocol
-from gateway.ul import pdu as P
+from gateway import ul as P
 
 # Presentation contexts one A-ASSOCIATE-RQ may carry (odd ids 1..255).
 MAX_CONTEXTS = 128
@@ -172,8 +167,8 @@ class Peer:
 
 
 @implementer(IPushProducer)
-class SCUAssociation:
-    """The service user of one outgoing association.
+class SCUAssociation(DIMSEUser):
+    """The service user of one outgoing association (an IAssociationUser).
 
     ``contexts`` is a sequence of (abstract syntax, transfer syntax) pairs;
     each becomes its own presentation context proposing exactly that one
@@ -187,19 +182,17 @@ class SCUAssociation:
         contexts = list(dict.fromkeys(contexts))
         if not contexts or len(contexts) > MAX_CONTEXTS:
             raise ValueError(f"{len(contexts)} presentation contexts (1..{MAX_CONTEXTS} allowed)")
+        self.proposed = {2 * i + 1: pair for i, pair in enumerate(contexts)}
+        super().__init__(self.proposed)
         self.peer = peer
         self.reactor = reactor
         self.read_pool = read_pool
         self.max_pdu_length = max_pdu_length
         self.implementation_version_name = implementation_version_name
         self.artim_timeout = artim_timeout
-        self.protocol: DicomProtocol | None = None
-        self.proposed = {2 * i + 1: pair for i, pair in enumerate(contexts)}
         self.accepted: dict[tuple[str, str], int] = {}
         self.refused: dict[tuple[str, str], int] = {}  # pair -> PC result
-        self.peer_max_pdu = 0
         self.established: defer.Deferred = defer.Deferred()
-        self._assembler = MessageAssembler(self.proposed)
         self._ids = itertools.count(1)
         self._waiting: dict[int, defer.Deferred] = {}  # message id -> response
         self._release: defer.Deferred | None = None
@@ -239,66 +232,42 @@ class SCUAssociation:
                 self.accepted[pair] = pc.id
             else:
                 self.refused[pair] = pc.result if pc.result != P.PC_ACCEPTANCE else P.PC_TRANSFER_SYNTAXES_NOT_SUPPORTED
-        self.peer_max_pdu = ac.user_information.max_length or 0
-        transport = self.protocol.transport
-        if transport is not None:
-            transport.registerProducer(self, True)
+        self.provider.register_producer(self)
         self.established.callback(self)
 
     def associate_rejected(self, rj: P.AssociateRJ):
         self._stop_timer()
         self._fail(AssociationRejected(rj))
 
-    def pdata_indication(self, pdu: P.PDataTF):
-        for pdv in pdu.pdvs:
-            try:
-                events = self._assembler.feed(pdv)
-            except C.DIMSEError as e:
-                self._protocol_error(f"DIMSE: {e}")
-                return
-            for event in events:
-                if type(event) is CommandReceived:
-                    self._response(event.command, event.context_id)
-                # A data set after a response is not something C-ECHO or
-                # C-STORE have: the assembler keeps the framing; ignore it.
-
-    def _response(self, cmd: C.Command, context_id: int):
+    def command_received(self, cmd: C.Command, context_id: int):
+        # A data set after a response is not something C-ECHO or C-STORE
+        # have: the assembler keeps the framing, and data_received ignores it.
         if not cmd.is_response:
             # We provide no service on our own associations: refuse on the
             # context the request came on (a data set that follows is dropped).
             rsp = C.failure_response(cmd, C.UNRECOGNIZED_OPERATION)
             if rsp is not None:
-                self._send_command(context_id, rsp)
+                self.send_command(context_id, rsp)
             return
         if cmd.status is not None and cmd.status in (C.PENDING, C.PENDING_WARNING):
             return
         d = self._waiting.pop(cmd.message_id_being_responded_to, None)
         if d is None:
-            self._protocol_error(f"response to message {cmd.message_id_being_responded_to}, which we never sent")
+            self.dimse_error(f"response to message {cmd.message_id_being_responded_to}, which we never sent")
             return
         d.callback(cmd)
 
-    def release_indication(self, collision):
-        # The acceptor asking to release is unusual but legal: agree once
-        # nothing is outstanding, otherwise our requests die with it.
-        self.protocol.release_response()
+    # release_indication: the acceptor asking to release is unusual but legal;
+    # DIMSEUser agrees, and requests still outstanding die with the association.
 
     def release_confirmation(self):
         self._stop_timer()
-        # The core closes the transport now.  Over TLS that only sends our
-        # close_notify and waits for the peer's, while a DICOM acceptor
-        # (PS3.8 Sta13) waits for us to close the connection: close TCP once
-        # close_notify is written, so neither side waits for the other.
-        transport = self.protocol.transport
-        tcp = getattr(transport, "transport", None) if transport is not None else None
-        if tcp is not None:
-            self.reactor.callLater(0, tcp.loseConnection)
         d, self._release = self._release, None
         if d is not None:
             d.callback(None)
 
     def aborted(self, indication):
-        if self.protocol is not None and self.protocol._closed:
+        if self.provider.closed:
             return  # the connection went away: closed() knows why (TLS...)
         if indication.local:
             why = f"aborted by us: {indication.detail or 'protocol error'}"
@@ -311,23 +280,18 @@ class SCUAssociation:
     def closed(self, reason):
         self._stop_timer()
         self._resume()
-        if self.protocol is not None and self.protocol.transport is not None:
-            try:
-                self.protocol.transport.unregisterProducer()
-            except Exception:
-                pass
         e = reason.value if reason is not None else None
         if _is_tls_error(e):
             err = TLSFailed(f"TLS failure: {_tls_text(e)}")
-        elif self.protocol is not None and self.protocol.disconnect_reason:
-            err = AssociationLost(self.protocol.disconnect_reason)
+        elif self.provider.disconnect_reason:
+            err = AssociationLost(self.provider.disconnect_reason)
         else:
             err = AssociationLost("connection closed by the peer")
         self._fail(err)
         if not self.closed_d.called:
             self.closed_d.callback(None)
 
-    def busy(self) -> bool:
+    def owes_response(self) -> bool:
         # While we stream a data set the peer has nothing to say.
         return self._sending
 
@@ -368,7 +332,7 @@ class SCUAssociation:
             return defer.fail(e)
         mid = self._next_id()
         d = self._expect(mid)
-        self._send_command(cid, C.c_echo_rq(mid))
+        self.send_command(cid, C.c_echo_rq(mid))
         return d.addCallback(lambda rsp: rsp.status)
 
     @defer.inlineCallbacks
@@ -379,8 +343,8 @@ class SCUAssociation:
         self._check()
         mid = self._next_id()
         d = self._expect(mid)
-        self._send_command(cid, C.c_store_rq(mid, sop_class, sop_instance))
-        limit = pdv_data_limit(self.peer_max_pdu)
+        self.send_command(cid, C.c_store_rq(mid, sop_class, sop_instance))
+        limit = pdv_data_limit(self.provider.peer_max_pdu)
         chunk = limit * max(1, READ_CHUNK // limit)
         fd = yield deferToThreadPool(self.reactor, self.read_pool, os.open, path, os.O_RDONLY)
         self._sending = True
@@ -413,16 +377,16 @@ class SCUAssociation:
 
     def release(self) -> defer.Deferred:
         """A-RELEASE; fires once the peer confirmed (or the link went away)."""
-        if self.protocol is None or self.protocol._closed or self.protocol.core.state != "Sta6":
+        if self.provider is None or not self.provider.can_request_release:
             return defer.succeed(None)
         self._release = defer.Deferred()
         self._start_timer("no A-RELEASE response")
-        self.protocol.release_request()
+        self.provider.release_request()
         return self._release
 
     def abort(self, why: str = "aborted by the user"):
-        if self.protocol is not None:
-            self.protocol.abort(why=why)
+        if self.provider is not None:
+            self.provider.abort(why=why)
 
     # ---- helpers -----------------------------------------------------------
 
@@ -442,15 +406,11 @@ class SCUAssociation:
         if self._error is not None:
             raise self._error
 
-    def _send_command(self, cid, cmd):
-        for pdu_bytes in fragment_message(cid, C.encode_command(cmd), self.peer_max_pdu):
-            self.protocol.send_pdata(pdu_bytes)
-
     def _send_data(self, cid, data: bytes, limit: int, last: bool):
         view = memoryview(data)
         size = len(view)
         start = 0
-        send = self.protocol.send_pdata
+        send = self.provider.send_pdata
         while True:
             stop = start + limit
             if stop >= size:
@@ -472,15 +432,14 @@ class SCUAssociation:
         self._timer = None
         err = SCUTimeout(f"timeout: {what} within {self.artim_timeout:g} s")
         self._fail(err)
-        if self.protocol is not None:
-            self.protocol.abort(why=str(err))
-            self.protocol._abort_transport()
+        if self.provider is not None:
+            self.provider.abort(why=str(err), now=True)
 
-    def _protocol_error(self, detail):
+    def dimse_error(self, detail):
         self.log.warn("association to {destination}: {detail}; aborting",
                       destination=self.peer.name or self.peer.called_ae, detail=detail)
         self._fail(AssociationLost(f"aborted by us: {detail}"))
-        self.protocol.provider_abort(P.ABORT_INVALID_PDU_PARAMETER_VALUE, detail)
+        super().dimse_error(detail)
 
     def _fail(self, err: SCUError):
         if self._error is None:

@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass
 
 from gateway.dimse.sop import VERIFICATION, is_storage_sop_class, is_valid_uid
-from gateway.ul import pdu as P
+from gateway import ul as P
 
 # PS3.5 Table 6.2-1, AE: default repertoire without backslash or control codes.
 AE_REPERTOIRE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")

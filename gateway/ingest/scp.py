@@ -29,13 +29,14 @@ from zope.interface import implementer
 
 from gateway import IMPLEMENTATION_CLASS_UID
 from gateway.dimse import commands as C
-from gateway.dimse.message import CommandReceived, DataFragment, MessageAssembler, fragment_message
+from gateway.dimse.message import DataFragment
 from gateway.dimse.sop import is_valid_uid
+from gateway.dimse.user import DIMSEUser
 from gateway.interfaces import IReconfigurable
 from gateway.net.protocol import DicomProtocol
 from gateway.ingest import policy
 from gateway.store.writer import StorageFull
-from gateway.ul import pdu as P
+from gateway import ul as P
 
 # Pause reading from a peer while this many received bytes wait for the
 # disk, resume below the low mark: memory per association stays bounded
@@ -150,10 +151,13 @@ class _Store:
         self.comment = comment
 
 
-class StoreSCP:
+class StoreSCP(DIMSEUser):
+    """The service user of one accepted association (an IAssociationUser)."""
+
     log = Logger()
 
     def __init__(self, service: SCPService, config=None, tls: bool = False):
+        super().__init__({})  # id -> (abstract syntax, transfer syntax), once negotiated
         self.service = service
         # The rules this association started under, whatever a reload does.
         self.config = config if config is not None else service.config
@@ -161,14 +165,10 @@ class StoreSCP:
         self.tls_subject: str | None = None
         self.ae = None  # our AETitle config once accepted
         self.ignored = 0
-        self.protocol: DicomProtocol | None = None
         self.id = _new_association_id()
         self.started = service.reactor.seconds()
         self.calling_ae = ""
         self.called_ae = ""
-        self.contexts: dict[int, tuple[str, str]] = {}  # id -> (abstract syntax, transfer syntax)
-        self.peer_max_pdu = 0
-        self.assembler = MessageAssembler(self.contexts)
         self.outbox: deque[_Slot] = deque()
         self.store: _Store | None = None
         self.writers: set = set()
@@ -188,9 +188,9 @@ class StoreSCP:
         config = self.config
         self.calling_ae, self.called_ae = rq.calling_ae, rq.called_ae
         if self.tls:
-            self.tls_subject = self.protocol.peer_certificate_subject()
+            self.tls_subject = self.provider.peer_certificate_subject()
         reject = policy.check_association(
-            config, rq, peer_host=getattr(self.protocol, "peer_host", None), tls=self.tls,
+            config, rq, peer_host=self.provider.peer_host, tls=self.tls,
             active=len(self.service.active), congestion=self.service.congestion,
         )
         if reject is not None:
@@ -198,11 +198,10 @@ class StoreSCP:
             self.result = "rejected"
             self.reject_fields = {"reject_result": reject.result, "reject_source": reject.source,
                                   "reject_reason": reject.reason}
-            self.protocol.reject(reject.rj)
+            self.provider.reject(reject.rj)
             return
         self.ae = config.ae(rq.called_ae)
 
-        self.peer_max_pdu = rq.user_information.max_length or 0
         results = []
         for pc in rq.presentation_contexts:
             result, ts = policy.negotiate(self.ae, pc)
@@ -229,38 +228,19 @@ class StoreSCP:
             ),
         )
         self.outcome = "accepted"
-        self.info = AssociationInfo(self.id, self.calling_ae, self.called_ae, self.protocol.peer,
+        self.info = AssociationInfo(self.id, self.calling_ae, self.called_ae, self.provider.peer,
                                     self.started)
         self.service.active.add(self)
-        self.protocol.accept(ac)
-
-    @staticmethod
-    def _negotiate(pc: P.PresentationContextRQ) -> tuple[int, str]:
-        """Negotiation without per-AE lists (see :func:`policy.negotiate`)."""
-        return policy.negotiate(None, pc)
+        self.provider.accept(ac)
 
     # ---- data transfer ---------------------------------------------------
 
-    def pdata_indication(self, pdu: P.PDataTF):
-        for pdv in pdu.pdvs:
-            try:
-                events = self.assembler.feed(pdv)
-            except C.DIMSEError as e:
-                self._protocol_error(f"DIMSE: {e}")
-                return
-            for event in events:
-                if type(event) is DataFragment:
-                    self._data(event)
-                else:
-                    self._command(event)
-
-    def _command(self, event: CommandReceived):
-        cmd = event.command
+    def command_received(self, cmd: C.Command, context_id: int):
         field = cmd.command_field
         if field == C.C_STORE_RQ:
-            self._begin_store(cmd, event.context_id)
+            self._begin_store(cmd, context_id)
         elif field == C.C_ECHO_RQ:
-            slot = self._slot(cmd, event.context_id)
+            slot = self._slot(cmd, context_id)
             slot.response = C.c_echo_rsp(cmd, C.SUCCESS)
             self._flush()
         elif field == C.C_CANCEL_RQ:
@@ -269,10 +249,10 @@ class StoreSCP:
             # The SCP asked nothing.  Queued with no answer to give, it would
             # hold back every later response, and the DIMSE timer would wait
             # for ever.
-            self._protocol_error(f"DIMSE: unexpected {cmd.name} (0x{field:04X}) from the peer: "
+            self.dimse_error(f"DIMSE: unexpected {cmd.name} (0x{field:04X}) from the peer: "
                                  "this gateway sent it no request")
         else:
-            slot = self._slot(cmd, event.context_id)
+            slot = self._slot(cmd, context_id)
             slot.response = C.failure_response(cmd, C.UNRECOGNIZED_OPERATION)
             if cmd.has_dataset:
                 self.store = _Store(slot, None, C.UNRECOGNIZED_OPERATION)
@@ -317,7 +297,7 @@ class StoreSCP:
         self.writers.add(writer)
         self.store = _Store(slot, writer)
 
-    def _data(self, event: DataFragment):
+    def data_received(self, event: DataFragment):
         store = self.store
         if store is None:  # the assembler guarantees a command came first
             return
@@ -325,7 +305,7 @@ class StoreSCP:
         if writer is not None:
             writer.write(event.data)
             if writer.pending > HIGH_WATER:
-                self.protocol.pause()
+                self.provider.pause()
         if event.last:
             self.store = None
             if writer is None:
@@ -404,31 +384,28 @@ class StoreSCP:
 
     def _flush(self):
         outbox = self.outbox
-        protocol = self.protocol
         while outbox and outbox[0].response is not None:
             slot = outbox.popleft()
-            for pdu_bytes in fragment_message(slot.context_id, C.encode_command(slot.response),
-                                              self.peer_max_pdu):
-                protocol.send_pdata(pdu_bytes)
+            self.send_command(slot.context_id, slot.response)
         if self.release_requested and not outbox and self.store is None:
             self.release_requested = False
             # The release response waits until the observers have recorded it.
             self.end_notified = True
             d = self.service.notify("association_released", self.info)
-            d.addCallbacks(lambda _: protocol.release_response(), self._release_failed)
+            d.addCallbacks(lambda _: self.provider.release_response(), self._release_failed)
 
     def _release_failed(self, failure):
         self.log.failure("association {association}: an observer failed on release", failure,
                          association=self.id)
         self.result = "aborted"
         self.outcome = "aborted by us: could not record the release"
-        self.protocol.abort(why="could not record the release")
+        self.provider.abort(why="could not record the release")
 
     def _drained(self, _writer):
         if sum(w.pending for w in self.writers) < LOW_WATER:
-            self.protocol.resume()
+            self.provider.resume()
 
-    def busy(self) -> bool:
+    def owes_response(self) -> bool:
         return bool(self.outbox)
 
     # ---- release and abort -------------------------------------------------
@@ -449,10 +426,10 @@ class StoreSCP:
             self.outcome = f"aborted by the peer (source {indication.source}, reason {indication.reason})"
         self._discard_all()
 
-    def _protocol_error(self, detail):
+    def dimse_error(self, detail):
         self.log.warn("association {association} from {peer}: {detail}; aborting",
-                      association=self.id, peer=self.protocol.peer, detail=detail)
-        self.protocol.provider_abort(P.ABORT_INVALID_PDU_PARAMETER_VALUE, detail)
+                      association=self.id, peer=self.provider.peer, detail=detail)
+        super().dimse_error(detail)
 
     def _discard_all(self):
         for writer in self.writers:
@@ -472,8 +449,8 @@ class StoreSCP:
         self.service.active.discard(self)
         if self.outcome == "accepted":
             self.outcome = "connection closed without release"
-        elif self.protocol.disconnect_reason and self.outcome.startswith("connection closed"):
-            self.outcome = self.protocol.disconnect_reason
+        elif self.provider.disconnect_reason and self.outcome.startswith("connection closed"):
+            self.outcome = self.provider.disconnect_reason
         duration = self.service.reactor.seconds() - self.started
         self.log.info(
             "association {association} {calling_ae} -> {called_ae} from {peer}{via}: "
@@ -481,7 +458,7 @@ class StoreSCP:
             "in {duration:.3f} s; {outcome}",
             event="association.closed", result=self.result,
             association=self.id, calling_ae=self.calling_ae or "-", called_ae=self.called_ae or "-",
-            peer=self.protocol.peer, instances=self.instances, bytes=self.bytes,
+            peer=self.provider.peer, instances=self.instances, bytes=self.bytes,
             failures=self.failures, duration=duration, outcome=self.outcome,
             ignored=self.ignored, tls=self.tls, tls_subject=self.tls_subject,
             via=(f" over TLS ({self.tls_subject or 'no client certificate'})" if self.tls else ""),

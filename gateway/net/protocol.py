@@ -1,40 +1,40 @@
 """The Twisted adapter around the sans-I/O association core.
 
-:class:`DicomProtocol` feeds received bytes to :class:`Association`, carries
-out the effects it returns (write bytes, ARTIM, close) and hands indications
-to a *user* object: the SCP or SCU logic of one association.  It owns the
-timers, all through the injected reactor so tests can use a ``Clock``:
+:class:`DicomProtocol` feeds received bytes to :class:`~gateway.ul.Association`,
+carries out the effects it returns (write bytes, ARTIM, close) and hands
+indications to its *user*, the SCP or SCU logic of one association
+(an :class:`~gateway.interfaces.IAssociationUser`).  It is what the user
+asks things of (:class:`~gateway.interfaces.IAssociationProvider`).  It owns
+the timers, all through the injected reactor so tests can use a ``Clock``:
 
 - ARTIM (PS3.8 9.1.5): waiting for an A-ASSOCIATE-RQ, and after a reject,
   release or abort until the peer closes;
 - the DIMSE timeout: no byte from the peer for ``dimse`` seconds while the
-  association is up (not counted while we ourselves hold the peer back);
+  association is up (not counted while we ourselves hold the peer back, or
+  while the user owes the peer an answer);
 - the PDU deadline: once the first byte of a PDU has arrived, the rest must
   arrive within ``pdu_timeout`` seconds (again not counted while we hold the
   peer back).  The DIMSE timer restarts on every byte, so without this a
   peer trickling a byte a second would never be cut off.
-
-A user implements some of: ``association_request()`` (requestor: returns
-the A-ASSOCIATE-RQ to send), ``associate_indication(rq)``,
-``associate_accepted(ac)``, ``associate_rejected(rj)``, ``pdata_indication(pdu)``,
-``release_indication(collision)``, ``release_confirmation()``,
-``aborted(indication)``, ``closed(reason)``.
 """
 
 from __future__ import annotations
 
 from twisted.internet import tcp
+from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
+from zope.interface import implementer
 
-from gateway.ul.association import (
+from gateway.interfaces import IAssociationProvider
+from gateway.ul import (
+    ABORT_REASON_NOT_SPECIFIED,
     AbortIndication,
     AssociateAccepted,
     AssociateIndication,
     AssociateRejected,
     Association,
     CloseTransport,
-    ConnectTransport,
     PDataIndication,
     ReleaseConfirmation,
     ReleaseIndication,
@@ -42,33 +42,46 @@ from gateway.ul.association import (
     StartARTIM,
     StopARTIM,
 )
-from gateway.ul.pdu import ABORT_REASON_NOT_SPECIFIED
 
 #: Bytes read from a TCP socket at a time (see connectionMade).
 READ_SIZE = 256 << 10
 
 
-def _write(transport, data: bytes) -> None:
-    """``transport.write(data)``, sent at once where it can be.
+class DirectWriter:
+    """Writes to a transport, straight to the socket where that is safe.
 
-    Twisted queues each write and sends it on the reactor's next turn, after
-    registering for writability (and unregistering after): two ``epoll_ctl``
-    calls and a reactor iteration per response, about 7% of the reactor's
-    CPU for a stream of small instances.  On a plain TCP connection with
-    nothing queued the bytes go to the socket now; whatever it does not take
-    is queued as before, so their order is kept.  TLS connections (and test
-    transports) take the ordinary path.
+    ``transport.write`` queues the bytes and sends them on the reactor's next
+    turn, after registering for writability (and unregistering after): two
+    ``epoll_ctl`` calls and a reactor iteration per response, about 7% of the
+    reactor's CPU for a stream of small instances.  On a plain TCP connection
+    the bytes go to the socket (``getHandle()``) at once instead.  The first
+    time the socket does not take all of them, the rest goes to
+    ``transport.write`` and so does everything after it, so their order is
+    kept: Twisted's queue is never bypassed once it holds anything.  TLS
+    connections (and test transports) always take the ordinary path.
     """
-    if (isinstance(transport, tcp.Connection) and transport.connected and not transport.disconnecting
-            and not transport.dataBuffer and not transport._tempDataLen):
-        sent = transport.writeSomeData(data)
-        if type(sent) is int:  # else the connection is lost: write() below finds out as usual
+
+    __slots__ = ("transport", "_socket")
+
+    def __init__(self, transport):
+        self.transport = transport
+        self._socket = transport.getHandle() if isinstance(transport, tcp.Connection) else None
+
+    def write(self, data: bytes) -> None:
+        sock = self._socket
+        if sock is not None:
+            try:
+                sent = sock.send(data)
+            except OSError:  # EAGAIN, or a broken connection that write() will find out about
+                sent = 0
             if sent == len(data):
                 return
+            self._socket = None
             data = data[sent:]
-    transport.write(data)
+        self.transport.write(data)
 
 
+@implementer(IAssociationProvider)
 class DicomProtocol(Protocol):
     log = Logger()
 
@@ -79,28 +92,30 @@ class DicomProtocol(Protocol):
         self.core = Association(requestor, max_pdu_length)
         self.artim_timeout = artim_timeout
         self.dimse_timeout = dimse_timeout
+        self.pdu_timeout = pdu_timeout
         self._artim = None
         self._dimse = None
-        self.pdu_timeout = pdu_timeout
         self._pdu = None
+        self._writer: DirectWriter | None = None
         self._paused = False
-        self._closed = False
+        self.closed = False
         self.disconnect_reason = None  # why we closed, if we did
-        user.protocol = self
 
     # ---- transport events ----------------------------------------------
 
     def connectionMade(self):
-        if isinstance(getattr(self.transport, "bufferSize", None), int):
+        transport = self.transport
+        if isinstance(transport, tcp.Connection):
             # Read up to READ_SIZE bytes at a time (Twisted's default is 64 KiB):
             # fewer trips through the reactor, and most PDUs arrive whole.
-            self.transport.bufferSize = READ_SIZE
-        set_nodelay = getattr(self.transport, "setTcpNoDelay", None)
-        if set_nodelay is not None:
+            transport.bufferSize = READ_SIZE
+        if hasattr(transport, "setTcpNoDelay"):
             try:
-                set_nodelay(True)
+                transport.setTcpNoDelay(True)
             except OSError:
                 pass
+        self._writer = DirectWriter(transport)
+        self.user.connection_made(self)
         if self.core.requestor:
             # Twisted connects before the protocol exists: Evt1 (the user's
             # A-ASSOCIATE request) and Evt2 (connected) happen together.
@@ -114,77 +129,94 @@ class DicomProtocol(Protocol):
         self._check_pdu_deadline()
 
     def connectionLost(self, reason):
-        self._closed = True
+        self.closed = True
         self._cancel_artim()
         self._cancel_dimse()
         self._cancel_pdu()
         self._run(self.core.connection_lost())
-        closed = getattr(self.user, "closed", None)
-        if closed is not None:
-            closed(reason)
+        self.user.closed(reason)
 
-    # ---- primitives for the user -----------------------------------------
+    # ---- IAssociationProvider ----------------------------------------------
 
-    def request(self, rq):
-        self._run(self.core.request(rq))
+    @property
+    def peer_max_pdu(self) -> int:
+        return self.core.peer_max_pdu
+
+    @property
+    def can_send_data(self) -> bool:
+        return not self.closed and self.core.can_send_data
+
+    @property
+    def can_request_release(self) -> bool:
+        return not self.closed and self.core.can_request_release
 
     def accept(self, ac):
         # The core handles every PDU of one read before we run its effects:
         # a PDU that followed the A-ASSOCIATE-RQ too early (PS3.8: AA-8 in
         # Sta3) may already have aborted the association we are answering.
-        if self._closed or self.core.state != "Sta3":
+        if self.closed or not self.core.awaiting_answer:
             return
         self._run(self.core.accept(ac))
         self._start_dimse()
 
     def reject(self, rj):
-        if self._closed or self.core.state != "Sta3":
+        if self.closed or not self.core.awaiting_answer:
             return
         self._run(self.core.reject(rj))
 
     def send_pdata(self, pdu_bytes: bytes):
         # A late answer (a write that finished after an abort) has nowhere to go.
-        if self._closed or self.core.state not in ("Sta6", "Sta8"):
-            return
-        self._run(self.core.send_pdata(pdu_bytes))
+        if self.can_send_data:
+            self._run(self.core.send_pdata(pdu_bytes))
 
     def release_request(self):
         self._run(self.core.release_request())
 
     def release_response(self):
-        if self._closed or self.core.state not in ("Sta8", "Sta9", "Sta12"):
-            return
-        self._run(self.core.release_response())
+        if not self.closed and self.core.can_answer_release:
+            self._run(self.core.release_response())
 
-    def abort(self, reason: int = ABORT_REASON_NOT_SPECIFIED, why: str = "aborted"):
-        """A-ABORT from the local user; the connection closes."""
-        if self._closed:
+    def abort(self, reason: int = ABORT_REASON_NOT_SPECIFIED, why: str = "aborted", now: bool = False):
+        """A-ABORT from the local user; the connection closes.  With ``now``
+        the connection is dropped at once, without waiting for the peer."""
+        if self.closed:
             return
         self.disconnect_reason = self.disconnect_reason or why
         self._run(self.core.abort(reason))
         self._close()
+        if now:
+            self._abort_transport()
 
     def provider_abort(self, reason: int, detail: str):
         """The peer broke a rule above the upper layer (e.g. DIMSE)."""
-        if self._closed:
+        if self.closed:
             return
         self.disconnect_reason = self.disconnect_reason or detail
         self._run(self.core.provider_abort(reason, detail))
 
     def pause(self):
         """Stop reading from the peer (our disk is behind)."""
-        if not self._paused and not self._closed:
+        if not self._paused and not self.closed:
             self._paused = True
             self.transport.pauseProducing()
             self._cancel_dimse()
             self._cancel_pdu()
 
     def resume(self):
-        if self._paused and not self._closed:
+        if self._paused and not self.closed:
             self._paused = False
             self.transport.resumeProducing()
             self._start_dimse()
             self._check_pdu_deadline()
+
+    def register_producer(self, producer):
+        """Have the transport pause and resume ``producer`` (an IPushProducer)."""
+        if self.transport is not None:
+            self.transport.registerProducer(producer, True)
+
+    def unregister_producer(self):
+        if self.transport is not None and not self.closed:
+            self.transport.unregisterProducer()
 
     @property
     def peer(self) -> str:
@@ -203,11 +235,10 @@ class DicomProtocol(Protocol):
 
     def peer_certificate_subject(self) -> str | None:
         """The TLS peer certificate's subject (RFC 4514), or None."""
-        get = getattr(self.transport, "getPeerCertificate", None)
-        if get is None:
+        if not ISSLTransport.providedBy(self.transport):
             return None
         try:
-            cert = get()
+            cert = self.transport.getPeerCertificate()
         except Exception:
             return None
         if cert is None:
@@ -221,7 +252,7 @@ class DicomProtocol(Protocol):
         for fx in effects:
             kind = type(fx)
             if kind is Send:
-                _write(self.transport, fx.data)
+                self._writer.write(fx.data)
             elif kind is PDataIndication:
                 user.pdata_indication(fx.pdu)
             elif kind is StartARTIM:
@@ -246,13 +277,20 @@ class DicomProtocol(Protocol):
                 user.associate_accepted(fx.response)
             elif kind is AssociateRejected:
                 user.associate_rejected(fx.response)
-            elif kind is ConnectTransport:
-                pass  # Twisted connected us before this protocol existed
+            # ConnectTransport: Twisted connected us before this protocol existed
 
     def _close(self):
         self._cancel_dimse()
-        if self.transport is not None and not self._closed:
-            self.transport.loseConnection()
+        if self.transport is None or self.closed:
+            return
+        self.transport.loseConnection()
+        if ISSLTransport.providedBy(self.transport) and isinstance(self.transport, Protocol):
+            # Over TLS that only sends our close_notify and waits for the
+            # peer's, while a DICOM peer (PS3.8 Sta13) waits for us to close
+            # the connection: close the TCP connection under it once the
+            # close_notify is written, so that neither side waits for the other.
+            tcp_transport = self.transport.transport
+            self.reactor.callLater(0, tcp_transport.loseConnection)
 
     # ---- timers --------------------------------------------------------
 
@@ -270,11 +308,11 @@ class DicomProtocol(Protocol):
         self.disconnect_reason = self.disconnect_reason or "ARTIM timer expired"
         effects = self.core.artim_expired()
         self._run(effects)
-        if not self._closed:
+        if not self.closed:
             self._abort_transport()
 
     def _start_dimse(self):
-        if self.dimse_timeout and self._dimse is None and not self._closed and not self._paused:
+        if self.dimse_timeout and self._dimse is None and not self.closed and not self._paused:
             self._dimse = self.reactor.callLater(self.dimse_timeout, self._dimse_expired)
 
     def _cancel_dimse(self):
@@ -284,22 +322,20 @@ class DicomProtocol(Protocol):
 
     def _dimse_expired(self):
         self._dimse = None
-        if self._paused or self._closed:
+        if self._paused or self.closed:
             return
-        busy = getattr(self.user, "busy", None)
-        if busy is not None and busy():
+        if self.user.owes_response():
             # We owe the peer an answer (a store still being written): the
             # silence is ours, not the peer's.
             self._start_dimse()
             return
         self.log.warn("no data from {peer} for {timeout} s: aborting the association",
                       peer=self.peer, timeout=self.dimse_timeout)
-        self.abort(why=f"DIMSE timeout ({self.dimse_timeout:g} s without data)")
-        self._abort_transport()
+        self.abort(why=f"DIMSE timeout ({self.dimse_timeout:g} s without data)", now=True)
 
     def _check_pdu_deadline(self):
         """Start the PDU deadline when a PDU is partly received, stop it when not."""
-        if not self.pdu_timeout or self._closed or self._paused:
+        if not self.pdu_timeout or self.closed or self._paused:
             return
         if self.core.partial_pdu:
             if self._pdu is None:
@@ -314,12 +350,12 @@ class DicomProtocol(Protocol):
 
     def _pdu_expired(self):
         self._pdu = None
-        if self._paused or self._closed:
+        if self._paused or self.closed:
             return
         self.log.warn("{peer} did not complete a PDU within {timeout} s: aborting",
                       peer=self.peer, timeout=self.pdu_timeout)
-        self.abort(why=f"PDU timeout (a PDU not complete {self.pdu_timeout:g} s after its first byte)")
-        self._abort_transport()
+        self.abort(why=f"PDU timeout (a PDU not complete {self.pdu_timeout:g} s after its first byte)",
+                   now=True)
 
     def _abort_transport(self):
         abort_connection = getattr(self.transport, "abortConnection", None)

@@ -153,7 +153,7 @@ class ApiService(Service):
     def active_associations(self) -> list:
         out = []
         for a in sorted(self.scp.active, key=lambda a: a.started):
-            out.append({"association": a.id, "peer": a.protocol.peer if a.protocol else None,
+            out.append({"association": a.id, "peer": a.info.peer,
                         "calling_ae": a.calling_ae, "called_ae": a.called_ae,
                         "started": _iso(a.started), "instances": a.instances, "bytes": a.bytes,
                         "failures": a.failures})

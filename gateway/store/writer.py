@@ -136,11 +136,11 @@ class InstanceWriter:
 
     def finish(self):
         """Fire with a :class:`StoredInstance` once the file is durable."""
-        self._finishing = Deferred()
+        d = self._finishing = Deferred()  # a job may fire it before _kick returns
         self._ops.append(_FINISH)
         self._closing = True
         self._kick()
-        return self._finishing
+        return d
 
     def discard(self) -> None:
         """Abandon the instance: the temporary file is removed."""

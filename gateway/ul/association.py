@@ -1,10 +1,10 @@
 """The upper-layer protocol machine for one association (PS3.8 section 9), sans I/O.
 
 Bytes go in with :meth:`Association.receive_data`, local primitives with the
-other methods; every call returns a list of *effects* (send these bytes,
-start or stop ARTIM, close the transport, tell the user something) and never
-touches a socket, a timer or a clock.  The caller (the Twisted Protocol)
-carries the effects out in order.
+other methods; every call returns a list of *effects*
+(:mod:`gateway.ul.events`: send these bytes, start or stop ARTIM, close the
+transport, tell the user something) and never touches a socket, a timer or a
+clock.  The caller (the Twisted Protocol) carries the effects out in order.
 
 Framing: each PDU starts with a 6-byte header (type, reserved, 32-bit
 length).  The declared length is checked against a limit *before* any of the
@@ -14,9 +14,24 @@ body is buffered, so a peer cannot make us allocate what it announces.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
-from gateway.ul import fsm
+from gateway.ul._decode import decode_pdu
+from gateway.ul._encode import encode_pdu
+from gateway.ul.events import (
+    CLOSE_TRANSPORT,
+    CONNECT_TRANSPORT,
+    RELEASE_CONFIRMATION,
+    START_ARTIM,
+    STOP_ARTIM,
+    AbortIndication,
+    AssociateAccepted,
+    AssociateIndication,
+    AssociateRejected,
+    PDataIndication,
+    ReleaseIndication,
+    Send,
+)
+from gateway.ul.fsm import ACTIONS, TABLE, Event, State
 from gateway.ul.pdu import (
     A_ABORT,
     A_ASSOCIATE_AC,
@@ -42,8 +57,6 @@ from gateway.ul.pdu import (
     PDUError,
     ReleaseRP,
     ReleaseRQ,
-    decode_pdu,
-    encode_pdu,
 )
 
 # The largest non-P-DATA PDU we accept.  An A-ASSOCIATE-RQ with 128
@@ -59,97 +72,16 @@ PDATA_SLACK = 6
 _HEADER = struct.Struct(">BxL")
 
 _EVENT_FOR_TYPE = {
-    A_ASSOCIATE_AC: "Evt3",
-    A_ASSOCIATE_RJ: "Evt4",
-    A_ASSOCIATE_RQ: "Evt6",
-    P_DATA_TF: "Evt10",
-    A_RELEASE_RQ: "Evt12",
-    A_RELEASE_RP: "Evt13",
-    A_ABORT: "Evt16",
+    A_ASSOCIATE_AC: Event.Evt3,
+    A_ASSOCIATE_RJ: Event.Evt4,
+    A_ASSOCIATE_RQ: Event.Evt6,
+    P_DATA_TF: Event.Evt10,
+    A_RELEASE_RQ: Event.Evt12,
+    A_RELEASE_RP: Event.Evt13,
+    A_ABORT: Event.Evt16,
 }
 
-
-# ---- effects ---------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Send:
-    data: bytes
-
-
-@dataclass(frozen=True)
-class StartARTIM:
-    pass
-
-
-@dataclass(frozen=True)
-class StopARTIM:
-    pass
-
-
-@dataclass(frozen=True)
-class CloseTransport:
-    pass
-
-
-@dataclass(frozen=True)
-class ConnectTransport:
-    pass
-
-
-@dataclass(frozen=True)
-class AssociateIndication:
-    """A-ASSOCIATE indication: the peer asks; answer with accept() or reject()."""
-
-    request: AssociateRQ
-
-
-@dataclass(frozen=True)
-class AssociateAccepted:
-    """A-ASSOCIATE confirmation (accept), requestor side."""
-
-    response: AssociateAC
-
-
-@dataclass(frozen=True)
-class AssociateRejected:
-    """A-ASSOCIATE confirmation (reject), requestor side."""
-
-    response: AssociateRJ
-
-
-@dataclass(frozen=True)
-class PDataIndication:
-    pdu: PDataTF
-
-
-@dataclass(frozen=True)
-class ReleaseIndication:
-    collision: bool = False
-
-
-@dataclass(frozen=True)
-class ReleaseConfirmation:
-    pass
-
-
-@dataclass(frozen=True)
-class AbortIndication:
-    """A-ABORT (peer user, ``provider`` false) or A-P-ABORT (``provider`` true).
-
-    ``local`` is true when the provider abort was raised here (we sent the
-    A-ABORT because of the peer's protocol error), false when the peer
-    aborted or the connection was lost.
-    """
-
-    source: int
-    reason: int
-    provider: bool
-    local: bool = False
-    detail: str = ""
-
-
-_START, _STOP, _CLOSE = StartARTIM(), StopARTIM(), CloseTransport()
+_START, _STOP, _CLOSE = START_ARTIM, STOP_ARTIM, CLOSE_TRANSPORT
 
 
 class InvalidPrimitive(Exception):
@@ -166,7 +98,7 @@ class Association:
 
     def __init__(self, requestor: bool, max_pdu_length: int):
         self.requestor = requestor
-        self.state = "Sta1"
+        self.state = State.Sta1
         # The start of a PDU whose end has not arrived: the received chunks,
         # joined once ``_need`` bytes are there (the whole PDU, or its header).
         self._partial: list = []
@@ -178,43 +110,45 @@ class Association:
         self._pending: AssociateRQ | None = None
         self._abort: Abort | None = None
         self._detail = ""
-        self.last_event = ""
+        #: The Maximum Length the peer announced (its A-ASSOCIATE-RQ or -AC):
+        #: what each P-DATA-TF we send may hold (PS3.8 D.1); 0 = no limit.
+        self.peer_max_pdu = 0
 
     # ---- local service-user primitives ---------------------------------
 
     def connection_made(self) -> list:
         """Transport connected: Evt5 for an acceptor, Evt2 for a requestor."""
-        return self._event("Evt2" if self.requestor else "Evt5")
+        return self._event(Event.Evt2 if self.requestor else Event.Evt5)
 
     def request(self, rq: AssociateRQ) -> list:
         """A-ASSOCIATE request (Evt1); the RQ PDU goes out on Evt2."""
         self._pending = rq
-        return self._event("Evt1")
+        return self._event(Event.Evt1)
 
     def accept(self, ac: AssociateAC) -> list:
-        return self._event("Evt7", ac)
+        return self._event(Event.Evt7, ac)
 
     def reject(self, rj: AssociateRJ) -> list:
-        return self._event("Evt8", rj)
+        return self._event(Event.Evt8, rj)
 
     def send_pdata(self, pdu_bytes: bytes) -> list:
         """P-DATA request with an already encoded P-DATA-TF PDU (Evt9)."""
-        return self._event("Evt9", pdu_bytes)
+        return self._event(Event.Evt9, pdu_bytes)
 
     def release_request(self) -> list:
-        return self._event("Evt11")
+        return self._event(Event.Evt11)
 
     def release_response(self) -> list:
-        return self._event("Evt14")
+        return self._event(Event.Evt14)
 
     def abort(self, reason: int = ABORT_REASON_NOT_SPECIFIED) -> list:
         """A-ABORT request from the local user (Evt15)."""
-        if self.state in ("Sta1", "Sta2", "Sta13"):
+        if self.state in (State.Sta1, State.Sta2, State.Sta13):
             # Nothing to abort, or already aborting: just make sure the
             # connection goes away.
-            return [] if self.state == "Sta1" else [_CLOSE]
+            return [] if self.state == State.Sta1 else [_CLOSE]
         self._abort = Abort(ABORT_SOURCE_USER, reason)
-        return self._event("Evt15")
+        return self._event(Event.Evt15)
 
     def provider_abort(self, reason: int, detail: str = "") -> list:
         """Abort because the peer broke a rule above this layer (e.g. DIMSE).
@@ -224,19 +158,21 @@ class Association:
         """
         self._detail = detail
         self._abort = Abort(ABORT_SOURCE_PROVIDER, reason)
-        if self.state in ("Sta1", "Sta13"):
+        if self.state in (State.Sta1, State.Sta13):
             return []
-        return self._event("Evt19")
+        return self._event(Event.Evt19)
 
     def connection_lost(self) -> list:
-        if self.state == "Sta1":
+        if self.state == State.Sta1:
             return []
-        return self._event("Evt17")
+        return self._event(Event.Evt17)
 
     def artim_expired(self) -> list:
-        if (("Evt18", self.state)) not in fsm.TABLE:
+        if ((Event.Evt18, self.state)) not in TABLE:
             return []
-        return self._event("Evt18")
+        return self._event(Event.Evt18)
+
+    # ---- predicates: what the state allows (callers never compare states) ----
 
     @property
     def partial_pdu(self) -> bool:
@@ -245,7 +181,32 @@ class Association:
 
     @property
     def established(self) -> bool:
-        return self.state == "Sta6"
+        """Sta6: associated, no release under way."""
+        return self.state is State.Sta6
+
+    @property
+    def awaiting_answer(self) -> bool:
+        """Sta3: an A-ASSOCIATE indication awaits accept() or reject()."""
+        return self.state is State.Sta3
+
+    @property
+    def can_send_data(self) -> bool:
+        """P-DATA may go out (Evt9 has a cell: Sta6, and Sta8 before our release answer)."""
+        return (Event.Evt9, self.state) in TABLE
+
+    @property
+    def can_request_release(self) -> bool:
+        return (Event.Evt11, self.state) in TABLE
+
+    @property
+    def can_answer_release(self) -> bool:
+        """An A-RELEASE indication awaits release_response() (Evt14 has a cell)."""
+        return (Event.Evt14, self.state) in TABLE
+
+    @property
+    def idle(self) -> bool:
+        """Sta1: no association and no connection any more (or not yet)."""
+        return self.state is State.Sta1
 
     # ---- bytes from the peer --------------------------------------------
 
@@ -323,15 +284,14 @@ class Association:
         self._partial.clear()
         self._detail = detail
         self._abort = Abort(ABORT_SOURCE_PROVIDER, reason)
-        return self._event("Evt19")
+        return self._event(Event.Evt19)
 
     # ---- dispatch ------------------------------------------------------
 
-    def _event(self, event: str, arg=None) -> list:
-        action = fsm.TABLE.get((event, self.state))
+    def _event(self, event: Event, arg=None) -> list:
+        action = TABLE.get((event, self.state))
         if action is None:
-            raise InvalidPrimitive(f"{fsm.EVENTS[event]} ({event}) is not valid in {self.state}")
-        self.last_event = event
+            raise InvalidPrimitive(f"{event.value} ({event.name}) is not valid in {self.state.name}")
         effects: list = []
         self.state = _ACTIONS[action](self, effects, event, arg)
         return effects
@@ -339,24 +299,25 @@ class Association:
     # ---- actions (PS3.8 Tables 9-6 to 9-9) -------------------------------
 
     def _ae1(self, fx, event, arg):
-        fx.append(ConnectTransport())
-        return "Sta4"
+        fx.append(CONNECT_TRANSPORT)
+        return State.Sta4
 
     def _ae2(self, fx, event, arg):
         fx.append(Send(encode_pdu(self._pending)))
-        return "Sta5"
+        return State.Sta5
 
     def _ae3(self, fx, event, ac):
+        self.peer_max_pdu = ac.user_information.max_length or 0
         fx.append(AssociateAccepted(ac))
-        return "Sta6"
+        return State.Sta6
 
     def _ae4(self, fx, event, rj):
         fx += [AssociateRejected(rj), _CLOSE]
-        return "Sta1"
+        return State.Sta1
 
     def _ae5(self, fx, event, arg):
         fx.append(_START)
-        return "Sta2"
+        return State.Sta2
 
     def _ae6(self, fx, event, rq: AssociateRQ):
         fx.append(_STOP)
@@ -364,120 +325,121 @@ class Association:
             # Only the service provider judges the protocol version.
             rj = AssociateRJ(RJ_PERMANENT, RJ_SOURCE_ACSE, RJ_ACSE_PROTOCOL_VERSION_NOT_SUPPORTED)
             fx += [Send(encode_pdu(rj)), _START]
-            return "Sta13"
+            return State.Sta13
+        self.peer_max_pdu = rq.user_information.max_length or 0
         fx.append(AssociateIndication(rq))
-        return "Sta3"
+        return State.Sta3
 
     def _ae7(self, fx, event, ac):
         fx.append(Send(encode_pdu(ac)))
-        return "Sta6"
+        return State.Sta6
 
     def _ae8(self, fx, event, rj):
         fx += [Send(encode_pdu(rj)), _START]
-        return "Sta13"
+        return State.Sta13
 
     def _dt1(self, fx, event, pdu_bytes):
         fx.append(Send(pdu_bytes))
-        return "Sta6"
+        return State.Sta6
 
     def _dt2(self, fx, event, pdu):
         fx.append(PDataIndication(pdu))
-        return "Sta6"
+        return State.Sta6
 
     def _ar1(self, fx, event, arg):
         fx.append(Send(encode_pdu(ReleaseRQ())))
-        return "Sta7"
+        return State.Sta7
 
     def _ar2(self, fx, event, arg):
         fx.append(ReleaseIndication())
-        return "Sta8"
+        return State.Sta8
 
     def _ar3(self, fx, event, arg):
-        fx += [ReleaseConfirmation(), _CLOSE]
-        return "Sta1"
+        fx += [RELEASE_CONFIRMATION, _CLOSE]
+        return State.Sta1
 
     def _ar4(self, fx, event, arg):
         fx += [Send(encode_pdu(ReleaseRP())), _START]
-        return "Sta13"
+        return State.Sta13
 
     def _ar5(self, fx, event, arg):
         fx.append(_STOP)
-        return "Sta1"
+        return State.Sta1
 
     def _ar6(self, fx, event, pdu):
         fx.append(PDataIndication(pdu))
-        return "Sta7"
+        return State.Sta7
 
     def _ar7(self, fx, event, pdu_bytes):
         fx.append(Send(pdu_bytes))
-        return "Sta8"
+        return State.Sta8
 
     def _ar8(self, fx, event, arg):
         fx.append(ReleaseIndication(collision=True))
-        return "Sta9" if self.requestor else "Sta10"
+        return State.Sta9 if self.requestor else State.Sta10
 
     def _ar9(self, fx, event, arg):
         fx.append(Send(encode_pdu(ReleaseRP())))
-        return "Sta11"
+        return State.Sta11
 
     def _ar10(self, fx, event, arg):
-        fx.append(ReleaseConfirmation())
-        return "Sta12"
+        fx.append(RELEASE_CONFIRMATION)
+        return State.Sta12
 
     def _aa1(self, fx, event, arg):
         # Evt15 is our user's abort; in Sta2 the other events are a peer
         # that sent something other than A-ASSOCIATE-RQ: a provider abort.
-        if event == "Evt15":
+        if event == Event.Evt15:
             abort = self._abort or Abort(ABORT_SOURCE_USER, ABORT_REASON_NOT_SPECIFIED)
-        elif event == "Evt19" and self._abort is not None:
+        elif event == Event.Evt19 and self._abort is not None:
             abort = self._abort
         else:
             abort = Abort(ABORT_SOURCE_PROVIDER, ABORT_UNEXPECTED_PDU)
-            self._detail = f"{fsm.EVENTS[event]} in {self.state}"
+            self._detail = f"{event.value} in {self.state.name}"
         fx += [Send(encode_pdu(abort)), _START]
         if abort.source == ABORT_SOURCE_PROVIDER:
             fx.append(AbortIndication(abort.source, abort.reason, True, True, self._detail))
-        return "Sta13"
+        return State.Sta13
 
     def _aa2(self, fx, event, arg):
         fx += [_STOP, _CLOSE]
-        if event == "Evt16" and self.state == "Sta2":
+        if event == Event.Evt16 and self.state == State.Sta2:
             fx.append(AbortIndication(arg.source, arg.reason, arg.source == ABORT_SOURCE_PROVIDER))
-        return "Sta1"
+        return State.Sta1
 
     def _aa3(self, fx, event, abort: Abort):
         provider = abort.source == ABORT_SOURCE_PROVIDER
         fx += [AbortIndication(abort.source, abort.reason, provider), _CLOSE]
-        return "Sta1"
+        return State.Sta1
 
     def _aa4(self, fx, event, arg):
         fx.append(AbortIndication(ABORT_SOURCE_PROVIDER, ABORT_REASON_NOT_SPECIFIED, True,
                                   detail="transport connection closed"))
-        return "Sta1"
+        return State.Sta1
 
     def _aa5(self, fx, event, arg):
         fx.append(_STOP)
-        return "Sta1"
+        return State.Sta1
 
     def _aa6(self, fx, event, arg):
-        return "Sta13"
+        return State.Sta13
 
     def _aa7(self, fx, event, arg):
-        abort = self._abort if event == "Evt19" and self._abort else Abort(ABORT_SOURCE_PROVIDER, ABORT_UNEXPECTED_PDU)
+        abort = self._abort if event == Event.Evt19 and self._abort else Abort(ABORT_SOURCE_PROVIDER, ABORT_UNEXPECTED_PDU)
         fx.append(Send(encode_pdu(abort)))
-        return "Sta13"
+        return State.Sta13
 
     def _aa8(self, fx, event, arg):
-        if event == "Evt19" and self._abort is not None:
+        if event == Event.Evt19 and self._abort is not None:
             abort = self._abort
         else:
             abort = Abort(ABORT_SOURCE_PROVIDER, ABORT_UNEXPECTED_PDU)
-            self._detail = f"{fsm.EVENTS[event]} in {self.state}"
+            self._detail = f"{event.value} in {self.state.name}"
         fx += [Send(encode_pdu(abort)),
                AbortIndication(abort.source, abort.reason, True, True, self._detail), _START]
-        return "Sta13"
+        return State.Sta13
 
 
 _ACTIONS = {
-    name: getattr(Association, "_" + name.replace("-", "").lower()) for name in fsm.ACTIONS
+    name: getattr(Association, "_" + name.replace("-", "").lower()) for name in ACTIONS
 }

@@ -13,12 +13,19 @@ entries name both and :mod:`gateway.ul.association` picks one:
 - AR-8: Sta9 for the association-requestor, Sta10 for the acceptor;
 - AA-3, AA-8 etc. have one next state each.
 
+States and events are Enums named as the standard names them (``State.Sta6``,
+``Event.Evt10``), their values the standard's descriptions.  Code outside
+this package never compares states: it asks the core's predicates
+(``can_send_data`` and the like).
+
 Nothing here performs I/O; the association core turns actions into effects.
 """
 
 from __future__ import annotations
 
-STATES: dict[str, str] = {
+from enum import Enum
+
+_STATES: dict[str, str] = {
     "Sta1": "Idle",
     "Sta2": "Transport connection open (awaiting A-ASSOCIATE-RQ PDU)",
     "Sta3": "Awaiting local A-ASSOCIATE response primitive",
@@ -34,7 +41,7 @@ STATES: dict[str, str] = {
     "Sta13": "Awaiting Transport Connection Close Indication",
 }
 
-EVENTS: dict[str, str] = {
+_EVENTS: dict[str, str] = {
     "Evt1": "A-ASSOCIATE request (local user)",
     "Evt2": "Transport connect confirmation (local transport service)",
     "Evt3": "A-ASSOCIATE-AC PDU (received on transport connection)",
@@ -56,8 +63,13 @@ EVENTS: dict[str, str] = {
     "Evt19": "Unrecognized or invalid PDU received",
 }
 
+State = Enum("State", [(name, text) for name, text in _STATES.items()], module=__name__)
+State.__doc__ = "The states of PS3.8 Table 9-10; each value is the standard's description."
+Event = Enum("Event", [(name, text) for name, text in _EVENTS.items()], module=__name__)
+Event.__doc__ = "The events of PS3.8 Table 9-10; each value is the standard's description."
+
 # action: (what the standard says it does, next state or states)
-ACTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
+_ACTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
     "AE-1": ("Issue TRANSPORT CONNECT request primitive to local transport service", ("Sta4",)),
     "AE-2": ("Send A-ASSOCIATE-RQ-PDU", ("Sta5",)),
     "AE-3": ("Issue A-ASSOCIATE confirmation (accept) primitive", ("Sta6",)),
@@ -121,7 +133,12 @@ Evt19   .     AA-1  AA-8  .     AA-8  AA-8  AA-8  AA-8  AA-8  AA-8  AA-8  AA-8  
 """
 
 
-def _parse(grid: str) -> dict[tuple[str, str], str]:
+ACTIONS: dict[str, tuple[str, tuple[State, ...]]] = {
+    name: (text, tuple(State[s] for s in states)) for name, (text, states) in _ACTIONS.items()
+}
+
+
+def _parse(grid: str) -> dict[tuple[Event, State], str]:
     lines = [line.split() for line in grid.strip().splitlines()]
     header, rows = lines[0], lines[1:]
     table = {}
@@ -130,8 +147,8 @@ def _parse(grid: str) -> dict[tuple[str, str], str]:
         assert len(cells) == len(header), event
         for state, action in zip(header, cells):
             if action != ".":
-                table[(event, state)] = action
+                table[(Event[event], State[state])] = action
     return table
 
 
-TABLE: dict[tuple[str, str], str] = _parse(_GRID)
+TABLE: dict[tuple[Event, State], str] = _parse(_GRID)

@@ -1,15 +1,74 @@
 """PS3.8 section 9.3: the upper-layer PDUs and their items, as frozen values.
 
-Pure: no I/O, no Twisted.  ``decode_pdu(pdu_type, body)`` turns the body of one
-PDU (everything after the 6-byte header) into one of the classes below and
-``encode_pdu(pdu)`` turns one back into bytes, header included.  Anything that
-is not a well-formed PDU raises :class:`PDUError`, never another exception.
+Pure: no I/O, no Twisted, and no import of the codec, which imports these:
+``gateway.ul.decode_pdu(pdu_type, body)`` turns the body of one PDU
+(everything after the 6-byte header) into one of the classes below and
+``gateway.ul.encode_pdu(pdu)`` turns one back into bytes, header included.
+Anything that is not a well-formed PDU raises :class:`PDUError`, never
+another exception.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Union
+
+__all__ = [
+    "A_ASSOCIATE_RQ",
+    "A_ASSOCIATE_AC",
+    "A_ASSOCIATE_RJ",
+    "P_DATA_TF",
+    "A_RELEASE_RQ",
+    "A_RELEASE_RP",
+    "A_ABORT",
+    "PDU_TYPES",
+    "ABORT_SOURCE_USER",
+    "ABORT_SOURCE_PROVIDER",
+    "ABORT_REASON_NOT_SPECIFIED",
+    "ABORT_UNRECOGNIZED_PDU",
+    "ABORT_UNEXPECTED_PDU",
+    "ABORT_UNRECOGNIZED_PDU_PARAMETER",
+    "ABORT_UNEXPECTED_PDU_PARAMETER",
+    "ABORT_INVALID_PDU_PARAMETER_VALUE",
+    "RJ_PERMANENT",
+    "RJ_TRANSIENT",
+    "RJ_SOURCE_USER",
+    "RJ_SOURCE_ACSE",
+    "RJ_SOURCE_PRESENTATION",
+    "RJ_USER_NO_REASON",
+    "RJ_USER_APP_CONTEXT_NOT_SUPPORTED",
+    "RJ_USER_CALLING_AE_NOT_RECOGNIZED",
+    "RJ_USER_CALLED_AE_NOT_RECOGNIZED",
+    "RJ_ACSE_NO_REASON",
+    "RJ_ACSE_PROTOCOL_VERSION_NOT_SUPPORTED",
+    "RJ_PRES_TEMPORARY_CONGESTION",
+    "RJ_PRES_LOCAL_LIMIT_EXCEEDED",
+    "PC_ACCEPTANCE",
+    "PC_USER_REJECTION",
+    "PC_NO_REASON",
+    "PC_ABSTRACT_SYNTAX_NOT_SUPPORTED",
+    "PC_TRANSFER_SYNTAXES_NOT_SUPPORTED",
+    "DICOM_APPLICATION_CONTEXT",
+    "PDU",
+    "PDUError",
+    "PresentationContextRQ",
+    "PresentationContextAC",
+    "RoleSelection",
+    "ExtendedNegotiation",
+    "CommonExtendedNegotiation",
+    "UserIdentityRQ",
+    "UserIdentityAC",
+    "UnknownItem",
+    "UserInformation",
+    "AssociateRQ",
+    "AssociateAC",
+    "AssociateRJ",
+    "PDV",
+    "PDataTF",
+    "ReleaseRQ",
+    "ReleaseRP",
+    "Abort",
+]
 
 # PDU types (PS3.8 9.3.1)
 A_ASSOCIATE_RQ = 0x01
@@ -214,5 +273,3 @@ class Abort:
 
 PDU = Union[AssociateRQ, AssociateAC, AssociateRJ, PDataTF, ReleaseRQ, ReleaseRP, Abort]
 
-
-from gateway.ul._codec import decode_pdu, encode_pdu, encode_pdata  # noqa: E402,F401

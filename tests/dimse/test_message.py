@@ -19,7 +19,7 @@ from gateway.dimse.message import (
     fragment_stream,
     pdv_data_limit,
 )
-from gateway.ul.pdu import P_DATA_TF, PDV, PDataTF, decode_pdu
+from gateway.ul import P_DATA_TF, PDV, PDataTF, decode_pdu
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 

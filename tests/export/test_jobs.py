@@ -317,7 +317,7 @@ class BackoffClockTests(TestCase):
 
     def test_retry_delays_double_then_the_job_fails(self):
         from gateway.export.scu import ConnectFailed
-        from tests.export.test_scu import InlinePool, ThreadlessClock
+        from gateway.testing import InlinePool, ThreadlessClock
 
         clock = ThreadlessClock()
         clock.advance(1_000_000)
@@ -364,7 +364,7 @@ class BackoffClockTests(TestCase):
         one after the other, in one attempt; every file sent."""
         from gateway import part10
         from gateway.dimse import commands as C
-        from tests.export.test_scu import InlinePool, ThreadlessClock
+        from gateway.testing import InlinePool, ThreadlessClock
 
         clock = ThreadlessClock()
         config = scu_config(os.path.abspath(self.mktemp()), [("pacs", 1, "PACS")])

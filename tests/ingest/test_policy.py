@@ -6,7 +6,7 @@ from twisted.trial import unittest
 
 from gateway.config import config_from_string
 from gateway.ingest.policy import check_association, matching_sources, negotiate
-from gateway.ul import pdu as P
+from gateway import ul as P
 
 CONFIG = config_from_string('''
 [gateway]

@@ -23,7 +23,7 @@ from gateway.dimse import commands as C
 from gateway.dimse.message import fragment_message
 from gateway.dimse.sop import is_valid_uid
 from gateway.testing import partial_files
-from gateway.ul import pdu as P
+from gateway import ul as P
 from tests import dicomfiles
 from tests.integration.harness import in_thread, run, start_gateway
 from tests.integration.recorder import RecordingRelay, rj_bytes

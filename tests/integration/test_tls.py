@@ -9,7 +9,7 @@ import socket
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from gateway.ul import pdu as P
+from gateway import ul as P
 from tests import dicomfiles
 from tests.integration.harness import in_thread, make_certificates, require_program, run, start_gateway
 from tests.integration.test_policy import (
@@ -103,7 +103,7 @@ class TLSPeerTests(unittest.TestCase):
             try:
                 from twisted.internet import reactor, threads
                 threads.blockingCallFromThread(reactor, lambda: nodelay.extend(
-                    a.protocol.transport.transport.getHandle().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+                    a.provider.transport.transport.getHandle().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
                     for a in gw.scp.active))
                 return assoc.send_c_echo().Status, assoc.send_c_store(path).Status
             finally:

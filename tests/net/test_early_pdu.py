@@ -14,7 +14,7 @@ from twisted.trial import unittest
 from gateway.dimse import commands as C
 from gateway.dimse.message import fragment_message
 from gateway.net.protocol import DicomProtocol
-from gateway.ul.pdu import AssociateAC, AssociateRJ, encode_pdu
+from gateway.ul import AssociateAC, AssociateRJ, encode_pdu
 from tests.net.test_protocol import Recorder, pdus, rq
 
 
@@ -26,9 +26,9 @@ class Answering(Recorder):
     def associate_indication(self, request):
         self.events.append(("associate_indication",))
         if isinstance(self.answer, AssociateAC):
-            self.protocol.accept(self.answer)
+            self.provider.accept(self.answer)
         else:
-            self.protocol.reject(self.answer)
+            self.provider.reject(self.answer)
 
 
 class EarlyPDUTests(unittest.TestCase):

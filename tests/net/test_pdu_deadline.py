@@ -14,7 +14,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
 from gateway.net.protocol import DicomProtocol
-from gateway.ul.pdu import AssociateAC, ReleaseRQ, encode_pdu
+from gateway.ul import AssociateAC, ReleaseRQ, encode_pdu
 from tests.integration.harness import in_thread, start_gateway
 from tests.integration.test_policy import collect_events, wait_for
 from tests.net.test_protocol import Recorder, rq

@@ -12,7 +12,7 @@ from gateway.config import config_from_string
 from gateway.dimse import commands as C
 from gateway.net.protocol import DicomProtocol
 from gateway.ingest.scp import SCPService
-from gateway.ul.pdu import (
+from gateway.ul import (
     A_ABORT,
     Abort,
     AssociateAC,
@@ -20,6 +20,7 @@ from gateway.ul.pdu import (
     PDataTF,
     PresentationContextRQ,
     ReleaseRP,
+    State,
     ReleaseRQ,
     UserInformation,
     decode_pdu,
@@ -52,10 +53,16 @@ def pdus(data: bytes):
 class Recorder:
     """A service user that records what the protocol tells it."""
 
-    protocol = None
+    provider = None
 
     def __init__(self):
         self.events = []
+
+    def connection_made(self, provider):
+        self.provider = provider
+
+    def owes_response(self):
+        return False
 
     def association_request(self):
         return rq()
@@ -98,7 +105,7 @@ class UpperLayerTests(unittest.TestCase):
         self.assertEqual(user.events[-1], ("release_indication", False))
         p.release_response()
         self.assertEqual(t.value(), encode_pdu(ReleaseRP()))
-        self.assertEqual(p.core.state, "Sta13")
+        self.assertEqual(p.core.state, State.Sta13)
         # The peer should close now; if it does not, ARTIM does.
         clock.advance(30)
         self.assertTrue(t.disconnecting)
@@ -112,26 +119,26 @@ class UpperLayerTests(unittest.TestCase):
         self.assertEqual(user.events[-1][0], "aborted")
         self.assertFalse(user.events[-1][1].provider)
         self.assertTrue(t.disconnecting)
-        self.assertEqual(p.core.state, "Sta1")
+        self.assertEqual(p.core.state, State.Sta1)
 
     def test_release_collision_requestor(self):
         user = Recorder()
         p, t, clock = connect(user, requestor=True)
         self.assertEqual(pdus(t.value()), [rq()])  # AE-1, AE-2 on connect
-        self.assertEqual(p.core.state, "Sta5")
+        self.assertEqual(p.core.state, State.Sta5)
         t.clear()
         p.dataReceived(encode_pdu(AssociateAC("DICOMGW", "SCU", ())))
         self.assertEqual(user.events[-1][0], "associate_accepted")
-        self.assertEqual(p.core.state, "Sta6")
+        self.assertEqual(p.core.state, State.Sta6)
         p.release_request()
         self.assertEqual(pdus(t.value()), [ReleaseRQ()])
         t.clear()
         p.dataReceived(encode_pdu(ReleaseRQ()))  # the peer released too
         self.assertEqual(user.events[-1], ("release_indication", True))
-        self.assertEqual(p.core.state, "Sta9")
+        self.assertEqual(p.core.state, State.Sta9)
         p.release_response()
         self.assertEqual(pdus(t.value()), [ReleaseRP()])
-        self.assertEqual(p.core.state, "Sta11")
+        self.assertEqual(p.core.state, State.Sta11)
         p.dataReceived(encode_pdu(ReleaseRP()))
         self.assertEqual(user.events[-1], ("release_confirmation",))
         self.assertTrue(t.disconnecting)
@@ -139,16 +146,16 @@ class UpperLayerTests(unittest.TestCase):
     def test_release_collision_acceptor(self):
         user = Recorder()
         p, t, clock = connect(user)
-        p.core.state = "Sta6"
+        p.core.state = State.Sta6
         p.release_request()
         p.dataReceived(encode_pdu(ReleaseRQ()))
-        self.assertEqual(p.core.state, "Sta10")
+        self.assertEqual(p.core.state, State.Sta10)
         t.clear()
         p.dataReceived(encode_pdu(ReleaseRP()))  # AR-10
-        self.assertEqual(p.core.state, "Sta12")
+        self.assertEqual(p.core.state, State.Sta12)
         p.release_response()  # AR-4
         self.assertEqual(pdus(t.value()), [ReleaseRP()])
-        self.assertEqual(p.core.state, "Sta13")
+        self.assertEqual(p.core.state, State.Sta13)
 
     def test_oversized_pdu_aborted_before_buffering(self):
         user = Recorder()
@@ -175,7 +182,7 @@ class UpperLayerTests(unittest.TestCase):
         p.dataReceived(encode_pdata(1, 3, b"\x00\x00"))
         # AA-1 in Sta2: A-ABORT (service-provider, unexpected PDU)
         self.assertEqual(pdus(t.value()), [Abort(2, 2)])
-        self.assertEqual(p.core.state, "Sta13")
+        self.assertEqual(p.core.state, State.Sta13)
 
     def test_dimse_timeout_aborts(self):
         user = Recorder()

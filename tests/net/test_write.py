@@ -7,7 +7,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial import unittest
 
-from gateway.net.protocol import _write
+from gateway.net.protocol import DirectWriter
 
 
 class Collect(Protocol):
@@ -35,17 +35,18 @@ class WriteTests(unittest.TestCase):
         server = yield accepted
         transport = server.transport
         self.addCleanup(transport.loseConnection)
+        _write = DirectWriter(transport).write
 
-        _write(transport, b"a" * 100)
+        _write(b"a" * 100)
         # On the socket already: Twisted did not have to watch for writability.
         self.assertNotIn(transport, reactor.getWriters())
 
         # More than the socket takes: the rest is queued, and what follows
         # waits behind it.
         big = bytes(range(256)) * 100_000
-        _write(transport, big)
+        _write(big)
         self.assertIn(transport, reactor.getWriters())
-        _write(transport, b"z" * 10)
+        _write(b"z" * 10)
 
         expected = b"a" * 100 + big + b"z" * 10
         for _ in range(1000):

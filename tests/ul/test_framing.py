@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial import unittest
 
-from gateway.ul.association import AbortIndication, Association, PDataIndication, Send
-from gateway.ul.pdu import (
+from gateway.ul import AbortIndication, Association, PDataIndication, Send
+from gateway.ul import (
     AssociateAC,
     AssociateRQ,
     PresentationContextRQ,

@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.trial import unittest
 
-from gateway.ul import _codec
-from gateway.ul.pdu import (
+from gateway.ul import _decode
+from gateway.ul import (
     ABORT_INVALID_PDU_PARAMETER_VALUE,
     ABORT_UNEXPECTED_PDU_PARAMETER,
     ABORT_UNRECOGNIZED_PDU,
@@ -131,7 +131,7 @@ PC_RQ_ITEM = item(
 class DecodeErrorMixin:
     def assertPDUError(self, pdu_type, body, reason=ABORT_INVALID_PDU_PARAMETER_VALUE):
         with self.assertRaises(PDUError) as cm:
-            _codec._decode_strict(pdu_type, body)
+            _decode._decode_strict(pdu_type, body)
         self.assertEqual(cm.exception.reason, reason, str(cm.exception))
         # the public entry point agrees
         with self.assertRaises(PDUError):
@@ -588,7 +588,7 @@ class HostileInputTests(DecodeErrorMixin, unittest.TestCase):
         decoded_ok = set()
         for n in range(len(body)):
             try:
-                _codec._decode_strict(raw[0], body[:n])
+                _decode._decode_strict(raw[0], body[:n])
             except PDUError as exc:
                 self.assertEqual(exc.reason, ABORT_INVALID_PDU_PARAMETER_VALUE, (n, str(exc)))
             else:
@@ -829,7 +829,7 @@ any_pdu = st.one_of(
 def decode_or_pdu_error(pdu_type, body):
     """Decode with the strict decoder; only PDUError is an acceptable failure."""
     try:
-        _codec._decode_strict(pdu_type, body)
+        _decode._decode_strict(pdu_type, body)
     except PDUError as exc:
         assert isinstance(exc.reason, int)
 

@@ -1,6 +1,6 @@
-"""Byte-level encoder and decoder for the PS3.8 upper-layer PDUs.
+"""Byte-level decoder for the PS3.8 upper-layer PDUs.
 
-This module is private: use the names re-exported by :mod:`gateway.ul.pdu`.
+This module is private: use :func:`gateway.ul.decode_pdu`.
 
 References used throughout:
 
@@ -9,9 +9,7 @@ References used throughout:
 * PS3.8 Annex E (PDV message control header),
 * PS3.7 Annex D.3.3 (the other User Information sub-items).
 
-All multi-byte integers are big endian (PS3.8 9.3.1).  Every item and
-sub-item starts with the same 4-byte header: item-type (1), reserved (1),
-item-length (2); only the PDV item (4-byte length, no type) differs.
+The layouts are in :mod:`gateway.ul._wire`.
 
 Decoding rules applied everywhere:
 
@@ -34,88 +32,68 @@ from __future__ import annotations
 import struct
 from typing import Callable, Iterator, Union
 
-# The PDU classes are imported at the bottom of this module: gateway.ul.pdu
-# imports this module's public functions as its last statement, so defining
-# those functions before importing the classes keeps the import cycle
-# working whichever of the two modules is imported first.  All class and
-# constant names below are only looked up when a function is called.
-
-__all__ = ["decode_pdu", "encode_pdu", "encode_pdata"]
-
-Buffer = Union[bytes, bytearray, memoryview]
-
-# ---------------------------------------------------------------------------
-# Item types
-# ---------------------------------------------------------------------------
-
-# PS3.8 9.3.2 / 9.3.3
-ITEM_APPLICATION_CONTEXT = 0x10
-ITEM_PRESENTATION_CONTEXT_RQ = 0x20
-ITEM_PRESENTATION_CONTEXT_AC = 0x21
-ITEM_ABSTRACT_SYNTAX = 0x30
-ITEM_TRANSFER_SYNTAX = 0x40
-ITEM_USER_INFORMATION = 0x50
-# PS3.8 Annex D.1 and PS3.7 Annex D.3.3
-SUB_MAX_LENGTH = 0x51
-SUB_IMPLEMENTATION_CLASS_UID = 0x52
-SUB_ASYNC_OPS_WINDOW = 0x53
-SUB_ROLE_SELECTION = 0x54
-SUB_IMPLEMENTATION_VERSION_NAME = 0x55
-SUB_SOP_CLASS_EXTENDED = 0x56
-SUB_SOP_CLASS_COMMON_EXTENDED = 0x57
-SUB_USER_IDENTITY_RQ = 0x58
-SUB_USER_IDENTITY_AC = 0x59
-
-# Item types that only make sense at some other nesting level; seeing one in
-# the wrong place is an "unexpected PDU parameter" rather than an unknown item.
-_PDU_LEVEL_ITEMS = frozenset(
-    {
-        ITEM_APPLICATION_CONTEXT,
-        ITEM_PRESENTATION_CONTEXT_RQ,
-        ITEM_PRESENTATION_CONTEXT_AC,
-        ITEM_ABSTRACT_SYNTAX,
-        ITEM_TRANSFER_SYNTAX,
-        ITEM_USER_INFORMATION,
-    }
+from gateway.ul._wire import (
+    ITEM_ABSTRACT_SYNTAX,
+    ITEM_APPLICATION_CONTEXT,
+    ITEM_PRESENTATION_CONTEXT_AC,
+    ITEM_PRESENTATION_CONTEXT_RQ,
+    ITEM_TRANSFER_SYNTAX,
+    ITEM_USER_INFORMATION,
+    SUB_ASYNC_OPS_WINDOW,
+    SUB_IMPLEMENTATION_CLASS_UID,
+    SUB_IMPLEMENTATION_VERSION_NAME,
+    SUB_MAX_LENGTH,
+    SUB_ROLE_SELECTION,
+    SUB_SOP_CLASS_COMMON_EXTENDED,
+    SUB_SOP_CLASS_EXTENDED,
+    SUB_USER_IDENTITY_AC,
+    SUB_USER_IDENTITY_RQ,
+    ABORT_BODY,
+    ASSOC_FIXED,
+    ASYNC_OPS,
+    ITEM_HEADER,
+    PC_AC_FIXED,
+    PC_RQ_FIXED,
+    PDU_LEVEL_ITEMS,
+    PDV_HEADER,
+    RJ_BODY,
+    ROLE_TAIL,
+    U16,
+    U32,
+)
+from gateway.ul.pdu import (
+    ABORT_INVALID_PDU_PARAMETER_VALUE,
+    ABORT_UNEXPECTED_PDU_PARAMETER,
+    ABORT_UNRECOGNIZED_PDU,
+    A_ABORT,
+    A_ASSOCIATE_AC,
+    A_ASSOCIATE_RJ,
+    A_ASSOCIATE_RQ,
+    A_RELEASE_RP,
+    A_RELEASE_RQ,
+    PC_ACCEPTANCE,
+    PDV,
+    P_DATA_TF,
+    Abort,
+    AssociateAC,
+    AssociateRJ,
+    AssociateRQ,
+    CommonExtendedNegotiation,
+    ExtendedNegotiation,
+    PDUError,
+    PDataTF,
+    PresentationContextAC,
+    PresentationContextRQ,
+    ReleaseRP,
+    ReleaseRQ,
+    RoleSelection,
+    UnknownItem,
+    UserIdentityAC,
+    UserIdentityRQ,
+    UserInformation,
 )
 
-# ---------------------------------------------------------------------------
-# Fixed layouts
-# ---------------------------------------------------------------------------
-
-_PDU_HEADER = struct.Struct(">BxI")  # type, reserved, length (PS3.8 9.3.1)
-_ITEM_HEADER = struct.Struct(">BxH")  # type, reserved, length
-_U16 = struct.Struct(">H")
-_U32 = struct.Struct(">I")
-
-# A-ASSOCIATE-RQ/AC fixed part after the PDU header (Tables 9-11 and 9-17):
-# protocol-version (2), reserved (2), called AE (16), calling AE (16),
-# reserved (32).  In the AC the AE title fields are formally "reserved" but
-# carry the values of the RQ; they are decoded the same way.
-_ASSOC_FIXED = struct.Struct(">H2x16s16s32x")
-_ASSOC_HEADER = struct.Struct(">BxIH2x16s16s32x")
-
-# Presentation context item value prefixes (Tables 9-13 and 9-18).
-_PC_RQ_FIXED = struct.Struct(">B3x")  # id, 3 reserved
-_PC_AC_FIXED = struct.Struct(">BxBx")  # id, reserved, result/reason, reserved
-
-# A-ASSOCIATE-RJ (Table 9-21), A-RELEASE-RQ/RP (9-24/9-25), A-ABORT (9-26):
-# 4-byte bodies.
-_RJ_BODY = struct.Struct(">xBBB")  # reserved, result, source, reason
-_ABORT_BODY = struct.Struct(">2xBB")  # 2 reserved, source, reason
-_RJ_PDU = struct.Struct(">BxIxBBB")
-_ABORT_PDU = struct.Struct(">BxI2xBB")
-_RELEASE_PDU = struct.Struct(">BxI4x")
-
-# P-DATA-TF (Table 9-22) carrying one PDV item (Table 9-23): PDU type,
-# reserved, PDU length, item length, context id, message control header.
-_PDATA_ONE_PDV = struct.Struct(">BxIIBB")
-# PDV item header: item length (4), context id (1), message control header
-# (1, Annex E.2; it is the first byte of the item's value).
-_PDV_HEADER = struct.Struct(">IBB")
-
-_ROLE_TAIL = struct.Struct(">BB")  # SCU role, SCP role (PS3.7 D.3.3.4)
-_ASYNC_OPS = struct.Struct(">HH")  # invoked, performed (PS3.7 D.3.3.3)
+Buffer = Union[bytes, bytearray, memoryview]
 
 
 # ---------------------------------------------------------------------------
@@ -138,7 +116,7 @@ def _iter_items(mv: memoryview, start: int, end: int, where: str) -> Iterator[tu
     while off < end:
         if end - off < 4:
             raise _invalid(f"truncated item header in {where}")
-        item_type, length = _ITEM_HEADER.unpack_from(mv, off)
+        item_type, length = ITEM_HEADER.unpack_from(mv, off)
         off += 4
         if length > end - off:
             raise _invalid(
@@ -172,7 +150,7 @@ def _u16_prefixed(mv: memoryview, off: int, end: int, what: str) -> tuple[int, i
     for the value that follows it, checked against ``end``."""
     if end - off < 2:
         raise _invalid(f"truncated {what} length")
-    (length,) = _U16.unpack_from(mv, off)
+    (length,) = U16.unpack_from(mv, off)
     off += 2
     if length > end - off:
         raise _invalid(f"{what} length {length} exceeds the {end - off} bytes remaining")
@@ -188,9 +166,9 @@ def _decode_pc_rq(mv: memoryview, start: int, end: int) -> PresentationContextRQ
     # PS3.8 9.3.2.2, Table 9-13: id, 3 reserved, then one Abstract Syntax
     # sub-item (0x30, Table 9-14) and one or more Transfer Syntax sub-items
     # (0x40, Table 9-15).
-    if end - start < _PC_RQ_FIXED.size:
+    if end - start < PC_RQ_FIXED.size:
         raise _invalid("truncated presentation context (RQ) item")
-    (context_id,) = _PC_RQ_FIXED.unpack_from(mv, start)
+    (context_id,) = PC_RQ_FIXED.unpack_from(mv, start)
     _check_context_id(context_id)
     abstract: str | None = None
     transfers: list[str] = []
@@ -201,7 +179,7 @@ def _decode_pc_rq(mv: memoryview, start: int, end: int) -> PresentationContextRQ
             abstract = _ascii(mv, vs, ve, "abstract syntax name")
         elif item_type == ITEM_TRANSFER_SYNTAX:
             transfers.append(_ascii(mv, vs, ve, "transfer syntax name"))
-        elif item_type in _PDU_LEVEL_ITEMS:
+        elif item_type in PDU_LEVEL_ITEMS:
             raise _unexpected(f"item 0x{item_type:02X} inside presentation context {context_id}")
         # else: unrecognised item type, ignored (PS3.8 9.3.1)
     if abstract is None:
@@ -216,9 +194,9 @@ def _decode_pc_ac(mv: memoryview, start: int, end: int) -> PresentationContextAC
     # one Transfer Syntax sub-item (Table 9-19).  When the result is not
     # acceptance the transfer syntax "shall not be significant and its value
     # shall not be tested when received", so it may be missing or garbage.
-    if end - start < _PC_AC_FIXED.size:
+    if end - start < PC_AC_FIXED.size:
         raise _invalid("truncated presentation context (AC) item")
-    context_id, result = _PC_AC_FIXED.unpack_from(mv, start)
+    context_id, result = PC_AC_FIXED.unpack_from(mv, start)
     _check_context_id(context_id)
     accepted = result == PC_ACCEPTANCE
     transfer: str | None = None
@@ -233,7 +211,7 @@ def _decode_pc_ac(mv: memoryview, start: int, end: int) -> PresentationContextAC
                     transfer = _ascii(mv, vs, ve, "transfer syntax name")
                 except PDUError:
                     transfer = ""
-        elif item_type in _PDU_LEVEL_ITEMS:
+        elif item_type in PDU_LEVEL_ITEMS:
             raise _unexpected(f"item 0x{item_type:02X} inside presentation context {context_id}")
     if transfer is None:
         if accepted:
@@ -273,7 +251,7 @@ def _decode_user_information(mv: memoryview, start: int, end: int) -> UserInform
                 raise _invalid("maximum length sub-item must be 4 bytes")
             if max_length is not None:
                 raise _unexpected("repeated maximum length sub-item")
-            (max_length,) = _U32.unpack_from(mv, vs)
+            (max_length,) = U32.unpack_from(mv, vs)
         elif item_type == SUB_IMPLEMENTATION_CLASS_UID:
             # PS3.7 D.3.3.2.1/2: the UID is the whole value.
             if class_uid is not None:
@@ -285,7 +263,7 @@ def _decode_user_information(mv: memoryview, start: int, end: int) -> UserInform
                 raise _invalid("asynchronous operations window sub-item must be 4 bytes")
             if async_ops is not None:
                 raise _unexpected("repeated asynchronous operations window sub-item")
-            async_ops = _ASYNC_OPS.unpack_from(mv, vs)
+            async_ops = ASYNC_OPS.unpack_from(mv, vs)
         elif item_type == SUB_ROLE_SELECTION:
             roles.append(_decode_role_selection(mv, vs, ve))
         elif item_type == SUB_IMPLEMENTATION_VERSION_NAME:
@@ -326,7 +304,7 @@ def _decode_role_selection(mv: memoryview, start: int, end: int) -> RoleSelectio
     us, ue = _u16_prefixed(mv, start, end, "role selection SOP class UID")
     if end - ue != 2:
         raise _invalid("role selection sub-item length does not match its UID length")
-    scu, scp = _ROLE_TAIL.unpack_from(mv, ue)
+    scu, scp = ROLE_TAIL.unpack_from(mv, ue)
     return RoleSelection(_ascii(mv, us, ue, "role selection SOP class UID"), scu, scp)
 
 
@@ -391,9 +369,9 @@ def _decode_associate(pdu_type: int, body: Buffer) -> AssociateRQ | AssociateAC:
     # PS3.8 9.3.2 (Table 9-11) and 9.3.3 (Table 9-17).
     mv = memoryview(body)
     end = len(mv)
-    if end < _ASSOC_FIXED.size:
+    if end < ASSOC_FIXED.size:
         raise _invalid(f"A-ASSOCIATE PDU body of {end} bytes is shorter than its fixed fields")
-    version, called, calling = _ASSOC_FIXED.unpack_from(mv, 0)
+    version, called, calling = ASSOC_FIXED.unpack_from(mv, 0)
     is_rq = pdu_type == A_ASSOCIATE_RQ
     pc_type = ITEM_PRESENTATION_CONTEXT_RQ if is_rq else ITEM_PRESENTATION_CONTEXT_AC
     decode_pc: Callable[[memoryview, int, int], object] = _decode_pc_rq if is_rq else _decode_pc_ac
@@ -401,7 +379,7 @@ def _decode_associate(pdu_type: int, body: Buffer) -> AssociateRQ | AssociateAC:
     app_context: str | None = None
     user_info: UserInformation | None = None
     contexts = []
-    for item_type, vs, ve in _iter_items(mv, _ASSOC_FIXED.size, end, "A-ASSOCIATE PDU"):
+    for item_type, vs, ve in _iter_items(mv, ASSOC_FIXED.size, end, "A-ASSOCIATE PDU"):
         if item_type == pc_type:
             contexts.append(decode_pc(mv, vs, ve))
         elif item_type == ITEM_APPLICATION_CONTEXT:
@@ -413,7 +391,7 @@ def _decode_associate(pdu_type: int, body: Buffer) -> AssociateRQ | AssociateAC:
             if user_info is not None:
                 raise _unexpected("repeated user information item")
             user_info = _decode_user_information(mv, vs, ve)
-        elif item_type in _PDU_LEVEL_ITEMS:
+        elif item_type in PDU_LEVEL_ITEMS:
             raise _unexpected(f"item 0x{item_type:02X} not allowed in this PDU")
         # else: unrecognised item type, ignored (PS3.8 9.3.1)
 
@@ -447,7 +425,7 @@ def _check_fixed(name: str, body: Buffer) -> None:
 def _decode_rj(pdu_type: int, body: Buffer) -> AssociateRJ:
     # PS3.8 9.3.4, Table 9-21: reserved, result, source, reason/diag.
     _check_fixed("A-ASSOCIATE-RJ", body)
-    return AssociateRJ(*_RJ_BODY.unpack_from(body, 0))
+    return AssociateRJ(*RJ_BODY.unpack_from(body, 0))
 
 
 def _decode_release_rq(pdu_type: int, body: Buffer) -> ReleaseRQ:
@@ -466,7 +444,7 @@ def _decode_abort(pdu_type: int, body: Buffer) -> Abort:
     # PS3.8 9.3.8, Table 9-26: 2 reserved, source, reason/diag.  Reason is
     # "not significant" when the source is the service-user; kept raw.
     _check_fixed("A-ABORT", body)
-    return Abort(*_ABORT_BODY.unpack_from(body, 0))
+    return Abort(*ABORT_BODY.unpack_from(body, 0))
 
 
 # ---------------------------------------------------------------------------
@@ -482,7 +460,7 @@ def _decode_pdata(pdu_type: int, body: Buffer) -> PDataTF:
     # bits 2-7 of the control header are passed through untested.
     mv = memoryview(body)
     end = len(mv)
-    unpack = _PDV_HEADER.unpack_from
+    unpack = PDV_HEADER.unpack_from
     pdvs = []
     off = 0
     while off < end:
@@ -533,210 +511,6 @@ def decode_pdu(pdu_type: int, body: Buffer):
         raise _invalid(f"malformed PDU: {exc}") from exc
 
 
-# ---------------------------------------------------------------------------
-# Encoding
-# ---------------------------------------------------------------------------
-
-
-def _encode_ae(title: str, what: str) -> bytes:
-    try:
-        raw = title.encode("ascii")
-    except UnicodeEncodeError:
-        raise ValueError(f"{what} {title!r} is not ASCII") from None
-    if len(raw) > 16:
-        raise ValueError(f"{what} {title!r} is longer than 16 characters")
-    return raw.ljust(16, b" ")
-
-
-def _encode_text(value: str, what: str) -> bytes:
-    # UIDs are sent without the PS3.5 NUL padding in UL items (PS3.8 Annex F).
-    try:
-        return value.encode("ascii")
-    except UnicodeEncodeError:
-        raise ValueError(f"{what} {value!r} is not ASCII") from None
-
-
-def _item(item_type: int, value: bytes) -> bytes:
-    if len(value) > 0xFFFF:
-        raise ValueError(f"item 0x{item_type:02X} value of {len(value)} bytes exceeds 65535")
-    return _ITEM_HEADER.pack(item_type, len(value)) + value
-
-
-def _u16_field(value: bytes, what: str) -> bytes:
-    if len(value) > 0xFFFF:
-        raise ValueError(f"{what} of {len(value)} bytes exceeds 65535")
-    return _U16.pack(len(value)) + value
-
-
-def _encode_pc_rq(pc: PresentationContextRQ) -> bytes:
-    # Table 9-13: id, 3 reserved, abstract syntax sub-item, transfer syntaxes.
-    parts = [
-        _PC_RQ_FIXED.pack(pc.id),
-        _item(ITEM_ABSTRACT_SYNTAX, _encode_text(pc.abstract_syntax, "abstract syntax")),
-    ]
-    for ts in pc.transfer_syntaxes:
-        parts.append(_item(ITEM_TRANSFER_SYNTAX, _encode_text(ts, "transfer syntax")))
-    return _item(ITEM_PRESENTATION_CONTEXT_RQ, b"".join(parts))
-
-
-def _encode_pc_ac(pc: PresentationContextAC) -> bytes:
-    # The transfer syntax sub-item is always sent (Table 9-18 makes it part of
-    # the item); for a rejected context it may be empty.
-    value = _PC_AC_FIXED.pack(pc.id, pc.result) + _item(
-        ITEM_TRANSFER_SYNTAX, _encode_text(pc.transfer_syntax, "transfer syntax")
-    )
-    return _item(ITEM_PRESENTATION_CONTEXT_AC, value)
-
-
-def _encode_user_information(ui: UserInformation) -> bytes:
-    subs: list[tuple[int, bytes]] = []
-    if ui.max_length is not None:
-        subs.append((SUB_MAX_LENGTH, _U32.pack(ui.max_length)))
-    if ui.implementation_class_uid is not None:
-        uid = _encode_text(ui.implementation_class_uid, "implementation class UID")
-        subs.append((SUB_IMPLEMENTATION_CLASS_UID, uid))
-    if ui.async_ops is not None:
-        subs.append((SUB_ASYNC_OPS_WINDOW, _ASYNC_OPS.pack(*ui.async_ops)))
-    for role in ui.role_selections:
-        uid = _u16_field(_encode_text(role.sop_class_uid, "SOP class UID"), "SOP class UID")
-        subs.append((SUB_ROLE_SELECTION, uid + _ROLE_TAIL.pack(role.scu_role, role.scp_role)))
-    if ui.implementation_version_name is not None:
-        name = _encode_text(ui.implementation_version_name, "implementation version name")
-        subs.append((SUB_IMPLEMENTATION_VERSION_NAME, name))
-    for neg in ui.extended_negotiations:
-        uid = _u16_field(_encode_text(neg.sop_class_uid, "SOP class UID"), "SOP class UID")
-        subs.append((SUB_SOP_CLASS_EXTENDED, uid + bytes(neg.info)))
-    for cneg in ui.common_extended_negotiations:
-        related = b"".join(
-            _u16_field(_encode_text(uid, "related general SOP class UID"), "related UID")
-            for uid in cneg.related_general_sop_classes
-        )
-        value = (
-            _u16_field(_encode_text(cneg.sop_class_uid, "SOP class UID"), "SOP class UID")
-            + _u16_field(
-                _encode_text(cneg.service_class_uid, "service class UID"), "service class UID"
-            )
-            + _u16_field(related, "related general SOP class identification")
-        )
-        # The second byte (sub-item version) is 00H, as _item writes it.
-        subs.append((SUB_SOP_CLASS_COMMON_EXTENDED, value))
-    ident = ui.user_identity
-    if isinstance(ident, UserIdentityRQ):
-        value = (
-            bytes((ident.identity_type, 1 if ident.positive_response_requested else 0))
-            + _u16_field(bytes(ident.primary_field), "primary field")
-            + _u16_field(bytes(ident.secondary_field), "secondary field")
-        )
-        subs.append((SUB_USER_IDENTITY_RQ, value))
-    elif isinstance(ident, UserIdentityAC):
-        response = _u16_field(bytes(ident.server_response), "server response")
-        subs.append((SUB_USER_IDENTITY_AC, response))
-    elif ident is not None:
-        raise TypeError(f"unsupported user identity {ident!r}")
-    # Sub-item order is not significant, but some older peers expect
-    # ascending item types (PS3.8 9.3.2.3 note): the known sub-items are
-    # emitted in that order above.  Unknown ones follow in their own order.
-    for unk in ui.unknown:
-        subs.append((unk.item_type, bytes(unk.data)))
-    return _item(ITEM_USER_INFORMATION, b"".join(_item(t, v) for t, v in subs))
-
-
-def _encode_associate(pdu: AssociateRQ | AssociateAC) -> bytes:
-    if isinstance(pdu, AssociateRQ):
-        pdu_type, encode_pc = A_ASSOCIATE_RQ, _encode_pc_rq
-    else:
-        pdu_type, encode_pc = A_ASSOCIATE_AC, _encode_pc_ac
-    app_context = _encode_text(pdu.application_context, "application context name")
-    items = [_item(ITEM_APPLICATION_CONTEXT, app_context)]
-    items.extend(encode_pc(pc) for pc in pdu.presentation_contexts)  # type: ignore[arg-type]
-    items.append(_encode_user_information(pdu.user_information))
-    variable = b"".join(items)
-    header = _ASSOC_HEADER.pack(
-        pdu_type,
-        _ASSOC_FIXED.size + len(variable),
-        pdu.protocol_version,
-        _encode_ae(pdu.called_ae, "called AE title"),
-        _encode_ae(pdu.calling_ae, "calling AE title"),
-    )
-    return header + variable
-
-
-def _encode_pdata_tf(pdu: PDataTF) -> bytes:
-    parts = []
-    for pdv in pdu.pdvs:
-        parts.append(_PDV_HEADER.pack(len(pdv.data) + 2, pdv.context_id, pdv.control))
-        parts.append(pdv.data)
-    variable = b"".join(parts)
-    return _PDU_HEADER.pack(P_DATA_TF, len(variable)) + variable
-
-
-def encode_pdu(pdu) -> bytes:
-    """Encode one PDU, 6-byte header included.
-
-    Raises ``TypeError`` for something that is not a PDU and ``ValueError``
-    for values that cannot be encoded (AE title too long or not ASCII, a
-    field out of range, an item over 65535 bytes): those are programming
-    errors, not protocol errors.
-    """
-    encoder = _ENCODERS.get(type(pdu))
-    if encoder is None:
-        raise TypeError(f"not a PDU: {pdu!r}")
-    try:
-        return encoder(pdu)
-    except struct.error as exc:
-        raise ValueError(f"cannot encode {type(pdu).__name__}: {exc}") from None
-
-
-def encode_pdata(context_id: int, control: int, data: Union[bytes, memoryview]) -> bytes:
-    """Encode a P-DATA-TF PDU carrying exactly one PDV.
-
-    ``control`` is the message control header (bit 0: command, bit 1: last
-    fragment).  This is the hot send path: one pack of the 12 header bytes
-    and one concatenation.
-    """
-    n = len(data)
-    try:
-        return _PDATA_ONE_PDV.pack(P_DATA_TF, n + 6, n + 2, context_id, control) + data
-    except struct.error as exc:
-        raise ValueError(f"cannot encode P-DATA-TF: {exc}") from None
-
-
-# ---------------------------------------------------------------------------
-# Classes and dispatch tables (see the note on the import cycle at the top)
-# ---------------------------------------------------------------------------
-
-from gateway.ul.pdu import (  # noqa: E402
-    ABORT_INVALID_PDU_PARAMETER_VALUE,
-    ABORT_UNEXPECTED_PDU_PARAMETER,
-    ABORT_UNRECOGNIZED_PDU,
-    A_ABORT,
-    A_ASSOCIATE_AC,
-    A_ASSOCIATE_RJ,
-    A_ASSOCIATE_RQ,
-    A_RELEASE_RP,
-    A_RELEASE_RQ,
-    P_DATA_TF,
-    PC_ACCEPTANCE,
-    PDV,
-    Abort,
-    AssociateAC,
-    AssociateRJ,
-    AssociateRQ,
-    CommonExtendedNegotiation,
-    ExtendedNegotiation,
-    PDataTF,
-    PDUError,
-    PresentationContextAC,
-    PresentationContextRQ,
-    ReleaseRP,
-    ReleaseRQ,
-    RoleSelection,
-    UnknownItem,
-    UserIdentityAC,
-    UserIdentityRQ,
-    UserInformation,
-)
-
 _DECODERS: dict[int, Callable[[int, Buffer], object]] = {
     A_ASSOCIATE_RQ: _decode_associate,
     A_ASSOCIATE_AC: _decode_associate,
@@ -745,16 +519,4 @@ _DECODERS: dict[int, Callable[[int, Buffer], object]] = {
     A_RELEASE_RQ: _decode_release_rq,
     A_RELEASE_RP: _decode_release_rp,
     A_ABORT: _decode_abort,
-}
-
-_ENCODERS: dict[type, Callable[[object], bytes]] = {
-    AssociateRQ: _encode_associate,  # type: ignore[dict-item]
-    AssociateAC: _encode_associate,  # type: ignore[dict-item]
-    AssociateRJ: lambda p: _RJ_PDU.pack(
-        A_ASSOCIATE_RJ, 4, p.result, p.source, p.reason  # type: ignore[attr-defined]
-    ),
-    PDataTF: _encode_pdata_tf,  # type: ignore[dict-item]
-    ReleaseRQ: lambda p: _RELEASE_PDU.pack(A_RELEASE_RQ, 4),
-    ReleaseRP: lambda p: _RELEASE_PDU.pack(A_RELEASE_RP, 4),
-    Abort: lambda p: _ABORT_PDU.pack(A_ABORT, 4, p.source, p.reason),  # type: ignore[attr-defined]
 }
