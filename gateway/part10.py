@@ -1,12 +1,15 @@
 """PS3.10 section 7.1: the DICOM file preamble and File Meta Information.
 
-Pure: builds the bytes that go in front of a dataset received on the wire,
-so that preamble + meta + the dataset bytes exactly as received form a valid
-Part 10 file.  The meta group is always Explicit VR Little Endian.
+Builds the bytes that go in front of a dataset received on the wire, so that
+preamble + meta + the dataset bytes exactly as received form a valid Part 10
+file (the meta group is always Explicit VR Little Endian); reads the meta
+group of a stored file (:func:`read_meta`, blocking) and the leading
+elements of a data set (:func:`read_elements`, pure).
 """
 
 from __future__ import annotations
 
+import os
 import struct
 
 PREAMBLE = b"\x00" * 128 + b"DICM"
@@ -56,18 +59,49 @@ def file_meta(
     return PREAMBLE + group_length + body
 
 
-def dataset_offset(data: bytes) -> int:
-    """Where the dataset starts in a Part 10 file: after the meta group.
+#: The most File Meta Information we read (a real one is a few hundred bytes).
+META_LIMIT = 64 << 10
 
-    Reads the group length (0002,0000), which PS3.10 requires to be first.
-    """
-    if data[128:132] != b"DICM":
-        raise ValueError("no DICM prefix")
-    group, element, vr, length = _SHORT.unpack_from(data, 132)
-    if (group, element, vr) != (0x0002, 0x0000, b"UL") or length != 4:
+
+def dataset_offset(head: bytes) -> int:
+    """Where the data set starts in a Part 10 file, from its first 144 bytes
+    (or more): after the meta group, whose length (0002,0000) PS3.10
+    requires to come first.  ValueError for anything else."""
+    if len(head) < 144 or head[128:132] != b"DICM":
+        raise ValueError("not a DICOM Part 10 file (no DICM prefix)")
+    group, element, vr, length = _SHORT.unpack_from(head, 132)
+    if (group, element, vr, length) != (0x0002, 0x0000, b"UL", 4):
         raise ValueError("File Meta Information Group Length missing")
-    (group_length,) = struct.unpack_from("<L", data, 140)
+    (group_length,) = struct.unpack_from("<L", head, 140)
+    if group_length > META_LIMIT:
+        raise ValueError(f"implausible File Meta Information length {group_length}")
     return 144 + group_length
+
+
+def read_meta(path: str) -> tuple[str, str, str, int, int]:
+    """(SOP class, SOP instance, transfer syntax, data set offset, data set
+    size) of a Part 10 file.  Blocking: call it in a thread.  ValueError for
+    anything that is not a Part 10 file with those three UIDs in its meta group.
+    """
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(144)
+        offset = dataset_offset(head)
+        if offset > size:
+            raise ValueError(f"implausible File Meta Information length {offset - 144}")
+        meta = f.read(offset - 144)
+    elements = read_elements(meta, implicit=False, last_tag=0x0002FFFF, complete=True)
+    values = {tag & 0xFFFF: value for tag, (_vr, value) in elements.items()}
+
+    def uid(element, what):
+        raw = values.get(element)
+        text = raw.rstrip(b"\x00 ").decode("ascii", "replace") if raw else ""
+        if not text:
+            raise ValueError(f"no {what} in the File Meta Information")
+        return text
+
+    return (uid(0x0002, "Media Storage SOP Class UID"), uid(0x0003, "Media Storage SOP Instance UID"),
+            uid(0x0010, "Transfer Syntax UID"), offset, size - offset)
 
 
 # ---- reading the leading elements of a data set (PS3.5 section 7) ----------

@@ -1,22 +1,41 @@
-"""``twistd dicomgw``: command-line options and the service tree."""
+"""``twistd dicomgw``: command-line options and the service tree.
+
+:func:`makeService` builds the gateway top to bottom: each service is made
+with what it depends on, passed explicitly, and added to the root in the
+order it must start (the root stops them in the reverse order).  Services
+that others look up have names: ``scp``, ``payloads``, ``pipelines``,
+``export``, ``reload``, ``api``, and the listeners ``dicom``, ``dicom_tls``,
+``http``.
+"""
 
 from __future__ import annotations
 
-from twisted.application import strports
+import os
+
 from twisted.application.service import MultiService, Service
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from zope.interface import implementer
 
 from gateway.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
-from gateway.interfaces import IReconfigurable
-from gateway.net.tls import server_options
 from gateway.export.jobs import ExportService
+from gateway.ingest.observers import check_observers, load_observers
 from gateway.ingest.scp import SCPService
-from gateway.store.writer import Storage
+from gateway.interfaces import IReconfigurable
+from gateway.net.listener import Listener
+from gateway.net.tls import ReloadableServerTLS, server_options
+from gateway.ops.api import ApiService
+from gateway.ops.audit import AuditTrail, ObserverService, RecentAssociations
+from gateway.ops.metrics import Metrics
+from gateway.ops.reclaimer import Reclaimer
+from gateway.ops.reload import ReloadService
 from gateway.ops.watermark import Watermark
-from gateway.workflow.wiring import add_workflow, check_observers
+from gateway.store.index import open_index
+from gateway.store.writer import Storage
 from gateway.threads import WorkerPool
+from gateway.workflow.payloads import PayloadService
+from gateway.workflow.pipelines import PipelineRunner
 
 # Disk work (writes, fsync, rename) runs here; bounded so that a burst of
 # associations cannot spawn unbounded threads.
@@ -32,13 +51,22 @@ class Options(usage.Options):
 
     def postOptions(self):
         try:
-            self["config_object"] = load_config(self["config"])
+            self["config_object"] = load_config_and_certificates(self["config"])
             check_observers(self["config_object"])
-            if self["config_object"].listen_dicom_tls is not None:
-                # Missing or bad certificate files stop start-up here, named.
-                self["tls_options"] = server_options(self["config_object"].tls, self["config"])
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
+
+
+def load_config_and_certificates(path):
+    """Load a config and, when it has a TLS port, check its certificate files.
+
+    Runs off the reactor thread on reload: a config naming certificates that
+    cannot be read or do not match is as invalid as a bad key.
+    """
+    config = load_config(path)
+    if config.listen.dicom_tls is not None:
+        server_options(config.tls, config.path)
+    return config
 
 
 class WorkerPoolService(Service):
@@ -76,8 +104,27 @@ class StorageService(Service):
 
     def reconfigure(self, config):
         # The root itself only changes with a restart (the reload says so).
-        self.storage.fsync = config.fsync
-        self.storage.implementation_version_name = config.implementation_version_name
+        self.storage.fsync = config.storage.fsync
+        self.storage.implementation_version_name = config.gateway.implementation_version_name
+
+
+@implementer(IReconfigurable)
+class DatabaseService(Service):
+    """Opens a :class:`~gateway.store.database.Database` at start and closes it at stop."""
+
+    def __init__(self, db):
+        self.db = db
+
+    def startService(self):
+        super().startService()
+        return self.db.start()
+
+    def stopService(self):
+        super().stopService()
+        return self.db.stop()
+
+    def reconfigure(self, config):
+        self.db.reconfigure(config)
 
 
 def makeService(options, reactor=None) -> MultiService:
@@ -86,104 +133,44 @@ def makeService(options, reactor=None) -> MultiService:
     config = options["config_object"] if "config_object" in options else load_config(options["config"])
     root = MultiService()
 
+    def add(service):
+        service.setServiceParent(root)
+        return service
+
     pool = WorkerPool(DISK_THREADS, "dicomgw-disk")
-    WorkerPoolService(pool).setServiceParent(root)
-    storage = Storage(config.storage, reactor, pool, fsync=config.fsync,
-                      implementation_version_name=config.implementation_version_name)
-    StorageService(storage).setServiceParent(root)
-
-    scp = SCPService(config, storage, reactor)
-    # Export jobs (IExportQueue) and the destinations (IDestinations); file
-    # reads for streaming share the disk pool.
-    export = ExportService(config, reactor, pool)
-    export.setName("export")
-    export.setServiceParent(root)
-    root.export = root.exports = export
-    root.destinations = export.destinations
-    # Index, payloads, pipelines, reclaimer: observers of the SCP; pipeline
-    # results become export jobs.
-    add_workflow(root, config, storage, scp, reactor, export_queue=export)
-    listener = strports.service(config.listen_dicom, scp.factory(), reactor=reactor)
-    listener.setName("dicom")
-    listener.setServiceParent(root)
-    if config.listen_dicom_tls is not None:
-        root.tls = add_tls_listener(root, scp, options, reactor, pool)
-    watermark = Watermark(scp, storage.root, reactor, pool)
-    watermark.setName("watermark")
-    watermark.setServiceParent(root)
-    root.scp = scp
-
-    _add_operations(root, options, config, scp, storage, pool, reactor)
-    return root
-
-
-def _add_operations(root, options, config, scp, storage, pool, reactor):
-    """Metrics, audit trail, SIGHUP reload and the management API (issue 6).
-
-    Providers for the API (``root.exports``, ``root.destinations``,
-    ``root.payloads``) are picked up when the services that build them set
-    those attributes before this runs.
-    """
-    import os
-
-    from gateway.logs import AuditTrail, ObserverService, RecentAssociations
-    from gateway.ops.metrics import Metrics
-    from gateway.ops.api import ApiService
-    from gateway.ops.reload import ReloadService
+    add(WorkerPoolService(pool))
+    storage = Storage(config.gateway.storage, reactor, pool, fsync=config.storage.fsync,
+                      implementation_version_name=config.gateway.implementation_version_name)
+    add(StorageService(storage))
+    db = open_index(storage.root, reactor, durable=config.storage.fsync)
+    add(DatabaseService(db))
+    # File reads for streaming share the disk pool.
+    export = add(ExportService(config, reactor, pool))
+    runner = add(PipelineRunner(config, db, storage, reactor, export))
+    payloads = add(PayloadService(config, storage, db, reactor, runner))
+    scp = add(SCPService(config, storage, reactor, observers=[payloads, *load_observers(config)]))
+    add(Listener("dicom", config.listen.dicom, scp.factory(), reactor))
+    tls = None
+    if config.listen.dicom_tls is not None:
+        tls = ReloadableServerTLS(server_options(config.tls, config.path), config.tls, config.path, reactor, pool)
+        factory = TLSMemoryBIOFactory(tls, False, scp.factory(tls=True))
+        add(Listener("dicom_tls", config.listen.dicom_tls, factory, reactor))
+    add(Watermark(scp, storage.root, reactor, pool))
+    add(Reclaimer(config, storage, db, reactor, export))
 
     metrics, recent = Metrics(), RecentAssociations()
     observers = [metrics, recent]
-    if config.audit_log:
-        observers.append(AuditTrail(os.path.join(storage.root, config.audit_log), reactor, pool))
-    ObserverService(*observers).setServiceParent(root)
-    path = options.get("config") if hasattr(options, "get") else None
-    reload = ReloadService(path or config.source, config, root, reactor, pool,
-                           loader=load_config_and_certificates,
-                           install_signal=options.get("install_sighup", True))
-    reload.add(scp)
-    if getattr(root, "tls", None) is not None:
-        reload.add(root.tls)
-    reload.setServiceParent(root)
-    root.metrics, root.recent_associations, root.reload = metrics, recent, reload
-    root.api = None
-    if config.listen_http:
-        api = ApiService(config, root, reactor, pool, scp=scp, storage=storage, metrics=metrics,
-                         recent=recent, exports=getattr(root, "exports", None),
-                         destinations=getattr(root, "destinations", None),
-                         payloads=getattr(root, "payloads", None))
-        api.setServiceParent(root)
-        http = strports.service(config.listen_http, api.site(), reactor=reactor)
-        http.setName("http")
-        http.setServiceParent(root)
-        root.api = api
-
-
-def load_config_and_certificates(path):
-    """Load a config and, when it has a TLS port, check its certificate files.
-
-    Runs off the reactor thread on reload: a config naming certificates that
-    cannot be read or do not match is as invalid as a bad key.
-    """
-    config = load_config(path)
-    if config.listen_dicom_tls is not None:
-        server_options(config.tls, config.source)
-    return config
-
-
-def add_tls_listener(root, scp, options, reactor, pool):
-    """The TLS port: TLS layered on the endpoint, the same SCP behind it.
-
-    Returns the connection creator, which a reload gives new certificates.
-    """
-    from twisted.protocols.tls import TLSMemoryBIOFactory
-
-    from gateway.net.tls import ReloadableServerTLS
-
-    config = scp.config
-    tls_options = options["tls_options"] if "tls_options" in options else server_options(config.tls, config.source)
-    creator = ReloadableServerTLS(tls_options, config.tls, config.source, reactor, pool)
-    factory = TLSMemoryBIOFactory(creator, False, scp.factory(tls=True))
-    listener = strports.service(config.listen_dicom_tls, factory, reactor=reactor)
-    listener.setName("dicom_tls")
-    listener.setServiceParent(root)
-    return creator
+    if config.gateway.audit_log:
+        observers.append(AuditTrail(os.path.join(storage.root, config.gateway.audit_log), reactor, pool))
+    add(ObserverService(*observers))
+    reload = add(ReloadService(options.get("config") or config.path, config, root, reactor, pool,
+                               loader=load_config_and_certificates,
+                               install_signal=options.get("install_sighup", True)))
+    if tls is not None:
+        reload.add(tls)
+    if config.listen.http:
+        api = add(ApiService(config, root, reactor, pool, scp=scp, storage=storage, metrics=metrics,
+                             recent=recent, exports=export, destinations=export.destinations,
+                             payloads=payloads))
+        add(Listener("http", config.listen.http, api.site(), reactor))
+    return root

@@ -20,15 +20,8 @@ from gateway.threads import run_with_callback
 
 
 def listening_port(service, name: str = "dicom") -> Deferred:
-    """Fire with the IListeningPort of the named listener of a running gateway.
-
-    The listener is Twisted's StreamServerEndpointService (made by
-    ``strports.service``), which keeps the port only privately.
-    """
-    listener = service.getServiceNamed(name)
-    d = Deferred()
-    listener._waitingForPort.addCallback(lambda port: (d.callback(port), port)[1])
-    return d
+    """Fire with the IListeningPort of the named listener of a running gateway."""
+    return service.getServiceNamed(name).listening()
 
 
 # ---- a reactor and threads that run everything at once, in the test's thread --

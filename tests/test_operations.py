@@ -13,7 +13,8 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from gateway.config import ConfigError, config_from_string
-from gateway.logs import AuditTrail, JSONLinesObserver, RecentAssociations
+from gateway.logs import JSONLinesObserver
+from gateway.ops.audit import AuditTrail, RecentAssociations
 from gateway.ops.metrics import MAX_SERIES, Metrics
 
 AE = '[[ae]]\ntitle = "A"\n'
@@ -32,11 +33,11 @@ class HttpConfigTests(unittest.TestCase):
         return path
 
     def test_off_by_default_and_loopback_needs_no_token(self):
-        self.assertEqual(config_from_string(AE).listen_http, "")
+        self.assertEqual(config_from_string(AE).listen.http, "")
         for desc in ("tcp:8080:interface=127.0.0.1", "tcp:0:interface=127.0.0.5",
                      "tcp6:8080:interface=\\:\\:1", "unix:/run/dicomgw/api.sock"):
             c = config_from_string(f"[listen]\nhttp = '{desc}'\n" + AE)  # literal: keeps the \\
-            self.assertEqual((c.listen_http, c.http_token), (desc, ""))
+            self.assertEqual((c.listen.http, c.http.token), (desc, ""))
 
     def test_not_loopback_without_token_is_a_config_error(self):
         for desc in ("tcp:8080", "tcp:8080:interface=0.0.0.0", "tcp:8080:interface=10.1.2.3",
@@ -49,7 +50,7 @@ class HttpConfigTests(unittest.TestCase):
     def test_token_file_read_and_checked(self):
         path = self.token_file()
         c = config_from_string(f'[listen]\nhttp = "tcp:8080"\n[http]\ntoken_file = "{path}"\n' + AE)
-        self.assertEqual(c.http_token, "0123456789abcdef-token")
+        self.assertEqual(c.http.token, "0123456789abcdef-token")
         self.assertNotIn("0123456789abcdef-token", repr(c))
         problems = self.problems(f'[http]\ntoken_file = "{self.mktemp()}"\n' + AE)
         self.assertIn("http.token_file: cannot read", problems[0])
@@ -64,7 +65,7 @@ class EndpointConfigTests(unittest.TestCase):
     def test_listen_descriptions_are_parsed_like_the_daemon_would(self):
         for good in ("tcp:104", "tcp:0:interface=127.0.0.1", "systemd:domain=INET:name=dicom",
                      "systemd:domain=INET6:index=0", "unix:/run/dicomgw.sock"):
-            self.assertEqual(config_from_string(f'[listen]\ndicom = "{good}"\n' + AE).listen_dicom, good)
+            self.assertEqual(config_from_string(f'[listen]\ndicom = "{good}"\n' + AE).listen.dicom, good)
         for bad, why in (("tcpp:104", "Unknown endpoint type"), ("tcp:104:bogus=1", "bogus"),
                          ("tcp:abc", "invalid literal"), ("systemd:domain=INET", "systemd endpoint"),
                          ("systemd:domain=IPX:name=dicom", "systemd endpoint"),

@@ -36,7 +36,7 @@ def check_config(args) -> int:
     path = args.path or args.config
     try:
         config = load_config(path)
-        from gateway.workflow.wiring import check_observers
+        from gateway.ingest.observers import check_observers
 
         check_observers(config)  # notify.observers must import, as at start-up
     except ConfigError as e:

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sqlite3
 import sys
 
 from twisted.internet import defer
 from twisted.logger import globalLogPublisher
 
-from gateway.export.jobs import Destinations, ExportService, expand_paths
+from gateway.export.destinations import Destinations
+from gateway.export.jobs import ExportService, expand_paths
+from gateway.store.database import DatabaseError
 from gateway.threads import WorkerPool
 
 # Failed files listed per job in the summary; the rest are in the database.
@@ -53,13 +54,13 @@ def _pool():
 
 
 def _unknown(config, name, out) -> int:
-    names = ", ".join(d.name for d in config.destinations) or "none"
+    names = ", ".join(d.name for d in config.destination) or "none"
     print(f"dicomgw: unknown destination {name!r} (configured: {names})", file=out)
     return 2
 
 
 def echo(config, name: str, out=sys.stdout, err=sys.stderr) -> int:
-    dest = config.destination(name)
+    dest = config.destination_named(name)
     if dest is None:
         return _unknown(config, name, err)
     where = f"{dest.ae_title}@{dest.host}:{dest.port}{' (TLS)' if dest.tls else ''}"
@@ -115,7 +116,7 @@ class _Progress:
 
 def send(config, destinations, paths, *, retries=None, out=sys.stdout, err=sys.stderr) -> int:
     for name in destinations:
-        if config.destination(name) is None:
+        if config.destination_named(name) is None:
             return _unknown(config, name, err)
     missing = [p for p in paths if not os.path.exists(p)]
     if missing:
@@ -146,9 +147,9 @@ def send(config, destinations, paths, *, retries=None, out=sys.stdout, err=sys.s
 
     try:
         jobs = _run(main)
-    except (OSError, sqlite3.Error) as e:
+    except (OSError, DatabaseError) as e:
         progress.finish()
-        print(f"dicomgw: cannot use the export database under {config.storage}: {e}", file=err)
+        print(f"dicomgw: cannot use the export database under {config.gateway.storage}: {e}", file=err)
         return 1
     progress.finish()
     if jobs is None:  # the reactor stopped first (Ctrl-C)

@@ -1,10 +1,8 @@
 """Export: durable jobs that C-STORE Part 10 files to configured destinations.
 
-- :class:`ExportStore` keeps jobs and per-file state in SQLite
-  (``exports.sqlite`` under the storage root, WAL), always off the reactor
-  thread: one dedicated thread owns the connection.
-- :class:`Destinations` implements :class:`~gateway.interfaces.IDestinations`:
-  connecting (plain or TLS) and C-ECHO.
+- :class:`ExportStore` keeps jobs and per-file state in a database of their
+  own (``exports.sqlite`` under the storage root, a
+  :class:`~gateway.store.database.Database`), always off the reactor thread.
 - :class:`ExportService` implements :class:`~gateway.interfaces.IExportQueue`:
   it runs jobs, at most ``[scu] max_associations`` associations at once over
   all destinations and at most one per destination (so a destination that is
@@ -24,8 +22,6 @@ that was not finished.
 from __future__ import annotations
 
 import os
-import sqlite3
-import struct
 
 from twisted.application.service import Service
 from twisted.internet import defer
@@ -34,17 +30,11 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from gateway.dimse import commands as C
-from gateway.interfaces import IDestinations, IExportQueue, IReconfigurable
-from gateway.export.scu import (
-    MAX_CONTEXTS,
-    ContextNotAccepted,
-    Peer,
-    SCUError,
-    connect,
-    verification_contexts,
-)
-from gateway.part10 import read_elements
-from gateway.threads import WorkerPool
+from gateway.export.destinations import Destinations
+from gateway.export.scu import MAX_CONTEXTS, ContextNotAccepted, SCUError
+from gateway.interfaces import IExportQueue, IReconfigurable
+from gateway.part10 import read_meta
+from gateway.store.database import Database
 
 DB_NAME = "exports.sqlite"
 
@@ -80,45 +70,6 @@ CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 """
 
 
-# ---- Part 10 header (runs in a thread) ------------------------------------
-
-_SHORT = struct.Struct("<HH2sH")
-_META_LIMIT = 64 << 10
-
-
-def read_part10_header(path: str):
-    """(sop_class, sop_instance, transfer_syntax, dataset offset, dataset size).
-
-    Blocking: call it in a thread.  Raises ValueError for anything that is
-    not a Part 10 file with the three UIDs in its meta group.
-    """
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(144)
-        if len(head) < 144 or head[128:132] != b"DICM":
-            raise ValueError("not a DICOM Part 10 file (no DICM prefix)")
-        group, element, vr, length = _SHORT.unpack_from(head, 132)
-        if (group, element, vr, length) != (2, 0, b"UL", 4):
-            raise ValueError("File Meta Information Group Length missing")
-        (group_length,) = struct.unpack_from("<L", head, 140)
-        if group_length > _META_LIMIT or 144 + group_length > size:
-            raise ValueError(f"implausible File Meta Information length {group_length}")
-        meta = f.read(group_length)
-    elements = read_elements(meta, implicit=False, last_tag=0x0002FFFF, complete=True)
-    values = {tag & 0xFFFF: value for tag, (_vr, value) in elements.items()}
-
-    def uid(element, what):
-        raw = values.get(element)
-        text = raw.rstrip(b"\x00 ").decode("ascii", "replace") if raw else ""
-        if not text:
-            raise ValueError(f"no {what} in the File Meta Information")
-        return text
-
-    offset = 144 + group_length
-    return (uid(0x0002, "Media Storage SOP Class UID"), uid(0x0003, "Media Storage SOP Instance UID"),
-            uid(0x0010, "Transfer Syntax UID"), offset, size - offset)
-
-
 def expand_paths(paths) -> list[str]:
     """Files as given, directories walked in sorted order (blocking)."""
     out = []
@@ -146,266 +97,116 @@ def job_outcome(total: int, failed: int) -> str:
 # ---- SQLite, off the reactor thread ----------------------------------------
 
 
-class ExportStore:
-    """Export jobs in SQLite; every method returns a Deferred."""
+_JOB_COLUMNS = (
+    "SELECT j.id, j.destination, j.state, j.origin, j.created, j.updated, j.attempts, j.next_attempt, "
+    "j.reason, COUNT(f.seq) AS files, COALESCE(SUM(f.state = 'sent'), 0) AS done, "
+    "COALESCE(SUM(f.state = 'failed'), 0) AS failed FROM jobs j LEFT JOIN files f ON f.job_id = j.id ")
 
-    def __init__(self, path: str, reactor, pool=None):
+
+def _add_jobs(conn, destinations, paths, origin, now):
+    ids = []
+    for dest in destinations:
+        cur = conn.execute(
+            "INSERT INTO jobs (destination, origin, state, created, updated) VALUES (?, ?, 'queued', ?, ?)",
+            (dest, origin, now, now))
+        conn.executemany("INSERT INTO files (job_id, seq, path, state) VALUES (?, ?, ?, 'queued')",
+                         [(cur.lastrowid, i, p) for i, p in enumerate(paths)])
+        ids.append(cur.lastrowid)
+    return ids
+
+
+def _set_job(conn, job_id, now, fields):
+    fields = dict(fields, updated=now)
+    names = ", ".join(f"{k} = ?" for k in fields)
+    conn.execute(f"UPDATE jobs SET {names} WHERE id = ?", (*fields.values(), job_id))
+
+
+def _set_file(conn, job_id, seq, fields):
+    names = ", ".join(f"{k} = ?" for k in fields)
+    conn.execute(f"UPDATE files SET {names} WHERE job_id = ? AND seq = ?", (*fields.values(), job_id, seq))
+
+
+def _unfinished(conn):
+    rows = conn.execute("SELECT id, destination, state, next_attempt FROM jobs "
+                        "WHERE state IN ('queued', 'in_progress', 'retrying') ORDER BY id")
+    return [dict(r) for r in rows]
+
+
+def _pending_files(conn, job_id):
+    rows = conn.execute("SELECT seq, path, attempts FROM files WHERE job_id = ? AND state IN ('queued', 'retry') "
+                        "ORDER BY seq", (job_id,))
+    return [dict(r) for r in rows]
+
+
+def _counts(conn, job_id):
+    row = conn.execute(
+        "SELECT COUNT(*) AS files, SUM(state = 'sent') AS done, SUM(state = 'failed') AS failed, "
+        "SUM(state IN ('queued', 'retry')) AS pending FROM files WHERE job_id = ?", (job_id,)).fetchone()
+    return {k: row[k] or 0 for k in ("files", "done", "failed", "pending")}
+
+
+def _jobs(conn, limit, offset, state):
+    where, args = ("WHERE j.state = ? ", (state,)) if state else ("", ())
+    rows = conn.execute(_JOB_COLUMNS + where + "GROUP BY j.id ORDER BY j.id DESC LIMIT ? OFFSET ?",
+                        (*args, int(limit), int(offset)))
+    return [dict(r) for r in rows]
+
+
+def _job(conn, job_id):
+    row = conn.execute(_JOB_COLUMNS + "WHERE j.id = ? GROUP BY j.id", (job_id,)).fetchone()
+    if row is None:
+        return None
+    job = dict(row)
+    job["file_statuses"] = [dict(r) for r in conn.execute(
+        "SELECT path, state, status, attempts, reason, sop_instance_uid FROM files WHERE job_id = ? ORDER BY seq",
+        (job_id,))]
+    return job
+
+
+class ExportStore:
+    """Export jobs in their own database; every method returns a Deferred.
+
+    Writes are durable commits (fsynced while ``[storage] fsync`` is on): a
+    submitted job survives a power cut.
+    """
+
+    def __init__(self, path: str, reactor, pool=None, durable: bool = True):
+        self.db = Database(path, reactor, schema=_SCHEMA, name="exportdb", durable=durable, pool=pool)
         self.path = path
-        self.reactor = reactor
-        # One thread owns the connection; tests may pass a pool of their own.
-        self._own_pool = pool is None
-        self.pool = pool or WorkerPool(1, "dicomgw-exportdb")
-        self._db: sqlite3.Connection | None = None
 
     def start(self):
-        if self._own_pool:
-            self.pool.start()
-        return self._run(self._open)
+        return self.db.start()
 
     def stop(self):
-        d = self._run(self._close)
-        if self._own_pool:
-            d.addBoth(lambda r: (self.pool.stop(), r)[1])
-        return d
-
-    def _run(self, f, *args):
-        return deferToThreadPool(self.reactor, self.pool, self._call, f, args)
-
-    def _call(self, f, args):
-        if self._db is None and f not in (self._open, self._close):
-            raise sqlite3.OperationalError(f"the export database {self.path} is not open")
-        return f(*args)
-
-    def _open(self):
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
-        db.execute("PRAGMA journal_mode=WAL")
-        # A submitted job must survive a power cut: fsync every commit.
-        db.execute("PRAGMA synchronous=FULL")
-        db.executescript(_SCHEMA)
-        db.row_factory = sqlite3.Row
-        self._db = db
-
-    def _close(self):
-        if self._db is not None:
-            self._db.close()
-            self._db = None
-
-    # -- writes
+        return self.db.stop()
 
     def add_jobs(self, destinations, paths, origin, now):
-        return self._run(self._add_jobs, list(destinations), list(paths), origin, now)
-
-    def _add_jobs(self, destinations, paths, origin, now):
-        db = self._db
-        ids = []
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            for dest in destinations:
-                cur = db.execute(
-                    "INSERT INTO jobs (destination, origin, state, created, updated) VALUES (?, ?, 'queued', ?, ?)",
-                    (dest, origin, now, now))
-                job_id = cur.lastrowid
-                db.executemany("INSERT INTO files (job_id, seq, path, state) VALUES (?, ?, ?, 'queued')",
-                               [(job_id, i, p) for i, p in enumerate(paths)])
-                ids.append(job_id)
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        return ids
+        return self.db.run_durable(_add_jobs, list(destinations), list(paths), origin, now)
 
     def set_job(self, job_id, now, **fields):
-        return self._run(self._set_job, job_id, now, fields)
-
-    def _set_job(self, job_id, now, fields):
-        fields["updated"] = now
-        names = ", ".join(f"{k} = ?" for k in fields)
-        self._db.execute(f"UPDATE jobs SET {names} WHERE id = ?", (*fields.values(), job_id))
+        return self.db.run_durable(_set_job, job_id, now, fields)
 
     def set_file(self, job_id, seq, **fields):
-        return self._run(self._set_file, job_id, seq, fields)
-
-    def _set_file(self, job_id, seq, fields):
-        names = ", ".join(f"{k} = ?" for k in fields)
-        self._db.execute(f"UPDATE files SET {names} WHERE job_id = ? AND seq = ?", (*fields.values(), job_id, seq))
-
-    # -- reads
+        return self.db.run_durable(_set_file, job_id, seq, fields)
 
     def unfinished(self):
-        return self._run(self._unfinished)
-
-    def _unfinished(self):
-        rows = self._db.execute(
-            "SELECT id, destination, state, next_attempt FROM jobs WHERE state IN ('queued', 'in_progress', 'retrying') ORDER BY id")
-        return [dict(r) for r in rows]
+        return self.db.run(_unfinished)
 
     def pending_files(self, job_id):
-        return self._run(self._pending_files, job_id)
-
-    def _pending_files(self, job_id):
-        rows = self._db.execute(
-            "SELECT seq, path, attempts FROM files WHERE job_id = ? AND state IN ('queued', 'retry') ORDER BY seq",
-            (job_id,))
-        return [dict(r) for r in rows]
+        return self.db.run(_pending_files, job_id)
 
     def counts(self, job_id):
-        return self._run(self._counts, job_id)
-
-    def _counts(self, job_id):
-        row = self._db.execute(
-            "SELECT COUNT(*) AS files, SUM(state = 'sent') AS done, SUM(state = 'failed') AS failed, "
-            "SUM(state IN ('queued', 'retry')) AS pending FROM files WHERE job_id = ?", (job_id,)).fetchone()
-        return {k: row[k] or 0 for k in ("files", "done", "failed", "pending")}
-
-    _JOB_COLUMNS = (
-        "SELECT j.id, j.destination, j.state, j.origin, j.created, j.updated, j.attempts, j.next_attempt, "
-        "j.reason, COUNT(f.seq) AS files, COALESCE(SUM(f.state = 'sent'), 0) AS done, "
-        "COALESCE(SUM(f.state = 'failed'), 0) AS failed FROM jobs j LEFT JOIN files f ON f.job_id = j.id ")
+        return self.db.run(_counts, job_id)
 
     def jobs(self, limit=100, offset=0, state=None):
-        return self._run(self._jobs, limit, offset, state)
-
-    def _jobs(self, limit, offset, state):
-        where, args = ("WHERE j.state = ? ", (state,)) if state else ("", ())
-        rows = self._db.execute(self._JOB_COLUMNS + where + "GROUP BY j.id ORDER BY j.id DESC LIMIT ? OFFSET ?",
-                                (*args, int(limit), int(offset)))
-        return [dict(r) for r in rows]
+        return self.db.run(_jobs, limit, offset, state)
 
     def job(self, job_id):
         try:
             job_id = int(job_id)  # the API hands over the id from a URL
         except (TypeError, ValueError):
             return defer.succeed(None)
-        return self._run(self._job, job_id)
-
-    def _job(self, job_id):
-        row = self._db.execute(self._JOB_COLUMNS + "WHERE j.id = ? GROUP BY j.id", (job_id,)).fetchone()
-        if row is None:
-            return None
-        job = dict(row)
-        job["file_statuses"] = [dict(r) for r in self._db.execute(
-            "SELECT path, state, status, attempts, reason, sop_instance_uid FROM files WHERE job_id = ? ORDER BY seq",
-            (job_id,))]
-        return job
-
-
-# ---- destinations ----------------------------------------------------------
-
-
-def _read(path) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
-
-
-def _tls_options(destination, tls):
-    """optionsForClientTLS for a destination (blocking: reads PEM files).
-
-    ``tls`` is the ``[tls]`` section: its profile's TLS 1.2 ciphers (never
-    below TLS 1.2), its CA file when that exists (else the system's CAs),
-    its certificate and key as our client certificate when those exist,
-    unless the destination names its own.
-    """
-    from twisted.internet.ssl import (
-        AcceptableCiphers,
-        Certificate,
-        PrivateCertificate,
-        optionsForClientTLS,
-        trustRootFromCertificates,
-    )
-
-    from gateway.net.tls import MINIMUM_VERSION, PROFILES
-
-    ca_file = destination.ca_certificates
-    if not ca_file and tls.ca_certificates and os.path.isfile(tls.ca_certificates):
-        ca_file = tls.ca_certificates
-    cert_file, key_file = destination.certificate, destination.private_key
-    if not cert_file and tls.certificate and tls.private_key \
-            and os.path.isfile(tls.certificate) and os.path.isfile(tls.private_key):
-        cert_file, key_file = tls.certificate, tls.private_key
-    trust = None  # the platform's trust store
-    if ca_file:
-        pem = _read(ca_file)
-        certs = [Certificate.loadPEM(b"-----BEGIN CERTIFICATE-----" + part)
-                 for part in pem.split(b"-----BEGIN CERTIFICATE-----")[1:]]
-        if not certs:
-            raise ValueError(f"{ca_file}: no certificate in it")
-        trust = trustRootFromCertificates(certs)
-    client = None
-    if cert_file:
-        client = PrivateCertificate.loadPEM(_read(cert_file) + b"\n" + _read(key_file))
-    # The host name or IP address is verified against the certificate by
-    # service-identity.
-    ciphers = AcceptableCiphers.fromOpenSSLCipherString(":".join(PROFILES.get(tls.profile, PROFILES["bcp195-nd"])))
-    return optionsForClientTLS(destination.host, trustRoot=trust, clientCertificate=client,
-                               extraCertificateOptions={"raiseMinimumTo": MINIMUM_VERSION,
-                                                        "acceptableCiphers": ciphers})
-
-
-@implementer(IDestinations)
-class Destinations:
-    """Connects to configured destinations; C-ECHO."""
-
-    log = Logger()
-
-    def __init__(self, config, reactor, read_pool):
-        self.config = config
-        self.reactor = reactor
-        self.read_pool = read_pool
-
-    def names(self):
-        return [d.name for d in self.config.destinations]
-
-    def get(self, name):
-        d = self.config.destination(name)
-        if d is None:
-            raise KeyError(name)
-        return d
-
-    @defer.inlineCallbacks
-    def connect(self, name, contexts):
-        """Fires with an established SCUAssociation; fails with SCUError."""
-        dest = self.get(name)
-        config = self.config
-        tls = None
-        if dest.tls:
-            try:
-                tls = yield deferToThreadPool(self.reactor, self.read_pool, _tls_options, dest, config.tls)
-            except Exception as e:
-                raise SCUError(f"TLS set-up failed: {e}") from e
-        peer = Peer(dest.host, dest.port, dest.ae_title, config.scu.ae_title, dest.name)
-        assoc = yield connect(
-            self.reactor, peer, contexts, read_pool=self.read_pool, max_pdu_length=config.max_pdu_length,
-            implementation_version_name=config.implementation_version_name,
-            connect_timeout=config.scu.connect_timeout, artim_timeout=config.artim,
-            dimse_timeout=config.dimse, tls_options=tls)
-        return assoc
-
-    def echo(self, name):
-        self.get(name)  # KeyError now, not in the Deferred
-        return self._echo(name)
-
-    @defer.inlineCallbacks
-    def _echo(self, name):
-        result = {"destination": name, "ok": False, "rtt_ms": None, "reason": None}
-        try:
-            assoc = yield self.connect(name, verification_contexts())
-            started = self.reactor.seconds()
-            status = yield assoc.echo()
-            rtt = self.reactor.seconds() - started
-            yield assoc.release()
-            result["rtt_ms"] = round(rtt * 1000, 3)
-            if status == C.SUCCESS:
-                result["ok"] = True
-            else:
-                result["reason"] = f"C-ECHO answered status 0x{status:04X}"
-        except SCUError as e:
-            result["reason"] = str(e)
-        self.log.info(
-            "echo {destination}: {outcome}", event="echo", destination=name, ok=result["ok"],
-            rtt_ms=result["rtt_ms"], reason=result["reason"],
-            outcome=f"success in {result['rtt_ms']} ms" if result["ok"] else result["reason"])
-        return result
+        return self.db.run(_job, job_id)
 
 
 # ---- the queue and its scheduler ------------------------------------------
@@ -413,16 +214,18 @@ class Destinations:
 
 @implementer(IExportQueue, IReconfigurable)
 class ExportService(Service):
-    """Runs export jobs; see the module docstring for the rules."""
+    """Runs export jobs (the service "export"); see the module docstring for the rules."""
 
     log = Logger()
+    name = "export"
 
     def __init__(self, config, reactor, read_pool, *, db_path=None, destinations=None, resume=True,
                  db_pool=None):
         self.config = config
         self.reactor = reactor
         self.read_pool = read_pool
-        self.store = ExportStore(db_path or os.path.join(config.storage, DB_NAME), reactor, db_pool)
+        self.store = ExportStore(db_path or os.path.join(config.gateway.storage, DB_NAME), reactor, db_pool,
+                                 durable=config.storage.fsync)
         self.destinations = destinations or Destinations(config, reactor, read_pool)
         self.resume = resume
         self._ready: list[tuple[int, str]] = []  # (job id, destination), FIFO
@@ -494,6 +297,7 @@ class ExportService(Service):
         """SIGHUP: new destinations and [scu] settings apply to the next
         association; a job already sending keeps its association."""
         self.config = config
+        self.store.db.reconfigure(config)
         if isinstance(self.destinations, Destinations):
             self.destinations.config = config
         self._pump()
@@ -595,7 +399,7 @@ class ExportService(Service):
         sendable = []
         for f in files:
             try:
-                f["header"] = await deferToThreadPool(self.reactor, self.read_pool, read_part10_header, f["path"])
+                f["header"] = await deferToThreadPool(self.reactor, self.read_pool, read_meta, f["path"])
                 sendable.append(f)
             except (OSError, ValueError) as e:
                 await self._file_result(job_id, name, f, "failed", None, f"cannot read: {e}", attempt)

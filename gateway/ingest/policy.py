@@ -62,7 +62,7 @@ def matching_sources(config, calling_ae: str, peer_host: str | None) -> set[str]
     """The ``[[source]]`` AE titles this calling AE title and address match."""
     host = _host(peer_host)
     names = set()
-    for source in config.sources:
+    for source in config.source:
         if source.ae_title != calling_ae:
             continue
         if source.host is not None:
@@ -82,7 +82,7 @@ def check_association(config, rq: P.AssociateRQ, *, peer_host: str | None, tls: 
     """None to go on negotiating, or why (and how) to reject."""
     if rq.application_context != P.DICOM_APPLICATION_CONTEXT:
         return _user(P.RJ_USER_APP_CONTEXT_NOT_SUPPORTED, f"application context {rq.application_context!r}")
-    ae = config.ae(rq.called_ae)
+    ae = config.ae_named(rq.called_ae)
     if ae is None:
         return _user(P.RJ_USER_CALLED_AE_NOT_RECOGNIZED, f"called AE title {rq.called_ae!r} is not configured")
     if ae.tls_only and not tls:
@@ -91,17 +91,17 @@ def check_association(config, rq: P.AssociateRQ, *, peer_host: str | None, tls: 
     calling = rq.calling_ae
     if not AE_REPERTOIRE.match(calling):
         return _user(P.RJ_USER_CALLING_AE_NOT_RECOGNIZED, f"calling AE title {calling!r} is not a valid AE title")
-    if config.reject_unknown_sources or ae.sources is not None:
+    if config.gateway.reject_unknown_sources or ae.sources is not None:
         known = matching_sources(config, calling, peer_host)
-        if config.reject_unknown_sources and not known:
+        if config.gateway.reject_unknown_sources and not known:
             return _user(P.RJ_USER_CALLING_AE_NOT_RECOGNIZED,
                          f"calling AE title {calling!r} from {peer_host} matches no [[source]]")
         if ae.sources is not None and not known.intersection(ae.sources):
             return _user(P.RJ_USER_CALLING_AE_NOT_RECOGNIZED,
                          f"calling AE title {calling!r} from {peer_host} may not call {ae.title!r}")
-    if active >= config.max_associations:
+    if active >= config.gateway.max_associations:
         return Reject(P.RJ_TRANSIENT, P.RJ_SOURCE_PRESENTATION, P.RJ_PRES_LOCAL_LIMIT_EXCEEDED,
-                      f"{active} associations open (max_associations = {config.max_associations})")
+                      f"{active} associations open (max_associations = {config.gateway.max_associations})")
     if congestion:
         return Reject(P.RJ_TRANSIENT, P.RJ_SOURCE_PRESENTATION, P.RJ_PRES_TEMPORARY_CONGESTION,
                       f"storage: {congestion}")

@@ -23,6 +23,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from twisted.internet.defer import Deferred, FirstError, fail, gatherResults, succeed
+from twisted.application.service import Service
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -63,20 +64,24 @@ class AssociationInfo:
 
 
 @implementer(IReconfigurable)
-class SCPService:
-    """Shared state of the SCP; one per running gateway."""
+class SCPService(Service):
+    """Shared state of the SCP; one per running gateway (the service "scp").
+
+    ``observers`` are the IInstanceStoredObserver providers told of every
+    instance, in order.
+    """
 
     log = Logger()
+    name = "scp"
 
-    def __init__(self, config, storage, reactor):
+    def __init__(self, config, storage, reactor, observers=()):
         self.config = config
         self.storage = storage
         self.reactor = reactor
+        self.observers = list(observers)
         self.active: set[StoreSCP] = set()
         # Set by the watermark service: why storage is congested, or None.
         self.congestion: str | None = None
-        # IInstanceStoredObserver providers, called in order.
-        self.observers: list = []
 
     def notify(self, method: str, *args):
         """Call ``method`` on every observer; fire when all have finished.
@@ -120,10 +125,10 @@ class DicomServerFactory(ServerFactory):
             user,
             service.reactor,
             requestor=False,
-            max_pdu_length=config.max_pdu_length,
-            artim_timeout=config.artim,
-            dimse_timeout=config.dimse,
-            pdu_timeout=config.pdu_timeout,
+            max_pdu_length=config.gateway.max_pdu_length,
+            artim_timeout=config.timeouts.artim,
+            dimse_timeout=config.timeouts.dimse,
+            pdu_timeout=config.timeouts.pdu,
         )
 
 
@@ -200,7 +205,7 @@ class StoreSCP(DIMSEUser):
                                   "reject_reason": reject.reason}
             self.provider.reject(reject.rj)
             return
-        self.ae = config.ae(rq.called_ae)
+        self.ae = config.ae_named(rq.called_ae)
 
         results = []
         for pc in rq.presentation_contexts:
@@ -220,9 +225,9 @@ class StoreSCP(DIMSEUser):
             calling_ae=rq.calling_ae,
             presentation_contexts=tuple(results),
             user_information=P.UserInformation(
-                max_length=config.max_pdu_length,
+                max_length=config.gateway.max_pdu_length,
                 implementation_class_uid=IMPLEMENTATION_CLASS_UID,
-                implementation_version_name=config.implementation_version_name,
+                implementation_version_name=config.gateway.implementation_version_name,
                 async_ops=(1, 1) if ui.async_ops is not None else None,
                 role_selections=roles,
             ),

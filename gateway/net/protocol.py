@@ -27,21 +27,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from gateway.interfaces import IAssociationProvider
-from gateway.ul import (
-    ABORT_REASON_NOT_SPECIFIED,
-    AbortIndication,
-    AssociateAccepted,
-    AssociateIndication,
-    AssociateRejected,
-    Association,
-    CloseTransport,
-    PDataIndication,
-    ReleaseConfirmation,
-    ReleaseIndication,
-    Send,
-    StartARTIM,
-    StopARTIM,
-)
+from gateway import ul
 
 #: Bytes read from a TCP socket at a time (see connectionMade).
 READ_SIZE = 256 << 10
@@ -89,7 +75,7 @@ class DicomProtocol(Protocol):
                  artim_timeout: float, dimse_timeout: float, pdu_timeout: float = 0):
         self.user = user
         self.reactor = reactor
-        self.core = Association(requestor, max_pdu_length)
+        self.core = ul.Association(requestor, max_pdu_length)
         self.artim_timeout = artim_timeout
         self.dimse_timeout = dimse_timeout
         self.pdu_timeout = pdu_timeout
@@ -176,7 +162,7 @@ class DicomProtocol(Protocol):
         if not self.closed and self.core.can_answer_release:
             self._run(self.core.release_response())
 
-    def abort(self, reason: int = ABORT_REASON_NOT_SPECIFIED, why: str = "aborted", now: bool = False):
+    def abort(self, reason: int = ul.ABORT_REASON_NOT_SPECIFIED, why: str = "aborted", now: bool = False):
         """A-ABORT from the local user; the connection closes.  With ``now``
         the connection is dropped at once, without waiting for the peer."""
         if self.closed:
@@ -248,36 +234,24 @@ class DicomProtocol(Protocol):
     # ---- effects -------------------------------------------------------
 
     def _run(self, effects):
-        user = self.user
         for fx in effects:
-            kind = type(fx)
-            if kind is Send:
-                self._writer.write(fx.data)
-            elif kind is PDataIndication:
-                user.pdata_indication(fx.pdu)
-            elif kind is StartARTIM:
-                self._start_artim()
-            elif kind is StopARTIM:
-                self._cancel_artim()
-            elif kind is CloseTransport:
-                self._close()
-            elif kind is AssociateIndication:
-                user.associate_indication(fx.request)
-            elif kind is ReleaseIndication:
-                user.release_indication(fx.collision)
-            elif kind is ReleaseConfirmation:
-                user.release_confirmation()
-            elif kind is AbortIndication:
-                if fx.local and fx.detail:
-                    self.disconnect_reason = self.disconnect_reason or fx.detail
-                self._cancel_dimse()
-                user.aborted(fx)
-            elif kind is AssociateAccepted:
-                self._start_dimse()
-                user.associate_accepted(fx.response)
-            elif kind is AssociateRejected:
-                user.associate_rejected(fx.response)
-            # ConnectTransport: Twisted connected us before this protocol existed
+            _EFFECTS[type(fx)](self, fx)
+
+    def _send(self, fx):
+        self._writer.write(fx.data)
+
+    def _aborted(self, fx):
+        if fx.local and fx.detail:
+            self.disconnect_reason = self.disconnect_reason or fx.detail
+        self._cancel_dimse()
+        self.user.aborted(fx)
+
+    def _confirmed(self, fx):
+        if fx.accepted:
+            self._start_dimse()
+            self.user.associate_accepted(fx.response)
+        else:
+            self.user.associate_rejected(fx.response)
 
     def _close(self):
         self._cancel_dimse()
@@ -363,3 +337,19 @@ class DicomProtocol(Protocol):
             abort_connection()
         else:
             self.transport.loseConnection()
+
+
+#: What each effect of the core means here.
+_EFFECTS = {
+    ul.Send: DicomProtocol._send,
+    ul.PDataIndication: lambda p, fx: p.user.pdata_indication(fx.pdu),
+    ul.StartARTIM: lambda p, fx: p._start_artim(),
+    ul.StopARTIM: lambda p, fx: p._cancel_artim(),
+    ul.CloseTransport: lambda p, fx: p._close(),
+    ul.AssociateIndication: lambda p, fx: p.user.associate_indication(fx.request),
+    ul.AssociateConfirmation: DicomProtocol._confirmed,
+    ul.ReleaseIndication: lambda p, fx: p.user.release_indication(fx.collision),
+    ul.ReleaseConfirmation: lambda p, fx: p.user.release_confirmation(),
+    ul.AbortIndication: DicomProtocol._aborted,
+    ul.ConnectTransport: lambda p, fx: None,  # Twisted connected us before this protocol existed
+}

@@ -27,6 +27,8 @@ Diffie-Hellman parameters, and ECDHE gives the same forward secrecy.
 
 from __future__ import annotations
 
+import os
+
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
@@ -64,11 +66,12 @@ TLS13_SUITES = "TLS_AES_256_GCM_SHA384:TLS_AES_128_GCM_SHA256"
 
 
 def _read(key: str, path: str, source: str) -> bytes:
+    """The file named by configuration key ``key`` (blocking), or a ConfigError naming both."""
     try:
         with open(path, "rb") as f:
             return f.read()
     except OSError as e:
-        raise ConfigError([f"tls.{key}: cannot read {path}: {e.strerror}"], source) from None
+        raise ConfigError([f"{key}: cannot read {path}: {e.strerror}"], source) from None
 
 
 def _certificates(key: str, path: str, source: str) -> list[crypto.X509]:
@@ -79,28 +82,32 @@ def _certificates(key: str, path: str, source: str) -> list[crypto.X509]:
         try:
             certs.append(crypto.load_certificate(crypto.FILETYPE_PEM, marker + chunk))
         except crypto.Error:
-            raise ConfigError([f"tls.{key}: {path} holds a certificate that is not valid PEM"], source) from None
+            raise ConfigError([f"{key}: {path} holds a certificate that is not valid PEM"], source) from None
     if not certs:
-        raise ConfigError([f"tls.{key}: {path} holds no PEM certificate"], source)
+        raise ConfigError([f"{key}: {path} holds no PEM certificate"], source)
     return certs
 
 
+def _ciphers(profile: str) -> AcceptableCiphers:
+    return AcceptableCiphers.fromOpenSSLCipherString(":".join(PROFILES[profile]))
+
+
 def server_options(tls, source: str = "<string>") -> CertificateOptions:
-    """``CertificateOptions`` for the TLS port from a :class:`gateway.config.TLSConfig`."""
-    chain = _certificates("certificate", tls.certificate, source)
-    key_pem = _read("private_key", tls.private_key, source)
+    """``CertificateOptions`` for the TLS port from a ``[tls]`` section (:class:`gateway.config.sections.TLS`)."""
+    chain = _certificates("tls.certificate", tls.certificate, source)
+    key_pem = _read("tls.private_key", tls.private_key, source)
     try:
         key = crypto.load_privatekey(crypto.FILETYPE_PEM, key_pem)
     except crypto.Error:
         raise ConfigError([f"tls.private_key: {tls.private_key} holds no PEM private key"], source) from None
-    cas = _certificates("ca_certificates", tls.ca_certificates, source)
+    cas = _certificates("tls.ca_certificates", tls.ca_certificates, source)
 
     common = dict(
         privateKey=key,
         certificate=chain[0],
         extraCertChain=chain[1:],
         raiseMinimumTo=MINIMUM_VERSION,
-        acceptableCiphers=AcceptableCiphers.fromOpenSSLCipherString(":".join(PROFILES[tls.profile])),
+        acceptableCiphers=_ciphers(tls.profile),
     )
     if tls.require_client_certificate:
         trust = ssl.trustRootFromCertificates([ssl.Certificate(c) for c in cas])
@@ -115,6 +122,36 @@ def server_options(tls, source: str = "<string>") -> CertificateOptions:
                           source) from None
     context.set_tls13_ciphersuites(TLS13_SUITES.encode("ascii"))
     return options
+
+
+def client_options(destination, tls, source: str = "<string>"):
+    """``optionsForClientTLS`` for a ``[[destination]]`` (blocking: reads PEM files).
+
+    ``tls`` is the ``[tls]`` section: its profile's TLS 1.2 ciphers (never
+    below TLS 1.2), its CA file when that exists (else the system's CAs),
+    its certificate and key as our client certificate when those exist,
+    unless the destination names its own.  The destination's host name or
+    IP address is verified against its certificate (service-identity).
+    """
+    key = f"destination {destination.name!r}"
+    ca_file, ca_key = destination.ca_certificates, f"{key} ca_certificates"
+    if not ca_file and tls.ca_certificates and os.path.isfile(tls.ca_certificates):
+        ca_file, ca_key = tls.ca_certificates, "tls.ca_certificates"
+    cert_file, key_file = destination.certificate, destination.private_key
+    cert_key, key_key = f"{key} certificate", f"{key} private_key"
+    if not cert_file and tls.certificate and tls.private_key \
+            and os.path.isfile(tls.certificate) and os.path.isfile(tls.private_key):
+        cert_file, key_file, cert_key, key_key = tls.certificate, tls.private_key, "tls.certificate", "tls.private_key"
+    trust = None  # the platform's trust store
+    if ca_file:
+        trust = ssl.trustRootFromCertificates([ssl.Certificate(c) for c in _certificates(ca_key, ca_file, source)])
+    client = None
+    if cert_file:
+        client = ssl.PrivateCertificate.loadPEM(_read(cert_key, cert_file, source) + b"\n"
+                                                + _read(key_key, key_file, source))
+    return ssl.optionsForClientTLS(destination.host, trustRoot=trust, clientCertificate=client,
+                                   extraCertificateOptions={"raiseMinimumTo": MINIMUM_VERSION,
+                                                            "acceptableCiphers": _ciphers(tls.profile)})
 
 
 @implementer(IOpenSSLServerConnectionCreator, IReconfigurable)
@@ -144,10 +181,10 @@ class ReloadableServerTLS:
         if config.tls == self.tls or config.tls is None:
             return None
         tls = config.tls
-        d = deferToThreadPool(self.reactor, self.pool, server_options, tls, config.source)
+        d = deferToThreadPool(self.reactor, self.pool, server_options, tls, config.path)
 
         def swap(options):
-            self.options, self.tls, self.source = options, tls, config.source
+            self.options, self.tls, self.source = options, tls, config.path
             self.log.info("TLS port: new connections use the certificate from {certificate} "
                           "(profile {profile})", event="tls.reloaded",
                           certificate=tls.certificate, profile=tls.profile)

@@ -29,7 +29,6 @@ import json
 import os
 import time
 
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IServiceCollection, Service
 from twisted.internet.defer import inlineCallbacks, maybeDeferred
 from twisted.internet.threads import deferToThreadPool
@@ -40,6 +39,7 @@ from zope.interface import implementer
 
 from gateway import IMPLEMENTATION_CLASS_UID, __version__
 from gateway.interfaces import IHealthCheck, IReconfigurable
+from gateway.net.listener import Listener
 
 MAX_BODY = 1 << 20
 MAX_LIMIT = 1000
@@ -60,33 +60,17 @@ def _walk(service):
             yield from _walk(child)
 
 
-def listener_state(listener) -> tuple[str, str | None]:
-    """("up", "host:port") / ("starting", None) / ("down", why) for a strports service."""
-    d = getattr(listener, "_waitingForPort", None)
-    if not listener.running or d is None:
-        return "down", "not running"
-    if not d.called:
-        return "starting", None
-    port = d.result
-    if port is None:  # strports swallowed the listen failure after logging it
-        return "down", "could not listen (see the log)"
-    if hasattr(port, "getHost"):
-        if getattr(port, "connected", True) is False:
-            return "down", "stopped listening"
-        host = port.getHost()
-        return "up", f"{getattr(host, 'host', '')}:{getattr(host, 'port', '')}"
-    return "down", str(getattr(port, "value", port))
-
-
 def _iso(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
 @implementer(IReconfigurable)
 class ApiService(Service):
-    """What the API reads: the running gateway and the optional providers."""
+    """What the API reads (the service "api"): the running gateway and the
+    optional providers."""
 
     log = Logger()
+    name = "api"
 
     def __init__(self, config, root, reactor, pool, *, scp, storage, metrics, recent,
                  exports=None, destinations=None, payloads=None):
@@ -116,8 +100,8 @@ class ApiService(Service):
     def listeners(self) -> dict:
         out = {}
         for svc in _walk(self.root):
-            if isinstance(svc, StreamServerEndpointService) and svc.name:
-                state, detail = listener_state(svc)
+            if isinstance(svc, Listener):
+                state, detail = svc.state()
                 out[svc.name] = {"state": state, ("address" if state == "up" else "detail"): detail}
         return out
 
@@ -202,8 +186,10 @@ class ApiResource(Resource):
     # ---- dispatch ---------------------------------------------------------
 
     def render(self, request):
+        gone = []  # a client that goes away before the answer gets none
+        request.notifyFinish().addErrback(gone.append)
         d = maybeDeferred(self._dispatch, request)
-        d.addCallbacks(self._write, self._error, callbackArgs=(request,), errbackArgs=(request,))
+        d.addCallbacks(self._write, self._error, callbackArgs=(request, gone), errbackArgs=(request, gone))
         d.addErrback(lambda f: self.log.failure("writing an API response", f))
         return NOT_DONE_YET
 
@@ -233,7 +219,7 @@ class ApiResource(Resource):
         raise ApiError(404, f"no such resource: /{'/'.join(segments)}")
 
     def _authorize(self, request):
-        token = self.api.config.http_token
+        token = self.api.config.http.token
         if not token:
             return
         header = (request.getHeader("authorization") or "").strip()
@@ -242,7 +228,7 @@ class ApiResource(Resource):
             raise ApiError(401, "a valid bearer token is required (Authorization: Bearer <token>)",
                            {"WWW-Authenticate": 'Bearer realm="dicomgw"'})
 
-    def _write(self, result, request):
+    def _write(self, result, request, gone=()):
         code, body = result[0], result[1]
         if isinstance(body, str):  # /metrics
             data = body.encode("utf-8")
@@ -250,7 +236,7 @@ class ApiResource(Resource):
         else:
             data = (json.dumps(body, indent=1, default=str) + "\n").encode("utf-8")
             ctype = "application/json; charset=utf-8"
-        if request.finished or getattr(request, "_disconnected", False):
+        if request.finished or gone:
             return
         request.setResponseCode(code)
         request.setHeader("content-type", ctype)
@@ -262,13 +248,13 @@ class ApiResource(Resource):
             request.write(data)
         request.finish()
 
-    def _error(self, failure, request):
+    def _error(self, failure, request, gone=()):
         if failure.check(ApiError):
             e = failure.value
-            return self._write((e.code, {"error": e.message}, e.headers), request)
+            return self._write((e.code, {"error": e.message}, e.headers), request, gone)
         self.log.failure("management API: {method} {path} failed", failure,
                          method=request.method, path=request.path)
-        return self._write((500, {"error": "internal error; see the gateway log"}), request)
+        return self._write((500, {"error": "internal error; see the gateway log"}), request, gone)
 
     # ---- helpers ---------------------------------------------------------------
 
@@ -324,7 +310,7 @@ class ApiResource(Resource):
         return 200, {
             "version": __version__,
             "implementation_class_uid": IMPLEMENTATION_CLASS_UID,
-            "config": api.config.source,
+            "config": api.config.path,
             "uptime_seconds": round(api.reactor.seconds() - api.started, 3),
             "listeners": api.listeners(),
             "associations": {"active": len(active), "list": active},
@@ -354,11 +340,14 @@ class ApiResource(Resource):
         return 200, {"total": total, "limit": limit, "offset": offset, "items": items}
 
     @inlineCallbacks
-    def get_exports(self, request):
-        exports = self._provider("exports", "export")
+    def _page_of(self, request, fetch):
+        """One page of a provider's list, with ``limit``, ``offset`` and ``state``."""
         limit, offset = self._paging(request)
-        items = yield exports.jobs(limit=limit, offset=offset, state=_param_str(request, "state"))
+        items = yield fetch(limit=limit, offset=offset, state=_param_str(request, "state"))
         return 200, {"limit": limit, "offset": offset, "items": items}
+
+    def get_exports(self, request):
+        return self._page_of(request, self._provider("exports", "export").jobs)
 
     @inlineCallbacks
     def get_export(self, request, job_id):
@@ -414,9 +403,5 @@ class ApiResource(Resource):
             raise ApiError(404, f"no destination named {name!r}") from None
         return (200 if result.get("ok") else 502), result
 
-    @inlineCallbacks
     def get_payloads(self, request):
-        payloads = self._provider("payloads", "payload query")
-        limit, offset = self._paging(request)
-        items = yield payloads.payloads(limit=limit, offset=offset, state=_param_str(request, "state"))
-        return 200, {"limit": limit, "offset": offset, "items": items}
+        return self._page_of(request, self._provider("payloads", "payload query").payloads)

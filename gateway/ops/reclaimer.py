@@ -28,7 +28,8 @@ from zope.interface import implementer
 
 from gateway.interfaces import IReconfigurable
 from gateway.export.jobs import FINAL_STATES
-from gateway.workflow.payloads import _db_removed, _due_aborted, _remove_all
+from gateway.store import index
+from gateway.store.files import remove_all
 
 # Export job states after which nobody needs the job's files.
 EXPORT_FINISHED = frozenset(FINAL_STATES)
@@ -41,7 +42,7 @@ def _db_candidates(conn, now, retention):
         # Export job ids are whatever the export queue gave (numbers or strings).
         p["export_jobs"] = [x for r in conn.execute("SELECT export_jobs FROM jobs WHERE payload = ?",
                                                     (p["id"],)) for x in json.loads(r[0] or "[]")]
-    return payloads, _due_aborted(conn, now)
+    return payloads, index.due_aborted(conn, now)
 
 
 def _db_payload_removed(conn, pids):
@@ -75,16 +76,16 @@ def _remove_trees(paths):
 @implementer(IReconfigurable)
 class Reclaimer(TimerService):
     log = Logger()
+    name = "reclaimer"
 
     def __init__(self, config, storage, db, reactor, export_queue=None):
-        super().__init__(config.reclaim_interval, self.run)
+        super().__init__(config.reclaimer.interval, self.run)
         self.clock = reactor
         self.config = config
         self.storage = storage
         self.db = db
         self.reactor = reactor
         self.export_queue = export_queue
-        self.outputs_dir = os.path.join(storage.root, "outputs")
 
     def reconfigure(self, config):
         """New retention times apply from the next pass; the interval needs a restart."""
@@ -111,7 +112,7 @@ class Reclaimer(TimerService):
     @inlineCallbacks
     def _run(self):
         now = self.reactor.seconds()
-        payloads, aborted = yield self.db.run(_db_candidates, now, self.config.retention)
+        payloads, aborted = yield self.db.run(_db_candidates, now, self.config.storage.retention)
         done = []
         for p in payloads:
             if (yield self._exports_finished(p["export_jobs"])):
@@ -119,14 +120,14 @@ class Reclaimer(TimerService):
         trees = []
         for p in done:
             trees.append(p["path"])
-            trees.append(os.path.join(self.outputs_dir, p["id"]))
+            trees.append(os.path.join(self.storage.outputs_dir, p["id"]))
         freed = 0
         if trees:
             freed += yield deferToThreadPool(self.reactor, self.storage.pool, _remove_trees, trees)
             yield self.db.run(_db_payload_removed, [p["id"] for p in done])
         if aborted:
-            freed += yield deferToThreadPool(self.reactor, self.storage.pool, _remove_all, aborted)
-            yield self.db.run(_db_removed, [i for i, _p, _n in aborted])
+            freed += yield deferToThreadPool(self.reactor, self.storage.pool, remove_all, aborted)
+            yield self.db.run(index.mark_removed, [i for i, _p, _n in aborted])
         if done or aborted:
             self.log.info("reclaimer freed {bytes} bytes: {payloads} payload(s), {instances} aborted instance(s)",
                           event="reclaimer.freed", payloads=len(done), instances=len(aborted), bytes=freed)

@@ -8,12 +8,12 @@ on the reactor thread.  A valid config is handed to every
 :class:`~gateway.interfaces.IReconfigurable` in the service tree (and to the
 objects registered with :meth:`ReloadService.add`); an invalid one changes
 nothing and every problem is logged.  Settings that only a restart applies
-(``[listen]``, the storage root) are reported as "restart needed".
+(``[listen]``, the storage root...: each option says so) are reported as
+"restart needed".
 """
 
 from __future__ import annotations
 
-import dataclasses
 import signal
 
 from twisted.application.service import IServiceCollection, Service
@@ -21,31 +21,14 @@ from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, suc
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
-from gateway.config import ConfigError, load_config
+from gateway.config import ConfigError, changes, load_config
 from gateway.interfaces import IReconfigurable
 
-# Config fields that a running gateway cannot change: the listeners are bound
-# and the storage root is where everything already lives.
-RESTART_FIELDS = ("listen_dicom", "listen_http", "storage", "audit_log")
-# ... and the keys operators know them by.
-_KEYS = {"listen_dicom": "listen.dicom", "listen_http": "listen.http", "storage": "gateway.storage",
-         "audit_log": "gateway.audit_log"}
-# The TLS port is bound at start-up, and the watermark loop's interval is set
-# then too (its thresholds are read at every probe).  [tls] itself reloads:
-# new connections get the new certificates (gateway.net.tls).
-RESTART_FIELDS += ("listen_dicom_tls", "check_interval")
-_KEYS.update({"listen_dicom_tls": "listen.dicom_tls", "check_interval": "storage.check_interval"})
-# The reclaimer's interval is set at start-up, and observers are loaded then.
-RESTART_FIELDS += ("reclaim_interval", "observers")
-_KEYS.update({"reclaim_interval": "reclaimer.interval", "observers": "notify.observers"})
-# Fields that describe where a config came from, not what it says.
-_IGNORED = ("source",)
-
-
-def changed_fields(old, new) -> list[str]:
-    """Names of the Config fields whose values differ (secrets by name only)."""
-    return [f.name for f in dataclasses.fields(old)
-            if f.name not in _IGNORED and getattr(old, f.name) != getattr(new, f.name)]
+def changed_keys(old, new) -> tuple[list[str], list[str]]:
+    """(the dotted keys whose values differ, those of them only a restart
+    applies); each option declares which it is (gateway.config.sections)."""
+    found = changes(old, new)
+    return [key for key, _ in found], [key for key, reloadable in found if not reloadable]
 
 
 def _providers(service, seen):
@@ -153,9 +136,7 @@ class ReloadService(Service):
                              source=self.path, error=e, event="config.reload_failed",
                              problems=[str(e)])
             return
-        old = self.config
-        changes = changed_fields(old, new)
-        restart = [_KEYS[f] for f in RESTART_FIELDS if f in changes]
+        changed, restart = changed_keys(self.config, new)
         self.config = new
         for target in self.targets():
             try:
@@ -167,12 +148,12 @@ class ReloadService(Service):
         self.reloads += 1
         self.log.info(
             "configuration reloaded from {source}; changed: {change_text}",
-            event="config.reloaded", source=new.source, changes=changes, restart_needed=restart,
-            change_text=", ".join(changes) or "nothing",
+            event="config.reloaded", source=new.path, changes=changed, restart_needed=restart,
+            change_text=", ".join(changed) or "nothing",
         )
         if restart:
             self.log.warn(
-                "restart needed: {keys} changed, but listeners and the storage root are only "
-                "set at start-up; the gateway keeps using the old values until restarted",
+                "restart needed: {keys} changed, but only a restart applies them; the gateway "
+                "keeps using the old values until then",
                 keys=", ".join(restart), event="config.restart_needed", restart_needed=restart,
             )

@@ -47,6 +47,7 @@ def congestion(percent: float, free: int, watermark_percent: float, reserved_gb:
 @implementer(IHealthCheck)
 class Watermark(Service):
     log = Logger()
+    name = "watermark"
 
     def __init__(self, scp, root: str, reactor, pool, statvfs=os.statvfs):
         self.scp = scp
@@ -60,7 +61,7 @@ class Watermark(Service):
 
     def startService(self):
         super().startService()
-        self._running = self.loop.start(self.scp.config.check_interval, now=True)
+        self._running = self.loop.start(self.scp.config.storage.check_interval, now=True)
 
     def stopService(self):
         super().stopService()
@@ -80,7 +81,7 @@ class Watermark(Service):
     def _measured(self, st):
         config = self.scp.config
         percent, free = usage(st)
-        why = congestion(percent, free, config.watermark_percent, config.reserved_gb)
+        why = congestion(percent, free, config.storage.watermark_percent, config.storage.reserved_gb)
         before = self.scp.congestion
         self.scp.congestion = why
         if why and not before:

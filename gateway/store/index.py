@@ -1,18 +1,12 @@
-"""The instance index and the payload/job state: one SQLite database.
+"""The instance index: which instances the gateway holds, from which association.
 
-The database lives at ``<storage>/dicomgw.sqlite`` in WAL mode.  Every
-access runs on one dedicated thread (``dicomgw-db``), so the reactor never
-waits for SQLite and transactions never interleave: each call of
-:meth:`Database.run` is one transaction, run in submission order.
+One database (``<storage>/dicomgw.sqlite``, a :class:`~gateway.store.database.Database`)
+holds the index and the workflow state built on it (payloads and their
+pipeline jobs, :mod:`gateway.workflow`); the schema of all of it is here.
+The functions below are transactions: each takes the connection first and
+runs on the database thread.
 
-Header attributes are picked out of the first bytes of the data set as
-the writer kept them, or read from the file by pydicom without the pixel
-data (:func:`header_attributes`); text is decoded with the dataset's
-Specific Character Set (pydicom handles ISO-IR 6, ISO-IR 100, ISO 2022 IR 87,
-ISO-IR 192 and the other PS3.5 character sets).  That runs in the disk
-thread pool; the SHA-256 of the file is computed as it is written.
-
-Schema (``SCHEMA`` below) and states:
+States:
 
 - ``associations.state``: ``open`` until the association ends, then
   ``released``, ``aborted``, ``lost``, or ``broken`` (a crash ended it).
@@ -32,22 +26,10 @@ Schema (``SCHEMA`` below) and states:
 from __future__ import annotations
 
 import os
-import re
-import sqlite3
 
-from twisted.internet.defer import Deferred
-from twisted.internet.threads import deferToThreadPool
-from twisted.python.failure import Failure
-
-from gateway.dimse import sop
-from gateway.part10 import read_elements
-from gateway.threads import WorkerPool
+from gateway.store.database import Database
 
 DB_NAME = "dicomgw.sqlite"
-#: run_coalesced: a batch waits at most this long (seconds) for company, and
-#: goes at once with this many calls.
-COALESCE_DELAY = 0.02
-COALESCE_MAX = 256
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS associations (
@@ -103,281 +85,108 @@ CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 """
 
 
-class Database:
-    """SQLite on one dedicated thread; ``run(f, *args)`` = one transaction."""
-
-    def __init__(self, path: str, reactor, durable: bool = True):
-        self.path = path
-        self.reactor = reactor
-        self.durable = durable
-        self.pool = WorkerPool(1, "dicomgw-db")
-        self._conn: sqlite3.Connection | None = None
-        self._batch: list = []  # (f, args, Deferred) waiting for the next shared transaction
-        self._batch_running = False
-        self._batch_timer = None
-
-    def start(self):
-        self.pool.start()
-        return self.run(lambda conn: None)
-
-    def stop(self):
-        self.flush()  # queued ahead of the close
-
-        def close(_conn):
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
-        d = deferToThreadPool(self.reactor, self.pool, close)
-        d.addBoth(lambda r: self.pool.stop())
-        return d
-
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, check_same_thread=False, timeout=30)
-        conn.row_factory = sqlite3.Row
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.executescript(SCHEMA)
-        return conn
-
-    def _transaction(self, f, args, durable=False):
-        if self._conn is None:
-            self._conn = self._connect()
-        conn = self._conn
-        if durable:
-            conn.execute("PRAGMA synchronous=FULL")
-        try:
-            with conn:  # commit on return, roll back on an exception
-                return f(conn, *args)
-        finally:
-            if durable:
-                conn.execute("PRAGMA synchronous=NORMAL")
-
-    def run(self, f, *args):
-        """Run ``f(connection, *args)`` as one transaction on the database thread.
-
-        The commit survives a crash of the process (WAL, synchronous=NORMAL)
-        but not necessarily a power failure: see :meth:`run_durable`.
-        """
-        return deferToThreadPool(self.reactor, self.pool, self._transaction, f, args)
-
-    def run_coalesced(self, f, *args):
-        """Like :meth:`run`, but calls made within :data:`COALESCE_DELAY` of
-        each other (or while an earlier batch is being committed) are
-        committed together, in one transaction.
-
-        ``f`` is called as ``f(connection, shared, *args)``: ``shared`` is a
-        dict common to the calls of one transaction, where a call may keep
-        what it read for the next (only coalesced calls write in that
-        transaction).  One that raises rolls back only itself and fails only
-        its own Deferred (see :func:`_run_items`).  A batch goes when it
-        has :data:`COALESCE_MAX` calls, when the delay is up, or when
-        :meth:`flush` says someone is waiting.  Callers that need an order
-        against other writes flush and wait for these Deferreds first (an
-        association's release waits for its instances' rows).
-        """
-        d = Deferred()
-        self._batch.append((f, args, d))
-        if not self._batch_running:
-            if len(self._batch) >= COALESCE_MAX:
-                self.flush()
-            elif self._batch_timer is None:
-                self._batch_timer = self.reactor.callLater(COALESCE_DELAY, self.flush)
-        return d
-
-    def flush(self):
-        """Commit what :meth:`run_coalesced` holds now, without waiting."""
-        timer, self._batch_timer = self._batch_timer, None
-        if timer is not None and timer.active():
-            timer.cancel()
-        if self._batch and not self._batch_running:
-            self._next_batch()
-
-    def _next_batch(self):
-        batch, self._batch = self._batch, []
-        self._batch_running = True
-        job = deferToThreadPool(self.reactor, self.pool, self._transaction, _run_items,
-                                ([(f, args) for f, args, _d in batch],))
-
-        def finished(outcome):
-            self._batch_running = False
-            if isinstance(outcome, Failure):  # the commit itself failed: every call of the batch did
-                for _f, _a, d in batch:
-                    d.errback(outcome)
-            else:
-                for (_f, _a, d), (ok, value) in zip(batch, outcome):
-                    if ok:
-                        d.callback(value)
-                    else:
-                        d.errback(value)
-            if self._batch:  # they have waited for this batch already
-                self.flush()
-
-        job.addBoth(finished)
-
-    def run_durable(self, f, *args):
-        """Like :meth:`run`, and the commit is fsynced (when ``durable``).
-
-        The write-ahead log is sequential, so this also makes every earlier
-        commit durable: the index rows of an association's instances are
-        committed cheaply one by one and made durable together by the
-        release, before the A-RELEASE-RP says so to the peer.
-        """
-        return deferToThreadPool(self.reactor, self.pool, self._transaction, f, args, self.durable)
+def open_index(root: str, reactor, durable: bool) -> Database:
+    """The index database under the storage root (opened by ``start()``)."""
+    return Database(os.path.join(os.path.abspath(root), DB_NAME), reactor, schema=SCHEMA, name="db",
+                    durable=durable)
 
 
-def _run_items(conn, items):
-    """The body of one coalesced transaction.
-
-    The items run together in one savepoint, sharing one dict.  Should one
-    raise, that savepoint is rolled back and each item runs again in a
-    savepoint of its own with a dict of its own, so that only the one that
-    raised is undone: the outcome is the same as if each had been isolated
-    from the start, for two statements fewer per item when none fails.
-    """
-    if not conn.in_transaction:
-        conn.execute("BEGIN")
-    conn.execute("SAVEPOINT batch")
-    try:
-        shared: dict = {}
-        results = [(True, f(conn, shared, *args)) for f, args in items]
-    except Exception:
-        conn.execute("ROLLBACK TO batch")
-        conn.execute("RELEASE batch")
-    else:
-        conn.execute("RELEASE batch")
-        return results
-    results = []
-    for f, args in items:
-        conn.execute("SAVEPOINT item")
-        try:
-            value = f(conn, {}, *args)
-        except Exception:
-            conn.execute("ROLLBACK TO item")
-            conn.execute("RELEASE item")
-            results.append((False, Failure()))
-        else:
-            conn.execute("RELEASE item")
-            results.append((True, value))
-    return results
+def record_instance(conn, states: dict, row: dict):
+    """Record one instance; ``states``: association id -> state, as read in
+    this transaction (where only instance rows are written)."""
+    a = row["association"]
+    state = states.get(a)
+    if state is None:
+        conn.execute(
+            "INSERT OR IGNORE INTO associations (id, calling_ae, called_ae, peer, started, state) "
+            "VALUES (?, ?, ?, ?, ?, 'open')",
+            (a, row["calling_ae"], row["called_ae"], row["peer"], row["started"]))
+        state = states[a] = conn.execute("SELECT state FROM associations WHERE id = ?", (a,)).fetchone()[0]
+    row = dict(row, state="received" if state == "open" else "aborted")
+    cols = ("association", "ae", "sop_class_uid", "sop_instance_uid", "patient_id", "patient_name",
+            "study_uid", "series_uid", "modality", "transfer_syntax", "size", "sha256", "inode",
+            "calling_ae", "called_ae", "peer", "received", "path", "group_key", "state")
+    cur = conn.execute(f"INSERT INTO instances ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                       [row.get(c) for c in cols])
+    return row["state"], cur.lastrowid
 
 
-# ---- header (disk pool) --------------------------------------------------
-
-#: The indexed attributes: tag -> (pydicom keyword, key in the attributes).
-_INDEXED = {0x00100020: ("PatientID", "patient_id"), 0x00100010: ("PatientName", "patient_name"),
-            0x0020000D: ("StudyInstanceUID", "study_uid"), 0x0020000E: ("SeriesInstanceUID", "series_uid"),
-            0x00080060: ("Modality", "modality")}
-_SPECIFIC_CHARACTER_SET = 0x00080005
-#: What either way of reading looks for (and, for the quick read, how far).
-_HEADER_TAGS = [keyword for keyword, _key in _INDEXED.values()] + ["SpecificCharacterSet"]
-_HEADER_TAG_NUMBERS = frozenset(_INDEXED) | {_SPECIFIC_CHARACTER_SET}
-_LAST_HEADER_TAG = max(_HEADER_TAG_NUMBERS)
-#: Transfer syntaxes whose data set is not plain little endian: their header
-#: is read from the file by pydicom.
-_NOT_LITTLE_ENDIAN = frozenset({sop.EXPLICIT_VR_BIG_ENDIAN, sop.DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
-                                sop.JPIP_REFERENCED_DEFLATE})
+def _keep(conn, keep_aes, where, args):
+    """Instances on AE titles without pipelines are kept whatever happens:
+    nothing is handed on from there, and the SCP acknowledged them."""
+    if keep_aes:
+        conn.execute(f"UPDATE instances SET state = 'kept' WHERE {where} AND state = 'received' "
+                     f"AND ae IN ({', '.join('?' * len(keep_aes))})", [*args, *keep_aes])
 
 
-def header_attributes(path: str, head: bytes | None = None, transfer_syntax: str = "",
-                      complete: bool = False) -> dict:
-    """The indexed attributes of a stored instance, from its header only.
-
-    ``head`` may give the first bytes of the data set (all of them when
-    ``complete``), as the writer kept them: the few indexed elements are
-    then picked out of it (:func:`gateway.part10.read_elements`), and a
-    value of plain ASCII is taken as it is, without its padding.  Any other
-    value is decoded by pydicom with the data set's Specific Character Set
-    (ISO-IR 6, ISO-IR 100, ISO 2022 IR 87, ISO-IR 192 and the rest of
-    PS3.5), and when ``head`` ends too soon, is not little endian, or is not
-    given, pydicom reads the file itself up to the pixel data.  Both ways
-    give the same strings.  A data set that cannot be parsed gets empty
-    attributes and ``header_error``: it is still stored as-is.  Blocking:
-    the storage writer runs it in its own pool job, right after the file is
-    in place (see ``Storage.after_write``).
-    """
-    try:
-        attrs = None
-        if head is not None and transfer_syntax not in _NOT_LITTLE_ENDIAN:
-            attrs = _quick_header(head, transfer_syntax == sop.IMPLICIT_VR_LITTLE_ENDIAN, complete)
-        if attrs is None:
-            import pydicom
-
-            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
-            attrs = {key: str(ds.get(keyword, "") or "") for keyword, key in _INDEXED.values()}
-        attrs["header_error"] = ""
-    except Exception as e:  # a malformed dataset is still stored as-is
-        attrs = {key: "" for _keyword, key in _INDEXED.values()}
-        attrs["header_error"] = f"{type(e).__name__}: {e}"
-    return attrs
+def end_association(conn, association_id, result, now, retention, keep_aes=()):
+    """Mark the association ended without release; its instances are aborted."""
+    conn.execute("UPDATE associations SET state = ?, ended = ? WHERE id = ? AND state = 'open'",
+                 (result, now, association_id))
+    _keep(conn, keep_aes, "association = ?", [association_id])
+    cur = conn.execute("UPDATE instances SET state = 'aborted', discard_after = ? "
+                       "WHERE association = ? AND state = 'received'", (now + retention, association_id))
+    return cur.rowcount, due_aborted(conn, now, association_id)
 
 
-_PLAIN = re.compile(rb"[\x20-\x5b\x5d-\x7e]*")  # printable ASCII but the backslash (value separator)
+def due_aborted(conn, now, association_id=None):
+    # A row whose file was never examined (no inode: a crash came first) is
+    # not removed while a live row shares its path: that file is a later copy.
+    q = ("SELECT id, path, inode FROM instances i WHERE state = 'aborted' AND discard_after <= ? "
+         "AND NOT (inode IS NULL AND EXISTS (SELECT 1 FROM instances o WHERE o.path = i.path "
+         "AND o.id != i.id AND o.state IN ('received', 'payload', 'kept')))")
+    args = [now]
+    if association_id is not None:
+        q += " AND association = ?"
+        args.append(association_id)
+    return [tuple(r) for r in conn.execute(q, args).fetchall()]
 
 
-def _quick_header(head: bytes, implicit: bool, complete: bool) -> dict | None:
-    """The indexed attributes found in ``head``, or None when ``head`` does
-    not settle them (the caller has pydicom read the file instead)."""
-    try:
-        found = read_elements(head, implicit=implicit, last_tag=_LAST_HEADER_TAG,
-                              wanted=_HEADER_TAG_NUMBERS, complete=complete)
-    except ValueError:  # Truncated, or not a data set: pydicom will say what it makes of it
-        return None
-    attrs, others = {}, {}
-    for number, (keyword, key) in _INDEXED.items():
-        vr, value = found.get(number, (None, b""))
-        value = value.rstrip(b"\0 ")
-        if _PLAIN.fullmatch(value):
-            attrs[key] = value.decode("ascii")
-        else:
-            others[number] = (vr, value)
-    if others:  # another character set, several values, control characters
-        from pydicom.dataelem import RawDataElement
-        from pydicom.dataset import Dataset
-        from pydicom.tag import Tag
-
-        if _SPECIFIC_CHARACTER_SET in found:
-            others[_SPECIFIC_CHARACTER_SET] = found[_SPECIFIC_CHARACTER_SET]
-        raw = {}
-        for number, (vr, value) in others.items():
-            tag = Tag(number)
-            raw[tag] = RawDataElement(tag, vr.decode("ascii") if vr else None, len(value), value, 0,
-                                      implicit, True)
-        ds = Dataset(raw)
-        for number in others.keys() & _INDEXED.keys():
-            keyword, key = _INDEXED[number]
-            attrs[key] = str(ds.get(keyword, "") or "")
-    return attrs
+def mark_removed(conn, instance_ids):
+    conn.executemany("UPDATE instances SET state = 'removed' WHERE id = ?", [(i,) for i in instance_ids])
 
 
-def read_header(path: str, known: dict, attributes: dict | None = None) -> dict:
-    """The index columns of a stored file: the header attributes plus the
-    ``sha256``, ``size`` and ``inode`` in ``known`` (the writer computed them
-    as it wrote the file).
+def recover(conn, now, retention, instances_dir, started_before, keep_aes=(), handoff_aes=None):
+    """After a restart: end broken associations, adopt never-indexed files.
 
-    ``attributes`` gives the header attributes when the writer picked them
-    out already (nearly always); otherwise :func:`header_attributes` reads
-    them from the file.
-    """
-    attrs = dict(attributes) if attributes is not None else header_attributes(path)
-    attrs.update(sha256=known["sha256"], size=known["size"], inode=known["inode"])
-    return attrs
-
-
-def remove_if_same(path: str, inode: int | None) -> int:
-    """Unlink ``path`` if it is still the file we indexed; return bytes freed.
-
-    A later copy of the same SOP Instance (a new file, a new inode) is never
-    removed on behalf of an older one.
-    """
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return 0
-    if inode is not None and st.st_ino != inode:
-        return 0
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        return 0
-    return st.st_size if st.st_nlink <= 1 else 0
+    Returns (broken association ids, files adopted as aborted, files adopted
+    as kept, aborted instances now due for removal)."""
+    broken = [r[0] for r in conn.execute("SELECT id FROM associations WHERE state = 'open'")]
+    for a in broken:
+        conn.execute("UPDATE associations SET state = 'broken', ended = ? WHERE id = ?", (now, a))
+        _keep(conn, keep_aes, "association = ?", [a])
+        conn.execute("UPDATE instances SET state = 'aborted', discard_after = ? "
+                     "WHERE association = ? AND state = 'received'", (now + retention, a))
+    known = {r[0] for r in conn.execute(
+        "SELECT path FROM instances WHERE state IN ('received', 'kept', 'aborted', 'payload')")}
+    orphans = kept = 0
+    if os.path.isdir(instances_dir):
+        for ae in sorted(os.listdir(instances_dir)):
+            directory = os.path.join(instances_dir, ae)
+            if not os.path.isdir(directory):
+                continue
+            for name in sorted(os.listdir(directory)):
+                path = os.path.join(directory, name)
+                if path in known:
+                    continue
+                try:
+                    st = os.stat(path)
+                except FileNotFoundError:
+                    continue
+                if st.st_mtime >= started_before:
+                    continue  # arrived since this start: its row is on the way
+                # Stored but never indexed: the crash broke its association.  On an
+                # AE title with pipelines it is treated like an aborted association's
+                # instance; anywhere else (no pipelines, no longer configured, files
+                # from before the index existed) it is kept, as the SCP keeps files.
+                aborted = handoff_aes is None or ae in handoff_aes
+                conn.execute(
+                    "INSERT INTO instances (ae, sop_instance_uid, size, inode, received, path, state, "
+                    "discard_after) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (ae, name[:-4] if name.endswith(".dcm") else name, st.st_size, st.st_ino,
+                     st.st_mtime, path, "aborted" if aborted else "kept", now + retention))
+                if aborted:
+                    orphans += 1
+                else:
+                    kept += 1
+    return broken, orphans, kept, due_aborted(conn, now)

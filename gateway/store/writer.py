@@ -21,17 +21,18 @@ with whatever is queued while it runs, so a big instance is written as it
 arrives and mostly finished by the job already running when its last
 fragment comes.  A small instance is written, closed and renamed by one job.
 
-Every byte is hashed (SHA-256) from memory, never read back from the file.
-The hash lags the write (by :data:`HASH_LAG` bytes and one fragment at most,
-held by reference): the disk gets each fragment first, and what is left to
-hash when a big instance is in place is hashed after its outcome has gone to
-the reactor, while the response is on its way; ``StoredInstance.digest``
-brings the hash then.
+Every byte is hashed (SHA-256) from memory as it is written, never read
+back from the file.  The job that puts the file in place also picks the
+indexed attributes out of the data set's first bytes
+(:func:`gateway.store.header.header_attributes`), so ``finish()`` fires
+with the complete record the index consumes.
 
-Layout under the storage root::
+Layout under the storage root (:class:`Storage` names each directory)::
 
     tmp/<random>.part                            instances being received
     instances/<called AE>/<SOP Instance UID>.dcm  stored instances (Part 10)
+    payloads/<payload id>/                       closed payloads (gateway.workflow)
+    outputs/<payload id>/<pipeline>/             what pipelines wrote
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ from twisted.logger import Logger
 from gateway import IMPLEMENTATION_CLASS_UID
 from gateway.dimse.sop import is_valid_uid
 from gateway.part10 import file_meta
+from gateway.store.files import fsync_dir
+from gateway.store.header import header_attributes
 from gateway.threads import WorkerPool
 
 
@@ -60,6 +63,9 @@ class StorageFull(OSError):
 
 @dataclass(frozen=True)
 class StoredInstance:
+    """What the writer knows of an instance once it is durable: the record
+    the index keeps."""
+
     path: str
     sop_class_uid: str
     sop_instance_uid: str
@@ -67,13 +73,10 @@ class StoredInstance:
     size: int  # bytes of the whole Part 10 file
     dataset_size: int
     replaced: bool  # an earlier copy of the same instance was overwritten
-    sha256: str = ""  # of the whole file; "" while ``digest`` is pending
+    sha256: str = ""  # of the whole file
     inode: int = 0
-    attributes: dict | None = None  # what Storage.after_write returned, if set
-    #: None when ``sha256`` is set; else a Deferred (for one consumer, the
-    #: index) that fires with it, on the reactor thread, once the writer has
-    #: hashed the rest of the file, after the instance's outcome.
-    digest: Deferred | None = None
+    #: The indexed header attributes (gateway.store.header), with ``header_error``.
+    attributes: dict | None = None
 
 
 _FINISH = object()
@@ -83,15 +86,9 @@ _FINISH = object()
 #: is paused for its backlog always has a job running that will resume it.
 WRITE_BEHIND = 256 << 10
 _write = os.write  # the one disk write of the hot path (tests simulate a full disk here)
-#: The first bytes of each data set are kept (copied) for ``Storage.after_write``:
-#: the index picks the attributes it needs out of them instead of reading the file.
+#: The first bytes of each data set are kept (copied): the indexed attributes
+#: are picked out of them instead of reading the file.
 HEAD_BYTES = 64 << 10
-#: The hash catches up once it is more than this behind the write (see the
-#: module docstring); the fragments not yet hashed are kept by reference.
-HASH_LAG = 1 << 20
-#: When no more than this is left to hash as an instance is put in place, it
-#: is hashed at once: a second hand-off to the reactor would cost more.
-HASH_AT_ONCE = 64 << 10
 #: Temporary files kept ready for the next instances (see :class:`Spares`),
 #: named ``tmp/spare-<random>.part``.
 SPARES = 4
@@ -109,9 +106,7 @@ class InstanceWriter:
         self._header_len = len(header)
         self._meta = meta
         self._fd = -1
-        self._hash = hashlib.sha256()  # of everything written and hashed so far (pool thread)
-        self._unhashed: list = []  # written, not yet hashed (pool thread)
-        self._unhashed_bytes = 0
+        self._hash = hashlib.sha256()  # of everything written so far (pool thread)
         self._head = bytearray()  # the first HEAD_BYTES of the data set (pool thread)
         self._header_written = False
         self._running = False
@@ -167,17 +162,8 @@ class InstanceWriter:
             result = self._drain()
         except BaseException as e:  # _drain never raises; should it, end the instance, never retry
             result = e
-        reactor = self._storage.reactor
-        reactor.callFromThread(self._drained, result)
+        self._storage.reactor.callFromThread(self._drained, result)
         if isinstance(result, tuple) and isinstance(result[1], StoredInstance):
-            digest = result[1].digest
-            if digest is not None:  # the rest of the hash, while the response goes out
-                try:
-                    self._catch_up()
-                    outcome = self._hash.hexdigest()
-                except BaseException as e:
-                    outcome = e
-                reactor.callFromThread(_fire, digest, outcome)
             self._storage.spares.top_up()
 
     def _drained(self, result):
@@ -237,22 +223,10 @@ class InstanceWriter:
                     n = _write(self._fd, view)
                     view = view[n:]
                 written += len(op)
-                self._unhashed.append(data)
-                self._unhashed_bytes += len(data)
-                if self._unhashed_bytes > HASH_LAG:
-                    self._catch_up()
+                self._hash.update(data)
         except OSError as e:
             self._failed = StorageFull(e.errno, e.strerror) if e.errno in (errno.ENOSPC, errno.EDQUOT) else e
-            self._unhashed.clear()
         return written, None
-
-    def _catch_up(self):
-        """Hash what is written and not yet hashed (pool thread)."""
-        update = self._hash.update
-        for view in self._unhashed:
-            update(view)
-        self._unhashed.clear()
-        self._unhashed_bytes = 0
 
     def _open(self):
         spare = self._storage.spares.take()
@@ -263,74 +237,68 @@ class InstanceWriter:
             self._fd = _create(self._tmp)
 
     def _close(self):
+        """Put the file in place; return its record, or the exception that stopped it."""
         try:
             if self._failed is not None:
                 raise self._failed
             if self._fd < 0:  # nothing was ever written: still make the file
                 self._open()
-            if self._storage.fsync:
-                os.fsync(self._fd)
-            st = os.fstat(self._fd)
-            size = st.st_size
-            os.close(self._fd)
-            self._fd = -1
-            directory = os.path.dirname(self._final)
-            replaced = os.path.exists(self._final)
-            try:
-                os.replace(self._tmp, self._final)
-            except FileNotFoundError:  # the AE title's first instance (or its directory was removed)
-                if not os.path.exists(self._tmp):
-                    raise
-                os.makedirs(directory, exist_ok=True)
-                if self._storage.fsync:
-                    _fsync_dir(os.path.dirname(directory))  # the new directory's own entry
-                os.replace(self._tmp, self._final)
-            if self._storage.fsync:
-                _fsync_dir(directory)
-            attributes = None
-            if self._storage.after_write is not None:
-                try:
-                    head = self._head
-                    attributes = self._storage.after_write(
-                        self._final, head, self._meta.transfer_syntax_uid, len(head) < HEAD_BYTES)
-                except Exception:  # the instance is stored; its reader will try again
-                    attributes = None
-            digest = None
-            if self._unhashed_bytes <= HASH_AT_ONCE:
-                self._catch_up()
-                sha256 = self._hash.hexdigest()
-            else:  # hashed by _job once the outcome is on its way
-                sha256, digest = "", Deferred()
-            meta = self._meta
-            return StoredInstance(
-                path=self._final,
-                sop_class_uid=meta.sop_class_uid,
-                sop_instance_uid=meta.sop_instance_uid,
-                transfer_syntax_uid=meta.transfer_syntax_uid,
-                size=size,
-                dataset_size=size - self._header_len,
-                replaced=replaced,
-                sha256=sha256,
-                inode=st.st_ino,
-                attributes=attributes,
-                digest=digest,
-            )
+            size, inode, replaced = self._put_in_place()
         except BaseException as e:  # leave nothing behind
-            self._unhashed.clear()
-            if self._fd >= 0:
-                try:
-                    os.close(self._fd)
-                except OSError:
-                    pass
-                self._fd = -1
-            if self._tmp is not None:
-                try:
-                    os.unlink(self._tmp)
-                except OSError:
-                    pass
+            self._abandon()
             if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
                 return StorageFull(e.errno, e.strerror)
             return e
+        meta, head = self._meta, bytes(self._head)
+        return StoredInstance(
+            path=self._final,
+            sop_class_uid=meta.sop_class_uid,
+            sop_instance_uid=meta.sop_instance_uid,
+            transfer_syntax_uid=meta.transfer_syntax_uid,
+            size=size,
+            dataset_size=size - self._header_len,
+            replaced=replaced,
+            sha256=self._hash.hexdigest(),
+            inode=inode,
+            attributes=header_attributes(self._final, head, meta.transfer_syntax_uid, len(head) < HEAD_BYTES),
+        )
+
+    def _put_in_place(self) -> tuple[int, int, bool]:
+        """fsync (if asked), close, rename into place, fsync the directory;
+        (size, inode, whether an earlier copy was replaced)."""
+        fsync = self._storage.fsync
+        if fsync:
+            os.fsync(self._fd)
+        st = os.fstat(self._fd)
+        os.close(self._fd)
+        self._fd = -1
+        directory = os.path.dirname(self._final)
+        replaced = os.path.exists(self._final)
+        try:
+            os.replace(self._tmp, self._final)
+        except FileNotFoundError:  # the AE title's first instance (or its directory was removed)
+            if not os.path.exists(self._tmp):
+                raise
+            os.makedirs(directory, exist_ok=True)
+            if fsync:
+                fsync_dir(os.path.dirname(directory))  # the new directory's own entry
+            os.replace(self._tmp, self._final)
+        if fsync:
+            fsync_dir(directory)
+        return st.st_size, st.st_ino, replaced
+
+    def _abandon(self):
+        if self._fd >= 0:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = -1
+        if self._tmp is not None:
+            try:
+                os.unlink(self._tmp)
+            except OSError:
+                pass
 
 
 def _fire(d: Deferred, outcome) -> None:
@@ -414,14 +382,6 @@ class Spares:
         return deferToThreadPool(storage.reactor, storage.pool, remove)
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class Storage:
     """The storage root: hands out writers, owns the disk thread pool."""
 
@@ -432,16 +392,12 @@ class Storage:
         self.root = os.path.abspath(root)
         self.tmp_dir = os.path.join(self.root, "tmp")
         self.instances_dir = os.path.join(self.root, "instances")
+        self.payloads_dir = os.path.join(self.root, "payloads")
+        self.outputs_dir = os.path.join(self.root, "outputs")
         self.reactor = reactor
         self.pool = pool
         self.fsync = fsync
         self.implementation_version_name = implementation_version_name
-        # Called in the same pool job as each stored file is in place, with
-        # (path, the first HEAD_BYTES of the data set, its transfer syntax,
-        # whether those bytes are all of it); its result rides along in
-        # StoredInstance.attributes.  The index sets it to read the header
-        # without a job of its own, and mostly without reading the file.
-        self.after_write = None
         self._ae_dirs: dict[str, str] = {}  # called AE title -> its checked directory
         self.spares = Spares(self)
 

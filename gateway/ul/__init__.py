@@ -19,9 +19,8 @@ from gateway.ul._encode import encode_pdata, encode_pdu
 from gateway.ul.association import MAX_ASSOCIATION_PDU, Association, InvalidPrimitive
 from gateway.ul.events import (
     AbortIndication,
-    AssociateAccepted,
+    AssociateConfirmation,
     AssociateIndication,
-    AssociateRejected,
     CloseTransport,
     ConnectTransport,
     PDataIndication,
@@ -36,6 +35,6 @@ from gateway.ul.fsm import Event, State
 __all__ = list(_pdu_names) + [
     "decode_pdu", "encode_pdu", "encode_pdata", "Association", "InvalidPrimitive",
     "MAX_ASSOCIATION_PDU", "State", "Event", "Send", "StartARTIM", "StopARTIM", "CloseTransport",
-    "ConnectTransport", "AssociateIndication", "AssociateAccepted", "AssociateRejected",
+    "ConnectTransport", "AssociateIndication", "AssociateConfirmation",
     "PDataIndication", "ReleaseIndication", "ReleaseConfirmation", "AbortIndication",
 ]

@@ -32,66 +32,8 @@ from __future__ import annotations
 import struct
 from typing import Callable, Iterator, Union
 
-from gateway.ul._wire import (
-    ITEM_ABSTRACT_SYNTAX,
-    ITEM_APPLICATION_CONTEXT,
-    ITEM_PRESENTATION_CONTEXT_AC,
-    ITEM_PRESENTATION_CONTEXT_RQ,
-    ITEM_TRANSFER_SYNTAX,
-    ITEM_USER_INFORMATION,
-    SUB_ASYNC_OPS_WINDOW,
-    SUB_IMPLEMENTATION_CLASS_UID,
-    SUB_IMPLEMENTATION_VERSION_NAME,
-    SUB_MAX_LENGTH,
-    SUB_ROLE_SELECTION,
-    SUB_SOP_CLASS_COMMON_EXTENDED,
-    SUB_SOP_CLASS_EXTENDED,
-    SUB_USER_IDENTITY_AC,
-    SUB_USER_IDENTITY_RQ,
-    ABORT_BODY,
-    ASSOC_FIXED,
-    ASYNC_OPS,
-    ITEM_HEADER,
-    PC_AC_FIXED,
-    PC_RQ_FIXED,
-    PDU_LEVEL_ITEMS,
-    PDV_HEADER,
-    RJ_BODY,
-    ROLE_TAIL,
-    U16,
-    U32,
-)
-from gateway.ul.pdu import (
-    ABORT_INVALID_PDU_PARAMETER_VALUE,
-    ABORT_UNEXPECTED_PDU_PARAMETER,
-    ABORT_UNRECOGNIZED_PDU,
-    A_ABORT,
-    A_ASSOCIATE_AC,
-    A_ASSOCIATE_RJ,
-    A_ASSOCIATE_RQ,
-    A_RELEASE_RP,
-    A_RELEASE_RQ,
-    PC_ACCEPTANCE,
-    PDV,
-    P_DATA_TF,
-    Abort,
-    AssociateAC,
-    AssociateRJ,
-    AssociateRQ,
-    CommonExtendedNegotiation,
-    ExtendedNegotiation,
-    PDUError,
-    PDataTF,
-    PresentationContextAC,
-    PresentationContextRQ,
-    ReleaseRP,
-    ReleaseRQ,
-    RoleSelection,
-    UnknownItem,
-    UserIdentityAC,
-    UserIdentityRQ,
-    UserInformation,
-)
+import gateway.ul._wire as W
+import gateway.ul.pdu as P
 
 Buffer = Union[bytes, bytearray, memoryview]
 
@@ -101,12 +43,18 @@ Buffer = Union[bytes, bytearray, memoryview]
 # ---------------------------------------------------------------------------
 
 
-def _invalid(message: str) -> PDUError:
-    return PDUError(message, ABORT_INVALID_PDU_PARAMETER_VALUE)
+def _invalid(message: str) -> P.PDUError:
+    return P.PDUError(message, P.ABORT_INVALID_PDU_PARAMETER_VALUE)
 
 
-def _unexpected(message: str) -> PDUError:
-    return PDUError(message, ABORT_UNEXPECTED_PDU_PARAMETER)
+def _unexpected(message: str) -> P.PDUError:
+    return P.PDUError(message, P.ABORT_UNEXPECTED_PDU_PARAMETER)
+
+
+def _once(found, what: str) -> None:
+    """Refuse a second one of an item that may come only once."""
+    if found is not None:
+        raise _unexpected(f"repeated {what}")
 
 
 def _iter_items(mv: memoryview, start: int, end: int, where: str) -> Iterator[tuple[int, int, int]]:
@@ -116,7 +64,7 @@ def _iter_items(mv: memoryview, start: int, end: int, where: str) -> Iterator[tu
     while off < end:
         if end - off < 4:
             raise _invalid(f"truncated item header in {where}")
-        item_type, length = ITEM_HEADER.unpack_from(mv, off)
+        item_type, length = W.ITEM_HEADER.unpack_from(mv, off)
         off += 4
         if length > end - off:
             raise _invalid(
@@ -150,7 +98,7 @@ def _u16_prefixed(mv: memoryview, off: int, end: int, what: str) -> tuple[int, i
     for the value that follows it, checked against ``end``."""
     if end - off < 2:
         raise _invalid(f"truncated {what} length")
-    (length,) = U16.unpack_from(mv, off)
+    (length,) = W.U16.unpack_from(mv, off)
     off += 2
     if length > end - off:
         raise _invalid(f"{what} length {length} exceeds the {end - off} bytes remaining")
@@ -162,46 +110,46 @@ def _u16_prefixed(mv: memoryview, off: int, end: int, what: str) -> tuple[int, i
 # ---------------------------------------------------------------------------
 
 
-def _decode_pc_rq(mv: memoryview, start: int, end: int) -> PresentationContextRQ:
+def _decode_pc_rq(mv: memoryview, start: int, end: int) -> P.PresentationContextRQ:
     # PS3.8 9.3.2.2, Table 9-13: id, 3 reserved, then one Abstract Syntax
     # sub-item (0x30, Table 9-14) and one or more Transfer Syntax sub-items
     # (0x40, Table 9-15).
-    if end - start < PC_RQ_FIXED.size:
+    if end - start < W.PC_RQ_FIXED.size:
         raise _invalid("truncated presentation context (RQ) item")
-    (context_id,) = PC_RQ_FIXED.unpack_from(mv, start)
+    (context_id,) = W.PC_RQ_FIXED.unpack_from(mv, start)
     _check_context_id(context_id)
     abstract: str | None = None
     transfers: list[str] = []
     for item_type, vs, ve in _iter_items(mv, start + 4, end, "presentation context"):
-        if item_type == ITEM_ABSTRACT_SYNTAX:
+        if item_type == W.ITEM_ABSTRACT_SYNTAX:
             if abstract is not None:
                 raise _unexpected(f"presentation context {context_id} has two abstract syntaxes")
             abstract = _ascii(mv, vs, ve, "abstract syntax name")
-        elif item_type == ITEM_TRANSFER_SYNTAX:
+        elif item_type == W.ITEM_TRANSFER_SYNTAX:
             transfers.append(_ascii(mv, vs, ve, "transfer syntax name"))
-        elif item_type in PDU_LEVEL_ITEMS:
+        elif item_type in W.PDU_LEVEL_ITEMS:
             raise _unexpected(f"item 0x{item_type:02X} inside presentation context {context_id}")
         # else: unrecognised item type, ignored (PS3.8 9.3.1)
     if abstract is None:
         raise _invalid(f"presentation context {context_id} has no abstract syntax")
     if not transfers:
         raise _invalid(f"presentation context {context_id} has no transfer syntax")
-    return PresentationContextRQ(context_id, abstract, tuple(transfers))
+    return P.PresentationContextRQ(context_id, abstract, tuple(transfers))
 
 
-def _decode_pc_ac(mv: memoryview, start: int, end: int) -> PresentationContextAC:
+def _decode_pc_ac(mv: memoryview, start: int, end: int) -> P.PresentationContextAC:
     # PS3.8 9.3.3.2, Table 9-18: id, reserved, result/reason, reserved, then
     # one Transfer Syntax sub-item (Table 9-19).  When the result is not
     # acceptance the transfer syntax "shall not be significant and its value
     # shall not be tested when received", so it may be missing or garbage.
-    if end - start < PC_AC_FIXED.size:
+    if end - start < W.PC_AC_FIXED.size:
         raise _invalid("truncated presentation context (AC) item")
-    context_id, result = PC_AC_FIXED.unpack_from(mv, start)
+    context_id, result = W.PC_AC_FIXED.unpack_from(mv, start)
     _check_context_id(context_id)
-    accepted = result == PC_ACCEPTANCE
+    accepted = result == P.PC_ACCEPTANCE
     transfer: str | None = None
     for item_type, vs, ve in _iter_items(mv, start + 4, end, "presentation context"):
-        if item_type == ITEM_TRANSFER_SYNTAX:
+        if item_type == W.ITEM_TRANSFER_SYNTAX:
             if transfer is not None:
                 raise _unexpected(f"presentation context {context_id} has two transfer syntaxes")
             if accepted:
@@ -209,15 +157,15 @@ def _decode_pc_ac(mv: memoryview, start: int, end: int) -> PresentationContextAC
             else:
                 try:
                     transfer = _ascii(mv, vs, ve, "transfer syntax name")
-                except PDUError:
+                except P.PDUError:
                     transfer = ""
-        elif item_type in PDU_LEVEL_ITEMS:
+        elif item_type in W.PDU_LEVEL_ITEMS:
             raise _unexpected(f"item 0x{item_type:02X} inside presentation context {context_id}")
     if transfer is None:
         if accepted:
             raise _invalid(f"accepted presentation context {context_id} has no transfer syntax")
         transfer = ""
-    return PresentationContextAC(context_id, result, transfer)
+    return P.PresentationContextAC(context_id, result, transfer)
 
 
 def _check_context_id(context_id: int) -> None:
@@ -227,7 +175,7 @@ def _check_context_id(context_id: int) -> None:
         raise _invalid(f"presentation context id {context_id} is not odd")
 
 
-def _decode_user_information(mv: memoryview, start: int, end: int) -> UserInformation:
+def _decode_user_information(mv: memoryview, start: int, end: int) -> P.UserInformation:
     # PS3.8 9.3.2.3 / 9.3.3.3 (Tables 9-16 and 9-20).  Sub-items may come in
     # any order.  Sub-items the standard allows only once are rejected when
     # repeated (two different Maximum Length values cannot both be honoured);
@@ -237,56 +185,51 @@ def _decode_user_information(mv: memoryview, start: int, end: int) -> UserInform
     class_uid: str | None = None
     version_name: str | None = None
     async_ops: tuple[int, int] | None = None
-    identity: UserIdentityRQ | UserIdentityAC | None = None
-    roles: list[RoleSelection] = []
-    ext: list[ExtendedNegotiation] = []
-    common: list[CommonExtendedNegotiation] = []
-    unknown: list[UnknownItem] = []
+    identity: P.UserIdentityRQ | P.UserIdentityAC | None = None
+    roles: list[P.RoleSelection] = []
+    ext: list[P.ExtendedNegotiation] = []
+    common: list[P.CommonExtendedNegotiation] = []
+    unknown: list[P.UnknownItem] = []
 
     for item_type, vs, ve in _iter_items(mv, start, end, "user information"):
-        if item_type == SUB_MAX_LENGTH:
+        if item_type == W.SUB_MAX_LENGTH:
             # PS3.8 Annex D.1, Tables D.1-1/D.1-2: a 4-byte unsigned value;
             # 0 means "no maximum".
             if ve - vs != 4:
                 raise _invalid("maximum length sub-item must be 4 bytes")
-            if max_length is not None:
-                raise _unexpected("repeated maximum length sub-item")
-            (max_length,) = U32.unpack_from(mv, vs)
-        elif item_type == SUB_IMPLEMENTATION_CLASS_UID:
+            _once(max_length, "maximum length sub-item")
+            (max_length,) = W.U32.unpack_from(mv, vs)
+        elif item_type == W.SUB_IMPLEMENTATION_CLASS_UID:
             # PS3.7 D.3.3.2.1/2: the UID is the whole value.
-            if class_uid is not None:
-                raise _unexpected("repeated implementation class UID sub-item")
+            _once(class_uid, "implementation class UID sub-item")
             class_uid = _ascii(mv, vs, ve, "implementation class UID")
-        elif item_type == SUB_ASYNC_OPS_WINDOW:
+        elif item_type == W.SUB_ASYNC_OPS_WINDOW:
             # PS3.7 D.3.3.3: max operations invoked (2), performed (2).
             if ve - vs != 4:
                 raise _invalid("asynchronous operations window sub-item must be 4 bytes")
-            if async_ops is not None:
-                raise _unexpected("repeated asynchronous operations window sub-item")
-            async_ops = ASYNC_OPS.unpack_from(mv, vs)
-        elif item_type == SUB_ROLE_SELECTION:
+            _once(async_ops, "asynchronous operations window sub-item")
+            async_ops = W.ASYNC_OPS.unpack_from(mv, vs)
+        elif item_type == W.SUB_ROLE_SELECTION:
             roles.append(_decode_role_selection(mv, vs, ve))
-        elif item_type == SUB_IMPLEMENTATION_VERSION_NAME:
+        elif item_type == W.SUB_IMPLEMENTATION_VERSION_NAME:
             # PS3.7 D.3.3.2.3/4: 1 to 16 ISO 646 characters, the whole value.
-            if version_name is not None:
-                raise _unexpected("repeated implementation version name sub-item")
+            _once(version_name, "implementation version name sub-item")
             version_name = _ascii(mv, vs, ve, "implementation version name")
-        elif item_type == SUB_SOP_CLASS_EXTENDED:
+        elif item_type == W.SUB_SOP_CLASS_EXTENDED:
             ext.append(_decode_extended(mv, vs, ve))
-        elif item_type == SUB_SOP_CLASS_COMMON_EXTENDED:
+        elif item_type == W.SUB_SOP_CLASS_COMMON_EXTENDED:
             common.append(_decode_common_extended(mv, vs, ve))
-        elif item_type == SUB_USER_IDENTITY_RQ or item_type == SUB_USER_IDENTITY_AC:
-            if identity is not None:
-                raise _unexpected("repeated user identity sub-item")
-            if item_type == SUB_USER_IDENTITY_RQ:
+        elif item_type == W.SUB_USER_IDENTITY_RQ or item_type == W.SUB_USER_IDENTITY_AC:
+            _once(identity, "user identity sub-item")
+            if item_type == W.SUB_USER_IDENTITY_RQ:
                 identity = _decode_identity_rq(mv, vs, ve)
             else:
                 identity = _decode_identity_ac(mv, vs, ve)
         else:
             # Unknown sub-items are kept, never an error.
-            unknown.append(UnknownItem(item_type, bytes(mv[vs:ve])))
+            unknown.append(P.UnknownItem(item_type, bytes(mv[vs:ve])))
 
-    return UserInformation(
+    return P.UserInformation(
         max_length=max_length,
         implementation_class_uid=class_uid,
         implementation_version_name=version_name,
@@ -299,25 +242,25 @@ def _decode_user_information(mv: memoryview, start: int, end: int) -> UserInform
     )
 
 
-def _decode_role_selection(mv: memoryview, start: int, end: int) -> RoleSelection:
+def _decode_role_selection(mv: memoryview, start: int, end: int) -> P.RoleSelection:
     # PS3.7 D.3.3.4: UID-length (2), SOP class UID, SCU-role (1), SCP-role (1).
     us, ue = _u16_prefixed(mv, start, end, "role selection SOP class UID")
     if end - ue != 2:
         raise _invalid("role selection sub-item length does not match its UID length")
-    scu, scp = ROLE_TAIL.unpack_from(mv, ue)
-    return RoleSelection(_ascii(mv, us, ue, "role selection SOP class UID"), scu, scp)
+    scu, scp = W.ROLE_TAIL.unpack_from(mv, ue)
+    return P.RoleSelection(_ascii(mv, us, ue, "role selection SOP class UID"), scu, scp)
 
 
-def _decode_extended(mv: memoryview, start: int, end: int) -> ExtendedNegotiation:
+def _decode_extended(mv: memoryview, start: int, end: int) -> P.ExtendedNegotiation:
     # PS3.7 D.3.3.5: UID-length (2), SOP class UID, then the
     # service-class-application-information up to the end of the item.
     us, ue = _u16_prefixed(mv, start, end, "extended negotiation SOP class UID")
-    return ExtendedNegotiation(
+    return P.ExtendedNegotiation(
         _ascii(mv, us, ue, "extended negotiation SOP class UID"), bytes(mv[ue:end])
     )
 
 
-def _decode_common_extended(mv: memoryview, start: int, end: int) -> CommonExtendedNegotiation:
+def _decode_common_extended(mv: memoryview, start: int, end: int) -> P.CommonExtendedNegotiation:
     # PS3.7 D.3.3.6: byte 2 of this sub-item is a "sub-item version" (00H)
     # rather than a reserved byte; it is not tested.  Value: SOP-class-uid
     # length (2) + UID, service-class-uid length (2) + UID, related general
@@ -334,14 +277,14 @@ def _decode_common_extended(mv: memoryview, start: int, end: int) -> CommonExten
         us, ue = _u16_prefixed(mv, off, re_, "related general SOP class UID")
         related.append(_ascii(mv, us, ue, "related general SOP class UID"))
         off = ue
-    return CommonExtendedNegotiation(
+    return P.CommonExtendedNegotiation(
         _ascii(mv, ss, se, "common extended negotiation SOP class UID"),
         _ascii(mv, cs, ce, "service class UID"),
         tuple(related),
     )
 
 
-def _decode_identity_rq(mv: memoryview, start: int, end: int) -> UserIdentityRQ:
+def _decode_identity_rq(mv: memoryview, start: int, end: int) -> P.UserIdentityRQ:
     # PS3.7 D.3.3.7.1: user-identity-type (1), positive-response-requested
     # (1), primary-field length (2) + primary field, secondary-field length
     # (2) + secondary field (non-empty only for type 2, username+passcode;
@@ -354,44 +297,42 @@ def _decode_identity_rq(mv: memoryview, start: int, end: int) -> UserIdentityRQ:
     ss, se = _u16_prefixed(mv, pe, end, "user identity secondary field")
     if se != end:
         raise _invalid("user identity sub-item has trailing bytes")
-    return UserIdentityRQ(identity_type, positive != 0, bytes(mv[ps:pe]), bytes(mv[ss:se]))
+    return P.UserIdentityRQ(identity_type, positive != 0, bytes(mv[ps:pe]), bytes(mv[ss:se]))
 
 
-def _decode_identity_ac(mv: memoryview, start: int, end: int) -> UserIdentityAC:
+def _decode_identity_ac(mv: memoryview, start: int, end: int) -> P.UserIdentityAC:
     # PS3.7 D.3.3.7.2: server-response length (2) + server response.
     rs, re_ = _u16_prefixed(mv, start, end, "user identity server response")
     if re_ != end:
         raise _invalid("user identity (AC) sub-item has trailing bytes")
-    return UserIdentityAC(bytes(mv[rs:re_]))
+    return P.UserIdentityAC(bytes(mv[rs:re_]))
 
 
-def _decode_associate(pdu_type: int, body: Buffer) -> AssociateRQ | AssociateAC:
+def _decode_associate(pdu_type: int, body: Buffer) -> P.AssociateRQ | P.AssociateAC:
     # PS3.8 9.3.2 (Table 9-11) and 9.3.3 (Table 9-17).
     mv = memoryview(body)
     end = len(mv)
-    if end < ASSOC_FIXED.size:
+    if end < W.ASSOC_FIXED.size:
         raise _invalid(f"A-ASSOCIATE PDU body of {end} bytes is shorter than its fixed fields")
-    version, called, calling = ASSOC_FIXED.unpack_from(mv, 0)
-    is_rq = pdu_type == A_ASSOCIATE_RQ
-    pc_type = ITEM_PRESENTATION_CONTEXT_RQ if is_rq else ITEM_PRESENTATION_CONTEXT_AC
+    version, called, calling = W.ASSOC_FIXED.unpack_from(mv, 0)
+    is_rq = pdu_type == P.A_ASSOCIATE_RQ
+    pc_type = W.ITEM_PRESENTATION_CONTEXT_RQ if is_rq else W.ITEM_PRESENTATION_CONTEXT_AC
     decode_pc: Callable[[memoryview, int, int], object] = _decode_pc_rq if is_rq else _decode_pc_ac
 
     app_context: str | None = None
-    user_info: UserInformation | None = None
+    user_info: P.UserInformation | None = None
     contexts = []
-    for item_type, vs, ve in _iter_items(mv, ASSOC_FIXED.size, end, "A-ASSOCIATE PDU"):
+    for item_type, vs, ve in _iter_items(mv, W.ASSOC_FIXED.size, end, "A-ASSOCIATE PDU"):
         if item_type == pc_type:
             contexts.append(decode_pc(mv, vs, ve))
-        elif item_type == ITEM_APPLICATION_CONTEXT:
+        elif item_type == W.ITEM_APPLICATION_CONTEXT:
             # PS3.8 9.3.2.1, Table 9-12: the name is the whole value.
-            if app_context is not None:
-                raise _unexpected("repeated application context item")
+            _once(app_context, "application context item")
             app_context = _ascii(mv, vs, ve, "application context name")
-        elif item_type == ITEM_USER_INFORMATION:
-            if user_info is not None:
-                raise _unexpected("repeated user information item")
+        elif item_type == W.ITEM_USER_INFORMATION:
+            _once(user_info, "user information item")
             user_info = _decode_user_information(mv, vs, ve)
-        elif item_type in PDU_LEVEL_ITEMS:
+        elif item_type in W.PDU_LEVEL_ITEMS:
             raise _unexpected(f"item 0x{item_type:02X} not allowed in this PDU")
         # else: unrecognised item type, ignored (PS3.8 9.3.1)
 
@@ -400,8 +341,8 @@ def _decode_associate(pdu_type: int, body: Buffer) -> AssociateRQ | AssociateAC:
     # The User Information item is mandatory, but nothing in it is needed to
     # decode the PDU; its absence is tolerated and read as "no sub-items".
     if user_info is None:
-        user_info = UserInformation()
-    cls = AssociateRQ if is_rq else AssociateAC
+        user_info = P.UserInformation()
+    cls = P.AssociateRQ if is_rq else P.AssociateAC
     return cls(
         called_ae=_ae_title(called),
         calling_ae=_ae_title(calling),
@@ -422,29 +363,29 @@ def _check_fixed(name: str, body: Buffer) -> None:
         raise _invalid(f"{name} PDU body must be 4 bytes, got {len(body)}")
 
 
-def _decode_rj(pdu_type: int, body: Buffer) -> AssociateRJ:
+def _decode_rj(pdu_type: int, body: Buffer) -> P.AssociateRJ:
     # PS3.8 9.3.4, Table 9-21: reserved, result, source, reason/diag.
     _check_fixed("A-ASSOCIATE-RJ", body)
-    return AssociateRJ(*RJ_BODY.unpack_from(body, 0))
+    return P.AssociateRJ(*W.RJ_BODY.unpack_from(body, 0))
 
 
-def _decode_release_rq(pdu_type: int, body: Buffer) -> ReleaseRQ:
+def _decode_release_rq(pdu_type: int, body: Buffer) -> P.ReleaseRQ:
     # PS3.8 9.3.6, Table 9-24: 4 reserved bytes.
     _check_fixed("A-RELEASE-RQ", body)
-    return ReleaseRQ()
+    return P.ReleaseRQ()
 
 
-def _decode_release_rp(pdu_type: int, body: Buffer) -> ReleaseRP:
+def _decode_release_rp(pdu_type: int, body: Buffer) -> P.ReleaseRP:
     # PS3.8 9.3.7, Table 9-25: 4 reserved bytes.
     _check_fixed("A-RELEASE-RP", body)
-    return ReleaseRP()
+    return P.ReleaseRP()
 
 
-def _decode_abort(pdu_type: int, body: Buffer) -> Abort:
+def _decode_abort(pdu_type: int, body: Buffer) -> P.Abort:
     # PS3.8 9.3.8, Table 9-26: 2 reserved, source, reason/diag.  Reason is
     # "not significant" when the source is the service-user; kept raw.
     _check_fixed("A-ABORT", body)
-    return Abort(*ABORT_BODY.unpack_from(body, 0))
+    return P.Abort(*W.ABORT_BODY.unpack_from(body, 0))
 
 
 # ---------------------------------------------------------------------------
@@ -452,7 +393,7 @@ def _decode_abort(pdu_type: int, body: Buffer) -> Abort:
 # ---------------------------------------------------------------------------
 
 
-def _decode_pdata(pdu_type: int, body: Buffer) -> PDataTF:
+def _decode_pdata(pdu_type: int, body: Buffer) -> P.PDataTF:
     # PS3.8 9.3.5, Tables 9-22/9-23.  Each PDV item: item-length (4),
     # presentation-context-ID (1), then the presentation data value, whose
     # first byte is the message control header (Annex E.2); so the item length
@@ -460,7 +401,7 @@ def _decode_pdata(pdu_type: int, body: Buffer) -> PDataTF:
     # bits 2-7 of the control header are passed through untested.
     mv = memoryview(body)
     end = len(mv)
-    unpack = PDV_HEADER.unpack_from
+    unpack = W.PDV_HEADER.unpack_from
     pdvs = []
     off = 0
     while off < end:
@@ -474,12 +415,12 @@ def _decode_pdata(pdu_type: int, body: Buffer) -> PDataTF:
             raise _invalid(f"PDV item length {length} exceeds the {end - off - 4} bytes remaining")
         if not context_id & 1:
             raise _invalid(f"PDV presentation context id {context_id} is not odd")
-        pdvs.append(PDV(context_id, control, mv[off + 6 : item_end]))
+        pdvs.append(P.PDV(context_id, control, mv[off + 6 : item_end]))
         off = item_end
     if not pdvs:
         # "shall contain one or more Presentation-data-value Items"
         raise _invalid("P-DATA-TF PDU without any PDV item")
-    return PDataTF(tuple(pdvs))
+    return P.PDataTF(tuple(pdvs))
 
 
 def _decode_strict(pdu_type: int, body: Buffer):
@@ -487,7 +428,7 @@ def _decode_strict(pdu_type: int, body: Buffer):
     prove that every malformed input is caught explicitly)."""
     decoder = _DECODERS.get(pdu_type)
     if decoder is None:
-        raise PDUError(f"unrecognized PDU type {pdu_type!r}", ABORT_UNRECOGNIZED_PDU)
+        raise P.PDUError(f"unrecognized PDU type {pdu_type!r}", P.ABORT_UNRECOGNIZED_PDU)
     return decoder(pdu_type, body)
 
 
@@ -502,7 +443,7 @@ def decode_pdu(pdu_type: int, body: Buffer):
     """
     try:
         return _decode_strict(pdu_type, body)
-    except PDUError:
+    except P.PDUError:
         raise
     except (struct.error, IndexError, ValueError, OverflowError) as exc:
         # Defence in depth: every length is checked explicitly above and the
@@ -512,11 +453,11 @@ def decode_pdu(pdu_type: int, body: Buffer):
 
 
 _DECODERS: dict[int, Callable[[int, Buffer], object]] = {
-    A_ASSOCIATE_RQ: _decode_associate,
-    A_ASSOCIATE_AC: _decode_associate,
-    A_ASSOCIATE_RJ: _decode_rj,
-    P_DATA_TF: _decode_pdata,
-    A_RELEASE_RQ: _decode_release_rq,
-    A_RELEASE_RP: _decode_release_rp,
-    A_ABORT: _decode_abort,
+    P.A_ASSOCIATE_RQ: _decode_associate,
+    P.A_ASSOCIATE_AC: _decode_associate,
+    P.A_ASSOCIATE_RJ: _decode_rj,
+    P.P_DATA_TF: _decode_pdata,
+    P.A_RELEASE_RQ: _decode_release_rq,
+    P.A_RELEASE_RP: _decode_release_rp,
+    P.A_ABORT: _decode_abort,
 }

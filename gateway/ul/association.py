@@ -24,40 +24,14 @@ from gateway.ul.events import (
     START_ARTIM,
     STOP_ARTIM,
     AbortIndication,
-    AssociateAccepted,
+    AssociateConfirmation,
     AssociateIndication,
-    AssociateRejected,
     PDataIndication,
     ReleaseIndication,
     Send,
 )
 from gateway.ul.fsm import ACTIONS, TABLE, Event, State
-from gateway.ul.pdu import (
-    A_ABORT,
-    A_ASSOCIATE_AC,
-    A_ASSOCIATE_RJ,
-    A_ASSOCIATE_RQ,
-    A_RELEASE_RP,
-    A_RELEASE_RQ,
-    ABORT_INVALID_PDU_PARAMETER_VALUE,
-    ABORT_REASON_NOT_SPECIFIED,
-    ABORT_SOURCE_PROVIDER,
-    ABORT_SOURCE_USER,
-    ABORT_UNEXPECTED_PDU,
-    ABORT_UNRECOGNIZED_PDU,
-    P_DATA_TF,
-    RJ_ACSE_PROTOCOL_VERSION_NOT_SUPPORTED,
-    RJ_PERMANENT,
-    RJ_SOURCE_ACSE,
-    Abort,
-    AssociateAC,
-    AssociateRJ,
-    AssociateRQ,
-    PDataTF,
-    PDUError,
-    ReleaseRP,
-    ReleaseRQ,
-)
+import gateway.ul.pdu as P
 
 # The largest non-P-DATA PDU we accept.  An A-ASSOCIATE-RQ with 128
 # presentation contexts, each proposing a dozen transfer syntaxes, stays far
@@ -72,13 +46,13 @@ PDATA_SLACK = 6
 _HEADER = struct.Struct(">BxL")
 
 _EVENT_FOR_TYPE = {
-    A_ASSOCIATE_AC: Event.Evt3,
-    A_ASSOCIATE_RJ: Event.Evt4,
-    A_ASSOCIATE_RQ: Event.Evt6,
-    P_DATA_TF: Event.Evt10,
-    A_RELEASE_RQ: Event.Evt12,
-    A_RELEASE_RP: Event.Evt13,
-    A_ABORT: Event.Evt16,
+    P.A_ASSOCIATE_AC: Event.Evt3,
+    P.A_ASSOCIATE_RJ: Event.Evt4,
+    P.A_ASSOCIATE_RQ: Event.Evt6,
+    P.P_DATA_TF: Event.Evt10,
+    P.A_RELEASE_RQ: Event.Evt12,
+    P.A_RELEASE_RP: Event.Evt13,
+    P.A_ABORT: Event.Evt16,
 }
 
 _START, _STOP, _CLOSE = START_ARTIM, STOP_ARTIM, CLOSE_TRANSPORT
@@ -107,8 +81,8 @@ class Association:
         self._discard = False  # stream cannot be framed any more
         limit = max_pdu_length + PDATA_SLACK if max_pdu_length else MAX_UNLIMITED_PDATA
         self._pdata_limit = min(limit, MAX_UNLIMITED_PDATA)
-        self._pending: AssociateRQ | None = None
-        self._abort: Abort | None = None
+        self._pending: P.AssociateRQ | None = None
+        self._abort: P.Abort | None = None
         self._detail = ""
         #: The Maximum Length the peer announced (its A-ASSOCIATE-RQ or -AC):
         #: what each P-DATA-TF we send may hold (PS3.8 D.1); 0 = no limit.
@@ -120,15 +94,15 @@ class Association:
         """Transport connected: Evt5 for an acceptor, Evt2 for a requestor."""
         return self._event(Event.Evt2 if self.requestor else Event.Evt5)
 
-    def request(self, rq: AssociateRQ) -> list:
+    def request(self, rq: P.AssociateRQ) -> list:
         """A-ASSOCIATE request (Evt1); the RQ PDU goes out on Evt2."""
         self._pending = rq
         return self._event(Event.Evt1)
 
-    def accept(self, ac: AssociateAC) -> list:
+    def accept(self, ac: P.AssociateAC) -> list:
         return self._event(Event.Evt7, ac)
 
-    def reject(self, rj: AssociateRJ) -> list:
+    def reject(self, rj: P.AssociateRJ) -> list:
         return self._event(Event.Evt8, rj)
 
     def send_pdata(self, pdu_bytes: bytes) -> list:
@@ -141,13 +115,13 @@ class Association:
     def release_response(self) -> list:
         return self._event(Event.Evt14)
 
-    def abort(self, reason: int = ABORT_REASON_NOT_SPECIFIED) -> list:
+    def abort(self, reason: int = P.ABORT_REASON_NOT_SPECIFIED) -> list:
         """A-ABORT request from the local user (Evt15)."""
         if self.state in (State.Sta1, State.Sta2, State.Sta13):
             # Nothing to abort, or already aborting: just make sure the
             # connection goes away.
             return [] if self.state == State.Sta1 else [_CLOSE]
-        self._abort = Abort(ABORT_SOURCE_USER, reason)
+        self._abort = P.Abort(P.ABORT_SOURCE_USER, reason)
         return self._event(Event.Evt15)
 
     def provider_abort(self, reason: int, detail: str = "") -> list:
@@ -157,7 +131,7 @@ class Association:
         source, an A-P-ABORT indication, ARTIM.
         """
         self._detail = detail
-        self._abort = Abort(ABORT_SOURCE_PROVIDER, reason)
+        self._abort = P.Abort(P.ABORT_SOURCE_PROVIDER, reason)
         if self.state in (State.Sta1, State.Sta13):
             return []
         return self._event(Event.Evt19)
@@ -252,12 +226,12 @@ class Association:
             pdu_type, length = _HEADER.unpack_from(view, off)
             event = _EVENT_FOR_TYPE.get(pdu_type)
             if event is None:
-                effects += self._invalid(ABORT_UNRECOGNIZED_PDU, f"unrecognized PDU type 0x{pdu_type:02x}")
+                effects += self._invalid(P.ABORT_UNRECOGNIZED_PDU, f"unrecognized PDU type 0x{pdu_type:02x}")
                 break
-            limit = self._pdata_limit if pdu_type == P_DATA_TF else MAX_ASSOCIATION_PDU
+            limit = self._pdata_limit if pdu_type == P.P_DATA_TF else MAX_ASSOCIATION_PDU
             if length > limit:
                 effects += self._invalid(
-                    ABORT_INVALID_PDU_PARAMETER_VALUE,
+                    P.ABORT_INVALID_PDU_PARAMETER_VALUE,
                     f"PDU type 0x{pdu_type:02x} declares {length} bytes, limit {limit}",
                 )
                 break
@@ -268,8 +242,8 @@ class Association:
             body = view[off + 6:end]
             off = end
             try:
-                pdu = decode_pdu(pdu_type, body if pdu_type == P_DATA_TF else bytes(body))
-            except PDUError as e:
+                pdu = decode_pdu(pdu_type, body if pdu_type == P.P_DATA_TF else bytes(body))
+            except P.PDUError as e:
                 effects += self._invalid(e.reason, str(e))
                 break
             effects += self._event(event, pdu)
@@ -283,7 +257,7 @@ class Association:
         self._discard = True
         self._partial.clear()
         self._detail = detail
-        self._abort = Abort(ABORT_SOURCE_PROVIDER, reason)
+        self._abort = P.Abort(P.ABORT_SOURCE_PROVIDER, reason)
         return self._event(Event.Evt19)
 
     # ---- dispatch ------------------------------------------------------
@@ -292,154 +266,99 @@ class Association:
         action = TABLE.get((event, self.state))
         if action is None:
             raise InvalidPrimitive(f"{event.value} ({event.name}) is not valid in {self.state.name}")
-        effects: list = []
-        self.state = _ACTIONS[action](self, effects, event, arg)
+        targets = ACTIONS[action][1]
+        effects = _ACTIONS[action](self, event, arg)
+        if len(targets) == 1:  # else the action chose (AE-6, AR-8)
+            self.state = targets[0]
         return effects
 
-    # ---- actions (PS3.8 Tables 9-6 to 9-9) -------------------------------
+    # ---- the actions that do more than emit effects ----------------------
 
-    def _ae1(self, fx, event, arg):
-        fx.append(CONNECT_TRANSPORT)
-        return State.Sta4
-
-    def _ae2(self, fx, event, arg):
-        fx.append(Send(encode_pdu(self._pending)))
-        return State.Sta5
-
-    def _ae3(self, fx, event, ac):
+    def _ae3(self, event, ac):
         self.peer_max_pdu = ac.user_information.max_length or 0
-        fx.append(AssociateAccepted(ac))
-        return State.Sta6
+        return [AssociateConfirmation(ac)]
 
-    def _ae4(self, fx, event, rj):
-        fx += [AssociateRejected(rj), _CLOSE]
-        return State.Sta1
-
-    def _ae5(self, fx, event, arg):
-        fx.append(_START)
-        return State.Sta2
-
-    def _ae6(self, fx, event, rq: AssociateRQ):
-        fx.append(_STOP)
+    def _ae6(self, event, rq: P.AssociateRQ):
         if not rq.protocol_version & 0x0001:
             # Only the service provider judges the protocol version.
-            rj = AssociateRJ(RJ_PERMANENT, RJ_SOURCE_ACSE, RJ_ACSE_PROTOCOL_VERSION_NOT_SUPPORTED)
-            fx += [Send(encode_pdu(rj)), _START]
-            return State.Sta13
+            self.state = State.Sta13
+            rj = P.AssociateRJ(P.RJ_PERMANENT, P.RJ_SOURCE_ACSE, P.RJ_ACSE_PROTOCOL_VERSION_NOT_SUPPORTED)
+            return [_STOP, _send(rj), _START]
+        self.state = State.Sta3
         self.peer_max_pdu = rq.user_information.max_length or 0
-        fx.append(AssociateIndication(rq))
-        return State.Sta3
+        return [_STOP, AssociateIndication(rq)]
 
-    def _ae7(self, fx, event, ac):
-        fx.append(Send(encode_pdu(ac)))
-        return State.Sta6
+    def _ar8(self, event, arg):
+        self.state = State.Sta9 if self.requestor else State.Sta10
+        return [ReleaseIndication(collision=True)]
 
-    def _ae8(self, fx, event, rj):
-        fx += [Send(encode_pdu(rj)), _START]
-        return State.Sta13
+    def _provider_abort(self, event) -> P.Abort:
+        """The A-ABORT to send for a peer's error: the reason found (Evt19),
+        or an unexpected PDU for this state."""
+        if event is Event.Evt19 and self._abort is not None:
+            return self._abort
+        self._detail = f"{event.value} in {self.state.name}"
+        return P.Abort(P.ABORT_SOURCE_PROVIDER, P.ABORT_UNEXPECTED_PDU)
 
-    def _dt1(self, fx, event, pdu_bytes):
-        fx.append(Send(pdu_bytes))
-        return State.Sta6
-
-    def _dt2(self, fx, event, pdu):
-        fx.append(PDataIndication(pdu))
-        return State.Sta6
-
-    def _ar1(self, fx, event, arg):
-        fx.append(Send(encode_pdu(ReleaseRQ())))
-        return State.Sta7
-
-    def _ar2(self, fx, event, arg):
-        fx.append(ReleaseIndication())
-        return State.Sta8
-
-    def _ar3(self, fx, event, arg):
-        fx += [RELEASE_CONFIRMATION, _CLOSE]
-        return State.Sta1
-
-    def _ar4(self, fx, event, arg):
-        fx += [Send(encode_pdu(ReleaseRP())), _START]
-        return State.Sta13
-
-    def _ar5(self, fx, event, arg):
-        fx.append(_STOP)
-        return State.Sta1
-
-    def _ar6(self, fx, event, pdu):
-        fx.append(PDataIndication(pdu))
-        return State.Sta7
-
-    def _ar7(self, fx, event, pdu_bytes):
-        fx.append(Send(pdu_bytes))
-        return State.Sta8
-
-    def _ar8(self, fx, event, arg):
-        fx.append(ReleaseIndication(collision=True))
-        return State.Sta9 if self.requestor else State.Sta10
-
-    def _ar9(self, fx, event, arg):
-        fx.append(Send(encode_pdu(ReleaseRP())))
-        return State.Sta11
-
-    def _ar10(self, fx, event, arg):
-        fx.append(RELEASE_CONFIRMATION)
-        return State.Sta12
-
-    def _aa1(self, fx, event, arg):
+    def _aa1(self, event, arg):
         # Evt15 is our user's abort; in Sta2 the other events are a peer
         # that sent something other than A-ASSOCIATE-RQ: a provider abort.
-        if event == Event.Evt15:
-            abort = self._abort or Abort(ABORT_SOURCE_USER, ABORT_REASON_NOT_SPECIFIED)
-        elif event == Event.Evt19 and self._abort is not None:
-            abort = self._abort
+        if event is Event.Evt15:
+            abort = self._abort or P.Abort(P.ABORT_SOURCE_USER, P.ABORT_REASON_NOT_SPECIFIED)
         else:
-            abort = Abort(ABORT_SOURCE_PROVIDER, ABORT_UNEXPECTED_PDU)
-            self._detail = f"{event.value} in {self.state.name}"
-        fx += [Send(encode_pdu(abort)), _START]
-        if abort.source == ABORT_SOURCE_PROVIDER:
-            fx.append(AbortIndication(abort.source, abort.reason, True, True, self._detail))
-        return State.Sta13
+            abort = self._provider_abort(event)
+        if abort.source != P.ABORT_SOURCE_PROVIDER:
+            return [_send(abort), _START]
+        return [_send(abort), _START, AbortIndication(abort.source, abort.reason, True, True, self._detail)]
 
-    def _aa2(self, fx, event, arg):
-        fx += [_STOP, _CLOSE]
-        if event == Event.Evt16 and self.state == State.Sta2:
-            fx.append(AbortIndication(arg.source, arg.reason, arg.source == ABORT_SOURCE_PROVIDER))
-        return State.Sta1
+    def _aa2(self, event, arg):
+        if event is Event.Evt16 and self.state is State.Sta2:
+            return [_STOP, _CLOSE, AbortIndication(arg.source, arg.reason, arg.source == P.ABORT_SOURCE_PROVIDER)]
+        return [_STOP, _CLOSE]
 
-    def _aa3(self, fx, event, abort: Abort):
-        provider = abort.source == ABORT_SOURCE_PROVIDER
-        fx += [AbortIndication(abort.source, abort.reason, provider), _CLOSE]
-        return State.Sta1
-
-    def _aa4(self, fx, event, arg):
-        fx.append(AbortIndication(ABORT_SOURCE_PROVIDER, ABORT_REASON_NOT_SPECIFIED, True,
-                                  detail="transport connection closed"))
-        return State.Sta1
-
-    def _aa5(self, fx, event, arg):
-        fx.append(_STOP)
-        return State.Sta1
-
-    def _aa6(self, fx, event, arg):
-        return State.Sta13
-
-    def _aa7(self, fx, event, arg):
-        abort = self._abort if event == Event.Evt19 and self._abort else Abort(ABORT_SOURCE_PROVIDER, ABORT_UNEXPECTED_PDU)
-        fx.append(Send(encode_pdu(abort)))
-        return State.Sta13
-
-    def _aa8(self, fx, event, arg):
-        if event == Event.Evt19 and self._abort is not None:
-            abort = self._abort
-        else:
-            abort = Abort(ABORT_SOURCE_PROVIDER, ABORT_UNEXPECTED_PDU)
-            self._detail = f"{event.value} in {self.state.name}"
-        fx += [Send(encode_pdu(abort)),
-               AbortIndication(abort.source, abort.reason, True, True, self._detail), _START]
-        return State.Sta13
+    def _aa8(self, event, arg):
+        abort = self._provider_abort(event)
+        return [_send(abort), AbortIndication(abort.source, abort.reason, True, True, self._detail), _START]
 
 
+def _send(pdu) -> Send:
+    return Send(encode_pdu(pdu))
+
+
+#: PS3.8 Tables 9-6 to 9-9: what each action does, as the effects it returns
+#: (``a`` the association, ``e`` the event, then what came with it: a PDU,
+#: or the bytes of one to send).  The next state is the one fsm.ACTIONS
+#: names; AE-6 and AR-8 choose between two.
 _ACTIONS = {
-    name: getattr(Association, "_" + name.replace("-", "").lower()) for name in ACTIONS
+    "AE-1": lambda a, e, x: [CONNECT_TRANSPORT],
+    "AE-2": lambda a, e, x: [_send(a._pending)],
+    "AE-3": Association._ae3,
+    "AE-4": lambda a, e, rj: [AssociateConfirmation(rj), _CLOSE],
+    "AE-5": lambda a, e, x: [_START],
+    "AE-6": Association._ae6,
+    "AE-7": lambda a, e, ac: [_send(ac)],
+    "AE-8": lambda a, e, rj: [_send(rj), _START],
+    "DT-1": lambda a, e, data: [Send(data)],
+    "DT-2": lambda a, e, pdu: [PDataIndication(pdu)],
+    "AR-1": lambda a, e, x: [_send(P.ReleaseRQ())],
+    "AR-2": lambda a, e, x: [ReleaseIndication()],
+    "AR-3": lambda a, e, x: [RELEASE_CONFIRMATION, _CLOSE],
+    "AR-4": lambda a, e, x: [_send(P.ReleaseRP()), _START],
+    "AR-5": lambda a, e, x: [_STOP],
+    "AR-6": lambda a, e, pdu: [PDataIndication(pdu)],
+    "AR-7": lambda a, e, data: [Send(data)],
+    "AR-8": Association._ar8,
+    "AR-9": lambda a, e, x: [_send(P.ReleaseRP())],
+    "AR-10": lambda a, e, x: [RELEASE_CONFIRMATION],
+    "AA-1": Association._aa1,
+    "AA-2": Association._aa2,
+    "AA-3": lambda a, e, abort: [AbortIndication(abort.source, abort.reason,
+                                                 abort.source == P.ABORT_SOURCE_PROVIDER), _CLOSE],
+    "AA-4": lambda a, e, x: [AbortIndication(P.ABORT_SOURCE_PROVIDER, P.ABORT_REASON_NOT_SPECIFIED, True,
+                                             detail="transport connection closed")],
+    "AA-5": lambda a, e, x: [_STOP],
+    "AA-6": lambda a, e, x: [],
+    "AA-7": lambda a, e, x: [_send(a._provider_abort(e))],
+    "AA-8": Association._aa8,
 }
+assert _ACTIONS.keys() == ACTIONS.keys()

@@ -45,26 +45,28 @@ class AssociateIndication:
 
 
 @dataclass(frozen=True)
-class AssociateAccepted:
-    """A-ASSOCIATE confirmation (accept), requestor side."""
+class AssociateConfirmation:
+    """A-ASSOCIATE confirmation, requestor side: the peer's A-ASSOCIATE-AC
+    (accept) or A-ASSOCIATE-RJ (reject)."""
 
-    response: AssociateAC
+    response: AssociateAC | AssociateRJ
 
-
-@dataclass(frozen=True)
-class AssociateRejected:
-    """A-ASSOCIATE confirmation (reject), requestor side."""
-
-    response: AssociateRJ
+    @property
+    def accepted(self) -> bool:
+        return isinstance(self.response, AssociateAC)
 
 
 @dataclass(frozen=True)
 class PDataIndication:
+    """P-DATA indication: a P-DATA-TF PDU whose PDVs are views of the received bytes."""
+
     pdu: PDataTF
 
 
 @dataclass(frozen=True)
 class ReleaseIndication:
+    """A-RELEASE indication; ``collision`` when both sides asked at once (PS3.8 9.2.5)."""
+
     collision: bool = False
 
 

@@ -135,6 +135,9 @@ class PDUError(ValueError):
 
 @dataclass(frozen=True)
 class PresentationContextRQ:
+    """A proposed presentation context (PS3.8 Table 9-13): an odd ``id``, the
+    abstract syntax, and the transfer syntaxes in the requestor's order."""
+
     id: int
     abstract_syntax: str
     transfer_syntaxes: tuple[str, ...]
@@ -142,6 +145,9 @@ class PresentationContextRQ:
 
 @dataclass(frozen=True)
 class PresentationContextAC:
+    """The answer to one proposed context (PS3.8 Table 9-18): a ``PC_*``
+    result and, when accepted, the transfer syntax chosen."""
+
     id: int
     result: int
     transfer_syntax: str = ""  # not significant unless result == PC_ACCEPTANCE
@@ -149,6 +155,8 @@ class PresentationContextAC:
 
 @dataclass(frozen=True)
 class RoleSelection:
+    """SCP/SCU Role Selection sub-item (PS3.7 D.3.3.4); each role is 0 or 1."""
+
     sop_class_uid: str
     scu_role: int
     scp_role: int
@@ -156,12 +164,17 @@ class RoleSelection:
 
 @dataclass(frozen=True)
 class ExtendedNegotiation:
+    """SOP Class Extended Negotiation sub-item (PS3.7 D.3.3.5): ``info`` is the
+    service-class application information, uninterpreted."""
+
     sop_class_uid: str
     info: bytes
 
 
 @dataclass(frozen=True)
 class CommonExtendedNegotiation:
+    """SOP Class Common Extended Negotiation sub-item (PS3.7 D.3.3.6)."""
+
     sop_class_uid: str
     service_class_uid: str
     related_general_sop_classes: tuple[str, ...] = ()
@@ -169,6 +182,9 @@ class CommonExtendedNegotiation:
 
 @dataclass(frozen=True)
 class UserIdentityRQ:
+    """User Identity negotiation, as requested (PS3.7 D.3.3.7.1): the type
+    (1 username, 2 with passcode, 3 Kerberos, 4 SAML, 5 JWT) and its fields."""
+
     identity_type: int
     positive_response_requested: bool
     primary_field: bytes
@@ -177,6 +193,8 @@ class UserIdentityRQ:
 
 @dataclass(frozen=True)
 class UserIdentityAC:
+    """User Identity negotiation, as answered (PS3.7 D.3.3.7.2)."""
+
     server_response: bytes
 
 
@@ -190,6 +208,9 @@ class UnknownItem:
 
 @dataclass(frozen=True)
 class UserInformation:
+    """The User Information item (PS3.8 9.3.2.3, Annex D; PS3.7 D.3.3):
+    ``None`` where the sub-item is absent, empty tuples where none came."""
+
     max_length: int | None = None
     implementation_class_uid: str | None = None
     implementation_version_name: str | None = None
@@ -202,27 +223,31 @@ class UserInformation:
 
 
 @dataclass(frozen=True)
-class AssociateRQ:
+class _Associate:
+    """The fields the A-ASSOCIATE-RQ and -AC share (PS3.8 Tables 9-11, 9-17)."""
+
     called_ae: str
     calling_ae: str
-    presentation_contexts: tuple[PresentationContextRQ, ...]
+    presentation_contexts: tuple
     user_information: UserInformation = field(default_factory=UserInformation)
     application_context: str = DICOM_APPLICATION_CONTEXT
     protocol_version: int = 1
 
 
 @dataclass(frozen=True)
-class AssociateAC:
-    called_ae: str
-    calling_ae: str
-    presentation_contexts: tuple[PresentationContextAC, ...]
-    user_information: UserInformation = field(default_factory=UserInformation)
-    application_context: str = DICOM_APPLICATION_CONTEXT
-    protocol_version: int = 1
+class AssociateRQ(_Associate):
+    """``presentation_contexts`` are :class:`PresentationContextRQ` items."""
+
+
+@dataclass(frozen=True)
+class AssociateAC(_Associate):
+    """``presentation_contexts`` are :class:`PresentationContextAC` items."""
 
 
 @dataclass(frozen=True)
 class AssociateRJ:
+    """A-ASSOCIATE-RJ (PS3.8 Table 9-21): the ``RJ_*`` result, source and reason."""
+
     result: int
     source: int
     reason: int
@@ -252,21 +277,26 @@ class PDV:
 
 @dataclass(frozen=True)
 class PDataTF:
+    """P-DATA-TF (PS3.8 Table 9-22): one or more PDVs."""
+
     pdvs: tuple[PDV, ...]
 
 
 @dataclass(frozen=True)
 class ReleaseRQ:
-    pass
+    """A-RELEASE-RQ (PS3.8 Table 9-24); it carries nothing."""
 
 
 @dataclass(frozen=True)
 class ReleaseRP:
-    pass
+    """A-RELEASE-RP (PS3.8 Table 9-25); it carries nothing."""
 
 
 @dataclass(frozen=True)
 class Abort:
+    """A-ABORT (PS3.8 Table 9-26): ``ABORT_SOURCE_*`` and, for the provider,
+    an ``ABORT_*`` reason (not significant when the source is the user)."""
+
     source: int
     reason: int
 

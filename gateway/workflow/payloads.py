@@ -2,15 +2,16 @@
 
 :class:`PayloadService` is an :class:`IInstanceStoredObserver` of the SCP:
 
-- ``instance_stored``: the instance is indexed (state ``received``), then
-  its header is read and the file hashed (disk pool), in the background: the
-  C-STORE is answered at once.  Its group key (per ``[[ae]] grouping``: the
-  association id, Patient ID, Study or Series Instance UID) is remembered,
-  scoped by AE title.
+- ``instance_stored``: the writer's record of the instance (digest and
+  header attributes included) is indexed (state ``received``) in the
+  background: the C-STORE is answered at once.  Its group key (per
+  ``[[ae]] grouping``: the association id, Patient ID, Study or Series
+  Instance UID) is remembered, scoped by AE title.
 - ``association_released``: once all its instances are indexed, the
   association's instances join the open payload of their (AE, key), or a
-  new one, in one durable transaction, before the A-RELEASE-RP goes out.  An AE without pipelines keeps its instances
-  (state ``kept``) and forms no payloads.
+  new one, in one durable transaction, before the A-RELEASE-RP goes out.
+  An AE without pipelines keeps its instances (state ``kept``) and forms no
+  payloads.
 - ``association_ended`` (aborted or lost): its instances never reach a
   payload; they are removed at once, or after ``[storage] aborted_retention``.
 
@@ -39,7 +40,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from gateway.interfaces import IInstanceStoredObserver, IPayloadQuery, IReconfigurable
-from gateway.store.index import read_header, remove_if_same
+from gateway.store import index
+from gateway.store.files import fsync_dir, remove_all
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
@@ -56,26 +58,6 @@ def group_key(grouping: str, association_id: str, attrs: dict) -> str:
 
 
 # ---- transactions (database thread) ------------------------------------------
-
-def _db_index(conn, states: dict, row: dict):
-    """Record one instance; ``states``: association id -> state, as read in
-    this transaction (where only instance rows are written)."""
-    a = row["association"]
-    state = states.get(a)
-    if state is None:
-        conn.execute(
-            "INSERT OR IGNORE INTO associations (id, calling_ae, called_ae, peer, started, state) "
-            "VALUES (?, ?, ?, ?, ?, 'open')",
-            (a, row["calling_ae"], row["called_ae"], row["peer"], row["started"]))
-        state = states[a] = conn.execute("SELECT state FROM associations WHERE id = ?", (a,)).fetchone()[0]
-    row = dict(row, state="received" if state == "open" else "aborted")
-    cols = ("association", "ae", "sop_class_uid", "sop_instance_uid", "patient_id", "patient_name",
-            "study_uid", "series_uid", "modality", "transfer_syntax", "size", "sha256", "inode",
-            "calling_ae", "called_ae", "peer", "received", "path", "group_key", "state")
-    cur = conn.execute(f"INSERT INTO instances ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
-                       [row.get(c) for c in cols])
-    return row["state"], cur.lastrowid
-
 
 def _db_release(conn, info, now, aes: dict):
     """Join the association's instances to payloads; return the open payloads touched."""
@@ -113,87 +95,17 @@ def _db_release(conn, info, now, aes: dict):
     return touched
 
 
-def _keep(conn, keep_aes, where, args):
-    """Instances on AE titles without pipelines are kept whatever happens:
-    nothing is handed on from there, and the SCP acknowledged them."""
-    if keep_aes:
-        conn.execute(f"UPDATE instances SET state = 'kept' WHERE {where} AND state = 'received' "
-                     f"AND ae IN ({', '.join('?' * len(keep_aes))})", [*args, *keep_aes])
-
-
-def _db_discard(conn, association_id, result, now, retention, keep_aes=()):
-    """Mark the association ended without release; its instances are aborted."""
-    conn.execute("UPDATE associations SET state = ?, ended = ? WHERE id = ? AND state = 'open'",
-                 (result, now, association_id))
-    _keep(conn, keep_aes, "association = ?", [association_id])
-    cur = conn.execute("UPDATE instances SET state = 'aborted', discard_after = ? "
-                       "WHERE association = ? AND state = 'received'", (now + retention, association_id))
-    return cur.rowcount, _due_aborted(conn, now, association_id)
-
-
-def _due_aborted(conn, now, association_id=None):
-    # A row whose file was never examined (no inode: a crash came first) is
-    # not removed while a live row shares its path: that file is a later copy.
-    q = ("SELECT id, path, inode FROM instances i WHERE state = 'aborted' AND discard_after <= ? "
-         "AND NOT (inode IS NULL AND EXISTS (SELECT 1 FROM instances o WHERE o.path = i.path "
-         "AND o.id != i.id AND o.state IN ('received', 'payload', 'kept')))")
-    args = [now]
-    if association_id is not None:
-        q += " AND association = ?"
-        args.append(association_id)
-    return [tuple(r) for r in conn.execute(q, args).fetchall()]
-
-
-def _db_removed(conn, instance_ids):
-    conn.executemany("UPDATE instances SET state = 'removed' WHERE id = ?", [(i,) for i in instance_ids])
-
-
-def _db_recover(conn, now, retention, instances_dir, started_before, keep_aes=(), handoff_aes=None):
-    """After a restart: end broken associations, adopt never-indexed files."""
-    broken = [r[0] for r in conn.execute("SELECT id FROM associations WHERE state = 'open'")]
-    for a in broken:
-        conn.execute("UPDATE associations SET state = 'broken', ended = ? WHERE id = ?", (now, a))
-        _keep(conn, keep_aes, "association = ?", [a])
-        conn.execute("UPDATE instances SET state = 'aborted', discard_after = ? "
-                     "WHERE association = ? AND state = 'received'", (now + retention, a))
-    known = {r[0] for r in conn.execute(
-        "SELECT path FROM instances WHERE state IN ('received', 'kept', 'aborted', 'payload')")}
-    orphans = kept = 0
-    if os.path.isdir(instances_dir):
-        for ae in sorted(os.listdir(instances_dir)):
-            directory = os.path.join(instances_dir, ae)
-            if not os.path.isdir(directory):
-                continue
-            for name in sorted(os.listdir(directory)):
-                path = os.path.join(directory, name)
-                if path in known:
-                    continue
-                try:
-                    st = os.stat(path)
-                except FileNotFoundError:
-                    continue
-                if st.st_mtime >= started_before:
-                    continue  # arrived since this start: its row is on the way
-                # Stored but never indexed: the crash broke its association.  On an
-                # AE title with pipelines it is treated like an aborted association's
-                # instance; anywhere else (no pipelines, no longer configured, files
-                # from before the index existed) it is kept, as the SCP keeps files.
-                aborted = handoff_aes is None or ae in handoff_aes
-                conn.execute(
-                    "INSERT INTO instances (ae, sop_instance_uid, size, inode, received, path, state, "
-                    "discard_after) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (ae, name[:-4] if name.endswith(".dcm") else name, st.st_size, st.st_ino,
-                     st.st_mtime, path, "aborted" if aborted else "kept", now + retention))
-                if aborted:
-                    orphans += 1
-                else:
-                    kept += 1
+def _db_recover(conn, now, retention, instances_dir, started_before, keep_aes, handoff_aes):
+    """After a restart: the index's own recovery, then jobs that were running
+    run again, and open and closing payloads are found."""
+    broken, orphans, kept, due = index.recover(conn, now, retention, instances_dir, started_before,
+                                               keep_aes, handoff_aes)
     conn.execute("UPDATE jobs SET state = 'pending', reason = 'interrupted by a restart', next_attempt = ? "
                  "WHERE state = 'running'", (now,))
     opened = [tuple(r) for r in conn.execute(
         "SELECT id, ae, key, updated FROM payloads WHERE state = 'open'")]
     closing = [r[0] for r in conn.execute("SELECT id FROM payloads WHERE state = 'closing'")]
-    return broken, orphans, kept, _due_aborted(conn, now), opened, closing
+    return broken, orphans, kept, due, opened, closing
 
 
 def _db_begin_close(conn, pid):
@@ -249,14 +161,6 @@ def _db_payloads(conn, limit, offset, state):
 
 # ---- files (disk pool) ---------------------------------------------------------
 
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _build_payload_dir(root, payload, instances, associations, pipelines, fsync):
     """Link the files into ``payloads/<id>/`` and write the manifest; idempotent."""
     directory = os.path.join(root, payload["id"])
@@ -306,20 +210,16 @@ def _build_payload_dir(root, payload, instances, associations, pipelines, fsync)
             os.fsync(f.fileno())
     os.replace(tmp, path)
     if fsync:
-        _fsync_dir(directory)
+        fsync_dir(directory)
     return directory, moved, missing
-
-
-def _remove_all(items):
-    freed = 0
-    for _id, path, inode in items:
-        freed += remove_if_same(path, inode)
-    return freed
 
 
 @implementer(IInstanceStoredObserver, IPayloadQuery, IReconfigurable)
 class PayloadService(Service):
+    """The service "payloads"; see the module docstring."""
+
     log = Logger()
+    name = "payloads"
 
     def __init__(self, config, storage, db, reactor, runner=None):
         self.config = config
@@ -327,15 +227,14 @@ class PayloadService(Service):
         self.db = db
         self.reactor = reactor
         self.runner = runner
-        self.payloads_dir = os.path.join(storage.root, "payloads")
-        self.aes = {ae.title: ae for ae in config.ae_titles}
+        self.aes = {ae.title: ae for ae in config.ae}
         self.open_keys: dict[str, set] = {}      # association id -> {(ae, key)}
         self.last_seen: dict[tuple, float] = {}  # (ae, key) -> time of the last instance
         self.open_payloads: dict[tuple, list] = {}  # (ae, key) -> [payload id, updated]
         self.timers: dict[str, object] = {}
         # association id -> (AE title, Deferreds of instances still being examined)
         self.examining: dict[str, tuple] = {}
-        self._unexamined: list = []  # (Deferred, instance) to start on the next turn: _examine
+        self._unexamined: list = []  # Deferreds to fire on the next turn: _examine
         self.failed: set[str] = set()  # associations with an instance that could not be indexed
         self.awaited: set[str] = set()  # associations whose end waits for their rows
         self.recorded: set[str] = set()  # associations whose first row has gone to the database
@@ -346,7 +245,7 @@ class PayloadService(Service):
         """New instances use the new grouping and timeout; payloads closing from
         now on get the new pipelines.  An open payload keeps its group key."""
         self.config = config
-        self.aes = {ae.title: ae for ae in config.ae_titles}
+        self.aes = {ae.title: ae for ae in config.ae}
         if self.runner is not None:
             self.runner.reconfigure(config)
 
@@ -373,11 +272,10 @@ class PayloadService(Service):
     def instance_stored(self, instance, association):
         """Index the instance in the background; the C-STORE is answered at once.
 
-        The writer hashes the file (a big one's hash comes just after the
-        response: ``instance.digest``) and (nearly always) picks out its
-        header; the row is then written with others in one transaction.
-        None of it is needed before the association releases, and the
-        release waits for them (and makes them durable) before the
+        ``instance`` is the writer's complete record (path, size, digest,
+        header attributes); its row is written with others in one
+        transaction.  None of it is needed before the association releases,
+        and the release waits for them (and makes them durable) before the
         A-RELEASE-RP.  An acknowledged instance whose row a crash prevented
         belongs to an association that never released: at restart it is
         treated as aborted, as it should be.
@@ -389,9 +287,8 @@ class PayloadService(Service):
         d = Deferred()
         if not self._unexamined:
             self.reactor.callLater(0, self._examine)
-        self._unexamined.append((d, instance))
-        d.addCallback(self._header, instance)
-        d.addCallback(self._examined, instance, association, now)
+        self._unexamined.append(d)
+        d.addCallback(lambda _: self._examined(instance, association, now))
 
         def failed(failure):
             self.failed.add(association.id)
@@ -405,7 +302,7 @@ class PayloadService(Service):
                        calling_ae=association.calling_ae, called_ae=association.called_ae,
                        peer=association.peer, started=association.started, received=now,
                        path=instance.path)
-            return self.db.run(_db_index, {}, row).addErrback(
+            return self.db.run(index.record_instance, {}, row).addErrback(
                 lambda f: self.log.failure("could not record {path}", f, path=instance.path))
 
         d.addErrback(failed)
@@ -414,20 +311,12 @@ class PayloadService(Service):
 
     def _examine(self):
         batch, self._unexamined = self._unexamined, []
-        for d, instance in batch:
-            if instance.digest is None:
-                d.callback(instance.sha256)
-            else:  # a big instance's hash, when the writer has it
-                instance.digest.chainDeferred(d)
+        for d in batch:
+            d.callback(None)
 
-    def _header(self, sha256, instance):
-        known = {"sha256": sha256, "size": instance.size, "inode": instance.inode}
-        if instance.attributes is not None:  # the writer picked the header out (nearly always)
-            return read_header(instance.path, known, instance.attributes)
-        return self._disk(read_header, instance.path, known)  # pydicom reads it, in the disk pool
-
-    def _examined(self, attrs, instance, association, received):
-        if attrs.get("header_error"):
+    def _examined(self, instance, association, received):
+        attrs = instance.attributes
+        if attrs["header_error"]:
             self.log.warn("{path}: header not readable ({error}); indexed without attributes",
                           path=instance.path, error=attrs["header_error"])
         ae = self.aes.get(association.called_ae)
@@ -438,10 +327,11 @@ class PayloadService(Service):
         self.last_seen[k] = max(self.last_seen.get(k, 0), received)
         row = dict(attrs, association=association.id, ae=association.called_ae,
                    sop_class_uid=instance.sop_class_uid, sop_instance_uid=instance.sop_instance_uid,
-                   transfer_syntax=instance.transfer_syntax_uid, calling_ae=association.calling_ae,
+                   transfer_syntax=instance.transfer_syntax_uid, size=instance.size,
+                   sha256=instance.sha256, inode=instance.inode, calling_ae=association.calling_ae,
                    called_ae=association.called_ae, peer=association.peer, started=association.started,
                    received=received, path=instance.path, group_key=key)
-        d = self.db.run_coalesced(_db_index, row)
+        d = self.db.run_coalesced(index.record_instance, row)
         if association.id in self.awaited or association.id not in self.recorded:
             # The association's first row goes at once, so that a crash leaves
             # its record (state "broken"); its other rows may wait a few
@@ -504,12 +394,12 @@ class PayloadService(Service):
 
     @inlineCallbacks
     def _discard(self, association_id, result):
-        retention = self.config.aborted_retention
-        count, due = yield self.db.run(_db_discard, association_id, result, self.reactor.seconds(),
+        retention = self.config.storage.aborted_retention
+        count, due = yield self.db.run(index.end_association, association_id, result, self.reactor.seconds(),
                                        retention, self._keep_aes())
-        freed = yield self._disk(_remove_all, due)
+        freed = yield self._disk(remove_all, due)
         if due:
-            yield self.db.run(_db_removed, [i for i, _p, _n in due])
+            yield self.db.run(index.mark_removed, [i for i, _p, _n in due])
         if count or due:
             self.log.info("association {association} ended {result}: {count} instance(s) discarded "
                           "({what})", event="instances.discarded", association=association_id,
@@ -566,7 +456,7 @@ class PayloadService(Service):
         payload, instances, associations = found
         ae = self.aes.get(payload["ae"])
         pipelines = ae.pipelines if ae else ()
-        directory, moved, missing = yield self._disk(_build_payload_dir, self.payloads_dir, payload,
+        directory, moved, missing = yield self._disk(_build_payload_dir, self.storage.payloads_dir, payload,
                                                      instances, associations, pipelines, self.storage.fsync)
         if missing:
             self.log.warn("payload {payload}: {count} instance file(s) were no longer on disk; "
@@ -576,7 +466,7 @@ class PayloadService(Service):
                                     pipelines, self.reactor.seconds())
         # The payload directory holds its own links now: drop the inbox ones
         # (only if no later copy of the same instance replaced them).
-        yield self._disk(_remove_all, [(i, src, ino) for i, _t, src, ino in moved])
+        yield self._disk(remove_all, [(i, src, ino) for i, _t, src, ino in moved])
         self.log.info("payload {payload} of {ae} ({key}) closed: {instances} instance(s) to {pipelines}",
                       event="payload.closed", payload=pid, ae=payload["ae"], key=payload["key"],
                       instances=len(instances) - len(missing), pipelines=list(pipelines), path=directory)
@@ -589,7 +479,7 @@ class PayloadService(Service):
     @inlineCallbacks
     def recover(self):
         now = self.reactor.seconds()
-        retention = self.config.aborted_retention
+        retention = self.config.storage.aborted_retention
         broken, orphans, kept, due, opened, closing = yield self.db.run(
             _db_recover, now, retention, self.storage.instances_dir, now, self._keep_aes(),
             tuple(title for title, ae in self.aes.items() if ae.pipelines))
@@ -601,8 +491,8 @@ class PayloadService(Service):
                           event="instances.discarded", association=None, count=len(broken) + orphans,
                           associations=len(broken), orphans=orphans, retained=retention)
         if due:
-            yield self._disk(_remove_all, due)
-            yield self.db.run(_db_removed, [i for i, _p, _n in due])
+            yield self._disk(remove_all, due)
+            yield self.db.run(index.mark_removed, [i for i, _p, _n in due])
         for pid, ae, key, updated in opened:
             self.open_payloads[(ae, key)] = [pid, updated]
             self._check_key((ae, key))

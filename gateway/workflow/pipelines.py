@@ -25,11 +25,13 @@ import json
 import os
 import shutil
 
+from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredSemaphore, inlineCallbacks, succeed
 from twisted.internet.error import ProcessDone
 from twisted.internet.protocol import ProcessProtocol, Protocol
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.filepath import FilePath
 from twisted.web.client import Agent
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer
@@ -93,11 +95,6 @@ def _dicom_files(directory):
     return sorted(found)
 
 
-def _read(path):
-    with open(path, "rb") as f:
-        return f.read()
-
-
 class _Process(ProcessProtocol):
     def __init__(self):
         self.ended = Deferred()
@@ -147,8 +144,13 @@ class _Bytes:
         pass
 
 
-class PipelineRunner:
+class PipelineRunner(Service):
+    """Runs pipeline jobs (the service "pipelines"); its payload service
+    hands it new jobs and passes on reloads.  Stopping it kills the
+    programs that run (their jobs run again after the restart)."""
+
     log = Logger()
+    name = "pipelines"
 
     def __init__(self, config, db, storage, reactor, export_queue=None):
         self.config = config
@@ -156,10 +158,9 @@ class PipelineRunner:
         self.storage = storage
         self.reactor = reactor
         self.export_queue = export_queue
-        self.outputs_dir = os.path.join(storage.root, "outputs")
-        self.semaphores = {p.name: DeferredSemaphore(p.concurrency) for p in config.pipelines}
+        self.semaphores = {p.name: DeferredSemaphore(p.concurrency) for p in config.pipeline}
         self.scheduled: dict[int, object] = {}
-        self.running: set[int] = set()
+        self.jobs_running: set[int] = set()
         self.processes: set = set()
         self.stopped = False
 
@@ -169,7 +170,7 @@ class PipelineRunner:
     def reconfigure(self, config):
         """Attempts that start from now on use the new pipeline settings."""
         self.config = config
-        for p in config.pipelines:
+        for p in config.pipeline:
             current = self.semaphores.get(p.name)
             if current is None or current.limit != p.concurrency:
                 # Jobs running now release the semaphore they acquired.
@@ -184,6 +185,10 @@ class PipelineRunner:
         for job_id, next_attempt in (yield self.db.run(_db_pending)):
             self._schedule(job_id, max(0.0, (next_attempt or 0) - self.reactor.seconds()))
 
+    def stopService(self):
+        super().stopService()
+        self.stop()
+
     def stop(self):
         self.stopped = True
         for call in self.scheduled.values():
@@ -197,18 +202,18 @@ class PipelineRunner:
                 pass
 
     def _schedule(self, job_id, delay):
-        if self.stopped or job_id in self.scheduled or job_id in self.running:
+        if self.stopped or job_id in self.scheduled or job_id in self.jobs_running:
             return
         self.scheduled[job_id] = self.reactor.callLater(delay, self._go, job_id)
 
     def _go(self, job_id):
         self.scheduled.pop(job_id, None)
-        self.running.add(job_id)
+        self.jobs_running.add(job_id)
         d = self._run(job_id)
         d.addErrback(lambda f: self.log.failure("job {job} could not run", f, job=job_id))
 
         def finished(retry_in):
-            self.running.discard(job_id)
+            self.jobs_running.discard(job_id)
             if retry_in is not None:
                 self._schedule(job_id, retry_in)
 
@@ -219,7 +224,7 @@ class PipelineRunner:
         job = yield self.db.run(_db_job, job_id)
         if job is None or job["state"] != "pending":
             return
-        pipeline = self.config.pipeline(job["pipeline"])
+        pipeline = self.config.pipeline_named(job["pipeline"])
         if pipeline is None:
             yield self.db.run(_db_end, job_id, "failed", "the pipeline is no longer configured",
                               self.reactor.seconds(), None, 0, [])
@@ -241,7 +246,7 @@ class PipelineRunner:
         started = self.reactor.seconds()
         payload_dir = job["path"]
         manifest = os.path.join(payload_dir, MANIFEST)
-        output = os.path.join(self.outputs_dir, job["payload"], pipeline.name)
+        output = os.path.join(self.storage.outputs_dir, job["payload"], pipeline.name)
         outputs, export_ids = 0, []
         try:
             yield self._disk(_fresh_dir, output)
@@ -335,7 +340,7 @@ class PipelineRunner:
 
     @inlineCallbacks
     def _webhook(self, pipeline, job, attempt, manifest):
-        body = yield self._disk(_read, manifest)
+        body = yield self._disk(FilePath(manifest).getContent)
         agent = Agent(self.reactor)
         headers = Headers({b"Content-Type": [b"application/json"], b"User-Agent": [b"dicomgw"],
                            b"X-Dicomgw-Payload": [job["payload"].encode()],

@@ -24,12 +24,12 @@ class ConfigTests(unittest.TestCase):
 
     def test_shipped_file_is_valid_and_matches_the_contract(self):
         c = load_config(SHIPPED)
-        self.assertEqual(c.storage, "var/dicomgw")
-        self.assertEqual(c.max_pdu_length, 131072)
-        self.assertEqual(c.implementation_version_name, "DICOMGW_0_1")
-        self.assertEqual(c.listen_dicom, "tcp:11112")
-        self.assertEqual((c.artim, c.dimse, c.fsync), (30, 60, True))
-        self.assertEqual([a.title for a in c.ae_titles], ["DICOMGW"])
+        self.assertEqual(c.gateway.storage, "var/dicomgw")
+        self.assertEqual(c.gateway.max_pdu_length, 131072)
+        self.assertEqual(c.gateway.implementation_version_name, "DICOMGW_0_1")
+        self.assertEqual(c.listen.dicom, "tcp:11112")
+        self.assertEqual((c.timeouts.artim, c.timeouts.dimse, c.storage.fsync), (30, 60, True))
+        self.assertEqual([a.title for a in c.ae], ["DICOMGW"])
 
     def test_unknown_keys_and_sections_are_named(self):
         self.assertProblems(
@@ -53,8 +53,8 @@ class ConfigTests(unittest.TestCase):
         self.assertProblems('[[ae]]\ntitle = ".."\n', "ae[0].title")
         self.assertProblems('[[ae]]\n', "ae[0].title: required")
         c = config_from_string('[[ae]]\ntitle = "CT_1"\n[[ae]]\ntitle = "MR-2"\n')
-        self.assertIsNotNone(c.ae("MR-2"))
-        self.assertIsNone(c.ae("CT_2"))
+        self.assertIsNotNone(c.ae_named("MR-2"))
+        self.assertIsNone(c.ae_named("CT_2"))
 
     def test_toml_syntax_error(self):
         self.assertProblems("[gateway\n", "not valid TOML")

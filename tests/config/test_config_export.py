@@ -27,7 +27,7 @@ class SCUConfigTests(TestCase):
         c = config_from_string(BASE)
         self.assertEqual((c.scu.ae_title, c.scu.max_associations, c.scu.retries, c.scu.retry_delay),
                          ("DICOMGW", 2, 3, 30.0))
-        self.assertEqual(c.destinations, ())
+        self.assertEqual(c.destination, ())
 
     def test_issue_example(self):
         c = config_from_string(BASE + '''
@@ -44,9 +44,9 @@ host = "10.0.0.5"
 port = 104
 tls = false
 ''')
-        d = c.destination("pacs")
+        d = c.destination_named("pacs")
         self.assertEqual((d.ae_title, d.host, d.port, d.tls), ("PACS", "10.0.0.5", 104, False))
-        self.assertIsNone(c.destination("other"))
+        self.assertIsNone(c.destination_named("other"))
 
     def test_errors_name_their_keys(self):
         found = problems('''
@@ -96,7 +96,7 @@ ca_certificates = "missing.pem"
         with open(path, "w") as f:
             f.write(text)
         c = load_config(path)
-        self.assertEqual([(d.name, d.ae_title, d.host, d.port, d.tls) for d in c.destinations],
+        self.assertEqual([(d.name, d.ae_title, d.host, d.port, d.tls) for d in c.destination],
                          [("pacs", "PACS", "10.0.0.5", 104, False)])
 
 
@@ -106,7 +106,8 @@ class InterfaceTests(TestCase):
         from zope.interface.verify import verifyObject
 
         from gateway.interfaces import IDestinations, IExportQueue
-        from gateway.export.jobs import Destinations, ExportService
+        from gateway.export.destinations import Destinations
+        from gateway.export.jobs import ExportService
         from gateway.testing import FakeDestinations, FakeExportQueue
 
         config = config_from_string(BASE)

@@ -20,12 +20,12 @@ def problems(text):
 class PolicyConfigTests(unittest.TestCase):
     def test_defaults(self):
         c = config_from_string('[[ae]]\ntitle = "A"\n')
-        self.assertEqual((c.max_associations, c.reject_unknown_sources, c.listen_dicom_tls),
+        self.assertEqual((c.gateway.max_associations, c.gateway.reject_unknown_sources, c.listen.dicom_tls),
                          (25, False, None))
-        self.assertEqual((c.watermark_percent, c.reserved_gb, c.check_interval, c.pdu_timeout),
+        self.assertEqual((c.storage.watermark_percent, c.storage.reserved_gb, c.storage.check_interval, c.timeouts.pdu),
                          (75.0, 5.0, 10.0, 60.0))
         self.assertEqual((c.tls.profile, c.tls.require_client_certificate), ("bcp195-nd", True))
-        ae = c.ae("A")
+        ae = c.ae_named("A")
         self.assertEqual((ae.tls_only, ae.sources, ae.allowed_sop_classes, ae.ignored_sop_classes,
                           ae.transfer_syntaxes), (False, None, None, frozenset(), None))
 
@@ -60,13 +60,13 @@ transfer_syntaxes = ["1.2.840.10008.1.2.1"]
 title = "B"
 ignored_sop_classes = ["1.2.840.10008.5.1.4.1.1.7"]
 ''')
-        self.assertEqual(c.max_associations, 1000)
-        self.assertEqual(c.sources[0].host, ipaddress.ip_network("10.1.2.0/24"))
-        self.assertIsNone(c.sources[1].host)
-        self.assertEqual(c.ae("A").sources, ("CT01", "MR01"))
-        self.assertEqual(c.ae("A").allowed_sop_classes, frozenset({"1.2.840.10008.5.1.4.1.1.2"}))
-        self.assertEqual(c.ae("B").ignored_sop_classes, frozenset({"1.2.840.10008.5.1.4.1.1.7"}))
-        self.assertEqual((c.tls.profile, c.pdu_timeout, c.reserved_gb), ("bcp195-ex", 5.0, 0.5))
+        self.assertEqual(c.gateway.max_associations, 1000)
+        self.assertEqual(c.source[0].host, ipaddress.ip_network("10.1.2.0/24"))
+        self.assertIsNone(c.source[1].host)
+        self.assertEqual(c.ae_named("A").sources, ("CT01", "MR01"))
+        self.assertEqual(c.ae_named("A").allowed_sop_classes, frozenset({"1.2.840.10008.5.1.4.1.1.2"}))
+        self.assertEqual(c.ae_named("B").ignored_sop_classes, frozenset({"1.2.840.10008.5.1.4.1.1.7"}))
+        self.assertEqual((c.tls.profile, c.timeouts.pdu, c.storage.reserved_gb), ("bcp195-ex", 5.0, 0.5))
 
     def test_errors_name_their_keys(self):
         cases = {
@@ -91,10 +91,10 @@ ignored_sop_classes = ["1.2.840.10008.5.1.4.1.1.7"]
             'sources = ["NOBODY"]': "ae[0].sources: 'NOBODY' is not the ae_title of any [[source]]",
             'allowed_sop_classes = ["1.2"]\nignored_sop_classes = ["1.3"]':
                 "ae[0]: allowed_sop_classes and ignored_sop_classes cannot both be set",
-            'allowed_sop_classes = ["1.2.x"]': "ae[0].allowed_sop_classes: '1.2.x' is not a UID",
-            'ignored_sop_classes = "1.2"': "ae[0].ignored_sop_classes: expected a list of strings",
+            'allowed_sop_classes = ["1.2.x"]': "ae[0].allowed_sop_classes[0]: '1.2.x' is not a UID",
+            'ignored_sop_classes = "1.2"': "ae[0].ignored_sop_classes: expected an array of non-empty strings",
             'transfer_syntaxes = []': "ae[0].transfer_syntaxes: must not be empty",
-            'transfer_syntaxes = ["../etc"]': "ae[0].transfer_syntaxes: '../etc' is not a UID",
+            'transfer_syntaxes = ["../etc"]': "ae[0].transfer_syntaxes[0]: '../etc' is not a UID",
         }
         for line, expected in cases.items():
             found = problems(f'[[ae]]\ntitle = "A"\n{line}\n')

@@ -21,17 +21,17 @@ class WorkflowConfigTests(unittest.TestCase):
 
     def test_defaults_of_the_shipped_file(self):
         c = load_config(os.path.join(ETC, "dicomgw.toml"))
-        ae = c.ae("DICOMGW")
+        ae = c.ae_named("DICOMGW")
         self.assertEqual((ae.grouping, ae.timeout, ae.pipelines), ("study", 5, ()))
-        self.assertEqual((c.retention, c.aborted_retention, c.reclaim_interval), (0, 0, 60))
-        self.assertEqual((c.pipelines, c.observers), ((), ()))
+        self.assertEqual((c.storage.retention, c.storage.aborted_retention, c.reclaimer.interval), (0, 0, 60))
+        self.assertEqual((c.pipeline, c.notify.observers), ((), ()))
 
     def test_example_pipeline_config(self):
         c = load_config(os.path.join(ETC, "pipeline-example.toml"))
-        p = c.pipeline("summary")
+        p = c.pipeline_named("summary")
         self.assertEqual(p.command, ("etc/pipelines/summarize.py", "{manifest}", "{output}"))
         self.assertEqual((p.timeout, p.retries, p.backoff, p.concurrency), (60, 2, 5, 1))
-        self.assertEqual(c.ae("PIPELINE").pipelines, ("summary",))
+        self.assertEqual(c.ae_named("PIPELINE").pipelines, ("summary",))
         self.assertTrue(os.access(os.path.join(ETC, "pipelines", "summarize.py"), os.X_OK))
 
     def test_full_pipeline_tables(self):
@@ -43,12 +43,12 @@ class WorkflowConfigTests(unittest.TestCase):
             '[pipeline.b]\nwebhook = "https://example.org/hook"\n'
             '[[destination]]\nname = "pacs"\nae_title = "PACS"\nhost = "10.0.0.5"\nport = 104\n'
             '[[ae]]\ntitle = "X"\ngrouping = "series"\ntimeout = 2\npipelines = ["a", "b"]\n')
-        self.assertEqual(c.ae("X").pipelines, ("a", "b"))
-        self.assertEqual(c.ae("X").grouping, "series")
-        a = c.pipeline("a")
+        self.assertEqual(c.ae_named("X").pipelines, ("a", "b"))
+        self.assertEqual(c.ae_named("X").grouping, "series")
+        a = c.pipeline_named("a")
         self.assertEqual((a.concurrency, a.timeout, a.retries, a.backoff, a.export), (2, 9, 1, 0.5, ("pacs",)))
-        self.assertEqual(c.pipeline("b").webhook, "https://example.org/hook")
-        self.assertEqual((c.retention, c.aborted_retention, c.reclaim_interval, c.observers),
+        self.assertEqual(c.pipeline_named("b").webhook, "https://example.org/hook")
+        self.assertEqual((c.storage.retention, c.storage.aborted_retention, c.reclaimer.interval, c.notify.observers),
                          (10, 60, 5, ("pkg.mod.Obs",)))
 
     def test_errors_name_their_keys(self):
@@ -91,7 +91,7 @@ class ObserverLoadingTests(unittest.TestCase):
         self.assertIn(path, str(cm.exception))
 
     def test_factory_must_make_an_observer(self):
-        from gateway.workflow.wiring import load_observer
+        from gateway.ingest.observers import load_observer
 
         config = load_config(self.write('["gateway.config.Pipeline"]'))
         with self.assertRaises(ConfigError) as cm:

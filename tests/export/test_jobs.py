@@ -18,7 +18,7 @@ from gateway.export.jobs import (
     ExportService,
     ExportStore,
     job_outcome,
-    read_part10_header,
+    read_meta,
 )
 from gateway.threads import WorkerPool
 from tests.dicomfiles import ct_image, dataset_bytes, make_series, small_instance
@@ -69,7 +69,7 @@ class ExportCase(TestCase):
 class HeaderTests(TestCase):
     def test_reads_uids_offset_and_size(self):
         path = ct_image(self.mktemp() + ".dcm", rows=16, cols=16)
-        sop_class, sop_instance, ts, offset, size = read_part10_header(path)
+        sop_class, sop_instance, ts, offset, size = read_meta(path)
         with open(path, "rb") as f:
             data = f.read()
         self.assertEqual(data[offset:], dataset_bytes(path))
@@ -82,7 +82,7 @@ class HeaderTests(TestCase):
         path = self.mktemp()
         with open(path, "wb") as f:
             f.write(b"\x00" * 300)
-        self.assertRaises(ValueError, read_part10_header, path)
+        self.assertRaises(ValueError, read_meta, path)
 
     def test_outcome_rule(self):
         self.assertEqual(job_outcome(4, 0), "done")
@@ -149,7 +149,7 @@ class SendTests(ExportCase):
                          {("sent", 0, 1)})
         stored = {os.path.basename(p)[:-4]: p for p in gw.stored_files()}
         for path in paths:
-            uid = read_part10_header(path)[1]
+            uid = read_meta(path)[1]
             self.assertEqual(dataset_bytes(stored[uid]), dataset_bytes(path))
         listing = yield export.jobs()
         self.assertEqual([j["id"] for j in listing], [job_id])
@@ -333,7 +333,7 @@ class BackoffClockTests(TestCase):
                 return ["down"]
 
             def get(self, name):
-                return config.destination(name)
+                return config.destination_named(name)
 
             def connect(self, name, contexts):
                 self.calls.append(clock.seconds() - 1_000_000)
@@ -400,7 +400,7 @@ class BackoffClockTests(TestCase):
                 return ["pacs"]
 
             def get(self, name):
-                return config.destination(name)
+                return config.destination_named(name)
 
             def connect(self, name, contexts):
                 self.opened.append(Assoc(contexts))

@@ -70,7 +70,7 @@ class PolicyTests(unittest.TestCase):
         self.assertEqual(matching_sources(strict, "CT01", "10.1.2.3"), {"CT01"})
 
     def test_negotiate(self):
-        ae = CONFIG.ae("CTONLY")
+        ae = CONFIG.ae_named("CTONLY")
         CT, MR = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4"
         IMPLICIT, EXPLICIT = "1.2.840.10008.1.2", "1.2.840.10008.1.2.1"
         pc = P.PresentationContextRQ
@@ -80,4 +80,4 @@ class PolicyTests(unittest.TestCase):
         # Verification is always allowed, in any transfer syntax.
         self.assertEqual(negotiate(ae, pc(1, "1.2.840.10008.1.1", (IMPLICIT,))), (P.PC_ACCEPTANCE, IMPLICIT))
         # Without lists: the first proposed syntax, as before.
-        self.assertEqual(negotiate(CONFIG.ae("GW"), pc(1, MR, (IMPLICIT, EXPLICIT))), (P.PC_ACCEPTANCE, IMPLICIT))
+        self.assertEqual(negotiate(CONFIG.ae_named("GW"), pc(1, MR, (IMPLICIT, EXPLICIT))), (P.PC_ACCEPTANCE, IMPLICIT))

@@ -104,7 +104,7 @@ class RunningGateway:
         self.service = service
         self.port = port.getHost().port
         self.tls_port = tls_port.getHost().port if tls_port is not None else None
-        self.scp = service.scp
+        self.scp = service.getServiceNamed("scp")
 
     @property
     def storage_root(self):

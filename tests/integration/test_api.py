@@ -143,7 +143,7 @@ class APITests(unittest.TestCase):
             for s in family.samples:
                 samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
         # What the gateway stored (storescu may re-encode a few header bytes).
-        stored_dir = os.path.join(service.scp.storage.instances_dir, "DICOMGW")
+        stored_dir = os.path.join(service.getServiceNamed("scp").storage.instances_dir, "DICOMGW")
         stored = [os.path.join(stored_dir, n) for n in os.listdir(stored_dir)]
         self.assertEqual(len(stored), 3)
         dataset_bytes = sum(len(dicomfiles.dataset_bytes(f)) for f in stored)
@@ -182,8 +182,8 @@ class APITests(unittest.TestCase):
         service, _, http = yield start_with_api(self)
         # The gateway now always has an export queue and destinations: take
         # them away to see how the API answers without a provider.
-        service.api.exports = service.api.destinations = None
-        service.api.payloads = None  # the payload service provides one since issue 4
+        service.getServiceNamed("api").exports = service.getServiceNamed("api").destinations = None
+        service.getServiceNamed("api").payloads = None  # the payload service provides one since issue 4
         c = Client(http)
         for method, path in (("GET", "/exports"), ("POST", "/exports"), ("GET", "/payloads"),
                              ("POST", "/destinations/pacs/echo"), ("GET", "/exports/1")):
@@ -204,13 +204,13 @@ class APITests(unittest.TestCase):
         code, body, _ = yield c.request("POST", "/destinations/gw/echo", {})
         self.assertEqual(code, 200, body)
         self.assertTrue(body["ok"], body)
-        stored = os.path.join(service.scp.storage.instances_dir, "DICOMGW", "1.2.3.dcm")
+        stored = os.path.join(service.getServiceNamed("scp").storage.instances_dir, "DICOMGW", "1.2.3.dcm")
         os.makedirs(os.path.dirname(stored))
         dicomfiles.small_instance(stored)
         code, body, _ = yield c.request("POST", "/exports", {"destinations": ["gw"], "paths": [stored]})
         self.assertEqual(code, 202, body)
         [job_id] = body["jobs"]
-        self.assertEqual((yield service.exports.wait(job_id)), "done")
+        self.assertEqual((yield service.getServiceNamed("export").wait(job_id)), "done")
         code, body, _ = yield c.request("GET", f"/exports/{job_id}")
         self.assertEqual((code, body["state"], body["done"], body["origin"]), (200, "done", 1, "api"))
         self.assertEqual(body["file_statuses"][0]["status"], 0)
@@ -221,9 +221,9 @@ class APITests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_exports(self):
         service, _, http = yield start_with_api(self)
-        service.api.exports = FakeExportQueue(destinations=("pacs", "archive"))
+        service.getServiceNamed("api").exports = FakeExportQueue(destinations=("pacs", "archive"))
         c = Client(http)
-        stored = os.path.join(service.scp.storage.instances_dir, "DICOMGW", "1.2.3.dcm")
+        stored = os.path.join(service.getServiceNamed("scp").storage.instances_dir, "DICOMGW", "1.2.3.dcm")
         os.makedirs(os.path.dirname(stored))
         dicomfiles.small_instance(stored)
         code, body, _ = yield c.request("POST", "/exports", {"destinations": ["pacs", "archive"],
@@ -251,7 +251,7 @@ class APITests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_destination_echo(self):
         service, _, http = yield start_with_api(self)
-        fake = service.api.destinations = FakeDestinations({"pacs": True, "down": False})
+        fake = service.getServiceNamed("api").destinations = FakeDestinations({"pacs": True, "down": False})
         c = Client(http)
         code, body, _ = yield c.request("POST", "/destinations/pacs/echo")
         self.assertEqual((code, body["ok"], body["destination"]), (200, True, "pacs"))
@@ -269,7 +269,7 @@ class APITests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_payloads_and_unknown_paths(self):
         service, _, http = yield start_with_api(self)
-        service.api.payloads = FakePayloadQuery([{"id": "p1", "state": "open"}, {"id": "p2", "state": "closed"}])
+        service.getServiceNamed("api").payloads = FakePayloadQuery([{"id": "p1", "state": "open"}, {"id": "p2", "state": "closed"}])
         c = Client(http)
         code, body, _ = yield c.request("GET", "/payloads?state=closed")
         self.assertEqual((code, [p["id"] for p in body["items"]]), (200, ["p2"]))

@@ -16,7 +16,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
 from gateway.config import config_from_string
-from gateway.export.jobs import ExportService, read_part10_header
+from gateway.export.jobs import ExportService, read_meta
 from gateway.threads import WorkerPool
 from tests.dicomfiles import dataset_bytes, make_series, odd_instance, rle_image, small_instance
 from tests.integration.harness import in_thread
@@ -30,7 +30,7 @@ def received_by_uid(directory):
         for name in files:
             path = os.path.join(root, name)
             try:
-                out[read_part10_header(path)[1]] = path
+                out[read_meta(path)[1]] = path
             except ValueError:
                 pass
     return out
@@ -58,7 +58,7 @@ class PeerCase(TestCase):
 
     def assertSameDatasets(self, sent, received):
         for path in sent:
-            uid = read_part10_header(path)[1]
+            uid = read_meta(path)[1]
             self.assertIn(uid, received)
             self.assertEqual(dataset_bytes(received[uid]), dataset_bytes(path), path)
 
@@ -173,7 +173,7 @@ class OrthancTests(PeerCase):
                 path = os.path.join(directory, f"{i}.dcm")
                 with open(path, "wb") as f:
                     f.write(data)
-                out[read_part10_header(path)[1]] = path
+                out[read_meta(path)[1]] = path
             return out
 
         received = yield in_thread(fetch_all)
@@ -254,4 +254,4 @@ class StatusTests(PeerCase):
                          {("sent", 0xB000, 2)})
         self.assertEqual(job["attempts"], 2)
         for path in paths:
-            self.assertEqual(received[read_part10_header(path)[1]], dataset_bytes(path))
+            self.assertEqual(received[read_meta(path)[1]], dataset_bytes(path))

@@ -56,7 +56,7 @@ def start(testcase, aes, pipelines="", storage_keys="", reclaim_interval=3600, a
     gw = RunningGateway(service, port)
     if api:
         gw.http_port = (yield listening_port(service, "http")).getHost().port
-    yield service.payloads.recovered
+    yield service.getServiceNamed("payloads").recovered
     return gw
 
 
@@ -180,10 +180,10 @@ class PayloadTests(unittest.TestCase):
         yield wait_for(lambda: query(gw, "SELECT DISTINCT state FROM instances") == [("aborted",)],
                        what="instances marked aborted")
         self.assertEqual(len(gw.stored_files()), 2)
-        yield gw.service.reclaimer.run()
+        yield gw.service.getServiceNamed("reclaimer").run()
         self.assertEqual(len(gw.stored_files()), 2)  # retention not over yet
         yield task.deferLater(reactor, 2.1, lambda: None)
-        yield gw.service.reclaimer.run()
+        yield gw.service.getServiceNamed("reclaimer").run()
         self.assertEqual(gw.stored_files(), [])
         self.assertEqual(query(gw, "SELECT DISTINCT state FROM instances"), [("removed",)])
         self.assertEqual(query(gw, "SELECT COUNT(*) FROM payloads"), [(0,)])
@@ -205,7 +205,7 @@ class PayloadTests(unittest.TestCase):
         self.assertEqual(runs, [(1, "retry"), (2, "retry"), (3, "failed")])
         # A failed payload is kept for an operator: the reclaimer leaves it.
         [(path,)] = query(gw, "SELECT path FROM payloads")
-        yield gw.service.reclaimer.run()
+        yield gw.service.getServiceNamed("reclaimer").run()
         self.assertTrue(os.path.exists(os.path.join(path, "manifest.json")))
 
     @defer.inlineCallbacks
@@ -265,15 +265,15 @@ class PayloadTests(unittest.TestCase):
         yield in_thread(pynetdicom_send, gw.port, self.series(3))
         yield wait_for(lambda: query(gw, "SELECT state FROM jobs") == [("running",)], what="job running")
         [(path,)] = query(gw, "SELECT path FROM payloads")
-        yield gw.service.reclaimer.run()
+        yield gw.service.getServiceNamed("reclaimer").run()
         self.assertEqual(len([n for n in os.listdir(path) if n.endswith(".dcm")]), 3)  # still needed
         open(gate, "w").close()
         yield wait_for(lambda: query(gw, "SELECT state FROM payloads") == [("done",)], what="payload done")
-        yield gw.service.reclaimer.run()
+        yield gw.service.getServiceNamed("reclaimer").run()
         self.assertTrue(os.path.isdir(path))  # retention not over yet
         yield task.deferLater(reactor, 1.6, lambda: None)
         events = Events(self)
-        freed = yield gw.service.reclaimer.run()
+        freed = yield gw.service.getServiceNamed("reclaimer").run()
         self.assertFalse(os.path.exists(path))
         self.assertGreater(freed, 3 * 32 * 32 * 2)
         self.assertEqual(query(gw, "SELECT state FROM payloads"), [("removed",)])
@@ -305,17 +305,17 @@ class PayloadTests(unittest.TestCase):
             uid = pydicom.dcmread(stored, stop_before_pixels=True).SOPInstanceUID
             self.assertEqual(dicomfiles.dataset_bytes(stored), dicomfiles.dataset_bytes(sent[uid]))
 
-        jobs = yield gw.service.exports.jobs()
+        jobs = yield gw.service.getServiceNamed("export").jobs()
         self.assertEqual({j["destination"] for j in jobs}, {"archive", "down"})
         by_name = {j["destination"]: j for j in jobs}
         yield wait_for(lambda: _job_state(gw, by_name["archive"]["id"]) == "done", what="archive job done")
         yield wait_for(lambda: _job_state(gw, by_name["down"]["id"]) == "retrying", what="down job retrying")
-        yield gw.service.reclaimer.run()
+        yield gw.service.getServiceNamed("reclaimer").run()
         # The job to "down" has not ended: neither inputs nor outputs go.
         self.assertTrue(os.path.isdir(outputs))
         self.assertTrue(os.path.isdir(path))
         yield wait_for(lambda: _job_state(gw, by_name["down"]["id"]) == "failed", what="down job failed")
-        yield gw.service.reclaimer.run()
+        yield gw.service.getServiceNamed("reclaimer").run()
         self.assertFalse(os.path.exists(outputs))
         self.assertFalse(os.path.exists(path))
 

@@ -50,8 +50,8 @@ class PolicyReloadTests(unittest.TestCase):
         try:
             with open(path, "w") as f:
                 f.write(gateway_config(storage, tls_dir=new_certs, max_associations=1, profile="bcp195-ex"))
-            yield service.reload.reload()
-            self.assertEqual(service.scp.config.max_associations, 1)
+            yield service.getServiceNamed("reload").reload()
+            self.assertEqual(service.getServiceNamed("scp").config.gateway.max_associations, 1)
             out, err, code = yield run("echoscu", "-aec", "DICOMGW", "127.0.0.1", str(relay.port))
             self.assertNotEqual(code, 0)
             self.assertEqual(relay.connections[-1].first_pdu(), (0x03, rj_bytes(2, 3, 2)))
@@ -59,7 +59,7 @@ class PolicyReloadTests(unittest.TestCase):
             yield in_thread(held.release)
         reloaded = [e for e in logged if e.get("event") == "config.reloaded"]
         self.assertEqual(reloaded[-1]["restart_needed"], [])
-        self.assertIn("tls", reloaded[-1]["changes"])
+        self.assertIn("tls.certificate", reloaded[-1]["changes"])
         # New TLS connections get the new certificate and the new profile.
         served = yield in_thread(_server_certificate, tls_port, new_certs)
         with open(os.path.join(new_certs, "server.pem"), "rb") as f:
@@ -97,14 +97,14 @@ class TLSReloadFailureTests(unittest.TestCase):
         service.startService()
         self.addCleanup(service.stopService)
         tls_port = (yield listening_port(service, "dicom_tls")).getHost().port
-        old = service.reload.config
+        old = service.getServiceNamed("reload").config
         before = yield in_thread(_server_certificate, tls_port, certs)
         logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         missing = os.path.abspath(self.mktemp())
         with open(path, "w") as f:
             f.write(gateway_config(storage, tls_dir=missing, max_associations=3))
-        yield service.reload.reload()
-        self.assertIs(service.reload.config, old)
+        yield service.getServiceNamed("reload").reload()
+        self.assertIs(service.getServiceNamed("reload").config, old)
         failed = [e for e in logged if e.get("event") == "config.reload_failed"]
         self.assertEqual(len(failed), 1)
         self.assertTrue(any("server.pem" in p for p in failed[0]["problems"]), failed[0]["problems"])

@@ -17,10 +17,11 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.test import iosim
 from twisted.trial import unittest
 
-from gateway.config import config_from_string
+from gateway.config import Destination, config_from_string
 from gateway.dimse import commands as C
 from gateway.dimse import sop
-from gateway.export.jobs import _tls_options, read_part10_header
+from gateway.net.tls import client_options
+from gateway.part10 import read_meta
 from gateway.export.scu import Peer, SCUAssociation, verification_contexts
 from gateway.ingest.scp import SCPService
 from gateway.net.protocol import DicomProtocol
@@ -46,7 +47,7 @@ class SCUIntoSCPTests(unittest.TestCase):
         storage = os.path.abspath(self.mktemp())
         config = config_from_string(gateway_config(storage, tls_dir=tls_dir))
         clock = ThreadlessClock()
-        store = Storage(config.storage, clock, InlinePool(), fsync=False)
+        store = Storage(config.gateway.storage, clock, InlinePool(), fsync=False)
         store.prepare()
         self.addCleanup(store.spares.close)
         return config, clock, SCPService(config, store, clock)
@@ -63,7 +64,10 @@ class SCUIntoSCPTests(unittest.TestCase):
             # pump advances it.
             server = TLSMemoryBIOFactory(server_options(config.tls), False, _One(server),
                                          clock=clock).buildProtocol(None)
-            client_tls = _tls_options(_Destination(tls_dir), config.tls)
+            client_tls = client_options(Destination("gw", "DICOMGW", "localhost", 104, tls=True,
+                                                  ca_certificates=os.path.join(tls_dir, "ca.pem"),
+                                                  certificate=os.path.join(tls_dir, "client.pem"),
+                                                  private_key=os.path.join(tls_dir, "client.key")), config.tls)
             client = TLSMemoryBIOFactory(client_tls, True, _One(client), clock=clock).buildProtocol(None)
         pump = iosim.connect(server, iosim.FakeTransport(server, isServer=True),
                              client, iosim.FakeTransport(client, isServer=False), greet=False, clock=clock)
@@ -76,7 +80,7 @@ class SCUIntoSCPTests(unittest.TestCase):
     def exchange(self, tls_dir=None):
         path = self.mktemp()
         ct_image(path, rows=128, cols=128)
-        sop_class, sop_instance, ts, offset, size = read_part10_header(path)
+        sop_class, sop_instance, ts, offset, size = read_meta(path)
         scp, user, pump = self.associate(verification_contexts() + [(sop_class, ts)], tls_dir)
 
         echoed = []
@@ -91,7 +95,7 @@ class SCUIntoSCPTests(unittest.TestCase):
         self.assertEqual((rsp.command_field, rsp.status), (C.C_STORE_RSP, C.SUCCESS))
         stored = scp.storage.path_for("DICOMGW", sop_instance)
         self.assertEqual(dataset_bytes(stored), dataset_bytes(path))  # bit-exact
-        self.assertEqual(read_part10_header(stored)[:3], (sop_class, sop_instance, ts))
+        self.assertEqual(read_meta(stored)[:3], (sop_class, sop_instance, ts))
 
         (association,) = scp.active
         released = []
@@ -120,13 +124,3 @@ class SCUIntoSCPTests(unittest.TestCase):
         user.store(__file__, 0, 10, refused[0], "1.2.3.4.5", refused[1]).addErrback(failures.append)
         pump.flush()
         self.assertIn("abstract syntax not supported", str(failures[0].value))
-
-
-class _Destination:
-    """The [[destination]] fields ``_tls_options`` reads, for the dev certificates."""
-
-    def __init__(self, tls_dir):
-        self.host = "localhost"
-        self.ca_certificates = os.path.join(tls_dir, "ca.pem")
-        self.certificate = os.path.join(tls_dir, "client.pem")
-        self.private_key = os.path.join(tls_dir, "client.key")

@@ -9,7 +9,8 @@ from OpenSSL import SSL
 from twisted.python import usage
 from twisted.trial import unittest
 
-from gateway.config import ConfigError, TLSConfig
+from gateway.config import ConfigError
+from gateway.config.sections import TLS as TLSConfig
 from gateway.cli.devcerts import make_dev_certs
 from gateway.net.tls import PROFILES, server_options
 from gateway.tap import Options

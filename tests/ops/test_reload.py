@@ -14,7 +14,7 @@ from zope.interface import implementer
 
 from gateway.config import ConfigError, config_from_string, load_config
 from gateway.interfaces import IReconfigurable
-from gateway.ops.reload import ReloadService, changed_fields
+from gateway.ops.reload import ReloadService, changed_keys
 from gateway.tap import makeService
 from gateway.testing import listening_port
 from gateway.threads import run_with_callback
@@ -82,8 +82,8 @@ class ReloadUnitTests(unittest.TestCase):
         self.assertEqual(self.pool.jobs, [])
         self.assertEqual(self.loads, 2)
         self.assertEqual(done, [None])
-        self.assertEqual([c.ae_titles[0].title for c in self.target.configs], ["B", "C"])
-        self.assertEqual(self.reload.config.ae_titles[0].title, "C")
+        self.assertEqual([c.ae[0].title for c in self.target.configs], ["B", "C"])
+        self.assertEqual(self.reload.config.ae[0].title, "C")
 
     def test_extra_targets_and_failing_target(self):
         @implementer(IReconfigurable)
@@ -102,10 +102,14 @@ class ReloadUnitTests(unittest.TestCase):
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         self.assertTrue(any(e.get("event") == "config.reloaded" for e in logged))
 
-    def test_changed_fields(self):
+    def test_changed_keys_and_what_needs_a_restart(self):
         a = config_from_string(BASE)
-        b = config_from_string('[listen]\ndicom = "tcp:104"\n[timeouts]\nartim = 5\n' + BASE)
-        self.assertEqual(changed_fields(a, b), ["listen_dicom", "artim"])
+        b = config_from_string('[listen]\ndicom = "tcp:104"\n[timeouts]\nartim = 5\n'
+                               '[storage]\nfsync = false\ncheck_interval = 3\n' + BASE.replace('"A"', '"Z"'))
+        self.assertEqual(changed_keys(a, b), (
+            ["listen.dicom", "timeouts.artim", "storage.fsync", "storage.check_interval", "ae"],
+            ["listen.dicom", "storage.check_interval"]))
+        self.assertEqual(changed_keys(a, config_from_string(BASE, "elsewhere.toml")), ([], []))
 
 
 class ReloadGatewayTests(unittest.TestCase):
@@ -127,13 +131,40 @@ class ReloadGatewayTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def sighup_and_wait(self, service):
-        before = service.reload.reloads
+        before = service.getServiceNamed("reload").reloads
         os.kill(os.getpid(), signal.SIGHUP)
         for _ in range(200):
-            if service.reload.reloads > before and service.reload._running is None:
+            if service.getServiceNamed("reload").reloads > before and service.getServiceNamed("reload")._running is None:
                 return
             yield task.deferLater(reactor, 0.02, lambda: None)
         self.fail("the reload did not finish")
+
+    @defer.inlineCallbacks
+    def test_storage_fsync_follows_a_reload_in_the_files_and_both_databases(self):
+        storage = os.path.abspath(self.mktemp())
+        service, _port = yield self.start(gateway_config(storage, fsync=True))
+
+        def synchronous(conn):  # inside a durable commit: 2 = FULL (fsync), 1 = NORMAL
+            return conn.execute("PRAGMA synchronous").fetchone()[0]
+
+        index = service.getServiceNamed("payloads").db
+        exports = service.getServiceNamed("export").store.db
+        scp_storage = service.getServiceNamed("scp").storage
+        self.assertEqual(((yield index.run_durable(synchronous)), (yield exports.run_durable(synchronous)),
+                          scp_storage.fsync), (2, 2, True))
+        self.write(gateway_config(storage, fsync=False))
+        yield self.sighup_and_wait(service)
+        self.assertEqual(((yield index.run_durable(synchronous)), (yield exports.run_durable(synchronous)),
+                          scp_storage.fsync), (1, 1, False))
+        # And the instance files: no fsync now.
+        fsyncs = []
+        real = os.fsync
+        self.patch(os, "fsync", lambda fd: (fsyncs.append(fd), real(fd))[1])
+        writer = scp_storage.begin(called_ae="DICOMGW", calling_ae="T", sop_class_uid="1.2.3",
+                                   sop_instance_uid="1.2.3.4", transfer_syntax_uid="1.2.840.10008.1.2")
+        writer.write(b"\x00" * 100)
+        yield writer.finish()
+        self.assertEqual(fsyncs, [])
 
     @defer.inlineCallbacks
     def test_sighup_under_a_running_association(self):
@@ -158,8 +189,8 @@ class ReloadGatewayTests(unittest.TestCase):
             self.write(gateway_config(storage, aes=("NEWAE",), artim=7, dimse=9).replace(
                 "tcp:0:interface=127.0.0.1", "tcp:1:interface=127.0.0.1"))
             yield self.sighup_and_wait(service)
-            self.assertEqual([a.title for a in service.scp.config.ae_titles], ["NEWAE"])
-            new_protocol = service.scp.factory().buildProtocol(None)
+            self.assertEqual([a.title for a in service.getServiceNamed("scp").config.ae], ["NEWAE"])
+            new_protocol = service.getServiceNamed("scp").factory().buildProtocol(None)
             self.assertEqual((new_protocol.artim_timeout, new_protocol.dimse_timeout), (7, 9))
             # The association in progress finishes under the rules it started with.
             status = yield in_thread(lambda: assoc.send_c_store(files[1]).Status)
@@ -178,7 +209,7 @@ class ReloadGatewayTests(unittest.TestCase):
         reloaded = [e for e in logged if e.get("event") == "config.reloaded"]
         self.assertEqual(len(reloaded), 1)
         self.assertEqual(reloaded[0]["restart_needed"], ["listen.dicom"])
-        self.assertIn("ae_titles", reloaded[0]["changes"])
+        self.assertIn("ae", reloaded[0]["changes"])
         warnings = [e for e in logged if e.get("event") == "config.restart_needed"]
         self.assertEqual(len(warnings), 1)
         self.assertIn("restart needed: listen.dicom changed", _text(warnings[0]))
@@ -187,12 +218,12 @@ class ReloadGatewayTests(unittest.TestCase):
     def test_invalid_file_keeps_the_old_config_and_lists_every_problem(self):
         storage = os.path.abspath(self.mktemp())
         service, port = yield self.start(gateway_config(storage))
-        old = service.scp.config
+        old = service.getServiceNamed("scp").config
         logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         self.write('[timeouts]\nartim = -1\n[gateway]\nmax_pdu_length = "big"\n[[ae]]\ntitle = "X"\n')
         yield self.sighup_and_wait(service)
-        self.assertIs(service.scp.config, old)
-        self.assertIs(service.reload.config, old)
+        self.assertIs(service.getServiceNamed("scp").config, old)
+        self.assertIs(service.getServiceNamed("reload").config, old)
         failed = [e for e in logged if e.get("event") == "config.reload_failed"]
         self.assertEqual(len(failed), 1)
         problems = failed[0]["problems"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from twisted.internet import defer
 from twisted.trial import unittest
 
+from gateway.config import config_from_string
 from gateway.ops.watermark import GIB, Watermark, congestion, usage
 
 
@@ -26,13 +27,8 @@ class ThresholdTests(unittest.TestCase):
 class SCP:
     def __init__(self):
         self.congestion = None
-
-        class config:
-            watermark_percent = 75
-            reserved_gb = 0
-            check_interval = 10
-
-        self.config = config
+        self.config = config_from_string('[storage]\nwatermark_percent = 75\nreserved_gb = 0\n'
+                                         'check_interval = 10\n[[ae]]\ntitle = "A"\n')
 
 
 class ProbeTests(unittest.TestCase):

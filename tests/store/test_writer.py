@@ -53,46 +53,23 @@ class StorageTests(StorageCase):
 
     @defer.inlineCallbacks
     def test_hash_from_memory(self):
-        # SHA-256 of the whole file, from the bytes as they were written.
+        # SHA-256 of the whole file, from the bytes as they were written:
+        # small, and over several writer jobs.
         def sha256(path):
             with open(path, "rb") as f:
                 return hashlib.sha256(f.read()).hexdigest()
 
-        # Little left to hash at the end: the hash comes with the outcome.
         w = self.begin("1.1")
-        w.write(b"a" * (S.HASH_AT_ONCE - 1000))
+        w.write(b"a" * 1000)
         stored = yield w.finish()
-        self.assertIsNone(stored.digest)
         self.assertEqual(stored.sha256, sha256(stored.path))
 
-        # More: it comes after the outcome, through the digest.
         w = self.begin("1.2")
-        for part in (b"q" * (S.WRITE_BEHIND + 1), b"r" * 10, b"s" * S.WRITE_BEHIND):
-            w.write(part)
-        stored = yield w.finish()
-        self.assertEqual(stored.sha256, "")
-        self.assertEqual((yield stored.digest), sha256(stored.path))
-
-        # The hash never falls more than HASH_LAG behind: fragments are not
-        # held for the whole of a big instance.
-        self.patch(S, "HASH_LAG", 300_000)
-        lag = []
-        real = S.InstanceWriter._catch_up
-
-        def catch_up(writer):
-            lag.append(writer._unhashed_bytes)
-            real(writer)
-
-        self.patch(S.InstanceWriter, "_catch_up", catch_up)
-        w = self.begin("1.3")
         for i in range(20):
             w.write(bytes([i]) * 100_000)
             yield task.deferLater(reactor, 0, lambda: None)
         stored = yield w.finish()
-        self.assertEqual((yield stored.digest), sha256(stored.path))
-        self.assertGreater(len(lag), 3)
-        self.assertLessEqual(max(lag), 300_000 + 100_000)
-        self.assertEqual(w._unhashed, [])
+        self.assertEqual(stored.sha256, sha256(stored.path))
 
     @defer.inlineCallbacks
     def test_small_instance_is_written_by_one_job_at_finish(self):
@@ -239,46 +216,40 @@ def _tick():
     return task.deferLater(reactor, 0.01, lambda: None)
 
 
-class AfterWriteTests(StorageCase):
+class RecordTests(StorageCase):
+    """finish() fires with the complete record: digest and header attributes included."""
+
     fsync = False
 
     @defer.inlineCallbacks
-    def test_result_rides_along_and_a_failure_does_not_fail_the_store(self):
+    def test_the_header_is_picked_out_of_the_first_bytes_in_the_pool(self):
         import threading
 
+        from gateway.store import header
+
         seen = []
+        real = header.header_attributes
 
-        def after_write(path, head, transfer_syntax, complete):
+        def recording(path, head, transfer_syntax, complete):
             seen.append((path, bytes(head), transfer_syntax, complete, threading.current_thread().name))
-            return {"k": 1}
+            return real(path, head, transfer_syntax, complete)
 
-        self.storage.after_write = after_write
+        self.patch(S, "header_attributes", recording)
         w = self.begin()
-        w.write(b"z" * 60)
-        w.write(b"w" * 40)
+        w.write(b"\x10\x00\x20\x00\x04\x00\x00\x00PAT1")  # (0010,0020) Patient ID, implicit VR
         stored = yield w.finish()
-        self.assertEqual(stored.attributes, {"k": 1})
+        self.assertEqual((stored.attributes["patient_id"], stored.attributes["header_error"]), ("PAT1", ""))
         [(path, head, transfer_syntax, complete, thread)] = seen
         self.assertEqual(path, stored.path)
         # The data set's first bytes, without our meta header: all of them here.
-        self.assertEqual((head, transfer_syntax, complete), (b"z" * 60 + b"w" * 40, "1.2.840.10008.1.2", True))
-        self.assertTrue(os.path.exists(path))  # called once the file is in place
+        self.assertEqual((head, transfer_syntax, complete),
+                         (b"\x10\x00\x20\x00\x04\x00\x00\x00PAT1", "1.2.840.10008.1.2", True))
         self.assertNotEqual(thread, threading.current_thread().name)  # in the pool, not the reactor
-
-        def broken(path, head, transfer_syntax, complete):
-            raise ValueError("unreadable header")
-
-        self.storage.after_write = broken
-        w = self.begin()
-        w.write(b"y" * 100)
-        stored = yield w.finish()
-        self.assertIsNone(stored.attributes)
-        self.assertTrue(os.path.exists(stored.path))
 
     @defer.inlineCallbacks
     def test_only_the_first_bytes_of_a_big_data_set_are_kept(self):
         seen = []
-        self.storage.after_write = lambda path, head, ts, complete: seen.append((bytes(head), complete))
+        self.patch(S, "header_attributes", lambda path, head, ts, complete: seen.append((bytes(head), complete)))
         w = self.begin()
         for i in range(3):  # three writer jobs' worth
             w.write(bytes([65 + i]) * S.WRITE_BEHIND)
@@ -377,8 +348,8 @@ class DirectoryTests(StorageCase):
         import shutil
 
         calls = []
-        real = S._fsync_dir
-        self.patch(S, "_fsync_dir", lambda path: calls.append(path) or real(path))
+        real = S.fsync_dir
+        self.patch(S, "fsync_dir", lambda path: calls.append(path) or real(path))
         w = self.begin("1.2.3.1")
         w.write(b"a")
         stored = yield w.finish()

@@ -13,7 +13,8 @@ from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from gateway.config import config_from_string
-from gateway.store.index import Database, header_attributes
+from gateway.store.header import header_attributes
+from gateway.store.index import open_index
 from gateway.workflow.payloads import PayloadService
 from gateway.ingest.scp import AssociationInfo
 from gateway.store.writer import Storage, StoredInstance
@@ -66,7 +67,7 @@ class PayloadCase(unittest.TestCase):
         self.addCleanup(pool.stop)
         self.storage = Storage(root, self.clock, pool, fsync=False)
         self.storage.prepare()
-        self.db = Database(os.path.join(root, "dicomgw.sqlite"), self.clock, durable=False)
+        self.db = open_index(root, self.clock, durable=False)
         yield self.db.start()
         self.addCleanup(self.db.stop)
         self.runner = RecordingRunner()
@@ -77,11 +78,10 @@ class PayloadCase(unittest.TestCase):
         self.n = 0
 
     @defer.inlineCallbacks
-    def store(self, association, patient, study, series, ae="DICOMGW", digest=None, turn=True):
-        """Put an instance in the inbox as the SCP would, and tell the service.
+    def store(self, association, patient, study, series, ae="DICOMGW", turn=True):
+        """Put an instance in the inbox as the SCP would, and tell the service
+        with the record the writer makes.
 
-        With ``digest`` (a Deferred), the hash comes later, as for a big
-        instance (the caller fires it); the instance is then not waited for.
         Without ``turn`` the reactor does not turn after the SCP's call: the
         examination has not started (the caller advances the clock).
         """
@@ -97,14 +97,12 @@ class PayloadCase(unittest.TestCase):
             sha256 = hashlib.sha256(f.read()).hexdigest()
         st = os.stat(path)
         stored = StoredInstance(path, ds.SOPClassUID, ds.SOPInstanceUID, ds.file_meta.TransferSyntaxUID,
-                                st.st_size, st.st_size - 300, False, "" if digest else sha256, st.st_ino,
-                                digest=digest)
+                                st.st_size, st.st_size - 300, False, sha256, st.st_ino, header_attributes(path))
         yield self.service.instance_stored(stored, association)
         if not turn:
             return sha256
         self.clock.advance(0)  # the reactor's next turn, when the examination starts
-        if digest is None:
-            yield self.service._settled(association.id)  # indexed (in the background)
+        yield self.service._settled(association.id)  # indexed (in the background)
         return sha256
 
     def association(self, ae="DICOMGW"):
@@ -216,31 +214,17 @@ class GroupingTests(PayloadCase):
         self.assertEqual((yield self.states(expected_closed=1)), [("closed", 2)])
 
     @defer.inlineCallbacks
-    def test_hash_after_the_response_reaches_the_row_before_the_release(self):
-        yield self.make("study")
-        a1 = self.association()
-        digest = defer.Deferred()
-        sha256 = yield self.store(a1, "P1", generate_uid(), generate_uid(), digest=digest)
-        released = self.service.association_released(a1)
-        yield task.deferLater(reactor, 0.1, lambda: None)
-        self.assertFalse(released.called)  # the row waits for its hash
-        digest.callback(sha256)
-        yield released
-        rows = yield self.db.run(lambda c: c.execute("SELECT sha256 FROM instances").fetchall())
-        self.assertEqual([tuple(r) for r in rows], [(sha256,)])
-
-    @defer.inlineCallbacks
     def test_examination_follows_the_response_and_the_release_waits_for_it(self):
         yield self.make("study")
         a1 = self.association()
         examined = []
-        header = self.service._header
+        examine = self.service._examined
 
-        def recording_header(sha256, instance):
+        def recording(instance, association, received):
             examined.append(instance.sop_instance_uid)
-            return header(sha256, instance)
+            return examine(instance, association, received)
 
-        self.service._header = recording_header
+        self.service._examined = recording
         sha256 = yield self.store(a1, "P1", generate_uid(), generate_uid(), turn=False)
         self.assertEqual(examined, [])  # the SCP answers now; the index has not begun
         released = self.service.association_released(a1)  # the peer released at once
@@ -285,13 +269,11 @@ class ReconfigureTests(PayloadCase):
 class IndexFailureTests(PayloadCase):
     @defer.inlineCallbacks
     def test_release_fails_and_instances_count_as_aborted(self):
-        from gateway.workflow import payloads as module
-
         def broken(*args):
             raise OSError("disk trouble")
 
         yield self.make("study")
-        self.patch(module, "read_header", broken)
+        self.patch(self.service, "_examined", broken)
         a1 = self.association()
         yield self.store(a1, "P1", generate_uid(), generate_uid())
         with self.assertRaises(RuntimeError):

@@ -1,0 +1,152 @@
+"""The single tables of the configuration file, one frozen class each.
+
+Each class is its TOML table: ``[timeouts] pdu`` is ``config.timeouts.pdu``.
+``reload=False`` marks what only a restart applies (the listeners are bound,
+the storage root is where everything lives, loops and observers are set up
+at start): a reload that changes one logs "restart needed" and keeps the old
+value until then.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from gateway import IMPLEMENTATION_VERSION_NAME
+from gateway.config.options import (
+    DOTTED,
+    REMOTE_AE,
+    VERSION_NAME,
+    boolean,
+    endpoint,
+    integer,
+    is_loopback_endpoint,
+    number,
+    one_of,
+    option,
+    strings,
+    text,
+)
+
+TLS_PROFILES = ("bcp195", "bcp195-nd", "bcp195-ex")
+
+
+@dataclass(frozen=True)
+class Gateway:
+    """``[gateway]``"""
+
+    storage: str = option("var/dicomgw", text(nonempty=True), reload=False)
+    max_pdu_length: int = option(131072, integer(0, 16 << 20))
+    implementation_version_name: str = option(
+        IMPLEMENTATION_VERSION_NAME,
+        text(VERSION_NAME, "1 to 16 characters of the DICOM default repertoire"))
+    audit_log: str = option("audit.jsonl", text(), reload=False)  # under the storage root; "" = off
+    reject_unknown_sources: bool = option(False, boolean)
+    max_associations: int = option(25, integer(1, 1000))
+
+    def validate(self, key):
+        if 0 < self.max_pdu_length < 4096:
+            return [f"{key}.max_pdu_length: {self.max_pdu_length} is below 4096 (use 0 for no limit)"]
+        return []
+
+
+@dataclass(frozen=True)
+class Listen:
+    """``[listen]``: Twisted endpoint descriptions."""
+
+    dicom: str = option("tcp:11112", endpoint, reload=False)
+    dicom_tls: str | None = option(None, endpoint, reload=False)  # absent: no TLS port
+    http: str = option("", endpoint, reload=False)  # "": no management API
+
+    def validate(self, key):
+        if self.dicom_tls is not None and not self.dicom_tls.strip():
+            return [f"{key}.dicom_tls: must not be empty (leave the key out for no TLS port)"]
+        return []
+
+
+@dataclass(frozen=True)
+class TLS:
+    """``[tls]``: the TLS port's certificates and profile (PS3.15 Annex B)."""
+
+    certificate: str = option("etc/tls/server.pem", text(nonempty=True))
+    private_key: str = option("etc/tls/server.key", text(nonempty=True))
+    ca_certificates: str = option("etc/tls/ca.pem", text(nonempty=True))
+    require_client_certificate: bool = option(True, boolean)
+    profile: str = option("bcp195-nd", one_of(TLS_PROFILES))
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """``[timeouts]``, in seconds."""
+
+    artim: float = option(30.0, number(1, 3600))
+    dimse: float = option(60.0, number(1, 86400))
+    pdu: float = option(60.0, number(1, 86400))
+
+
+@dataclass(frozen=True)
+class Storage:
+    """``[storage]``: durability, the watermark, how long things are kept."""
+
+    fsync: bool = option(True, boolean)  # instance files and the database's commits
+    watermark_percent: float = option(75.0, number(1, 100))
+    reserved_gb: float = option(5.0, number(0, 1 << 20))
+    check_interval: float = option(10.0, number(0.1, 3600), reload=False)
+    retention: float = option(0.0, number(0, 365 * 86400))
+    aborted_retention: float = option(0.0, number(0, 365 * 86400))
+
+
+@dataclass(frozen=True)
+class Reclaimer:
+    """``[reclaimer]``"""
+
+    interval: float = option(60.0, number(0.1, 86400), reload=False)
+
+
+@dataclass(frozen=True)
+class Notify:
+    """``[notify]``: observer factories, as dotted Python names."""
+
+    observers: tuple[str, ...] = option((), strings(DOTTED, "a dotted Python name"), reload=False)
+
+
+@dataclass(frozen=True)
+class HTTP:
+    """``[http]``: the management API's bearer token."""
+
+    token_file: str = option("", text())
+    token: str = field(default="", repr=False)  # read from token_file
+
+    def complete(self, key, problems):
+        if not self.token_file:
+            return self
+        try:
+            with open(self.token_file, encoding="utf-8") as f:
+                token = f.read().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            problems.append(f"{key}.token_file: cannot read {self.token_file!r}: "
+                            f"{getattr(e, 'strerror', None) or e}")
+            return self
+        if len(token) < 16:
+            problems.append(f"{key}.token_file: the token in {self.token_file!r} is shorter than 16 characters")
+        return replace(self, token=token)
+
+
+@dataclass(frozen=True)
+class SCU:
+    """``[scu]``: how the gateway calls out (export, echo)."""
+
+    ae_title: str = option("DICOMGW", text(REMOTE_AE, "an AE title of 1 to 16 characters of the DICOM "
+                                                      "default repertoire", strip=" ", nonempty=True))
+    max_associations: int = option(2, integer(1, 100))
+    retries: int = option(3, integer(0, 100))
+    retry_delay: float = option(30.0, number(0, 86400))
+    connect_timeout: float = option(10.0, number(0.1, 3600))
+
+
+def check_listen_http(listen: Listen, http: HTTP) -> list[str]:
+    """A management API reachable from elsewhere needs a token."""
+    if listen.http and not http.token_file and not is_loopback_endpoint(listen.http):
+        return [f"listen.http: {listen.http!r} is not loopback-only; set http.token_file to require a "
+                "bearer token"]
+    return []
+

@@ -1,0 +1,121 @@
+"""DIMSE status codes (PS3.7 Annex C; the service-specific ones from PS3.4), and their classes.
+
+Pure: no I/O.  :mod:`gateway.dimse.commands` re-exports every name.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "SUCCESS",
+    "CANCEL",
+    "PENDING",
+    "PENDING_WARNING",
+    "WARNING_OPTIONAL_ATTRIBUTES_NOT_SUPPORTED",
+    "ATTRIBUTE_LIST_ERROR",
+    "ATTRIBUTE_VALUE_OUT_OF_RANGE",
+    "COERCION_OF_DATA_ELEMENTS",
+    "ELEMENTS_DISCARDED",
+    "DATASET_DOES_NOT_MATCH_SOP_CLASS_WARNING",
+    "NO_SUCH_ATTRIBUTE",
+    "INVALID_ATTRIBUTE_VALUE",
+    "PROCESSING_FAILURE",
+    "DUPLICATE_SOP_INSTANCE",
+    "NO_SUCH_SOP_INSTANCE",
+    "NO_SUCH_EVENT_TYPE",
+    "NO_SUCH_ARGUMENT",
+    "INVALID_ARGUMENT_VALUE",
+    "INVALID_OBJECT_INSTANCE",
+    "NO_SUCH_SOP_CLASS",
+    "CLASS_INSTANCE_CONFLICT",
+    "MISSING_ATTRIBUTE",
+    "MISSING_ATTRIBUTE_VALUE",
+    "SOP_CLASS_NOT_SUPPORTED",
+    "NO_SUCH_ACTION_TYPE",
+    "NOT_AUTHORIZED",
+    "DUPLICATE_INVOCATION",
+    "UNRECOGNIZED_OPERATION",
+    "MISTYPED_ARGUMENT",
+    "RESOURCE_LIMITATION",
+    "OUT_OF_RESOURCES",
+    "DATASET_DOES_NOT_MATCH_SOP_CLASS",
+    "CANNOT_UNDERSTAND",
+    "OUT_OF_RESOURCES_MATCHES",
+    "OUT_OF_RESOURCES_SUBOPERATIONS",
+    "MOVE_DESTINATION_UNKNOWN",
+    "IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS",
+    "UNABLE_TO_PROCESS",
+    "SUBOPERATIONS_COMPLETE_WITH_FAILURES",
+    "status_category",
+]
+
+SUCCESS = 0x0000
+CANCEL = 0xFE00
+PENDING = 0xFF00
+PENDING_WARNING = 0xFF01  # C-FIND: optional keys not supported
+
+# Warnings (PS3.7 Annex C)
+WARNING_OPTIONAL_ATTRIBUTES_NOT_SUPPORTED = 0x0001
+ATTRIBUTE_LIST_ERROR = 0x0107
+ATTRIBUTE_VALUE_OUT_OF_RANGE = 0x0116
+# C-STORE warnings (PS3.4 Table B.2-1)
+COERCION_OF_DATA_ELEMENTS = 0xB000
+ELEMENTS_DISCARDED = 0xB006
+DATASET_DOES_NOT_MATCH_SOP_CLASS_WARNING = 0xB007
+
+# General failures (PS3.7 Annex C)
+NO_SUCH_ATTRIBUTE = 0x0105
+INVALID_ATTRIBUTE_VALUE = 0x0106
+PROCESSING_FAILURE = 0x0110
+DUPLICATE_SOP_INSTANCE = 0x0111
+NO_SUCH_SOP_INSTANCE = 0x0112
+NO_SUCH_EVENT_TYPE = 0x0113
+NO_SUCH_ARGUMENT = 0x0114
+INVALID_ARGUMENT_VALUE = 0x0115
+INVALID_OBJECT_INSTANCE = 0x0117
+NO_SUCH_SOP_CLASS = 0x0118
+CLASS_INSTANCE_CONFLICT = 0x0119
+MISSING_ATTRIBUTE = 0x0120
+MISSING_ATTRIBUTE_VALUE = 0x0121
+SOP_CLASS_NOT_SUPPORTED = 0x0122
+NO_SUCH_ACTION_TYPE = 0x0123
+NOT_AUTHORIZED = 0x0124
+DUPLICATE_INVOCATION = 0x0210
+UNRECOGNIZED_OPERATION = 0x0211
+MISTYPED_ARGUMENT = 0x0212
+RESOURCE_LIMITATION = 0x0213
+
+# C-STORE failures (PS3.4 Table B.2-1): the low byte of A7xx / A9xx / Cxxx is
+# free for the implementation; these are the base values.
+OUT_OF_RESOURCES = 0xA700
+DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+
+# C-FIND / C-MOVE / C-GET failures (PS3.4 C.4)
+OUT_OF_RESOURCES_MATCHES = 0xA701  # unable to calculate number of matches
+OUT_OF_RESOURCES_SUBOPERATIONS = 0xA702  # unable to perform sub-operations
+MOVE_DESTINATION_UNKNOWN = 0xA801
+IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+UNABLE_TO_PROCESS = 0xC000
+SUBOPERATIONS_COMPLETE_WITH_FAILURES = 0xB000
+
+
+def status_category(status: int) -> str:
+    """Map a status code to its PS3.7 Annex C class.
+
+    Returns one of "Success", "Pending", "Cancel", "Warning", "Failure".
+    Codes not listed as another type count as failures, the safe reading
+    for a gateway that must not report a failed transfer as done.
+    """
+    if status == SUCCESS:
+        return "Success"
+    if status in (PENDING, PENDING_WARNING):
+        return "Pending"
+    if status == CANCEL:
+        return "Cancel"
+    if status in (
+        WARNING_OPTIONAL_ATTRIBUTES_NOT_SUPPORTED,
+        ATTRIBUTE_LIST_ERROR,
+        ATTRIBUTE_VALUE_OUT_OF_RANGE,
+    ) or 0xB000 <= status <= 0xBFFF:
+        return "Warning"
+    return "Failure"
