@@ -116,6 +116,10 @@ class IAssociationProvider(Interface):
     def peer_certificate_subject():
         """The TLS peer certificate's subject (RFC 4514), or None."""
 
+    def peer_verify_error():
+        """What the peer's TLS certificate is (subject, issuer, expired), for
+        a handshake that failed; None when there was no TLS."""
+
     def accept(ac):
         """Answer the A-ASSOCIATE indication with this A-ASSOCIATE-AC."""
 

@@ -142,10 +142,10 @@ def makeService(options, reactor=None) -> MultiService:
     storage = Storage(config.gateway.storage, reactor, pool, fsync=config.storage.fsync,
                       implementation_version_name=config.gateway.implementation_version_name)
     add(StorageService(storage))
-    db = open_index(storage.root, reactor, durable=config.storage.fsync)
+    db = open_index(storage.root, reactor, durable=config.storage.fsync, reserve=storage.reserve)
     add(DatabaseService(db))
     # File reads for streaming share the disk pool.
-    export = add(ExportService(config, reactor, pool))
+    export = add(ExportService(config, reactor, pool, reserve=storage.reserve))
     runner = add(PipelineRunner(config, db, storage, reactor, export))
     payloads = add(PayloadService(config, storage, db, reactor, runner))
     scp = add(SCPService(config, storage, reactor, observers=[payloads, *load_observers(config)]))
@@ -155,7 +155,7 @@ def makeService(options, reactor=None) -> MultiService:
         tls = ReloadableServerTLS(server_options(config.tls, config.path), config.tls, config.path, reactor, pool)
         factory = TLSMemoryBIOFactory(tls, False, scp.factory(tls=True))
         add(Listener("dicom_tls", config.listen.dicom_tls, factory, reactor))
-    add(Watermark(scp, storage.root, reactor, pool))
+    add(Watermark(scp, storage.root, reactor, pool, reserve=storage.reserve))
     add(Reclaimer(config, storage, db, reactor, export))
 
     metrics, recent = Metrics(), RecentAssociations()

@@ -15,7 +15,7 @@ from gateway.interfaces import (
     IInstanceStoredObserver,
     IPayloadQuery,
 )
-from gateway.store.writer import SPARE_PREFIX
+from gateway.store.writer import RESERVE_FILE, SPARE_PREFIX
 from gateway.threads import run_with_callback
 
 
@@ -71,6 +71,9 @@ class FakeProvider:
         self.calls: list[tuple] = []  # every other request, by name
 
     def peer_certificate_subject(self):
+        return None
+
+    def peer_verify_error(self):
         return None
 
     def accept(self, ac):
@@ -197,10 +200,12 @@ class RecordingObserver:
 
 
 def partial_files(tmp_dir: str) -> list[str]:
-    """What is in ``tmp_dir`` besides empty spares: instances being received
-    (or, after a crash, left half-written)."""
+    """What is in ``tmp_dir`` besides empty spares and the databases'
+    reserve: instances being received (or, after a crash, left half-written)."""
     out = []
     for name in sorted(os.listdir(tmp_dir)):
+        if name == RESERVE_FILE:
+            continue
         if name.startswith(SPARE_PREFIX):
             try:
                 if os.path.getsize(os.path.join(tmp_dir, name)) == 0:

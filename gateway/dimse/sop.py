@@ -470,15 +470,25 @@ del _STORAGE_TABLE, _NON_STORAGE_TABLE
 def is_storage_sop_class(uid: str) -> bool:
     """True if ``uid`` may be accepted as a storage SOP class.
 
-    That is every known storage class, and every UID that is not a known
-    non-storage service class: the gateway accepts unknown classes as storage
-    by default (a private or newer storage class is far more likely than an
-    unknown service).  Trailing NUL/space padding is ignored.
+    Only a UID (PS3.5 9.1) may be.  Then every known storage class is, and
+    so is a private UID (outside the DICOM root) that is not a known service:
+    the gateway accepts unknown private classes as storage.  Under the DICOM
+    root a UID the registry tables do not know is storage only where new
+    storage classes are registered (1.2.840.10008.5.1.4.): a transfer syntax
+    or an application context name is no SOP class at all.  Trailing
+    NUL/space padding is ignored.
     """
     uid = uid.rstrip("\0 ")
     if uid in STORAGE_SOP_CLASSES:
         return True
-    return uid not in NON_STORAGE_SOP_CLASSES
+    if uid in NON_STORAGE_SOP_CLASSES or not is_valid_uid(uid):
+        return False
+    return not uid.startswith(DICOM_ROOT) or uid.startswith(_STORAGE_ARC)
+
+
+DICOM_ROOT = "1.2.840.10008."
+#: Where the registry puts its storage SOP classes (PS3.6 Annex A).
+_STORAGE_ARC = "1.2.840.10008.5.1.4."
 
 
 def is_known_storage_sop_class(uid: str) -> bool:

@@ -170,8 +170,9 @@ class ExportStore:
     submitted job survives a power cut.
     """
 
-    def __init__(self, path: str, reactor, pool=None, durable: bool = True):
-        self.db = Database(path, reactor, schema=_SCHEMA, name="exportdb", durable=durable, pool=pool)
+    def __init__(self, path: str, reactor, pool=None, durable: bool = True, reserve=None):
+        self.db = Database(path, reactor, schema=_SCHEMA, name="exportdb", durable=durable, pool=pool,
+                           reserve=reserve)
         self.path = path
 
     def start(self):
@@ -220,12 +221,12 @@ class ExportService(Service):
     name = "export"
 
     def __init__(self, config, reactor, read_pool, *, db_path=None, destinations=None, resume=True,
-                 db_pool=None):
+                 db_pool=None, reserve=None):
         self.config = config
         self.reactor = reactor
         self.read_pool = read_pool
         self.store = ExportStore(db_path or os.path.join(config.gateway.storage, DB_NAME), reactor, db_pool,
-                                 durable=config.storage.fsync)
+                                 durable=config.storage.fsync, reserve=reserve)
         self.destinations = destinations or Destinations(config, reactor, read_pool)
         self.resume = resume
         self._ready: list[tuple[int, str]] = []  # (job id, destination), FIFO

@@ -139,20 +139,31 @@ def describe_connect_failure(failure) -> SCUError:
 
 
 def _is_tls_error(e) -> bool:
-    try:
-        from OpenSSL import SSL
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(e, SSL.Error)
+    from OpenSSL import SSL
+    from service_identity.exceptions import CertificateError, VerificationError
+
+    return isinstance(e, (SSL.Error, VerificationError, CertificateError))
 
 
-def _tls_text(e) -> str:
+def _tls_text(e, verify_error: str | None = None) -> str:
+    """A TLS failure in words: the peer's certificate not naming the host we
+    called, OpenSSL's reasons, and why the certificate did not verify."""
+    from service_identity.exceptions import VerificationError
+
+    if isinstance(e, VerificationError):
+        names = []
+        for mismatch in e.errors:
+            wanted = mismatch.mismatched_id
+            names.append(str(getattr(wanted, "hostname", None) or getattr(wanted, "ip", None) or wanted))
+        return f"the peer's certificate is not for {', '.join(names)} (host name or IP address mismatch)"
     args = getattr(e, "args", ())
+    text = str(e) or type(e).__name__
     if args and isinstance(args[0], list):
         parts = [item[2] for item in args[0] if isinstance(item, tuple) and len(item) == 3]
-        if parts:
-            return "; ".join(parts)
-    return str(e) or type(e).__name__
+        text = "; ".join(parts) or text
+    if verify_error and "certificate verify failed" in text:
+        return f"{text}: {verify_error}"
+    return text
 
 
 @dataclass(frozen=True)
@@ -282,7 +293,7 @@ class SCUAssociation(DIMSEUser):
         self._resume()
         e = reason.value if reason is not None else None
         if _is_tls_error(e):
-            err = TLSFailed(f"TLS failure: {_tls_text(e)}")
+            err = TLSFailed(f"TLS failure: {_tls_text(e, self.provider.peer_verify_error())}")
         elif self.provider.disconnect_reason:
             err = AssociationLost(self.provider.disconnect_reason)
         else:

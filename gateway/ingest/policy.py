@@ -112,7 +112,7 @@ def negotiate(ae, pc: P.PresentationContextRQ) -> tuple[int, str]:
     """(result, transfer syntax) for one proposed presentation context."""
     abstract = pc.abstract_syntax
     if abstract != VERIFICATION:
-        if not is_storage_sop_class(abstract):
+        if not is_storage_sop_class(abstract):  # nor a UID at all, as the peer may send
             return P.PC_ABSTRACT_SYNTAX_NOT_SUPPORTED, pc.transfer_syntaxes[0]
         if ae is not None and ae.allowed_sop_classes is not None and abstract not in ae.allowed_sop_classes:
             return P.PC_ABSTRACT_SYNTAX_NOT_SUPPORTED, pc.transfer_syntaxes[0]

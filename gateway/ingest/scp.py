@@ -82,6 +82,7 @@ class SCPService(Service):
         self.active: set[StoreSCP] = set()
         # Set by the watermark service: why storage is congested, or None.
         self.congestion: str | None = None
+        self.disk_full = False  # a write found no room; the watermark clears it
 
     def notify(self, method: str, *args):
         """Call ``method`` on every observer; fire when all have finished.
@@ -102,6 +103,15 @@ class SCPService(Service):
         d = gatherResults(ds, consumeErrors=True)
         d.addErrback(lambda f: f.value.subFailure if f.check(FirstError) else f)
         return d
+
+    def storage_full(self, why: str):
+        """A write found the disk full: refuse new work now, not at the
+        watermark's next probe (which clears this once there is room)."""
+        self.disk_full = True
+        if not self.congestion:
+            self.congestion = f"storage full ({why})"
+            self.log.warn("storage congested ({why}): refusing new associations and C-STOREs",
+                          event="storage.congested", why=self.congestion, percent=None, free=None)
 
     def factory(self, tls: bool = False) -> "DicomServerFactory":
         """The protocol factory of one listener; ``tls`` says it is the TLS port."""
@@ -186,6 +196,9 @@ class StoreSCP(DIMSEUser):
         self.reject_fields: dict = {}
         self.info: AssociationInfo | None = None  # set once accepted
         self.end_notified = False
+        self.recording_release = False  # waiting for the observers to record the release
+        self.holding = False  # reading paused while the disk catches up
+        self._deadline = None  # our own answers' timer (_check_owed)
 
     # ---- association establishment ------------------------------------
 
@@ -281,6 +294,11 @@ class StoreSCP(DIMSEUser):
             self.store = _Store(slot, None, C.CANNOT_UNDERSTAND,
                                 f"invalid SOP Class/Instance UID {sop_class!r} / {sop_instance!r}")
             return
+        if sop_class != abstract:
+            # The file's meta would name one class and the negotiation another.
+            self.store = _Store(slot, None, C.SOP_CLASS_NOT_SUPPORTED,
+                                f"SOP Class {sop_class} on a context negotiated for {abstract}")
+            return
         if self.ae is not None and (abstract in self.ae.ignored_sop_classes
                                     or sop_class in self.ae.ignored_sop_classes):
             # Accepted and answered Success, but not stored (ignored SOP class).
@@ -309,16 +327,21 @@ class StoreSCP(DIMSEUser):
         writer = store.writer
         if writer is not None:
             writer.write(event.data)
-            if writer.pending > HIGH_WATER:
+            if writer.pending > HIGH_WATER and not self.holding:
+                self.holding = True  # the peer now waits for our disk
                 self.provider.pause()
+                self._check_owed()
         if event.last:
             self.store = None
-            if writer is None:
+            if store.slot.response is not None:  # a request we refuse: its answer is ready
+                self._flush()
+            elif writer is None:
                 self._answer_store(store.slot, store.status, store.comment)
             else:
                 d = writer.finish()
                 d.addCallbacks(self._stored, self._store_failed,
                                callbackArgs=(store.slot, writer), errbackArgs=(store.slot, writer))
+            self._check_owed()
 
     def _stored(self, stored, slot, writer):
         self.writers.discard(writer)
@@ -361,6 +384,8 @@ class StoreSCP(DIMSEUser):
         if isinstance(error, ConnectionAbortedError):
             return None  # discarded because the association went away
         status = C.OUT_OF_RESOURCES if isinstance(error, (StorageFull, OSError)) else C.PROCESSING_FAILURE
+        if isinstance(error, StorageFull):
+            self.service.storage_full(str(error))
         self.log.error(
             "association {association}: could not store {sop_instance_uid} from {calling_ae}: {error}",
             association=self.id, sop_instance_uid=slot.command.affected_sop_instance_uid,
@@ -396,10 +421,20 @@ class StoreSCP(DIMSEUser):
             self.release_requested = False
             # The release response waits until the observers have recorded it.
             self.end_notified = True
+            self.recording_release = True
             d = self.service.notify("association_released", self.info)
-            d.addCallbacks(lambda _: self.provider.release_response(), self._release_failed)
+            d.addCallbacks(self._released, self._release_failed)
+        self._check_owed(progress=True)
+
+    def _released(self, _):
+        self.recording_release = False
+        self._check_owed()
+        self.service.active.discard(self)
+        self.provider.release_response()
 
     def _release_failed(self, failure):
+        self.recording_release = False
+        self._check_owed()
         self.log.failure("association {association}: an observer failed on release", failure,
                          association=self.id)
         self.result = "aborted"
@@ -407,21 +442,61 @@ class StoreSCP(DIMSEUser):
         self.provider.abort(why="could not record the release")
 
     def _drained(self, _writer):
-        if sum(w.pending for w in self.writers) < LOW_WATER:
+        if self.holding and sum(w.pending for w in self.writers) < LOW_WATER:
+            self.holding = False
             self.provider.resume()
+        self._check_owed(progress=True)  # the disk got on
 
     def owes_response(self) -> bool:
-        return bool(self.outbox)
+        """A response waits on our side: a request fully received and not yet
+        answered (a store being written), the release being recorded, or the
+        peer held back while the disk catches up.  The request whose data set
+        is still arriving is otherwise the peer's turn."""
+        if self.recording_release or self.holding:
+            return True
+        outbox = self.outbox
+        return bool(outbox) and (self.store is None or outbox[0] is not self.store.slot)
+
+    def _check_owed(self, progress: bool = False):
+        """Keep the deadline for our own answers: what we owe must be ready
+        within the DIMSE timeout, counted from the last answer that left."""
+        owed = self.owes_response()
+        timer = self._deadline
+        if timer is not None and (progress or not owed):
+            if timer.active():
+                timer.cancel()
+            self._deadline = timer = None
+        if owed and timer is None and self.config.timeouts.dimse:
+            self._deadline = self.service.reactor.callLater(self.config.timeouts.dimse, self._overdue)
+
+    def _overdue(self):
+        self._deadline = None
+        limit = self.config.timeouts.dimse
+        self.log.error("association {association} from {peer}: no answer was ready within {limit:g} s "
+                       "(storage or index too slow); aborting", association=self.id,
+                       peer=self.provider.peer, limit=limit)
+        self.result = "aborted"
+        self.outcome = f"aborted by us: no answer ready within {limit:g} s"
+        self.provider.abort(why=self.outcome, now=True)
 
     # ---- release and abort -------------------------------------------------
 
     def release_indication(self, collision):
+        if not self.assembler.idle:
+            # A message half sent can never be finished now (more P-DATA is a
+            # protocol error once release is asked, PS3.8 AA-8 in Sta8), and
+            # its request never answered: end it all.
+            self.dimse_error("A-RELEASE-RQ in the middle of a DIMSE message")
+            return
         self.outcome = "released"
         self.result = "released"
         self.release_requested = True
         self._flush()
 
     def aborted(self, indication):
+        # The association is over: its max_associations slot is free now, not
+        # once the peer has closed the connection (ARTIM bounds that).
+        self.service.active.discard(self)
         self.result = "aborted" if indication.local or not indication.provider else "lost"
         if indication.local:
             self.outcome = f"aborted by us: {indication.detail or 'protocol error'}"
@@ -442,6 +517,8 @@ class StoreSCP(DIMSEUser):
         self.writers.clear()
         self.store = None
         self.outbox.clear()
+        self.recording_release = False
+        self._check_owed()
 
     def closed(self, reason):
         self._discard_all()

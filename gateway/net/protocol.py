@@ -27,6 +27,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from gateway.interfaces import IAssociationProvider
+from gateway.net.tls import describe_peer_certificate
 from gateway import ul
 
 #: Bytes read from a TCP socket at a time (see connectionMade).
@@ -218,6 +219,13 @@ class DicomProtocol(Protocol):
             return self.transport.getPeer().host
         except Exception:
             return None
+
+    def peer_verify_error(self) -> str | None:
+        """What the peer's TLS certificate is, when a handshake refused it
+        (see gateway.net.tls.describe_peer_certificate), or None."""
+        if not ISSLTransport.providedBy(self.transport):
+            return None
+        return describe_peer_certificate(self.transport.getHandle(), self.reactor.seconds())
 
     def peer_certificate_subject(self) -> str | None:
         """The TLS peer certificate's subject (RFC 4514), or None."""

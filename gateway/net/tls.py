@@ -62,7 +62,27 @@ PROFILES = {
 
 # Every profile: TLS 1.2 and 1.3, nothing older.
 MINIMUM_VERSION = TLSVersion.TLSv1_2
+
 TLS13_SUITES = "TLS_AES_256_GCM_SHA384:TLS_AES_128_GCM_SHA256"
+
+
+def describe_peer_certificate(connection, now: float) -> str | None:
+    """What the peer's certificate is, for a handshake that refused it: its
+    subject, its issuer, and that it has expired or is not yet valid when so.
+    ``connection`` is the OpenSSL connection (``transport.getHandle()``)."""
+    try:
+        chain = connection.get_peer_cert_chain()
+    except Exception:
+        return None
+    if not chain:
+        return "the peer sent no certificate"
+    leaf = chain[0].to_cryptography()
+    text = f"the peer's certificate {leaf.subject.rfc4514_string()}, issued by {leaf.issuer.rfc4514_string()}"
+    if now > leaf.not_valid_after_utc.timestamp():
+        return f"{text}, has expired (not valid after {leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC)"
+    if now < leaf.not_valid_before_utc.timestamp():
+        return f"{text}, is not valid yet (not before {leaf.not_valid_before_utc:%Y-%m-%d %H:%M} UTC)"
+    return text
 
 
 def _read(key: str, path: str, source: str) -> bytes:

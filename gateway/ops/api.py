@@ -39,10 +39,12 @@ from zope.interface import implementer
 
 from gateway import IMPLEMENTATION_CLASS_UID, __version__
 from gateway.interfaces import IHealthCheck, IReconfigurable
+from gateway.export.jobs import JOB_STATES
 from gateway.net.listener import Listener
+from gateway.ops.query import MAX_LIMIT, PAGING, QueryError, one_of, parse_query
+from gateway.workflow.payloads import PAYLOAD_STATES
 
 MAX_BODY = 1 << 20
-MAX_LIMIT = 1000
 
 
 class ApiError(Exception):
@@ -144,24 +146,6 @@ class ApiService(Service):
         return out
 
 
-def _param_int(request, name, default, lo, hi):
-    raw = request.args.get(name.encode(), [None])[0]
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ApiError(400, f"query parameter {name!r} must be an integer") from None
-    if not lo <= value <= hi:
-        raise ApiError(400, f"query parameter {name!r} must be from {lo} to {hi}")
-    return value
-
-
-def _param_str(request, name):
-    raw = request.args.get(name.encode(), [None])[0]
-    return None if raw is None else raw.decode("utf-8", "replace")
-
-
 class ApiResource(Resource):
     isLeaf = True
     log = Logger()
@@ -169,18 +153,20 @@ class ApiResource(Resource):
     def __init__(self, api: ApiService):
         super().__init__()
         self.api = api
-        # (method, path pattern) -> handler; "{}" matches one segment.
+        # (method, path pattern, handler, the query parameters it takes); "{}"
+        # matches one segment.  A handler gets the request, the parameters'
+        # values, then the segments "{}" matched.
         self.routes = [
-            ("GET", ("health",), self.get_health),
-            ("GET", ("status",), self.get_status),
-            ("GET", ("metrics",), self.get_metrics),
-            ("GET", ("associations",), self.get_associations),
-            ("GET", ("exports",), self.get_exports),
-            ("POST", ("exports",), self.post_exports),
-            ("GET", ("exports", "{}"), self.get_export),
-            ("GET", ("destinations",), self.get_destinations),
-            ("POST", ("destinations", "{}", "echo"), self.post_echo),
-            ("GET", ("payloads",), self.get_payloads),
+            ("GET", ("health",), self.get_health, {}),
+            ("GET", ("status",), self.get_status, {}),
+            ("GET", ("metrics",), self.get_metrics, {}),
+            ("GET", ("associations",), self.get_associations, PAGING),
+            ("GET", ("exports",), self.get_exports, dict(PAGING, state=one_of(JOB_STATES))),
+            ("POST", ("exports",), self.post_exports, {}),
+            ("GET", ("exports", "{}"), self.get_export, {}),
+            ("GET", ("destinations",), self.get_destinations, {}),
+            ("POST", ("destinations", "{}", "echo"), self.post_echo, {}),
+            ("GET", ("payloads",), self.get_payloads, dict(PAGING, state=one_of(PAYLOAD_STATES))),
         ]
 
     # ---- dispatch ---------------------------------------------------------
@@ -200,7 +186,7 @@ class ApiResource(Resource):
             segments.pop()
         method = request.method.decode("ascii", "replace")
         allowed = []
-        for m, pattern, handler in self.routes:
+        for m, pattern, handler, params in self.routes:
             if len(pattern) != len(segments):
                 continue
             args = []
@@ -211,7 +197,11 @@ class ApiResource(Resource):
                     break
             else:
                 if m == method or (method == "HEAD" and m == "GET"):
-                    return handler(request, *args)
+                    try:
+                        query = parse_query(request.args, params)
+                    except QueryError as e:
+                        raise ApiError(400, str(e)) from None
+                    return handler(request, query, *args)
                 allowed.append(m)
         if allowed:
             raise ApiError(405, f"{method} is not allowed on /{'/'.join(segments)}",
@@ -280,22 +270,17 @@ class ApiResource(Resource):
             raise ApiError(400, "the body must be a JSON object")
         return body
 
-    @staticmethod
-    def _paging(request):
-        return (_param_int(request, "limit", 100, 1, MAX_LIMIT),
-                _param_int(request, "offset", 0, 0, 10 ** 9))
-
     # ---- handlers --------------------------------------------------------------
 
     @inlineCallbacks
-    def get_health(self, request):
+    def get_health(self, request, query):
         reasons = yield self.api.health()
         if reasons:
             return 503, {"status": "unhealthy", "reasons": reasons}
         return 200, {"status": "ok"}
 
     @inlineCallbacks
-    def get_status(self, request):
+    def get_status(self, request, query):
         api = self.api
         try:
             storage = yield api.storage_usage()
@@ -319,7 +304,7 @@ class ApiResource(Resource):
         }
 
     @inlineCallbacks
-    def get_metrics(self, request):
+    def get_metrics(self, request, query):
         api = self.api
         gauges = [("dicomgw_active_associations", "Associations in progress.",
                    [({}, len(api.scp.active))])]
@@ -334,23 +319,21 @@ class ApiResource(Resource):
                            [({}, usage["total_bytes"])]))
         return 200, api.metrics.render(gauges)
 
-    def get_associations(self, request):
-        limit, offset = self._paging(request)
-        total, items = self.api.recent.page(limit, offset)
-        return 200, {"total": total, "limit": limit, "offset": offset, "items": items}
+    def get_associations(self, request, query):
+        total, items = self.api.recent.page(query["limit"], query["offset"])
+        return 200, {"total": total, "limit": query["limit"], "offset": query["offset"], "items": items}
 
     @inlineCallbacks
-    def _page_of(self, request, fetch):
+    def _page_of(self, query, fetch):
         """One page of a provider's list, with ``limit``, ``offset`` and ``state``."""
-        limit, offset = self._paging(request)
-        items = yield fetch(limit=limit, offset=offset, state=_param_str(request, "state"))
-        return 200, {"limit": limit, "offset": offset, "items": items}
+        items = yield fetch(limit=query["limit"], offset=query["offset"], state=query["state"])
+        return 200, {"limit": query["limit"], "offset": query["offset"], "items": items}
 
-    def get_exports(self, request):
-        return self._page_of(request, self._provider("exports", "export").jobs)
+    def get_exports(self, request, query):
+        return self._page_of(query, self._provider("exports", "export").jobs)
 
     @inlineCallbacks
-    def get_export(self, request, job_id):
+    def get_export(self, request, query, job_id):
         exports = self._provider("exports", "export")
         job = yield exports.job(job_id)
         if job is None:
@@ -358,7 +341,7 @@ class ApiResource(Resource):
         return 200, job
 
     @inlineCallbacks
-    def post_exports(self, request):
+    def post_exports(self, request, query):
         exports = self._provider("exports", "export")
         body = self._json_body(request)
         destinations, paths = body.get("destinations"), body.get("paths")
@@ -388,12 +371,12 @@ class ApiResource(Resource):
                 problems.append(f"{p!r} is not a file")
         return problems
 
-    def get_destinations(self, request):
+    def get_destinations(self, request, query):
         destinations = self._provider("destinations", "destinations")
         return 200, {"destinations": sorted(destinations.names())}
 
     @inlineCallbacks
-    def post_echo(self, request, name):
+    def post_echo(self, request, query, name):
         destinations = self._provider("destinations", "destinations")
         if name not in set(destinations.names()):
             raise ApiError(404, f"no destination named {name!r}")
@@ -403,5 +386,5 @@ class ApiResource(Resource):
             raise ApiError(404, f"no destination named {name!r}") from None
         return (200 if result.get("ok") else 502), result
 
-    def get_payloads(self, request):
-        return self._page_of(request, self._provider("payloads", "payload query").payloads)
+    def get_payloads(self, request, query):
+        return self._page_of(query, self._provider("payloads", "payload query").payloads)

@@ -139,7 +139,11 @@ class AuditTrail:
     def _written(self, result):
         self._busy = False
         if isinstance(result, Failure):
-            self.log.failure("could not write the audit trail {path}", result, path=self.path)
+            if result.check(OSError):  # a full disk, say: those lines are lost, the gateway goes on
+                self.log.error("could not write the audit trail {path}: {error}", path=self.path,
+                               error=result.getErrorMessage())
+            else:
+                self.log.failure("could not write the audit trail {path}", result, path=self.path)
         self._kick()
         if not self._busy:
             waiters, self._waiters = self._waiters, []

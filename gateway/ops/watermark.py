@@ -6,7 +6,9 @@ in the disk thread pool, never on the reactor thread.  While usage is at or
 above ``watermark_percent``, or less than ``reserved_gb`` is free, it sets
 ``SCPService.congestion`` to a short reason: new associations are then
 rejected-transient (service-provider, temporary congestion) and C-STOREs are
-answered A700.  When space is back the next probe clears it.
+answered A700.  The same while the databases' reserve (gateway.store.reserve)
+is spent; the probe makes it again once there is room.  When space is back the
+next probe clears it.
 
 The probe catches and logs its own errors (a ``LoopingCall`` stops for good
 on an exception); a failed probe leaves the last known state in place.
@@ -25,6 +27,8 @@ from zope.interface import implementer
 from gateway.interfaces import IHealthCheck
 
 GIB = 1 << 30
+#: After a write found the disk full, new work waits for this much room.
+FULL_UNTIL = 64 << 20
 
 
 def usage(st) -> tuple[float, int]:
@@ -49,9 +53,10 @@ class Watermark(Service):
     log = Logger()
     name = "watermark"
 
-    def __init__(self, scp, root: str, reactor, pool, statvfs=os.statvfs):
+    def __init__(self, scp, root: str, reactor, pool, statvfs=os.statvfs, reserve=None):
         self.scp = scp
         self.root = root
+        self.reserve = reserve  # the databases' SpaceReserve: while it is spent, nothing new is taken
         self.reactor = reactor
         self.pool = pool
         self.statvfs = statvfs
@@ -73,15 +78,30 @@ class Watermark(Service):
         return [f"storage over the watermark: {why}"] if why else []
 
     def probe(self):
-        d = deferToThreadPool(self.reactor, self.pool, self.statvfs, self.root)
+        d = deferToThreadPool(self.reactor, self.pool, self._look)
         d.addCallback(self._measured)
         d.addErrback(self._failed)
         return d
+
+    def _look(self):
+        """The file system's figures, with the reserve made again where there is room (pool)."""
+        st = self.statvfs(self.root)
+        reserve = self.reserve
+        if reserve is not None and not reserve.held and usage(st)[1] > 2 * reserve.size and reserve.restore():
+            st = self.statvfs(self.root)
+        return st
 
     def _measured(self, st):
         config = self.scp.config
         percent, free = usage(st)
         why = congestion(percent, free, config.storage.watermark_percent, config.storage.reserved_gb)
+        if why is None and self.reserve is not None and not self.reserve.held:
+            why = "storage full: the databases are using the room kept for them"
+        if self.scp.disk_full:  # until there is room for more than a few instances again
+            if why is None and free < FULL_UNTIL:
+                why = self.scp.congestion or "storage full"
+            elif free >= FULL_UNTIL:
+                self.scp.disk_full = False
         before = self.scp.congestion
         self.scp.congestion = why
         if why and not before:

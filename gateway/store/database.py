@@ -41,8 +41,12 @@ class Database:
     ``name`` names the thread (``dicomgw-<name>``).
     """
 
-    def __init__(self, path: str, reactor, *, schema: str, name: str, durable: bool = True, pool=None):
+    def __init__(self, path: str, reactor, *, schema: str, name: str, durable: bool = True, pool=None,
+                 reserve=None):
         self.path = path
+        # When a commit finds the disk full, this SpaceReserve's room is given
+        # back and the commit tried again (gateway.store.reserve).
+        self.reserve = reserve
         self.reactor = reactor
         self.schema = schema
         self.durable = durable
@@ -92,7 +96,13 @@ class Database:
         if durable:
             conn.execute("PRAGMA synchronous=FULL")
         try:
-            with conn:  # commit on return, roll back on an exception
+            try:
+                with conn:  # commit on return, roll back on an exception
+                    return f(conn, *args)
+            except sqlite3.OperationalError as e:
+                if not _disk_full(e) or self.reserve is None or not self.reserve.release():
+                    raise
+            with conn:  # once more, in the reserve's room
                 return f(conn, *args)
         finally:
             if durable:
@@ -169,6 +179,10 @@ class Database:
         release, before the A-RELEASE-RP says so to the peer.
         """
         return deferToThreadPool(self.reactor, self.pool, self._transaction, f, args, self.durable)
+
+
+def _disk_full(e: sqlite3.Error) -> bool:
+    return getattr(e, "sqlite_errorcode", None) == 13 or "database or disk is full" in str(e)  # SQLITE_FULL
 
 
 def _run_items(conn, items):

@@ -85,10 +85,10 @@ CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 """
 
 
-def open_index(root: str, reactor, durable: bool) -> Database:
+def open_index(root: str, reactor, durable: bool, reserve=None) -> Database:
     """The index database under the storage root (opened by ``start()``)."""
     return Database(os.path.join(os.path.abspath(root), DB_NAME), reactor, schema=SCHEMA, name="db",
-                    durable=durable)
+                    durable=durable, reserve=reserve)
 
 
 def record_instance(conn, states: dict, row: dict):

@@ -30,6 +30,7 @@ with the complete record the index consumes.
 Layout under the storage root (:class:`Storage` names each directory)::
 
     tmp/<random>.part                            instances being received
+    tmp/database-reserve                         room kept for the databases (gateway.store.reserve)
     instances/<called AE>/<SOP Instance UID>.dcm  stored instances (Part 10)
     payloads/<payload id>/                       closed payloads (gateway.workflow)
     outputs/<payload id>/<pipeline>/             what pipelines wrote
@@ -54,6 +55,7 @@ from gateway.dimse.sop import is_valid_uid
 from gateway.part10 import file_meta
 from gateway.store.files import fsync_dir
 from gateway.store.header import header_attributes
+from gateway.store.reserve import SpaceReserve
 from gateway.threads import WorkerPool
 
 
@@ -93,6 +95,8 @@ HEAD_BYTES = 64 << 10
 #: named ``tmp/spare-<random>.part``.
 SPARES = 4
 SPARE_PREFIX = "spare-"
+#: The databases' reserve, in tmp/ (gateway.store.reserve).
+RESERVE_FILE = "database-reserve"
 
 
 class InstanceWriter:
@@ -394,6 +398,8 @@ class Storage:
         self.instances_dir = os.path.join(self.root, "instances")
         self.payloads_dir = os.path.join(self.root, "payloads")
         self.outputs_dir = os.path.join(self.root, "outputs")
+        #: Room kept for the databases on this file system (made by prepare()).
+        self.reserve = SpaceReserve(os.path.join(self.tmp_dir, RESERVE_FILE))
         self.reactor = reactor
         self.pool = pool
         self.fsync = fsync
@@ -422,6 +428,9 @@ class Storage:
                     pass
         if removed:
             self.log.info("removed {count} incomplete instance(s) left by an earlier run", count=removed)
+        if not self.reserve.restore():
+            self.log.warn("no room for the databases' reserve of {size} bytes under {root}; new "
+                          "instances are refused until there is", size=self.reserve.size, root=self.root)
         return removed
 
     def path_for(self, called_ae: str, sop_instance_uid: str) -> str:

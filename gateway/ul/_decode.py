@@ -338,8 +338,18 @@ def _decode_associate(pdu_type: int, body: Buffer) -> P.AssociateRQ | P.Associat
 
     if app_context is None:
         raise _invalid("A-ASSOCIATE PDU without an application context item")
+    # "One or more" presentation contexts, each with an id of its own: two
+    # with one id would be two negotiations the P-DATA could not tell apart.
+    if not contexts:
+        raise _invalid("A-ASSOCIATE PDU without a presentation context item")
+    seen: set[int] = set()
+    for pc in contexts:
+        if pc.id in seen:
+            raise _invalid(f"presentation context id {pc.id} appears twice")
+        seen.add(pc.id)
     # The User Information item is mandatory, but nothing in it is needed to
     # decode the PDU; its absence is tolerated and read as "no sub-items".
+    # The items may come in any order (PS3.8 9.3.2 lists them, it orders nothing).
     if user_info is None:
         user_info = P.UserInformation()
     cls = P.AssociateRQ if is_rq else P.AssociateAC

@@ -45,6 +45,8 @@ from gateway.store.files import fsync_dir, remove_all
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
+#: The states a payload goes through (gateway.store.index says what each means).
+PAYLOAD_STATES = ("open", "closing", "closed", "done", "failed", "removed")
 
 
 def group_key(grouping: str, association_id: str, attrs: dict) -> str:

@@ -110,6 +110,13 @@ class ClassificationTests(unittest.TestCase):
             self.assertTrue(sop.is_storage_sop_class(uid))
             self.assertFalse(sop.is_known_storage_sop_class(uid))
 
+    def test_what_is_not_a_uid_or_not_a_sop_class_is_not_storage(self):
+        for uid in ("NOT-A-UID", "1.2.3..4", "01.2.3", "1.2.3.", "", "1" * 65, "1.2.3\x004",
+                    sop.IMPLICIT_VR_LITTLE_ENDIAN, "1.2.840.10008.1.2.4.50",  # transfer syntaxes
+                    "1.2.840.10008.3.1.1.1",  # the DICOM application context name
+                    "1.2.840.10008.15.0.3.1"):  # a coding scheme
+            self.assertFalse(sop.is_storage_sop_class(uid), repr(uid))
+
     def test_padding_ignored(self):
         self.assertFalse(sop.is_storage_sop_class(sop.VERIFICATION + "\x00"))
         self.assertTrue(sop.is_known_storage_sop_class("1.2.840.10008.5.1.4.1.1.2\x00"))

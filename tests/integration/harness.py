@@ -118,8 +118,8 @@ class RunningGateway:
 
 
 @defer.inlineCallbacks
-def start_gateway(testcase, extra: str = "", aes=("DICOMGW",), **sections):
-    storage = os.path.abspath(testcase.mktemp())
+def start_gateway(testcase, extra: str = "", aes=("DICOMGW",), storage=None, **sections):
+    storage = storage or os.path.abspath(testcase.mktemp())
     config = config_from_string(gateway_config(storage, extra, aes, **sections))
     service = makeService({"config_object": config}, reactor)
     service.startService()

@@ -83,19 +83,29 @@ def _spawn(testcase, program, args, port, env=None):
 
 
 @defer.inlineCallbacks
-def start_storescp(testcase, directory, ae="STORESCP", tls=None):
+def start_storescp(testcase, directory, ae="STORESCP", tls=None, server=("server_key", "server_cert")):
     """storescp writing what it receives, bit-preserving (+B), into ``directory``.
 
-    ``tls`` is a :class:`Certs`: the server uses its server certificate and
-    requires a client certificate signed by its CA.
+    ``tls`` is a :class:`Certs`: the server uses its server certificate (or
+    the one ``server`` names) and requires a client certificate signed by its CA.
     """
     os.makedirs(directory, exist_ok=True)
     port = free_port()
     args = ["-aet", ae, "+B", "-od", directory]
     if tls is not None:
-        args += ["+tls", tls.server_key, tls.server_cert, "+cf", tls.ca_cert, "-rc", "+py"]
+        args += ["+tls", getattr(tls, server[0]), getattr(tls, server[1]), "+cf", tls.ca_cert, "-rc", "+py"]
     args.append(str(port))
     yield _spawn(testcase, "storescp", args, port)
+    return port
+
+
+@defer.inlineCallbacks
+def start_old_tls_server(testcase, certs):
+    """``openssl s_server`` speaking TLS 1.1 only: a destination too old for any of our profiles."""
+    port = free_port()
+    yield _spawn(testcase, "openssl", ["s_server", "-accept", f"127.0.0.1:{port}", "-cert", certs.server_cert,
+                                       "-key", certs.server_key, "-tls1_1", "-cipher", "DEFAULT@SECLEVEL=0",
+                                       "-quiet"], port)
     return port
 
 
@@ -175,12 +185,12 @@ class Certs:
               .sign(ca_key, hashes.SHA256()))
         self.ca_cert = write("ca.pem", ca.public_bytes(serialization.Encoding.PEM))
 
-        def leaf(cn, san, usage):
+        def leaf(cn, san, usage, valid_days=(-1, 2)):
             key = ec.generate_private_key(ec.SECP256R1())
             builder = (x509.CertificateBuilder().subject_name(name(cn)).issuer_name(ca.subject)
                        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                       .not_valid_before(now - datetime.timedelta(days=1))
-                       .not_valid_after(now + datetime.timedelta(days=2))
+                       .not_valid_before(now + datetime.timedelta(days=valid_days[0]))
+                       .not_valid_after(now + datetime.timedelta(days=valid_days[1]))
                        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False))
             if san is not None:
                 builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
@@ -192,6 +202,12 @@ class Certs:
         self.server_cert, self.server_key = write("server.pem", cert), write("server.key", key)
         cert, key = leaf("dicomgw test client", None, ExtendedKeyUsageOID.CLIENT_AUTH)
         self.client_cert, self.client_key = write("client.pem", cert), write("client.key", key)
+        # Server certificates that must fail: for another host, and expired.
+        cert, key = leaf("other.example", [x509.DNSName("other.example")], ExtendedKeyUsageOID.SERVER_AUTH)
+        self.wronghost_cert, self.wronghost_key = write("wronghost.pem", cert), write("wronghost.key", key)
+        cert, key = leaf("127.0.0.1", [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
+                         ExtendedKeyUsageOID.SERVER_AUTH, valid_days=(-3, -1))
+        self.expired_cert, self.expired_key = write("expired.pem", cert), write("expired.key", key)
         # A second, unrelated CA: a server certificate it did not sign must fail.
         other_key = ec.generate_private_key(ec.SECP256R1())
         other = (x509.CertificateBuilder().subject_name(name("other CA")).issuer_name(name("other CA"))

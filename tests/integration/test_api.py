@@ -291,3 +291,32 @@ class APITests(unittest.TestCase):
         code, text, _ = yield c.request("GET", "/metrics", token=TOKEN)
         self.assertEqual(code, 200)
         self.assertIn("dicomgw_build_info", text)
+
+
+class QueryParameterTests(unittest.TestCase):
+    """Unknown, repeated or invalid query parameters are a 400 naming the parameter."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_unknown_and_invalid_parameters_are_named(self):
+        _service, _dicom, http = yield start_with_api(self)
+        client = Client(http)
+        cases = {
+            "/associations?limt=5": "'limt'",
+            "/exports?stat=queued": "'stat'",
+            "/payloads?foo=bar": "'foo'",
+            "/health?verbose=1": "'verbose'",
+            "/exports?state=no-such-state": "'state': 'no-such-state' must be one of queued",
+            "/payloads?state=bogus": "'state': 'bogus' must be one of open",
+            "/associations?limit=0": "'limit': '0' must be from 1 to 1000",
+            "/associations?limit=ten": "'limit': 'ten' must be an integer",
+            "/exports?limit=1&limit=2": "'limit' is given 2 times",
+        }
+        for path, expected in cases.items():
+            code, body, _headers = yield client.request("GET", path)
+            self.assertEqual(code, 400, path)
+            self.assertIn(expected, body["error"], path)
+        for path in ("/associations?limit=5&offset=1", "/exports?state=queued", "/payloads?state=open&limit=3"):
+            code, body, _headers = yield client.request("GET", path)
+            self.assertEqual(code, 200, (path, body))

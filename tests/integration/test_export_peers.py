@@ -20,7 +20,7 @@ from gateway.export.jobs import ExportService, read_meta
 from gateway.threads import WorkerPool
 from tests.dicomfiles import dataset_bytes, make_series, odd_instance, rle_image, small_instance
 from tests.integration.harness import in_thread
-from tests.integration.peers import Certs, free_port, start_orthanc, start_storescp
+from tests.integration.peers import Certs, free_port, start_old_tls_server, start_orthanc, start_storescp
 from tests.export.test_jobs import scu_config
 
 
@@ -144,6 +144,69 @@ private_key = "{certs.stranger_key}"
         [job_id] = yield export.submit(["tls"], paths, "test")
         self.assertEqual((yield export.wait(job_id)), "done")
         self.assertSameDatasets(paths, received_by_uid(out))
+
+
+class TLSFailureTests(PeerCase):
+    """Each way a TLS destination can fail reaches echo, the job's files and the CLI in words."""
+
+    @defer.inlineCallbacks
+    def test_every_tls_failure_says_why(self):
+        certs = Certs(os.path.abspath(self.mktemp()))
+        ports = {}
+        for name, server in (("wronghost", ("wronghost_key", "wronghost_cert")),
+                             ("expired", ("expired_key", "expired_cert")),
+                             ("good", ("server_key", "server_cert"))):
+            ports[name] = yield start_storescp(self, os.path.abspath(self.mktemp()), tls=certs, server=server)
+        ports["old"] = yield start_old_tls_server(self, certs)
+        destinations = "".join(f"""
+[[destination]]
+name = "{name}"
+ae_title = "STORESCP"
+host = "127.0.0.1"
+port = {port}
+tls = true
+ca_certificates = "{ca}"
+{client}
+""" for name, port, ca, client in (
+            ("wronghost", ports["wronghost"], certs.ca_cert, ""),
+            ("expired", ports["expired"], certs.ca_cert, ""),
+            ("unknownca", ports["good"], certs.other_ca_cert, ""),
+            ("noclientcert", ports["good"], certs.ca_cert, ""),
+            ("tls11", ports["old"], certs.ca_cert, ""),
+            ("good", ports["good"], certs.ca_cert,
+             f'certificate = "{certs.client_cert}"\nprivate_key = "{certs.client_key}"')))
+        config = config_from_string(f"""
+[gateway]
+storage = "{os.path.abspath(self.mktemp())}"
+[timeouts]
+artim = 5
+[scu]
+retries = 0
+[[ae]]
+title = "GW"
+""" + destinations)
+        export = self.start_export(config)
+        expected = {
+            "wronghost": "the peer's certificate is not for 127.0.0.1 (host name or IP address mismatch)",
+            "expired": "certificate verify failed: the peer's certificate CN=127.0.0.1, issued by CN=dicomgw "
+                       "test CA, has expired",
+            "unknownca": "certificate verify failed: the peer's certificate CN=127.0.0.1, issued by CN=dicomgw "
+                         "test CA",
+            "noclientcert": "alert certificate required",
+            "tls11": "alert protocol version",
+        }
+        for name, why in expected.items():
+            echo = yield export.destinations.echo(name)
+            self.assertFalse(echo["ok"], name)
+            self.assertIn("TLS failure", echo["reason"], name)
+            self.assertIn(why, echo["reason"], name)
+        self.assertTrue((yield export.destinations.echo("good"))["ok"])
+        # The same reason reaches an export job's files.
+        paths = sample_files(os.path.abspath(self.mktemp()))[:1]
+        [job_id] = yield export.submit(["wronghost"], paths, "test")
+        self.assertEqual((yield export.wait(job_id)), "failed")
+        job = yield export.job(job_id)
+        self.assertIn(expected["wronghost"], job["file_statuses"][0]["reason"])
 
 
 class OrthancTests(PeerCase):

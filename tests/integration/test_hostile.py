@@ -22,6 +22,7 @@ from twisted.trial import unittest
 from gateway.dimse import commands as C
 from gateway.dimse.message import fragment_message
 from gateway.dimse.sop import is_valid_uid
+from gateway.store.writer import RESERVE_FILE
 from gateway.testing import partial_files
 from gateway import ul as P
 from tests import dicomfiles
@@ -115,11 +116,12 @@ def after_ac(port: int, then: bytes) -> bytes:
 
 def files_under(root: str) -> list[str]:
     """Every file under the storage root but what the gateway writes for itself whatever
-    peers send: the audit trail, the index database and the export database."""
+    peers send: the audit trail, the index and export databases and their reserve."""
     out = []
     for d, _, names in os.walk(root):
         out += [os.path.relpath(os.path.join(d, n), root) for n in names]
-    return sorted(p for p in out if p != "audit.jsonl" and not p.startswith(("exports.sqlite", "dicomgw.sqlite")))
+    return sorted(p for p in out if p not in ("audit.jsonl", os.path.join("tmp", RESERVE_FILE))
+                  and not p.startswith(("exports.sqlite", "dicomgw.sqlite")))
 
 
 class HostileTests(unittest.TestCase):

@@ -18,6 +18,7 @@ from gateway.ul import (
     AssociateAC,
     AssociateRQ,
     PDataTF,
+    PresentationContextAC,
     PresentationContextRQ,
     ReleaseRP,
     State,
@@ -127,7 +128,7 @@ class UpperLayerTests(unittest.TestCase):
         self.assertEqual(pdus(t.value()), [rq()])  # AE-1, AE-2 on connect
         self.assertEqual(p.core.state, State.Sta5)
         t.clear()
-        p.dataReceived(encode_pdu(AssociateAC("DICOMGW", "SCU", ())))
+        p.dataReceived(encode_pdu(AssociateAC("DICOMGW", "SCU", (PresentationContextAC(1, 0, IMPLICIT),))))
         self.assertEqual(user.events[-1][0], "associate_accepted")
         self.assertEqual(p.core.state, State.Sta6)
         p.release_request()

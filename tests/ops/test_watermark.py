@@ -27,6 +27,7 @@ class ThresholdTests(unittest.TestCase):
 class SCP:
     def __init__(self):
         self.congestion = None
+        self.disk_full = False
         self.config = config_from_string('[storage]\nwatermark_percent = 75\nreserved_gb = 0\n'
                                          'check_interval = 10\n[[ae]]\ntitle = "A"\n')
 

@@ -207,7 +207,9 @@ class StorageTests(StorageCase):
         with open(os.path.join(self.storage.tmp_dir, "abc.part"), "wb") as f:
             f.write(b"half an instance")
         self.assertEqual(self.storage.prepare(), 1)
-        self.assertEqual(os.listdir(self.storage.tmp_dir), [])
+        self.assertEqual(os.listdir(self.storage.tmp_dir), [S.RESERVE_FILE])  # and the databases' reserve
+        self.assertEqual(os.path.getsize(os.path.join(self.storage.tmp_dir, S.RESERVE_FILE)),
+                         self.storage.reserve.size)
 
 
 def _tick():
@@ -259,6 +261,11 @@ class RecordTests(StorageCase):
         self.assertFalse(complete)
 
 
+def tmp_names(storage):
+    """What is in tmp/ but the databases' reserve."""
+    return sorted(n for n in os.listdir(storage.tmp_dir) if n != S.RESERVE_FILE)
+
+
 class SpareTests(StorageCase):
     """Temporary files made ahead of need, so that a writer does not wait to create one."""
 
@@ -281,7 +288,7 @@ class SpareTests(StorageCase):
         yield w.finish()
         yield self.settled()  # ... and then the spares
         ready = [path for path, _fd in self.storage.spares._ready]
-        self.assertEqual(sorted(os.listdir(self.storage.tmp_dir)), sorted(os.path.basename(p) for p in ready))
+        self.assertEqual(tmp_names(self.storage), sorted(os.path.basename(p) for p in ready))
         self.assertEqual(partial_files(self.storage.tmp_dir), [])  # empty spares are not partial files
 
         w = self.begin("1.2.3.2")
@@ -290,7 +297,7 @@ class SpareTests(StorageCase):
         with open(stored.path, "rb") as f:
             self.assertTrue(f.read().endswith(b"b" * 10))
         yield self.settled()  # topped up again
-        left = set(os.listdir(self.storage.tmp_dir))
+        left = set(tmp_names(self.storage))
         self.assertEqual(len(left & {os.path.basename(p) for p in ready}), len(ready) - 1)  # one was used
 
         # A discarded instance removes the spare it took, data and all.
@@ -305,13 +312,13 @@ class SpareTests(StorageCase):
         self.assertEqual(partial_files(self.storage.tmp_dir), [])
 
         yield self.storage.spares.close()
-        self.assertEqual(os.listdir(self.storage.tmp_dir), [])
+        self.assertEqual(tmp_names(self.storage), [])
         w = self.begin("1.2.3.4")
         w.write(b"d")
         yield w.finish()
         for _ in range(10):
             yield _tick()
-        self.assertEqual(os.listdir(self.storage.tmp_dir), [])  # none made once closed
+        self.assertEqual(tmp_names(self.storage), [])  # none made once closed
         self.assertEqual(len(self.storage.spares._ready), 0)
 
     @defer.inlineCallbacks
@@ -327,7 +334,7 @@ class SpareTests(StorageCase):
         self.patch(S, "_create", create_then_close)
         yield deferToThreadPool(reactor, self.pool, spares.top_up)
         self.assertEqual(len(spares._ready), 0)
-        self.assertEqual(os.listdir(self.storage.tmp_dir), [])
+        self.assertEqual(tmp_names(self.storage), [])
 
     @defer.inlineCallbacks
     def test_a_spare_that_cannot_be_made_is_not_an_error(self):

@@ -14,6 +14,7 @@ from gateway.ul import (
     AssociateRQ,
     PDataTF,
     PDV,
+    PresentationContextAC,
     PresentationContextRQ,
     ReleaseRP,
     ReleaseRQ,
@@ -22,7 +23,7 @@ from gateway.ul import (
 )
 
 RQ = AssociateRQ("SCP", "SCU", (PresentationContextRQ(1, "1.2.840.10008.1.1", ("1.2.840.10008.1.2",)),))
-AC = AssociateAC("SCP", "SCU", ())
+AC = AssociateAC("SCP", "SCU", (PresentationContextAC(1, 0, "1.2.840.10008.1.2"),))
 RJ = AssociateRJ(1, 1, 7)
 PDATA = encode_pdu(PDataTF((PDV(1, 3, b"\x00\x01"),)))
 

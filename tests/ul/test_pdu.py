@@ -126,6 +126,9 @@ APP_CTX_ITEM = item(0x10, DICOM_APPLICATION_CONTEXT.encode())
 PC_RQ_ITEM = item(
     0x20, b"\x01\x00\x00\x00" + item(0x30, VERIFICATION.encode()) + item(0x40, IMPLICIT_LE.encode())
 )
+PC_AC_ITEM = item(0x21, b"\x01\x00\x00\x00" + item(0x40, IMPLICIT_LE.encode()))
+ONE_RQ_CONTEXT = (PresentationContextRQ(1, VERIFICATION, (IMPLICIT_LE,)),)
+ONE_AC_CONTEXT = (PresentationContextAC(1, 0, IMPLICIT_LE),)
 
 
 class DecodeErrorMixin:
@@ -152,17 +155,17 @@ class RoundTripTests(unittest.TestCase):
         self.check(sample_rq())
 
     def test_associate_rq_minimal(self):
-        self.check(AssociateRQ("A", "B", ()))
+        self.check(AssociateRQ("A", "B", ONE_RQ_CONTEXT))
 
     def test_associate_rq_protocol_version_kept_raw(self):
-        pdu = AssociateRQ("A", "B", (), protocol_version=0x8003)
+        pdu = AssociateRQ("A", "B", ONE_RQ_CONTEXT, protocol_version=0x8003)
         self.assertEqual(roundtrip(pdu).protocol_version, 0x8003)
 
     def test_associate_ac_full(self):
         self.check(sample_ac())
 
     def test_associate_ac_identity_empty_response(self):
-        self.check(AssociateAC("A", "B", (), UserInformation(user_identity=UserIdentityAC(b""))))
+        self.check(AssociateAC("A", "B", ONE_AC_CONTEXT, UserInformation(user_identity=UserIdentityAC(b""))))
 
     def test_each_user_information_field_alone(self):
         variants = [
@@ -184,8 +187,8 @@ class RoundTripTests(unittest.TestCase):
             UserInformation(unknown=(UnknownItem(0x99, b"abc"),)),
         ]
         for ui in variants:
-            self.check(AssociateRQ("CALLED", "CALLING", (), ui))
-            self.check(AssociateAC("CALLED", "CALLING", (), ui))
+            self.check(AssociateRQ("CALLED", "CALLING", ONE_RQ_CONTEXT, ui))
+            self.check(AssociateAC("CALLED", "CALLING", ONE_AC_CONTEXT, ui))
 
     def test_associate_rj(self):
         self.check(AssociateRJ(1, 1, 7))
@@ -254,7 +257,7 @@ class RoundTripTests(unittest.TestCase):
 
 class FieldTests(DecodeErrorMixin, unittest.TestCase):
     def test_ae_title_padding_stripped(self):
-        body = bytearray(assoc_body(APP_CTX_ITEM))
+        body = bytearray(assoc_body(APP_CTX_ITEM + PC_RQ_ITEM))
         body[4:20] = b"  PADDED\x00\x00    ".ljust(16, b"\x00")
         body[20:36] = b"\xe9TE           ".ljust(16)
         pdu = decode_pdu(1, bytes(body))
@@ -300,9 +303,9 @@ class FieldTests(DecodeErrorMixin, unittest.TestCase):
         items = item(0x10, b"1.2.\xff")
         self.assertPDUError(1, assoc_body(items))
         ui = item(0x50, item(0x52, b"1.2.\x80"))
-        self.assertPDUError(1, assoc_body(APP_CTX_ITEM + ui))
+        self.assertPDUError(1, assoc_body(APP_CTX_ITEM + PC_RQ_ITEM + ui))
         ui = item(0x50, item(0x55, "n\xe9".encode("latin-1")))
-        self.assertPDUError(1, assoc_body(APP_CTX_ITEM + ui))
+        self.assertPDUError(1, assoc_body(APP_CTX_ITEM + PC_RQ_ITEM + ui))
 
     def test_reserved_fields_not_tested(self):
         ui = item(0x50, item(0x51, b"\0\0\x40\0"))
@@ -323,8 +326,20 @@ class FieldTests(DecodeErrorMixin, unittest.TestCase):
 
     def test_max_length_zero_kept(self):
         ui = item(0x50, item(0x51, b"\0\0\0\0"))
-        pdu = decode_pdu(1, assoc_body(APP_CTX_ITEM + ui))
+        pdu = decode_pdu(1, assoc_body(APP_CTX_ITEM + PC_RQ_ITEM + ui))
         self.assertEqual(pdu.user_information.max_length, 0)
+
+    def test_presentation_contexts_one_at_least_each_id_once(self):
+        self.assertPDUError(1, assoc_body(APP_CTX_ITEM))
+        self.assertPDUError(2, assoc_body(APP_CTX_ITEM))
+        # Two contexts with id 1 (the second proposing MR in another syntax):
+        # they could not be told apart on the wire.
+        second = item(0x20, b"\x01\x00\x00\x00" + item(0x30, b"1.2.840.10008.5.1.4.1.1.4")
+                      + item(0x40, b"1.2.840.10008.1.2.1"))
+        with self.assertRaises(PDUError) as cm:
+            _decode._decode_strict(1, assoc_body(APP_CTX_ITEM + PC_RQ_ITEM + second))
+        self.assertIn("presentation context id 1 appears twice", str(cm.exception))
+        self.assertPDUError(2, assoc_body(APP_CTX_ITEM + PC_AC_ITEM + PC_AC_ITEM))
 
     def test_user_information_absent(self):
         pdu = decode_pdu(1, assoc_body(APP_CTX_ITEM + PC_RQ_ITEM))
@@ -348,7 +363,7 @@ class FieldTests(DecodeErrorMixin, unittest.TestCase):
 
     def test_unknown_user_info_sub_items_kept(self):
         ui = item(0x50, item(0x51, b"\0\0\x10\0") + item(0x5F, b"\x01\x02") + item(0x00, b""))
-        info = decode_pdu(2, assoc_body(APP_CTX_ITEM + ui)).user_information
+        info = decode_pdu(2, assoc_body(APP_CTX_ITEM + PC_AC_ITEM + ui)).user_information
         self.assertEqual(info.unknown, (UnknownItem(0x5F, b"\x01\x02"), UnknownItem(0, b"")))
         self.assertEqual(info.max_length, 0x1000)
 
@@ -375,7 +390,7 @@ class FieldTests(DecodeErrorMixin, unittest.TestCase):
     def test_related_general_sop_classes_empty(self):
         value = struct.pack(">H", 3) + b"1.2" + struct.pack(">H", 3) + b"4.5" + b"\0\0"
         ui = item(0x50, item(0x57, value))
-        info = decode_pdu(1, assoc_body(APP_CTX_ITEM + ui)).user_information
+        info = decode_pdu(1, assoc_body(APP_CTX_ITEM + PC_RQ_ITEM + ui)).user_information
         self.assertEqual(
             info.common_extended_negotiations, (CommonExtendedNegotiation("1.2", "4.5"),)
         )
@@ -581,10 +596,10 @@ class HostileInputTests(DecodeErrorMixin, unittest.TestCase):
         body = raw[6:]
         self.assertEqual(decode_pdu(raw[0], body), pdu)
         # A prefix ending exactly on a top-level item boundary after the
-        # application context is itself a well-formed (smaller) PDU: the
-        # presentation contexts and user information are optional to the
-        # codec.  Every other prefix must be rejected.
-        ok_lengths = {e for e in item_boundaries(body, 68) if e >= 68 + len(APP_CTX_ITEM)}
+        # application context and a first presentation context is itself a
+        # well-formed (smaller) PDU: more contexts and the user information
+        # are optional to the codec.  Every other prefix must be rejected.
+        ok_lengths = {e for e in item_boundaries(body, 68) if e > 68 + len(APP_CTX_ITEM)}
         decoded_ok = set()
         for n in range(len(body)):
             try:
@@ -652,7 +667,7 @@ class HostileInputTests(DecodeErrorMixin, unittest.TestCase):
             item(0x59, b"\x00\x05ab"),
             item(0x59, b"\x00\x01ab"),
         ):
-            self.assertPDUError(1, assoc_body(APP_CTX_ITEM + item(0x50, sub)))
+            self.assertPDUError(1, assoc_body(APP_CTX_ITEM + PC_RQ_ITEM + item(0x50, sub)))
 
     def test_repeated_singleton_sub_items(self):
         for sub in (
@@ -663,7 +678,7 @@ class HostileInputTests(DecodeErrorMixin, unittest.TestCase):
             item(0x58, b"\x01\x00\x00\x01a\x00\x00") + item(0x59, b"\x00\x00"),
         ):
             self.assertPDUError(
-                1, assoc_body(APP_CTX_ITEM + item(0x50, sub)), ABORT_UNEXPECTED_PDU_PARAMETER
+                1, assoc_body(APP_CTX_ITEM + PC_RQ_ITEM + item(0x50, sub)), ABORT_UNEXPECTED_PDU_PARAMETER
             )
 
     def test_associate_structure_errors(self):
@@ -674,7 +689,7 @@ class HostileInputTests(DecodeErrorMixin, unittest.TestCase):
         # two application contexts / two user information items
         self.assertPDUError(1, assoc_body(APP_CTX_ITEM * 2), ABORT_UNEXPECTED_PDU_PARAMETER)
         self.assertPDUError(
-            1, assoc_body(APP_CTX_ITEM + item(0x50, b"") * 2), ABORT_UNEXPECTED_PDU_PARAMETER
+            1, assoc_body(APP_CTX_ITEM + PC_RQ_ITEM + item(0x50, b"") * 2), ABORT_UNEXPECTED_PDU_PARAMETER
         )
         # an AC presentation context inside an RQ and vice versa
         ac_item = item(0x21, b"\x01\x00\x00\x00" + item(0x40, IMPLICIT_LE.encode()))
@@ -687,7 +702,7 @@ class HostileInputTests(DecodeErrorMixin, unittest.TestCase):
             1, assoc_body(APP_CTX_ITEM + item(0x30, b"1.2")), ABORT_UNEXPECTED_PDU_PARAMETER
         )
         # truncated item header
-        self.assertPDUError(1, assoc_body(APP_CTX_ITEM + b"\x20\x00\x00"))
+        self.assertPDUError(1, assoc_body(APP_CTX_ITEM + PC_RQ_ITEM + b"\x20\x00\x00"))
 
     def test_presentation_context_rq_errors(self):
         ab = item(0x30, VERIFICATION.encode())
@@ -783,7 +798,7 @@ associate_rqs = st.builds(
             uids,
             st.lists(uids, min_size=1, max_size=4).map(tuple),
         ),
-        max_size=5,
+        min_size=1, max_size=5, unique_by=lambda pc: pc.id,
     ).map(tuple),
     user_information=user_infos,
     application_context=uids,
@@ -803,7 +818,7 @@ associate_acs = st.builds(
                 st.one_of(st.just(""), uids),
             ),
         ),
-        max_size=5,
+        min_size=1, max_size=5, unique_by=lambda pc: pc.id,
     ).map(tuple),
     user_information=user_infos,
     application_context=uids,
