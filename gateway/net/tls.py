@@ -185,13 +185,13 @@ class ReloadableServerTLS:
 
         def swap(options):
             self.options, self.tls, self.source = options, tls, config.path
-            self.log.info("TLS port: new connections use the certificate from {certificate} "
+            self.log.info("TLS listeners: new connections use the certificate from {certificate} "
                           "(profile {profile})", event="tls.reloaded",
                           certificate=tls.certificate, profile=tls.profile)
 
         def keep(failure):
             problems = failure.value.problems if failure.check(ConfigError) else [str(failure.value)]
-            self.log.error("TLS port: the new [tls] settings were NOT applied; new connections keep "
+            self.log.error("TLS listeners: the new [tls] settings were NOT applied; new connections keep "
                            "the old certificate:\n{problem_text}", event="tls.reload_failed",
                            problems=problems, problem_text="\n".join(f"  - {p}" for p in problems))
 
