@@ -131,7 +131,8 @@ def client_options(destination, tls, source: str = "<string>"):
     below TLS 1.2), its CA file when that exists (else the system's CAs),
     its certificate and key as our client certificate when those exist,
     unless the destination names its own.  The destination's host name or
-    IP address is verified against its certificate (service-identity).
+    IP address (``server_host``: its ``host``, or its ``dicomweb`` URL's)
+    is verified against its certificate (service-identity).
     """
     key = f"destination {destination.name!r}"
     ca_file, ca_key = destination.ca_certificates, f"{key} ca_certificates"
@@ -149,7 +150,7 @@ def client_options(destination, tls, source: str = "<string>"):
     if cert_file:
         client = ssl.PrivateCertificate.loadPEM(_read(cert_key, cert_file, source) + b"\n"
                                                 + _read(key_key, key_file, source))
-    return ssl.optionsForClientTLS(destination.host, trustRoot=trust, clientCertificate=client,
+    return ssl.optionsForClientTLS(destination.server_host, trustRoot=trust, clientCertificate=client,
                                    extraCertificateOptions={"raiseMinimumTo": MINIMUM_VERSION,
                                                             "acceptableCiphers": _ciphers(tls.profile)})
 
