@@ -108,7 +108,7 @@ class Destination:
     """``[[destination]]``: a Storage SCP we send to (``ae_title``, ``host``,
     ``port``), or a DICOMweb service we send to by STOW-RS (``dicomweb``)."""
 
-    name: str = option(check=text(NAME, "a name of 1 to 64 letters, digits or _-."), required=True)
+    name: str = option(check=text(NAME, "a name of 1 to 64 letters, digits or _-."), required=True, reload=True)
     ae_title: str | None = option(None, _DESTINATION_AE, reload=True)
     host: str | None = option(None, text(nonempty=True), reload=True)
     port: int | None = option(None, integer(1, 65535), reload=True)
