@@ -43,6 +43,12 @@ events, so no service needs to know about either.  Names in use:
 ``reclaimer.freed``      payloads, instances, bytes
 =======================  ==========================================================
 
+A DICOMweb STOW-RS request counts as one association: its instances log
+``instance.stored`` / ``instance.failed`` (status = the Failure Reason), and
+the request one ``association.closed`` with ``service`` = ``stow-rs``,
+``http_status`` (None when the client went away), calling_ae ``-`` and
+result ``released`` (answered) or ``lost``.
+
 Each service that adds events lists them here.
 """
 
@@ -177,6 +183,28 @@ class IInstanceStoredObserver(Interface):
     def association_ended(association, result):
         """The association ended otherwise: ``result`` is ``aborted`` or
         ``lost``; nothing waits for this."""
+
+
+class IInstanceStorage(Interface):
+    """Where received instances are written (the storage root)."""
+
+    def begin(*, called_ae, calling_ae, sop_class_uid, sop_instance_uid, transfer_syntax_uid):
+        """A :class:`gateway.store.writer.InstanceWriter` for one instance
+        (``write``, ``pending``, ``on_drained``, ``finish`` -> Deferred of a
+        StoredInstance, ``discard``); ValueError for a UID that is not one."""
+
+
+class IIngest(Interface):
+    """What every way in shares (the DIMSE SCP, STOW-RS): instances that
+    arrive by any route are stored, refused and observed alike."""
+
+    config = Attribute("The configuration new work starts under (gateway.config.Config).")
+    storage = Attribute("The IInstanceStorage instances are written to.")
+    congestion = Attribute("Why storage refuses work now (the watermark), or None.")
+
+    def notify(method, *args):
+        """Call ``method`` of every IInstanceStoredObserver; a Deferred that
+        fires when all have finished (fails with the first failure)."""
 
 
 class IExportQueue(Interface):

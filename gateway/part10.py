@@ -3,8 +3,9 @@
 Builds the bytes that go in front of a dataset received on the wire, so that
 preamble + meta + the dataset bytes exactly as received form a valid Part 10
 file (the meta group is always Explicit VR Little Endian); reads the meta
-group of a stored file (:func:`read_meta`, blocking) and the leading
-elements of a data set (:func:`read_elements`, pure).
+group of a file's first bytes (:func:`parse_meta`, pure: for a stored file
+through :func:`read_meta`, blocking, and for a STOW-RS part as it arrives)
+and the leading elements of a data set (:func:`read_elements`, pure).
 """
 
 from __future__ import annotations
@@ -78,6 +79,29 @@ def dataset_offset(head: bytes) -> int:
     return 144 + group_length
 
 
+def parse_meta(head) -> tuple[int, str, str, str] | None:
+    """(data set offset, SOP class, SOP instance, transfer syntax) from the
+    first bytes of a Part 10 file, or None while ``head`` is too short to
+    tell; a UID the meta group lacks is "".  ValueError as soon as the bytes
+    are not a Part 10 file's start (a wrong prefix is seen at 132 bytes).
+    Pure: for a file being read, or a body being received."""
+    n = len(head)
+    if n >= 132 and head[128:132] != b"DICM":
+        raise ValueError("not a DICOM Part 10 file (no DICM prefix after the 128-byte preamble)")
+    if n < 144:
+        return None
+    offset = dataset_offset(head)
+    if n < offset:
+        return None
+    elements = read_elements(memoryview(head)[144:offset], implicit=False, last_tag=0x0002FFFF, complete=True)
+
+    def uid(element):
+        raw = elements.get(0x00020000 | element, (None, b""))[1]
+        return raw.rstrip(b"\x00 ").decode("ascii", "replace")
+
+    return offset, uid(0x0002), uid(0x0003), uid(0x0010)
+
+
 def read_meta(path: str) -> tuple[str, str, str, int, int]:
     """(SOP class, SOP instance, transfer syntax, data set offset, data set
     size) of a Part 10 file.  Blocking: call it in a thread.  ValueError for
@@ -89,19 +113,13 @@ def read_meta(path: str) -> tuple[str, str, str, int, int]:
         offset = dataset_offset(head)
         if offset > size:
             raise ValueError(f"implausible File Meta Information length {offset - 144}")
-        meta = f.read(offset - 144)
-    elements = read_elements(meta, implicit=False, last_tag=0x0002FFFF, complete=True)
-    values = {tag & 0xFFFF: value for tag, (_vr, value) in elements.items()}
-
-    def uid(element, what):
-        raw = values.get(element)
-        text = raw.rstrip(b"\x00 ").decode("ascii", "replace") if raw else ""
-        if not text:
+        head += f.read(offset - 144)
+    _offset, *uids = parse_meta(head)
+    for value, what in zip(uids, ("Media Storage SOP Class UID", "Media Storage SOP Instance UID",
+                                  "Transfer Syntax UID")):
+        if not value:
             raise ValueError(f"no {what} in the File Meta Information")
-        return text
-
-    return (uid(0x0002, "Media Storage SOP Class UID"), uid(0x0003, "Media Storage SOP Instance UID"),
-            uid(0x0010, "Transfer Syntax UID"), offset, size - offset)
+    return (*uids, offset, size - offset)
 
 
 # ---- reading the leading elements of a data set (PS3.5 section 7) ----------

@@ -3,9 +3,9 @@
 :func:`makeService` builds the gateway top to bottom: each service is made
 with what it depends on, passed explicitly, and added to the root in the
 order it must start (the root stops them in the reverse order).  Services
-that others look up have names: ``scp``, ``payloads``, ``pipelines``,
-``export``, ``reload``, ``api``, and the listeners ``dicom``, ``dicom_tls``,
-``http``.
+that others look up have names: ``scp``, ``stow``, ``payloads``,
+``pipelines``, ``export``, ``reload``, ``api``, and the listeners ``dicom``,
+``dicom_tls``, ``dicomweb``, ``http``.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from gateway.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
 from gateway.export.jobs import ExportService
 from gateway.ingest.observers import check_observers, load_observers
 from gateway.ingest.scp import SCPService
+from gateway.ingest.stow_web import StowService
 from gateway.interfaces import IReconfigurable
 from gateway.net.listener import Listener
 from gateway.net.tls import ReloadableServerTLS, server_options
@@ -64,9 +65,15 @@ def load_config_and_certificates(path):
     cannot be read or do not match is as invalid as a bad key.
     """
     config = load_config(path)
-    if config.listen.dicom_tls is not None:
+    if serves_tls(config):
         server_options(config.tls, config.path)
     return config
+
+
+def serves_tls(config) -> bool:
+    """Whether a listener uses the ``[tls]`` certificates: the DICOM TLS
+    port, or the DICOMweb server with ``dicomweb.tls``."""
+    return config.listen.dicom_tls is not None or bool(config.listen.dicomweb and config.dicomweb.tls)
 
 
 class WorkerPoolService(Service):
@@ -149,12 +156,21 @@ def makeService(options, reactor=None) -> MultiService:
     runner = add(PipelineRunner(config, db, storage, reactor, export))
     payloads = add(PayloadService(config, storage, db, reactor, runner))
     scp = add(SCPService(config, storage, reactor, observers=[payloads, *load_observers(config)]))
+    stow = None
+    if config.listen.dicomweb:
+        stow = add(StowService(config, scp, reactor, tls=config.dicomweb.tls))
     add(Listener("dicom", config.listen.dicom, scp.factory(), reactor))
+    # One set of certificates for every TLS listener; a reload swaps it for all.
     tls = None
-    if config.listen.dicom_tls is not None:
+    if serves_tls(config):
         tls = ReloadableServerTLS(server_options(config.tls, config.path), config.tls, config.path, reactor, pool)
+    if config.listen.dicom_tls is not None:
         factory = TLSMemoryBIOFactory(tls, False, scp.factory(tls=True))
         add(Listener("dicom_tls", config.listen.dicom_tls, factory, reactor))
+    if stow is not None:
+        site = stow.site()
+        factory = TLSMemoryBIOFactory(tls, False, site) if config.dicomweb.tls else site
+        add(Listener("dicomweb", config.listen.dicomweb, factory, reactor))
     add(Watermark(scp, storage.root, reactor, pool, reserve=storage.reserve))
     add(Reclaimer(config, storage, db, reactor, export))
 

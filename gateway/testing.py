@@ -12,10 +12,13 @@ from gateway.interfaces import (
     IAssociationProvider,
     IDestinations,
     IExportQueue,
+    IInstanceStorage,
     IInstanceStoredObserver,
     IPayloadQuery,
 )
-from gateway.store.writer import RESERVE_FILE, SPARE_PREFIX
+from gateway.dimse.sop import is_valid_uid
+from gateway.store.header import header_attributes
+from gateway.store.writer import RESERVE_FILE, SPARE_PREFIX, StoredInstance
 from gateway.threads import run_with_callback
 
 
@@ -214,3 +217,53 @@ def partial_files(tmp_dir: str) -> list[str]:
                 continue
         out.append(name)
     return out
+
+
+# ---- storage, in memory ------------------------------------------------------------
+
+
+class _MemoryWriter:
+    """An InstanceWriter that keeps the bytes; finishes at once."""
+
+    def __init__(self, storage, meta):
+        self.storage = storage
+        self.meta = meta
+        self.data = bytearray()
+        self.pending = 0
+        self.on_drained = None
+
+    def write(self, data):
+        self.data += data
+
+    def finish(self):
+        if self.storage.fail_with is not None:
+            return fail(self.storage.fail_with)
+        m = self.meta
+        path = f"{m['called_ae']}/{m['sop_instance_uid']}.dcm"
+        replaced = path in self.storage.files
+        data = self.storage.files[path] = bytes(self.data)
+        return succeed(StoredInstance(path, m["sop_class_uid"], m["sop_instance_uid"], m["transfer_syntax_uid"],
+                                      len(data), len(data), replaced, sha256="0" * 64,
+                                      attributes=header_attributes(path, data, m["transfer_syntax_uid"], True)))
+
+    def discard(self):
+        self.storage.discarded.append(self.meta["sop_instance_uid"])
+
+
+@implementer(IInstanceStorage)
+class MemoryStorage:
+    """Instances kept in ``files`` (``AE/UID.dcm`` -> data set bytes);
+    ``discarded`` lists the SOP Instance UIDs of discarded writers;
+    ``fail_with`` makes every ``finish`` fail with that exception."""
+
+    def __init__(self):
+        self.files: dict[str, bytes] = {}
+        self.discarded: list[str] = []
+        self.fail_with = None
+
+    def begin(self, *, called_ae, calling_ae, sop_class_uid, sop_instance_uid, transfer_syntax_uid):
+        if not is_valid_uid(sop_instance_uid):
+            raise ValueError(f"not a valid UID: {sop_instance_uid!r}")
+        return _MemoryWriter(self, dict(called_ae=called_ae, calling_ae=calling_ae, sop_class_uid=sop_class_uid,
+                                        sop_instance_uid=sop_instance_uid,
+                                        transfer_syntax_uid=transfer_syntax_uid))

@@ -121,6 +121,53 @@ def _code(status: int) -> str:
     return f"{status:04X}"
 
 
+def _stow_facts() -> list[tuple[str, str]]:
+    """STOW-RS statuses and Failure Reasons, each produced by the code."""
+    from gateway.export import dicomweb as W
+    from gateway.ingest import stow as S
+    from gateway.ingest import stow_web
+
+    def status(*outcomes):
+        return str(S.StowResult(list(outcomes)).status)
+
+    def refusal(f, *args):
+        try:
+            f(*args)
+        except S.Refusal as e:
+            return str(e.status)
+        return "accepted"
+
+    stored, failed = S.PartOutcome(1, stored=True), S.PartOutcome(2, failure=S.PROCESSING_FAILURE)
+    a = "STOW-RS answer "
+    r = "STOW-RS Failure Reason: "
+    return [
+        (a + "when every instance was stored", status(stored)),
+        (a + "when some instances failed", status(stored, failed)),
+        (a + "when no instance was stored", status(failed)),
+        (a + "to a broken multipart body or a part that is not a Part 10 instance",
+         status(S.PartOutcome(1, not_part10=True, failure=S.CANNOT_UNDERSTAND))),
+        (a + "to a missing or wrong bearer token", "401"),
+        (a + "to an unknown path or AE title", refusal(S.route, b"/dicomweb/series")),
+        (a + "to a method other than POST", "405"),
+        (a + "to a media type other than multipart/related of application/dicom",
+         refusal(S.check_media_type, b"application/dicom")),
+        (a + "to a body over dicomweb.max_request_bytes, or more parts than dicomweb.max_parts", "413"),
+        (a + "while the storage is over its watermark", "503"),
+        (r + "SOP class not accepted by the AE title", _code(S.SOP_CLASS_NOT_SUPPORTED)),
+        (r + "transfer syntax not accepted by the AE title", _code(S.TRANSFER_SYNTAX_NOT_SUPPORTED)),
+        (r + "storage full, a storage error or the watermark crossed during the request", _code(S.OUT_OF_RESOURCES)),
+        (r + "SOP Class, Instance or Transfer Syntax UID not a valid UID", _code(S.CANNOT_UNDERSTAND)),
+        (r + "an instance of another study than the one in the path", _code(S.STUDY_MISMATCH)),
+        (r + "could not be indexed or recorded", _code(S.PROCESSING_FAILURE)),
+        ("Body bytes that each dicomweb.timeout period must bring (at least)", str(stow_web.PROGRESS_BYTES)),
+        ("STOW-RS export instances per request (most)", str(W.BATCH_FILES)),
+        ("STOW-RS export Failure Reasons not retried", ", ".join(_code(c) for c in W.PERMANENT)),
+        ("dicomweb.max_request_bytes", str(DEFAULTS.dicomweb.max_request_bytes)),
+        ("dicomweb.max_parts", str(DEFAULTS.dicomweb.max_parts)),
+        ("dicomweb.timeout", f"{DEFAULTS.dicomweb.timeout:g}"),
+    ]
+
+
 FACTS = [
     ("Product version", gateway.__version__),
     ("Implementation Class UID", IMPLEMENTATION_CLASS_UID),
@@ -189,6 +236,8 @@ FACTS = [
     ("scu.retries", str(DEFAULTS.scu.retries)),
     ("scu.retry_delay", f"{DEFAULTS.scu.retry_delay:g}"),
     ("scu.connect_timeout", f"{DEFAULTS.scu.connect_timeout:g}"),
+    # DICOMweb STOW-RS.
+    *_stow_facts(),
 ]
 
 # PS3.2 top-level layout, in order.

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import struct
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.trial import unittest
 
-from gateway.part10 import Truncated, read_elements
+from gateway.part10 import Truncated, dataset_offset, parse_meta, read_elements
+from tests.dicomfiles import ct_image
 
 WANTED = frozenset({0x00100020, 0x0020000D})
 
@@ -91,3 +93,41 @@ class ReadElementsTests(unittest.TestCase):
             return
         for vr, value in found.values():
             self.assertLessEqual(len(value), len(data))
+
+
+class ParseMetaTests(unittest.TestCase):
+    """parse_meta: one reader of the File Meta Information, for files and for
+    bodies that are still arriving."""
+
+    def _file(self):
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        with open(ct_image(os.path.join(directory, "ct.dcm"), rows=32, cols=32), "rb") as f:
+            return f.read()
+
+    def test_meta_of_a_real_file_and_its_prefixes(self):
+        data = self._file()
+        end, cls, inst, ts = parse_meta(data)
+        self.assertEqual(data[end:end + 4], data[dataset_offset(data):dataset_offset(data) + 4])
+        self.assertEqual((cls, ts), ("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1"))
+        self.assertTrue(inst.startswith("1.2.826.0.1.3680043.10.543."))
+        for n in (0, 100, 131, 132, 143, 144, end - 1):
+            self.assertIsNone(parse_meta(data[:n]), n)
+        self.assertEqual(parse_meta(bytearray(data[:end])), (end, cls, inst, ts))
+
+    def test_not_part10(self):
+        data = self._file()
+        cases = [b"\x00" * 128 + b"DICN", b"\x00" * 128 + b"DICN" + b"\x00" * 20,
+                 data[:132] + b"\x02\x00\x01\x00OB" + data[138:],
+                 data[:140] + (1 << 20).to_bytes(4, "little") + data[144:]]
+        for bad in cases:
+            with self.assertRaises(ValueError):
+                parse_meta(bad)
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.binary(min_size=0, max_size=400))
+    def test_random_bytes_only_raise_value_error(self, data):
+        try:
+            parse_meta(b"\x00" * 128 + b"DICM" + data)
+        except ValueError:
+            pass

@@ -63,7 +63,8 @@ def echo(config, name: str, out=sys.stdout, err=sys.stderr) -> int:
     dest = config.destination_named(name)
     if dest is None:
         return _unknown(config, name, err)
-    where = f"{dest.ae_title}@{dest.host}:{dest.port}{' (TLS)' if dest.tls else ''}"
+    where = dest.dicomweb if dest.dicomweb is not None else \
+        f"{dest.ae_title}@{dest.host}:{dest.port}{' (TLS)' if dest.tls else ''}"
 
     async def main(reactor):
         pool = _pool()

@@ -41,6 +41,7 @@ class Config:
     reclaimer: S.Reclaimer = S.Reclaimer()
     notify: S.Notify = S.Notify()
     http: S.HTTP = S.HTTP()
+    dicomweb: S.DicomWeb = S.DicomWeb()
     scu: S.SCU = S.SCU()
     ae: tuple[AETitle, ...] = (AETitle("DICOMGW"),)
     source: tuple[Source, ...] = ()
@@ -57,11 +58,18 @@ class Config:
     def pipeline_named(self, name: str) -> Pipeline | None:
         return next((p for p in self.pipeline if p.name == name), None)
 
+    def dicomweb_ae(self) -> AETitle | None:
+        """The [[ae]] whose rules plain ``/dicomweb/studies`` follows:
+        ``dicomweb.ae``, or the first [[ae]] when that is ""."""
+        if self.dicomweb.ae:
+            return self.ae_named(self.dicomweb.ae)
+        return self.ae[0] if self.ae else None
+
 
 #: The TOML tables, each with how it is read.
 _SECTIONS = {"gateway": S.Gateway, "listen": S.Listen, "tls": S.TLS, "timeouts": S.Timeouts,
              "storage": S.Storage, "reclaimer": S.Reclaimer, "notify": S.Notify, "http": S.HTTP,
-             "scu": S.SCU}
+             "dicomweb": S.DicomWeb, "scu": S.SCU}
 _ARRAYS = {"ae": (AETitle, "title"), "source": (Source, None), "destination": (Destination, "name")}
 
 
@@ -88,6 +96,9 @@ def parse_config(doc: dict[str, Any], path: str = "<string>") -> Config:
 def cross_checks(config: Config) -> list[str]:
     """What one table says about another."""
     problems = S.check_listen_http(config.listen, config.http)
+    problems += S.check_listen_dicomweb(config.listen, config.dicomweb, config.tls)
+    if config.dicomweb.ae and config.ae_named(config.dicomweb.ae) is None:
+        problems.append(f"dicomweb.ae: {config.dicomweb.ae!r} is not the title of any [[ae]]")
     pipelines = {p.name for p in config.pipeline}
     sources = {s.ae_title for s in config.source}
     destinations = {d.name for d in config.destination}

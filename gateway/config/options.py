@@ -6,9 +6,11 @@ raises :class:`Invalid` saying why not), whether a reload may apply it, and
 whether it is required.  The field's name is the TOML key, so one name
 serves from the file to the code.  :func:`parse_table` reads any such class;
 a class may add a ``validate(key)`` method for rules that span its fields,
-returning a list of problems, and a ``complete(key, problems)`` method that
-returns the finished object (for values derived from the file, such as the
-token read from ``http.token_file``).
+returning a list of problems (one about a key whose value was already
+refused is dropped: each key is named once), and a ``complete(key,
+problems)`` method that returns the finished object (for values derived
+from the file, such as the token read from ``http.token_file``:
+:func:`with_token`).
 
 Every problem is a string that starts with the dotted key it is about
 (``timeouts.artim``, ``ae[2].title``, ``pipeline.x.command``).
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any, Callable
 
 
@@ -70,6 +72,7 @@ def parse_table(cls, table: Any, key: str, problems: list[str]):
         table = {}
     table = dict(table)
     values = {}
+    refused = set()  # keys whose value was refused: validate does not name them again
     for name, opt in options(cls):
         if name not in table:
             if opt.required:
@@ -79,12 +82,13 @@ def parse_table(cls, table: Any, key: str, problems: list[str]):
             values[name] = opt.check(table.pop(name))
         except Invalid as e:
             problems.append(f"{key}.{name}{e.where}: {e}")
+            refused.add(f"{key}.{name}")
     problems.extend(f"{key}.{name}: unknown key" for name in sorted(table))
     if any(opt.required and name not in values for name, opt in options(cls)):
         return None
     obj = cls(**values)
     if hasattr(obj, "validate"):
-        problems.extend(obj.validate(key))
+        problems.extend(p for p in obj.validate(key) if p.partition(":")[0] not in refused)
     if hasattr(obj, "complete"):
         obj = obj.complete(key, problems)
     return obj
@@ -160,6 +164,27 @@ def changes(old, new, prefix: str = "") -> list[tuple[str, bool]]:
         else:
             out.append((key, True))
     return out
+
+
+def with_token(table, key: str, problems: list[str], minimum: int = 16):
+    """``table`` with its ``token`` read from its ``token_file`` (blocking:
+    configuration is read off the reactor thread), stripped; a file that
+    cannot be read, or holds less than ``minimum`` characters, is a
+    problem of ``key.token_file``."""
+    path = table.token_file
+    if not path:
+        return table
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else e
+        problems.append(f"{key}.token_file: cannot read {path!r}: {why}")
+        return table
+    if len(token) < minimum:
+        problems.append(f"{key}.token_file: {path!r} is empty" if minimum <= 1 else
+                        f"{key}.token_file: the token in {path!r} is shorter than {minimum} characters")
+    return replace(table, token=token)
 
 
 # ---- checks: each takes the TOML value and returns the field's value ------

@@ -9,7 +9,7 @@ value until then.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from gateway import IMPLEMENTATION_VERSION_NAME
 from gateway.config.options import (
@@ -25,6 +25,7 @@ from gateway.config.options import (
     option,
     strings,
     text,
+    with_token,
 )
 
 TLS_PROFILES = ("bcp195", "bcp195-nd", "bcp195-ex")
@@ -56,6 +57,7 @@ class Listen:
     dicom: str = option("tcp:11112", endpoint, reload=False)
     dicom_tls: str | None = option(None, endpoint, reload=False)  # absent: no TLS port
     http: str = option("", endpoint, reload=False)  # "": no management API
+    dicomweb: str = option("", endpoint, reload=False)  # "": no DICOMweb (STOW-RS) server
 
     def validate(self, key):
         if self.dicom_tls is not None and not self.dicom_tls.strip():
@@ -117,18 +119,28 @@ class HTTP:
     token: str = field(default="", repr=False)  # read from token_file
 
     def complete(self, key, problems):
-        if not self.token_file:
-            return self
-        try:
-            with open(self.token_file, encoding="utf-8") as f:
-                token = f.read().strip()
-        except (OSError, UnicodeDecodeError) as e:
-            problems.append(f"{key}.token_file: cannot read {self.token_file!r}: "
-                            f"{getattr(e, 'strerror', None) or e}")
-            return self
-        if len(token) < 16:
-            problems.append(f"{key}.token_file: the token in {self.token_file!r} is shorter than 16 characters")
-        return replace(self, token=token)
+        return with_token(self, key, problems)
+
+
+GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class DicomWeb:
+    """``[dicomweb]``: the STOW-RS server on ``listen.dicomweb`` (gateway.ingest.stow_web)."""
+
+    ae: str = option("", text(), reload=True)  # the [[ae]] of plain /dicomweb/studies; "": the first
+    tls: bool = option(False, boolean, reload=False)  # TLS on the listener, with the [tls] files and rules
+    token_file: str = option("", text(), reload=True)  # every request needs this bearer token
+    max_request_bytes: int = option(8 * GIB, integer(1 << 10, 1 << 40), reload=True)
+    max_parts: int = option(10000, integer(1, 1_000_000), reload=True)
+    # Seconds for the request headers, and for each PROGRESS_BYTES of a body;
+    # also the idle time of a keep-alive connection (new connections).
+    timeout: float = option(60.0, number(1, 3600), reload=True)
+    token: str = field(default="", repr=False)  # read from token_file
+
+    def complete(self, key, problems):
+        return with_token(self, key, problems)
 
 
 @dataclass(frozen=True)
@@ -150,3 +162,16 @@ def check_listen_http(listen: Listen, http: HTTP) -> list[str]:
                 "bearer token"]
     return []
 
+
+def check_listen_dicomweb(listen: Listen, dicomweb: DicomWeb, tls: TLS) -> list[str]:
+    """A DICOMweb server reachable from elsewhere needs a token, or TLS that
+    requires client certificates."""
+    description = listen.dicomweb
+    if not description or dicomweb.token_file or (dicomweb.tls and tls.require_client_certificate):
+        return []
+    # Twisted's ssl: endpoint takes interface= as tcp: does.
+    plain = "tcp:" + description[4:] if description.lower().startswith("ssl:") else description
+    if is_loopback_endpoint(plain):
+        return []
+    return [f"listen.dicomweb: {description!r} is not loopback-only; set dicomweb.token_file (a bearer "
+            "token) or dicomweb.tls with tls.require_client_certificate"]

@@ -11,7 +11,8 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from gateway.config.options import (
     LOCAL_AE,
@@ -27,6 +28,7 @@ from gateway.config.options import (
     strings,
     text,
     uids,
+    with_token,
 )
 
 GROUPINGS = ("association", "patient", "study", "series")
@@ -87,31 +89,71 @@ _DESTINATION_AE = text(REMOTE_AE, "an AE title of 1 to 16 characters of the DICO
                        strip=" ", nonempty=True)
 
 
+def _base_url(value):
+    """A DICOMweb service's base URL (we POST to ``{url}/studies``), without a trailing "/"."""
+    url = text(nonempty=True)(value)
+    try:
+        parts = urlsplit(url)
+        parts.port  # raises ValueError for a port out of range
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or parts.query \
+            or parts.fragment or parts.username is not None:
+        raise Invalid(f"{url!r} is not an http:// or https:// base URL (no user, query or fragment)")
+    return url.rstrip("/")
+
+
 @dataclass(frozen=True)
 class Destination:
-    """``[[destination]]``: a Storage SCP we send to."""
+    """``[[destination]]``: a Storage SCP we send to (``ae_title``, ``host``,
+    ``port``), or a DICOMweb service we send to by STOW-RS (``dicomweb``)."""
 
-    name: str = option(check=text(NAME, "a name of 1 to 64 letters, digits or _-."), required=True)
-    ae_title: str = option(check=_DESTINATION_AE, required=True)
-    host: str = option(check=text(nonempty=True), required=True)
-    port: int = option(check=integer(1, 65535), required=True)
-    tls: bool = option(False, boolean)
-    ca_certificates: str | None = option(None, text())
-    certificate: str | None = option(None, text())
-    private_key: str | None = option(None, text())
+    name: str = option(check=text(NAME, "a name of 1 to 64 letters, digits or _-."), required=True, reload=True)
+    ae_title: str | None = option(None, _DESTINATION_AE, reload=True)
+    host: str | None = option(None, text(nonempty=True), reload=True)
+    port: int | None = option(None, integer(1, 65535), reload=True)
+    tls: bool = option(False, boolean, reload=True)
+    ca_certificates: str | None = option(None, text(), reload=True)
+    certificate: str | None = option(None, text(), reload=True)
+    private_key: str | None = option(None, text(), reload=True)
+    dicomweb: str | None = option(None, _base_url, reload=True)  # a STOW-RS base URL instead of host/port
+    token_file: str | None = option(None, text(), reload=True)  # dicomweb: "Authorization: Bearer" from it
+    token: str = field(default="", repr=False)  # read from token_file
+
+    @property
+    def https(self) -> bool:
+        return self.dicomweb is not None and self.dicomweb.startswith("https:")
+
+    @property
+    def server_host(self) -> str:
+        """The host we connect to, whose certificate TLS verifies."""
+        return self.host if self.dicomweb is None else urlsplit(self.dicomweb).hostname
 
     def validate(self, key):
         problems = []
+        if self.dicomweb is None:
+            problems += [f"{key}.{name}: required" for name, value in
+                         (("ae_title", self.ae_title), ("host", self.host), ("port", self.port)) if value is None]
+            if self.token_file is not None:
+                problems.append(f"{key}.token_file: only a dicomweb destination takes a token_file")
+        elif (self.ae_title, self.host, self.port) != (None, None, None) or self.tls:
+            problems.append(f"{key}: ae_title, host, port and tls are for DIMSE destinations; a dicomweb "
+                            "destination has its URL (https:// for TLS)")
         files = {"ca_certificates": self.ca_certificates, "certificate": self.certificate,
                  "private_key": self.private_key}
-        if any(files.values()) and not self.tls:
-            problems.append(f"{key}: ca_certificates, certificate and private_key need tls = true")
+        if any(files.values()) and not (self.tls or self.https):
+            problems.append(f"{key}: ca_certificates, certificate and private_key need "
+                            + ("an https:// dicomweb URL" if self.dicomweb else "tls = true"))
         for name, path in files.items():
             if path is not None and not os.path.isfile(path):
                 problems.append(f"{key}.{name}: {path!r} is not a readable file")
         if bool(self.certificate) != bool(self.private_key):
             problems.append(f"{key}: a client certificate needs both certificate and private_key")
         return problems
+
+    def complete(self, key, problems):
+        # A remote server's token: whatever it is, it is not ours to lengthen.
+        return with_token(self, key, problems, minimum=1)
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,8 @@
 """The configured destinations: connecting to them (plain or TLS) and C-ECHO.
 
+A DICOMweb destination is sent to by :mod:`gateway.export.dicomweb`
+instead; C-ECHO does not apply to it, and its echo says so.
+
 :class:`Destinations` implements :class:`~gateway.interfaces.IDestinations`
 for the export service, the API and ``dicomgw echo``.
 """
@@ -66,6 +69,11 @@ class Destinations:
     @defer.inlineCallbacks
     def _echo(self, name):
         result = {"destination": name, "ok": False, "rtt_ms": None, "reason": None}
+        if self.get(name).dicomweb is not None:
+            result["reason"] = "C-ECHO is a DIMSE service; this is a DICOMweb (STOW-RS) destination"
+            self.log.info("echo {destination}: {outcome}", event="echo", destination=name, ok=False,
+                          rtt_ms=None, reason=result["reason"], outcome=result["reason"])
+            return result
         try:
             assoc = yield self.connect(name, verification_contexts())
             started = self.reactor.seconds()

@@ -1,4 +1,4 @@
-"""Export: durable jobs that C-STORE Part 10 files to configured destinations.
+"""Export: durable jobs that send Part 10 files to configured destinations.
 
 - :class:`ExportStore` keeps jobs and per-file state in a database of their
   own (``exports.sqlite`` under the storage root, a
@@ -6,7 +6,10 @@
 - :class:`ExportService` implements :class:`~gateway.interfaces.IExportQueue`:
   it runs jobs, at most ``[scu] max_associations`` associations at once over
   all destinations and at most one per destination (so a destination that is
-  down never holds every slot), all files of a job over one association.
+  down never holds every slot), all files of a job over one association (a
+  DIMSE destination) or one keep-alive connection (a DICOMweb destination,
+  by STOW-RS: :mod:`gateway.export.dicomweb`).  Both kinds share the jobs,
+  the retries and the per-file statuses; only the sending differs.
 
 A job tries every file that has not been sent yet.  Files the destination
 answered with a failure status, and files that could not be tried because
@@ -31,6 +34,7 @@ from zope.interface import implementer
 
 from gateway.dimse import commands as C
 from gateway.export.destinations import Destinations
+from gateway.export.dicomweb import StowClient
 from gateway.export.scu import MAX_CONTEXTS, ContextNotAccepted, SCUError
 from gateway.interfaces import IExportQueue, IReconfigurable
 from gateway.part10 import read_meta
@@ -396,7 +400,8 @@ class ExportService(Service):
             await self._finish(job_id, name, attempt, "destination no longer configured")
             return
 
-        # Headers first (in a thread): they give the presentation contexts.
+        # Headers first (in a thread): they give the presentation contexts
+        # and the SOP Instance UIDs, and say which files cannot be sent at all.
         sendable = []
         for f in files:
             try:
@@ -404,9 +409,20 @@ class ExportService(Service):
                 sendable.append(f)
             except (OSError, ValueError) as e:
                 await self._file_result(job_id, name, f, "failed", None, f"cannot read: {e}", attempt)
-        # One association for the job, unless its files need more
-        # presentation contexts than one association can carry: then one
-        # association per batch of contexts, one after the other.
+
+        def record(f, state, status, reason):
+            return self._file_result(job_id, name, f, state, status, reason, attempt, f["header"][1])
+
+        dest = self.config.destination_named(name)
+        send = self._send_stow if dest is not None and dest.dicomweb is not None else self._send_dimse
+        reason = await send(name, dest, sendable, record)
+        await self._finish(job_id, name, attempt, reason)
+
+    async def _send_dimse(self, name, dest, sendable, record):
+        """C-STORE the files over one association, unless they need more
+        presentation contexts than one association can carry: then one
+        association per batch of contexts, one after the other.  Returns
+        why the last attempt failed as a whole, or None."""
         contexts = list(dict.fromkeys((f["header"][0], f["header"][2]) for f in sendable))
         batches = [contexts[i:i + MAX_CONTEXTS] for i in range(0, len(contexts), MAX_CONTEXTS)]
         reason = None
@@ -421,42 +437,51 @@ class ExportService(Service):
                 later = set().union(*batches[n:])
                 for f in sendable:
                     if (f["header"][0], f["header"][2]) in later:
-                        await self._file_result(job_id, name, f, "retry", None, reason, attempt)
+                        await record(f, "retry", None, reason)
                 break
             self._assocs[name] = assoc
             try:
-                reason = await self._send_files(assoc, job_id, name, files, attempt) or reason
+                reason = await self._send_files(assoc, files, record) or reason
             finally:
                 self._assocs.pop(name, None)
                 await assoc.release()
             if self._stopping:
                 break
-        await self._finish(job_id, name, attempt, reason)
+        return reason
 
-    async def _send_files(self, assoc, job_id, name, files, attempt):
+    async def _send_files(self, assoc, files, record):
         for i, f in enumerate(files):
             sop_class, sop_instance, ts, offset, size = f["header"]
             try:
                 rsp = await assoc.store(f["path"], offset, size, sop_class, sop_instance, ts)
             except ContextNotAccepted as e:
-                await self._file_result(job_id, name, f, "failed", None, str(e), attempt, sop_instance)
+                await record(f, "failed", None, str(e))
                 continue
             except OSError as e:
-                await self._file_result(job_id, name, f, "retry", None, f"cannot read: {e}", attempt, sop_instance)
+                await record(f, "retry", None, f"cannot read: {e}")
                 return f"cannot read {f['path']}"
             except SCUError as e:
                 # The association is gone: this file and the rest wait for
                 # the next attempt.
                 for g in files[i:]:
-                    await self._file_result(job_id, name, g, "retry", None, str(e), attempt, g["header"][1])
+                    await record(g, "retry", None, str(e))
                 return str(e)
             status = rsp.status if rsp.status is not None else 0xFFFF
             if status_ok(status):
-                await self._file_result(job_id, name, f, "sent", status, rsp.error_comment, attempt, sop_instance)
+                await record(f, "sent", status, rsp.error_comment)
             else:
                 why = f"destination answered 0x{status:04X}" + (f": {rsp.error_comment}" if rsp.error_comment else "")
-                await self._file_result(job_id, name, f, "retry", status, why, attempt, sop_instance)
+                await record(f, "retry", status, why)
         return None
+
+    async def _send_stow(self, name, dest, sendable, record):
+        """POST the files to a DICOMweb destination (:mod:`gateway.export.dicomweb`)."""
+        client = StowClient(dest, self.config, self.reactor, self.read_pool)
+        self._assocs[name] = client  # stopService aborts it as it does an association
+        try:
+            return await client.send(sendable, record)
+        finally:
+            self._assocs.pop(name, None)
 
     async def _file_result(self, job_id, name, f, state, status, reason, attempt, sop_instance=None):
         retries = self.config.scu.retries

@@ -123,3 +123,13 @@ def negotiate(ae, pc: P.PresentationContextRQ) -> tuple[int, str]:
         if is_valid_uid(ts) and (allowed is None or ts in allowed):
             return P.PC_ACCEPTANCE, ts
     return P.PC_TRANSFER_SYNTAXES_NOT_SUPPORTED, pc.transfer_syntaxes[0]
+
+
+def instance_result(ae, sop_class: str, transfer_syntax: str) -> int:
+    """The presentation context result :func:`negotiate` gives an instance
+    of ``sop_class`` in ``transfer_syntax``: instances that arrive without
+    negotiation (DICOMweb) are held to the same rules.  Verification is a
+    service, not an instance."""
+    if sop_class == VERIFICATION:
+        return P.PC_ABSTRACT_SYNTAX_NOT_SUPPORTED
+    return negotiate(ae, P.PresentationContextRQ(1, sop_class, (transfer_syntax,)))[0]

@@ -33,7 +33,7 @@ from gateway.dimse import commands as C
 from gateway.dimse.message import DataFragment
 from gateway.dimse.sop import is_valid_uid
 from gateway.dimse.user import DIMSEUser
-from gateway.interfaces import IReconfigurable
+from gateway.interfaces import IIngest, IReconfigurable
 from gateway.net.protocol import DicomProtocol
 from gateway.ingest import policy
 from gateway.store.writer import StorageFull
@@ -48,8 +48,18 @@ LOW_WATER = 2 << 20
 _ids = itertools.count(1)
 
 
-def _new_association_id() -> str:
-    return f"{next(_ids):x}-{secrets.token_hex(3)}"
+def new_association_id(prefix: str = "") -> str:
+    """An id for an association (or what counts as one) unique in this run and unlikely across runs."""
+    return f"{prefix}{next(_ids):x}-{secrets.token_hex(3)}"
+
+
+def store_failure_status(error) -> int | None:
+    """The status for an instance its writer could not store: None when it
+    was discarded (its association went away), A700 when the disk is full
+    or failed, else 0110."""
+    if isinstance(error, ConnectionAbortedError):
+        return None
+    return C.OUT_OF_RESOURCES if isinstance(error, (StorageFull, OSError)) else C.PROCESSING_FAILURE
 
 
 @dataclass(frozen=True)
@@ -63,12 +73,13 @@ class AssociationInfo:
     started: float
 
 
-@implementer(IReconfigurable)
+@implementer(IReconfigurable, IIngest)
 class SCPService(Service):
     """Shared state of the SCP; one per running gateway (the service "scp").
 
     ``observers`` are the IInstanceStoredObserver providers told of every
-    instance, in order.
+    instance, in order.  As :class:`~gateway.interfaces.IIngest` it is also
+    what the other ways in (DICOMweb) store, refuse and observe through.
     """
 
     log = Logger()
@@ -180,7 +191,7 @@ class StoreSCP(DIMSEUser):
         self.tls_subject: str | None = None
         self.ae = None  # our AETitle config once accepted
         self.ignored = 0
-        self.id = _new_association_id()
+        self.id = new_association_id()
         self.started = service.reactor.seconds()
         self.calling_ae = ""
         self.called_ae = ""
@@ -381,9 +392,9 @@ class StoreSCP(DIMSEUser):
     def _store_failed(self, failure, slot, writer):
         self.writers.discard(writer)
         error = failure.value
-        if isinstance(error, ConnectionAbortedError):
+        status = store_failure_status(error)
+        if status is None:
             return None  # discarded because the association went away
-        status = C.OUT_OF_RESOURCES if isinstance(error, (StorageFull, OSError)) else C.PROCESSING_FAILURE
         if isinstance(error, StorageFull):
             self.service.storage_full(str(error))
         self.log.error(

@@ -151,7 +151,8 @@ def client_options(destination, tls, source: str = "<string>"):
     below TLS 1.2), its CA file when that exists (else the system's CAs),
     its certificate and key as our client certificate when those exist,
     unless the destination names its own.  The destination's host name or
-    IP address is verified against its certificate (service-identity).
+    IP address (``server_host``: its ``host``, or its ``dicomweb`` URL's)
+    is verified against its certificate (service-identity).
     """
     key = f"destination {destination.name!r}"
     ca_file, ca_key = destination.ca_certificates, f"{key} ca_certificates"
@@ -169,7 +170,7 @@ def client_options(destination, tls, source: str = "<string>"):
     if cert_file:
         client = ssl.PrivateCertificate.loadPEM(_read(cert_key, cert_file, source) + b"\n"
                                                 + _read(key_key, key_file, source))
-    return ssl.optionsForClientTLS(destination.host, trustRoot=trust, clientCertificate=client,
+    return ssl.optionsForClientTLS(destination.server_host, trustRoot=trust, clientCertificate=client,
                                    extraCertificateOptions={"raiseMinimumTo": MINIMUM_VERSION,
                                                             "acceptableCiphers": _ciphers(tls.profile)})
 
@@ -205,13 +206,13 @@ class ReloadableServerTLS:
 
         def swap(options):
             self.options, self.tls, self.source = options, tls, config.path
-            self.log.info("TLS port: new connections use the certificate from {certificate} "
+            self.log.info("TLS listeners: new connections use the certificate from {certificate} "
                           "(profile {profile})", event="tls.reloaded",
                           certificate=tls.certificate, profile=tls.profile)
 
         def keep(failure):
             problems = failure.value.problems if failure.check(ConfigError) else [str(failure.value)]
-            self.log.error("TLS port: the new [tls] settings were NOT applied; new connections keep "
+            self.log.error("TLS listeners: the new [tls] settings were NOT applied; new connections keep "
                            "the old certificate:\n{problem_text}", event="tls.reload_failed",
                            problems=problems, problem_text="\n".join(f"  - {p}" for p in problems))
 

@@ -48,9 +48,7 @@ def header_attributes(path: str, head: bytes | None = None, transfer_syntax: str
     place.
     """
     try:
-        attrs = None
-        if head is not None and transfer_syntax not in _NOT_LITTLE_ENDIAN:
-            attrs = _quick_header(head, transfer_syntax == sop.IMPLICIT_VR_LITTLE_ENDIAN, complete)
+        attrs = quick_attributes(head, transfer_syntax, complete) if head is not None else None
         if attrs is None:
             import pydicom
 
@@ -66,9 +64,14 @@ def header_attributes(path: str, head: bytes | None = None, transfer_syntax: str
 _PLAIN = re.compile(rb"[\x20-\x5b\x5d-\x7e]*")  # printable ASCII but the backslash (value separator)
 
 
-def _quick_header(head: bytes, implicit: bool, complete: bool) -> dict | None:
-    """The indexed attributes found in ``head``, or None when ``head`` does
-    not settle them (the caller has pydicom read the file instead)."""
+def quick_attributes(head, transfer_syntax: str, complete: bool) -> dict | None:
+    """The indexed attributes picked out of the first bytes of a data set
+    (all of it when ``complete``), or None when they do not settle them or
+    the data set is not little endian (:func:`header_attributes` then has
+    pydicom read the file).  Pure: it also serves before a file exists."""
+    if transfer_syntax in _NOT_LITTLE_ENDIAN:
+        return None
+    implicit = transfer_syntax == sop.IMPLICIT_VR_LITTLE_ENDIAN
     try:
         found = read_elements(head, implicit=implicit, last_tag=_LAST_HEADER_TAG,
                               wanted=_HEADER_TAG_NUMBERS, complete=complete)

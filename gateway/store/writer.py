@@ -49,9 +49,11 @@ from dataclasses import dataclass
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from gateway import IMPLEMENTATION_CLASS_UID
 from gateway.dimse.sop import is_valid_uid
+from gateway.interfaces import IInstanceStorage
 from gateway.part10 import file_meta
 from gateway.store.files import fsync_dir
 from gateway.store.header import header_attributes
@@ -386,6 +388,7 @@ class Spares:
         return deferToThreadPool(storage.reactor, storage.pool, remove)
 
 
+@implementer(IInstanceStorage)
 class Storage:
     """The storage root: hands out writers, owns the disk thread pool."""
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from twisted.trial import unittest
 
 from gateway.config import config_from_string
-from gateway.ingest.policy import check_association, matching_sources, negotiate
+from gateway.dimse import sop
+from gateway.ingest.policy import check_association, instance_result, matching_sources, negotiate
 from gateway import ul as P
 
 CONFIG = config_from_string('''
@@ -81,3 +82,21 @@ class PolicyTests(unittest.TestCase):
         self.assertEqual(negotiate(ae, pc(1, "1.2.840.10008.1.1", (IMPLICIT,))), (P.PC_ACCEPTANCE, IMPLICIT))
         # Without lists: the first proposed syntax, as before.
         self.assertEqual(negotiate(CONFIG.ae_named("GW"), pc(1, MR, (IMPLICIT, EXPLICIT))), (P.PC_ACCEPTANCE, IMPLICIT))
+
+
+class InstanceResultTests(unittest.TestCase):
+    """Instances that come without negotiation meet the presentation context rules."""
+
+    def test_the_rules_of_negotiation(self):
+        ct, mr = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4"
+        cfg = config_from_string(f'[[ae]]\ntitle = "ANY"\n[[ae]]\ntitle = "CT"\nallowed_sop_classes = ["{ct}"]\n'
+                                 '[[ae]]\ntitle = "EXPLICIT"\ntransfer_syntaxes = ["1.2.840.10008.1.2.1"]\n')
+        any_ae, ct_ae, explicit = cfg.ae
+        implicit = sop.IMPLICIT_VR_LITTLE_ENDIAN
+        self.assertEqual(instance_result(any_ae, mr, implicit), P.PC_ACCEPTANCE)
+        self.assertEqual(instance_result(ct_ae, mr, implicit), P.PC_ABSTRACT_SYNTAX_NOT_SUPPORTED)
+        self.assertEqual(instance_result(any_ae, sop.VERIFICATION, implicit), P.PC_ABSTRACT_SYNTAX_NOT_SUPPORTED)
+        self.assertEqual(instance_result(any_ae, "1.2.840.10008.5.1.4.1.2.2.1", implicit),
+                         P.PC_ABSTRACT_SYNTAX_NOT_SUPPORTED)  # a query/retrieve SOP class
+        self.assertEqual(instance_result(explicit, ct, implicit), P.PC_TRANSFER_SYNTAXES_NOT_SUPPORTED)
+        self.assertEqual(instance_result(explicit, ct, "1.2.840.10008.1.2.1"), P.PC_ACCEPTANCE)

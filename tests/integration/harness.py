@@ -65,6 +65,7 @@ def gateway_config(storage: str, extra: str = "", aes=("DICOMGW",), **sections) 
     [listen]
     dicom = "tcp:0:interface=127.0.0.1"
     {'dicom_tls = "tcp:0:interface=127.0.0.1"' if sections.get("tls_dir") else ""}
+    {f'dicomweb = "{sections["dicomweb"]}"' if sections.get("dicomweb") else ""}
 
     [timeouts]
     artim = {sections.get("artim", 5)}
@@ -104,6 +105,7 @@ class RunningGateway:
         self.service = service
         self.port = port.getHost().port
         self.tls_port = tls_port.getHost().port if tls_port is not None else None
+        self.web_port = None  # the DICOMweb port, when listen.dicomweb is set
         self.scp = service.getServiceNamed("scp")
 
     @property
@@ -128,7 +130,10 @@ def start_gateway(testcase, extra: str = "", aes=("DICOMGW",), storage=None, **s
     tls_port = None
     if sections.get("tls_dir"):
         tls_port = yield listening_port(service, "dicom_tls")
-    return RunningGateway(service, port, tls_port)
+    gateway = RunningGateway(service, port, tls_port)
+    if sections.get("dicomweb"):
+        gateway.web_port = (yield listening_port(service, "dicomweb")).getHost().port
+    return gateway
 
 
 def run(program: str, *args: str, env=None):

@@ -118,9 +118,22 @@ def require_orthanc():
     return path
 
 
+def require_orthanc_dicomweb() -> str:
+    """The path of Orthanc's DICOMweb plugin (Debian package orthanc-dicomweb)."""
+    for path in ("/usr/share/orthanc/plugins/libOrthancDicomWeb.so",
+                 "/usr/lib/orthanc/plugins/libOrthancDicomWeb.so"):
+        if os.path.exists(path):
+            return path
+    if IN_CI:
+        raise AssertionError("Orthanc's DICOMweb plugin is required in CI (apt-get install orthanc-dicomweb)")
+    raise SkipTest("orthanc-dicomweb not installed")
+
+
 @defer.inlineCallbacks
-def start_orthanc(testcase, directory, ae="ORTHANC"):
-    """Orthanc with its storage in ``directory``; returns (dicom port, http port)."""
+def start_orthanc(testcase, directory, ae="ORTHANC", extra=None):
+    """Orthanc with its storage in ``directory``; returns (dicom port, http port).
+
+    ``extra`` is merged into its JSON configuration (plugins, DicomWeb)."""
     program = require_orthanc()
     os.makedirs(directory, exist_ok=True)
     dicom, http = free_port(), free_port()
@@ -138,6 +151,7 @@ def start_orthanc(testcase, directory, ae="ORTHANC"):
         "StorageCompression": False,
         "OverwriteInstances": True,
     }
+    config.update(extra or {})
     path = os.path.join(directory, "orthanc.json")
     with open(path, "w") as f:
         json.dump(config, f)
