@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any, Callable
 
 
@@ -160,6 +160,13 @@ def changes(old, new, prefix: str = "") -> list[tuple[str, bool]]:
         else:
             out.append((key, True))
     return out
+
+
+def reloaded(running, new):
+    """Table ``new`` as a reload applies it to ``running``: the options only
+    a restart applies keep their running values."""
+    return replace(new, **{name: getattr(running, name) for name, opt in options(type(running))
+                           if not opt.reload})
 
 
 # ---- checks: each takes the TOML value and returns the field's value ------
