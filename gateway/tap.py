@@ -4,8 +4,8 @@
 with what it depends on, passed explicitly, and added to the root in the
 order it must start (the root stops them in the reverse order).  Services
 that others look up have names: ``scp``, ``payloads``, ``pipelines``,
-``export``, ``reload``, ``api``, and the listeners ``dicom``, ``dicom_tls``,
-``http``.
+``export``, ``messaging`` (with ``[messaging]`` on), ``reload``, ``api``,
+and the listeners ``dicom``, ``dicom_tls``, ``http``.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from gateway.export.jobs import ExportService
 from gateway.ingest.observers import check_observers, load_observers
 from gateway.ingest.scp import SCPService
 from gateway.interfaces import IReconfigurable
+from gateway.messaging.service import MessagingService
 from gateway.net.listener import Listener
 from gateway.net.tls import ReloadableServerTLS, server_options
 from gateway.ops.api import ApiService
@@ -147,7 +148,11 @@ def makeService(options, reactor=None) -> MultiService:
     # File reads for streaming share the disk pool.
     export = add(ExportService(config, reactor, pool))
     runner = add(PipelineRunner(config, db, storage, reactor, export))
-    payloads = add(PayloadService(config, storage, db, reactor, runner))
+    # [messaging] (off without a url): closed payloads are announced, export
+    # requests taken in; those it serves are given the list of it.
+    messaging = [add(MessagingService(config, storage.root, db, reactor, pool, export, export.destinations))
+                 ] if config.messaging.enabled else []
+    payloads = add(PayloadService(config, storage, db, reactor, runner, participants=messaging))
     scp = add(SCPService(config, storage, reactor, observers=[payloads, *load_observers(config)]))
     add(Listener("dicom", config.listen.dicom, scp.factory(), reactor))
     tls = None
@@ -156,7 +161,7 @@ def makeService(options, reactor=None) -> MultiService:
         factory = TLSMemoryBIOFactory(tls, False, scp.factory(tls=True))
         add(Listener("dicom_tls", config.listen.dicom_tls, factory, reactor))
     add(Watermark(scp, storage.root, reactor, pool))
-    add(Reclaimer(config, storage, db, reactor, export))
+    add(Reclaimer(config, storage, db, reactor, export, holds=messaging))
 
     metrics, recent = Metrics(), RecentAssociations()
     observers = [metrics, recent]
@@ -171,6 +176,6 @@ def makeService(options, reactor=None) -> MultiService:
     if config.listen.http:
         api = add(ApiService(config, root, reactor, pool, scp=scp, storage=storage, metrics=metrics,
                              recent=recent, exports=export, destinations=export.destinations,
-                             payloads=payloads))
+                             payloads=payloads, reports=messaging, degradations=messaging))
         add(Listener("http", config.listen.http, api.site(), reactor))
     return root
