@@ -82,7 +82,7 @@ class Delivery:
         self.routing_key = method.routing_key
         self.properties = properties
         self.body = body
-        self.message_id = getattr(properties, "message_id", None)
+        self.message_id = properties.message_id
         self.settled = None
 
     def _usable(self):
@@ -343,7 +343,7 @@ class Broker(Service):
 
 
 def _why(failure_or_exception) -> str:
-    value = getattr(failure_or_exception, "value", failure_or_exception)
+    value = failure_or_exception.value if isinstance(failure_or_exception, Failure) else failure_or_exception
     if value is None:
         return "closed"
     text = str(value) or type(value).__name__

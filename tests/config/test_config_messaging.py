@@ -13,6 +13,22 @@ from gateway.config import ConfigError, Messaging, config_from_string
 from gateway.ops.reload import changed_keys
 
 BASE = '[[ae]]\ntitle = "DICOMGW"\n'
+# Every key, none at its default.
+EVERY_KEY = textwrap.dedent('''
+    [messaging]
+    url = "amqps://u:p@broker.example.org/prod"
+    exchange = "ex"
+    bucket = "b"
+    workflow_request = "a.b"
+    export_complete = "c.d"
+    export_request_prefix = "e.f"
+    export_agents = ["one", "two"]
+    prefetch = 2
+    app_id = "gw2"
+    [[ae]]
+    title = "DICOMGW"
+    workflows = ["wf1", "wf2"]
+    ''')
 
 
 class MessagingConfigTests(unittest.TestCase):
@@ -31,22 +47,10 @@ class MessagingConfigTests(unittest.TestCase):
         self.assertEqual(m.safe_url(), "amqp://guest@127.0.0.1:5672/%2F")  # no password
 
     def test_every_key_and_workflows(self):
-        c = config_from_string(textwrap.dedent('''
-            [messaging]
-            url = "amqps://u:p@broker.example.org/prod"
-            exchange = "ex"
-            bucket = "b"
-            workflow_request = "a.b"
-            export_complete = "c.d"
-            export_request_prefix = "e.f"
-            export_agents = ["one", "two"]
-            prefetch = 2
-            [[ae]]
-            title = "DICOMGW"
-            workflows = ["wf1", "wf2"]
-            '''))
+        c = config_from_string(EVERY_KEY)
         self.assertEqual(c.messaging.export_agents, ("one", "two"))
-        self.assertEqual(c.messaging.prefetch, 2)
+        self.assertEqual((c.messaging.prefetch, c.messaging.app_id, c.messaging.export_queue("one")),
+                         (2, "gw2", "e.f.one"))
         self.assertEqual(c.ae_named("DICOMGW").workflows, ("wf1", "wf2"))
 
     def test_problems_name_their_keys(self):
@@ -73,25 +77,12 @@ class MessagingConfigTests(unittest.TestCase):
 
     def test_a_reload_applies_what_goes_into_each_message_and_says_restart_for_the_rest(self):
         old = config_from_string('[messaging]\nurl = "amqp://h/"\n' + BASE)
-        new = config_from_string(textwrap.dedent('''
-            [messaging]
-            url = "amqp://other/"
-            exchange = "ex2"
-            bucket = "b2"
-            workflow_request = "w.r"
-            export_complete = "e.c"
-            export_agents = ["a2"]
-            prefetch = 9
-            [[ae]]
-            title = "DICOMGW"
-            workflows = ["wf-new"]
-            '''))
-        changed, restart = changed_keys(old, new)
-        self.assertEqual(set(changed), {"messaging.url", "messaging.exchange", "messaging.bucket",
-                                        "messaging.workflow_request", "messaging.export_complete",
-                                        "messaging.export_agents", "messaging.prefetch", "ae"})
-        self.assertEqual(set(restart), {"messaging.url", "messaging.exchange", "messaging.export_agents",
-                                        "messaging.prefetch"})
+        changed, restart = changed_keys(old, config_from_string(EVERY_KEY))
+        restart_only = {"messaging.url", "messaging.exchange", "messaging.export_request_prefix",
+                        "messaging.export_agents", "messaging.prefetch", "messaging.app_id"}
+        self.assertEqual(set(restart), restart_only)
+        self.assertEqual(set(changed), restart_only | {"messaging.bucket", "messaging.workflow_request",
+                                                       "messaging.export_complete", "ae"})
 
     def test_what_a_reload_applies_to_a_running_table(self):
         from gateway.config.options import reloaded

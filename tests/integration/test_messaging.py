@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sqlite3
 import uuid
 
 import pydicom
 from twisted.internet import defer
-from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
 from gateway.config import config_from_string
@@ -28,7 +26,7 @@ from tests.integration.peers import start_storescp
 from tests.integration.rabbit import URL as rabbit_url
 from tests.integration.rabbit import Relay, ThrowawayBroker, sleep
 from tests.integration.test_export_peers import received_by_uid
-from tests.integration.test_payloads import pynetdicom_send, query, toml_list, wait_for
+from tests.integration.test_payloads import Events, query, toml_list, wait_for
 
 
 def ae_table(title="DICOMGW", grouping="study", timeout=0.5, workflows=("wf-1",), pipelines=()):
@@ -68,16 +66,6 @@ def uids(paths):
 
 def outbox(gw):
     return query(gw, "SELECT state, COUNT(*) FROM outbox GROUP BY state")
-
-
-class Events:
-    def __init__(self, testcase):
-        self.events = []
-        globalLogPublisher.addObserver(self.events.append)
-        testcase.addCleanup(globalLogPublisher.removeObserver, self.events.append)
-
-    def named(self, name):
-        return [e for e in self.events if e.get("event") == name]
 
 
 @defer.inlineCallbacks
@@ -240,40 +228,9 @@ class WorkflowRequestTests(unittest.TestCase):
         self.assertEqual([p.message_id for p, _b in got], recorded)
 
 
-class KillTests(unittest.TestCase):
-    timeout = 120
-
-    def setUp(self):
-        self.workdir = os.path.abspath(self.mktemp())
-        os.makedirs(self.workdir)
-        self.procs = []
-
-    def tearDown(self):
-        for proc in self.procs:
-            if proc.poll() is None:
-                tw._stop(proc)
-
-    @defer.inlineCallbacks
+class KillTests(tw.DaemonCase):
     def spawn(self, url, broker):
-        self.port = free_port()
-        text = gateway_config("var/dicomgw", aes=(), fsync=True).replace(
-            "tcp:0:interface=127.0.0.1", f"tcp:{self.port}:interface=127.0.0.1")
-        text += "\n" + broker.settings(url=url) + ae_table(timeout=0.3)
-        with open(os.path.join(self.workdir, "dicomgw.toml"), "w") as f:
-            f.write(text)
-        proc = tw._spawn(self.workdir, os.path.join(self.workdir, f"twistd{len(self.procs)}.log"))
-        self.procs.append(proc)
-        yield tw._wait_for_port(self.port)
-        return proc
-
-    def query(self, sql):
-        conn = sqlite3.connect(os.path.join(self.workdir, "var", "dicomgw", "dicomgw.sqlite"))
-        try:
-            return conn.execute(sql).fetchall()
-        except sqlite3.OperationalError:
-            return None  # not there yet
-        finally:
-            conn.close()
+        return self.launch(self.daemon_config() + "\n" + broker.settings(url=url) + ae_table(timeout=0.3))
 
     @defer.inlineCallbacks
     def test_kill_9_with_an_unsent_request_then_restart(self):
@@ -285,10 +242,9 @@ class KillTests(unittest.TestCase):
         self.assertEqual(code, 0, err)
         yield wait_for(lambda: self.query("SELECT state FROM outbox") == [("waiting",)], what="request waiting")
         [(message_id,)] = self.query("SELECT message_id FROM outbox")
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
+        self.kill(proc)
 
-        yield self.spawn(f"amqp://guest:guest@127.0.0.1:5672/%2F", broker)
+        yield self.spawn(rabbit_url, broker)
         got = yield broker.collect("md.workflow.request", 1, timeout=30, settle=1.0)
         self.assertEqual([p.message_id for p, _b in got], [message_id])
         self.assertEqual(got[0][1]["file_count"], 2)
