@@ -81,8 +81,8 @@ class MessagingService(MultiService):
         self.broker.when_connected(self.outbox.kick)
         self.handler = None
         if exports is not None and destinations is not None:
-            self.handler = ExportRequestHandler(self.settings, self.storage_root, db, exports, destinations, self.outbox,
-                                                reactor, pool)
+            self.handler = ExportRequestHandler(self.settings, self.storage_root, db, exports, destinations,
+                                                self.outbox, reactor, pool)
             for agent in self.settings.export_agents:
                 queue = self.settings.export_queue(agent)
                 self.broker.consume(queue, queue, self.handler)
