@@ -23,7 +23,7 @@ from gateway.export.jobs import ExportService
 from gateway.ingest.observers import check_observers, load_observers
 from gateway.ingest.scp import SCPService
 from gateway.interfaces import IReconfigurable
-from gateway.messaging.service import MessagingService
+from gateway.messaging.service import MessagingService, broker_tls
 from gateway.net.listener import Listener
 from gateway.net.tls import ReloadableServerTLS, server_options
 from gateway.ops.api import ApiService
@@ -59,7 +59,8 @@ class Options(usage.Options):
 
 
 def load_config_and_certificates(path):
-    """Load a config and, when it has a TLS port, check its certificate files.
+    """Load a config and check the certificate files of its TLS port and of
+    its message broker, if it has them.
 
     Runs off the reactor thread on reload: a config naming certificates that
     cannot be read or do not match is as invalid as a bad key.
@@ -67,6 +68,8 @@ def load_config_and_certificates(path):
     config = load_config(path)
     if config.listen.dicom_tls is not None:
         server_options(config.tls, config.path)
+    if config.messaging.enabled:
+        broker_tls(config.messaging, config.path)
     return config
 
 

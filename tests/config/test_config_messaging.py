@@ -108,6 +108,21 @@ class MessagingConfigTests(unittest.TestCase):
             self.assertTrue(e.exception.problems[0].startswith("messaging.ca_certificates:"))
             self.assertIn(why, e.exception.problems[0])
 
+    def test_a_ca_file_without_a_certificate_is_refused_before_start(self):
+        from twisted.python import usage
+
+        from gateway.tap import Options
+
+        pem, path = os.path.abspath(self.mktemp()), os.path.abspath(self.mktemp())
+        with open(pem, "w") as f:
+            f.write("not a certificate")
+        with open(path, "w") as f:
+            f.write(f'[messaging]\nurl = "amqps://h/"\nca_certificates = "{pem}"\n' + BASE)
+        with self.assertRaises(usage.UsageError) as e:
+            Options().parseOptions(["--config", path])
+        self.assertIn("messaging.ca_certificates", str(e.exception))
+        self.assertIn("no PEM certificate", str(e.exception))
+
     def test_check_config_validates_without_connecting(self):
         path = os.path.abspath(self.mktemp())
         # Port 1 on loopback: nothing listens, and nothing must try.
