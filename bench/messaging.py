@@ -175,6 +175,19 @@ def scale(workdir, studies, per_study, log):
             "send_seconds": seconds, "all_requests_seconds": total}
 
 
+def _shown(argv):
+    """The arguments that say what was measured (not where files went)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--out", "--workdir"):
+            skip = True
+        elif not arg.startswith(("--out=", "--workdir=")):
+            out.append(arg)
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=3)
@@ -194,7 +207,8 @@ def main(argv=None):
                 and result["files_in_requests"] == result["instances"] and not result["failed_associations"])
     lines = [
         f"# Messaging benchmark ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})", "",
-        f"`python -m bench.messaging {' '.join(argv if argv is not None else sys.argv[1:])}`".replace(" `", "`"),
+        f"`python -m bench.messaging {' '.join(_shown(argv if argv is not None else sys.argv[1:]))}`"
+        .replace(" `", "`"),
         "",
         "| measure | messaging off | messaging on | ratio / result | target |",
         "|---|---|---|---|---|",
