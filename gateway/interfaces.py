@@ -41,6 +41,13 @@ events, so no service needs to know about either.  Names in use:
                          ``retry``, ``failed``), reason, duration, outputs
 ``export.submitted``     payload, pipeline, job, destinations, files, export_jobs
 ``reclaimer.freed``      payloads, instances, bytes
+``messaging.broker``     state (``connected``, ``disconnected``), url (no password),
+                         reason, retry (seconds): logged once per change of state
+``messaging.published``  type, message_id, routing_key (debug): handed to the broker
+``messaging.confirmed``  type, message_id, routing_key, payload: the broker confirmed it
+``messaging.recorded``   type, message_id, payload: a message waits in the outbox
+``export_request``       outcome (``exported``, ``rejected``, ``duplicate``), key
+                         (export task id), message_id, status, reason, files
 =======================  ==========================================================
 
 A DICOMweb STOW-RS request counts as one association: its instances log
@@ -227,6 +234,15 @@ class IExportQueue(Interface):
         """Deferred firing with one job as a dict, with ``file_statuses``
         (path, state, DIMSE status, attempts, reason), or None."""
 
+    def wait(job_id):
+        """Deferred firing with the job's final state (``done``,
+        ``partially_failed``, ``failed``) once it has one."""
+
+    def find(origin):
+        """Deferred firing with the ids of the jobs submitted with this
+        ``origin``, oldest first (so a submitter can tell, after a crash,
+        whether its submission went in)."""
+
 
 class IDestinations(Interface):
     """The configured DICOM destinations (Storage SCPs we send to)."""
@@ -275,4 +291,74 @@ class IHealthCheck(Interface):
     (``GET /health`` answers 503 with these reasons)."""
 
     def health_problems():
+        """A list of short strings; empty when this service is fine."""
+
+
+class IPayloadCloseParticipant(Interface):
+    """Takes part in closing a payload (the message broker's outbox does).
+
+    :class:`gateway.workflow.payloads.PayloadService` is given these when it
+    is made and calls them for every payload it closes.  While it has one,
+    every AE title forms payloads, with or without pipelines.
+    """
+
+    def close_transaction(conn, payload_id, now):
+        """Run inside the database transaction that closes the payload (on
+        the database thread; ``conn`` is the index database connection; the
+        payload's instance rows already have their final paths).  Return
+        True to keep a payload without pipeline jobs ``closed`` (it is not
+        ``done`` yet: the participant finishes it)."""
+
+    def payload_closed(payload_id):
+        """The closing transaction has committed (reactor thread)."""
+
+
+class IPayloadHold(Interface):
+    """Keeps the reclaimer off payloads it still needs (the outbox keeps
+    those whose workflow request the broker has not confirmed)."""
+
+    def held_payloads(conn, payload_ids):
+        """Run inside the reclaimer's transaction that picks what to remove
+        (database thread, the index database): the ids among
+        ``payload_ids`` to keep for now, as a set."""
+
+
+class IMessageBroker(Interface):
+    """A connection to a message broker that reconnects by itself."""
+
+    connected = Attribute("True while messages can be published")
+
+    def publish(message):
+        """Publish a :class:`gateway.messaging.monai.Message`: Deferred firing
+        once the broker confirmed it, failing when it refused it or the
+        connection went away first."""
+
+    def consume(queue, routing_key, handler):
+        """Declare ``queue`` (durable) bound to the exchange with
+        ``routing_key`` at every connection, and call ``handler(delivery)``
+        for each message (:class:`gateway.messaging.broker.Delivery`)."""
+
+    def when_connected(callback):
+        """Call ``callback()`` every time the connection is (re)established."""
+
+    def state():
+        """A dict: state, url (without password), since, reason, exchange."""
+
+
+class IStatusReport(Interface):
+    """A service that adds a section to ``GET /status`` and gauges to
+    ``GET /metrics`` (the API is given these when it is made)."""
+
+    def status_report():
+        """Deferred firing with ``(name, dict)``: the section of /status."""
+
+    def metric_gauges():
+        """Deferred firing with a list of ``(name, help, [(labels, value)])``."""
+
+
+class IDegradation(Interface):
+    """A service that can say why the gateway works, but not fully
+    (``GET /health`` stays 200 and says ``degraded``)."""
+
+    def degraded_reasons():
         """A list of short strings; empty when this service is fine."""

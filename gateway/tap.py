@@ -4,8 +4,8 @@
 with what it depends on, passed explicitly, and added to the root in the
 order it must start (the root stops them in the reverse order).  Services
 that others look up have names: ``scp``, ``stow``, ``payloads``,
-``pipelines``, ``export``, ``reload``, ``api``, and the listeners ``dicom``,
-``dicom_tls``, ``dicomweb``, ``http``.
+``pipelines``, ``export``, ``messaging`` (with ``[messaging]`` on), ``reload``,
+``api``, and the listeners ``dicom``, ``dicom_tls``, ``dicomweb``, ``http``.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from gateway.ingest.observers import check_observers, load_observers
 from gateway.ingest.scp import SCPService
 from gateway.ingest.stow_web import StowService
 from gateway.interfaces import IReconfigurable
+from gateway.messaging.service import MessagingService, broker_tls
 from gateway.net.listener import Listener
 from gateway.net.tls import ReloadableServerTLS, server_options
 from gateway.ops.api import ApiService
@@ -59,7 +60,8 @@ class Options(usage.Options):
 
 
 def load_config_and_certificates(path):
-    """Load a config and, when it has a TLS port, check its certificate files.
+    """Load a config and check the certificate files of its TLS port and of
+    its message broker, if it has them.
 
     Runs off the reactor thread on reload: a config naming certificates that
     cannot be read or do not match is as invalid as a bad key.
@@ -67,6 +69,8 @@ def load_config_and_certificates(path):
     config = load_config(path)
     if serves_tls(config):
         server_options(config.tls, config.path)
+    if config.messaging.enabled:
+        broker_tls(config.messaging, config.path)
     return config
 
 
@@ -154,7 +158,11 @@ def makeService(options, reactor=None) -> MultiService:
     # File reads for streaming share the disk pool.
     export = add(ExportService(config, reactor, pool, reserve=storage.reserve))
     runner = add(PipelineRunner(config, db, storage, reactor, export))
-    payloads = add(PayloadService(config, storage, db, reactor, runner))
+    # [messaging] (off without a url): closed payloads are announced, export
+    # requests taken in; those it serves are given the list of it.
+    messaging = [add(MessagingService(config, storage.root, db, reactor, pool, export, export.destinations))
+                 ] if config.messaging.enabled else []
+    payloads = add(PayloadService(config, storage, db, reactor, runner, participants=messaging))
     scp = add(SCPService(config, storage, reactor, observers=[payloads, *load_observers(config)]))
     stow = None
     if config.listen.dicomweb:
@@ -172,7 +180,7 @@ def makeService(options, reactor=None) -> MultiService:
         factory = TLSMemoryBIOFactory(tls, False, site) if config.dicomweb.tls else site
         add(Listener("dicomweb", config.listen.dicomweb, factory, reactor))
     add(Watermark(scp, storage.root, reactor, pool, reserve=storage.reserve))
-    add(Reclaimer(config, storage, db, reactor, export))
+    add(Reclaimer(config, storage, db, reactor, export, holds=messaging))
 
     metrics, recent = Metrics(), RecentAssociations()
     observers = [metrics, recent]
@@ -187,6 +195,6 @@ def makeService(options, reactor=None) -> MultiService:
     if config.listen.http:
         api = add(ApiService(config, root, reactor, pool, scp=scp, storage=storage, metrics=metrics,
                              recent=recent, exports=export, destinations=export.destinations,
-                             payloads=payloads))
+                             payloads=payloads, reports=messaging, degradations=messaging))
         add(Listener("http", config.listen.http, api.site(), reactor))
     return root

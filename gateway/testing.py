@@ -14,6 +14,9 @@ from gateway.interfaces import (
     IExportQueue,
     IInstanceStorage,
     IInstanceStoredObserver,
+    IMessageBroker,
+    IPayloadCloseParticipant,
+    IPayloadHold,
     IPayloadQuery,
 )
 from gateway.dimse.sop import is_valid_uid
@@ -147,6 +150,26 @@ class FakeExportQueue:
                 return succeed(dict(j))
         return succeed(None)
 
+    def wait(self, job_id):
+        """Fires at once with the job's state: a fake job never runs."""
+        for j in self._jobs:
+            if j["id"] == job_id:
+                return succeed(j["state"])
+        return fail(KeyError(job_id))
+
+    def find(self, origin):
+        return succeed([j["id"] for j in self._jobs if j["origin"] == origin])
+
+    def finish(self, job_id, statuses):
+        """Give a job its outcome: ``statuses`` maps path -> (state, reason)."""
+        for j in self._jobs:
+            if j["id"] == job_id:
+                for f in j["file_statuses"]:
+                    f["state"], f["reason"] = statuses.get(f["path"], ("sent", None))
+                j["done"] = sum(f["state"] == "sent" for f in j["file_statuses"])
+                j["failed"] = len(j["file_statuses"]) - j["done"]
+                j["state"] = "done" if not j["failed"] else "failed"
+
 
 @implementer(IDestinations)
 class FakeDestinations:
@@ -180,6 +203,86 @@ class FakePayloadQuery:
         return succeed(items[offset:offset + limit])
 
 
+@implementer(IMessageBroker)
+class FakeMessageBroker:
+    """A broker in memory.  ``published`` lists every message handed over;
+    each publish stays unconfirmed until the test calls :meth:`confirm` (or
+    :meth:`refuse`), or settles at once with ``auto_confirm``.  ``deliver``
+    hands a message to the consumer of a queue."""
+
+    def __init__(self, auto_confirm=True):
+        self.connected = True
+        self.auto_confirm = auto_confirm
+        self.published: list = []
+        self.pending: list = []  # (message, Deferred)
+        self.consumers: dict = {}
+        self.observers: list = []
+
+    def publish(self, message):
+        if not self.connected:
+            return fail(ConnectionError("not connected"))
+        self.published.append(message)
+        if self.auto_confirm:
+            return succeed(None)
+        d = Deferred()
+        self.pending.append((message, d))
+        return d
+
+    def confirm(self, count=None):
+        batch, self.pending = self.pending[:count], self.pending[count:] if count is not None else []
+        for _m, d in batch:
+            d.callback(None)
+
+    def refuse(self, why="nack"):
+        batch, self.pending = self.pending, []
+        for _m, d in batch:
+            d.errback(RuntimeError(why))
+
+    def disconnect(self):
+        self.connected = False
+        self.refuse("connection lost")
+
+    def reconnect(self):
+        self.connected = True
+        for callback in list(self.observers):
+            callback()
+
+    def consume(self, queue, routing_key, handler):
+        self.consumers[queue] = handler
+
+    def when_connected(self, callback):
+        self.observers.append(callback)
+
+    def state(self):
+        return {"state": "connected" if self.connected else "disconnected", "url": "amqp://fake/",
+                "since": 0.0, "reason": None, "exchange": "fake"}
+
+    def deliver(self, queue, body, message_id=None):
+        """Hand ``body`` to the queue's consumer; returns (the FakeDelivery, what the handler returned)."""
+        delivery = FakeDelivery(body, message_id, queue)
+        return delivery, self.consumers[queue](delivery)
+
+
+class FakeDelivery:
+    """What a consumer is handed; records how it was settled."""
+
+    def __init__(self, body, message_id=None, routing_key="q"):
+        self.body = body
+        self.message_id = message_id
+        self.routing_key = routing_key
+        self.redelivered = False
+        self.settled = None
+
+    def ack(self):
+        self.settled = self.settled or "ack"
+
+    def reject(self):
+        self.settled = self.settled or "reject"
+
+    def requeue(self):
+        self.settled = self.settled or "requeue"
+
+
 # ---- payloads and pipelines -----------------------------------------------------
 
 
@@ -200,6 +303,35 @@ class RecordingObserver:
 
     def association_ended(self, association, result):
         self.ended.append((association, result))
+
+
+@implementer(IPayloadCloseParticipant, IPayloadHold)
+class RecordingParticipant:
+    """Takes part in closing payloads, as the message broker's outbox does:
+    records what it sees, and (with ``hold``) keeps each payload ``closed``
+    and away from the reclaimer until :meth:`release`."""
+
+    def __init__(self, hold=True):
+        self.hold = hold
+        self.in_transaction: list = []  # (payload id, its state as the closing transaction sees it)
+        self.closed: list = []  # payload ids, once their closing committed
+        self.held: set = set()
+
+    def close_transaction(self, conn, payload_id, now):
+        row = conn.execute("SELECT state FROM payloads WHERE id = ?", (payload_id,)).fetchone()
+        self.in_transaction.append((payload_id, row[0] if row else None))
+        if self.hold:
+            self.held.add(payload_id)
+        return self.hold
+
+    def payload_closed(self, payload_id):
+        self.closed.append(payload_id)
+
+    def held_payloads(self, conn, payload_ids):
+        return {p for p in payload_ids if p in self.held}
+
+    def release(self, payload_id):
+        self.held.discard(payload_id)
 
 
 def partial_files(tmp_dir: str) -> list[str]:

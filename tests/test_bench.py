@@ -149,3 +149,21 @@ class QuickRunTests(unittest.TestCase):
         # generated data stay in a given work directory.
         self.assertFalse(os.path.exists(os.path.join(workdir, RUNS)))
         self.assertTrue(os.listdir(os.path.join(workdir, "data")))
+
+
+class MessagingBenchTests(unittest.TestCase):
+    timeout = 180
+
+    def test_messaging_bench_runs_end_to_end(self):
+        from bench import messaging
+        from tests.integration.rabbit import require_rabbitmq
+
+        require_program("storescu")
+        require_rabbitmq()
+        out = os.path.abspath(self.mktemp())
+        code = messaging.main(["--reps", "1", "--ct", "3", "--studies", "3", "--per-study", "2",
+                               "--workdir", os.path.abspath(self.mktemp()), "--out", out])
+        self.assertEqual(code, 0)
+        with open(os.path.join(out, "messaging.json")) as f:
+            scale = json.load(f)["scale"]
+        self.assertEqual((scale["requests"], scale["distinct_message_ids"], scale["files_in_requests"]), (3, 3, 6))

@@ -8,6 +8,7 @@ table row there and one line here.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 
@@ -22,6 +23,7 @@ from gateway.dimse import sop
 from gateway.export.scu import MAX_CONTEXTS, verification_contexts
 from gateway.ingest import policy
 from gateway.ingest.scp import SCPService, StoreSCP
+from gateway.messaging import monai
 from gateway.testing import FakeProvider
 from gateway import ul as P
 from gateway.ul.association import MAX_ASSOCIATION_PDU, MAX_UNLIMITED_PDATA
@@ -167,6 +169,13 @@ def _stow_facts() -> list[tuple[str, str]]:
         ("dicomweb.timeout", f"{DEFAULTS.dicomweb.timeout:g}"),
     ]
 
+def _trigger_service():
+    """The dataService of a workflow request, as the gateway builds one."""
+    message = monai.workflow_request({"id": "p", "created": 0}, [{"path": "/r/x.dcm"}],
+                                     [{"id": "a", "calling_ae": "A", "called_ae": "B"}], root="/r", bucket="b",
+                                     workflows=(), routing_key="k")
+    return json.loads(message.body)["trigger"]["dataService"]
+
 
 FACTS = [
     ("Product version", gateway.__version__),
@@ -238,6 +247,14 @@ FACTS = [
     ("scu.connect_timeout", f"{DEFAULTS.scu.connect_timeout:g}"),
     # DICOMweb STOW-RS.
     *_stow_facts(),
+
+    ("messaging.exchange", DEFAULTS.messaging.exchange),
+    ("messaging.workflow_request", DEFAULTS.messaging.workflow_request),
+    ("messaging.export_complete", DEFAULTS.messaging.export_complete),
+    ("messaging.export_request_prefix", DEFAULTS.messaging.export_request_prefix),
+    ("messaging.export_agents", ", ".join(DEFAULTS.messaging.export_agents)),
+    ("messaging.prefetch", str(DEFAULTS.messaging.prefetch)),
+    ("Workflow request dataService", _trigger_service()),
 ]
 
 # PS3.2 top-level layout, in order.

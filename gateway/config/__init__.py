@@ -21,12 +21,12 @@ from typing import Any
 
 from gateway.config import sections as S
 from gateway.config.options import ConfigError, changes, parse_array, parse_named, parse_table
-from gateway.config.sections import TLS_PROFILES
+from gateway.config.sections import TLS_PROFILES, Messaging
 from gateway.config.tables import GROUPINGS, AETitle, Destination, Pipeline, Source
 
 __all__ = ["Config", "ConfigError", "load_config", "config_from_string", "parse_config", "changes",
            "DEFAULT_CONFIG_PATH", "AETitle", "Destination", "Pipeline", "Source", "GROUPINGS",
-           "TLS_PROFILES"]
+           "TLS_PROFILES", "Messaging"]
 
 DEFAULT_CONFIG_PATH = "etc/dicomgw.toml"
 
@@ -43,6 +43,7 @@ class Config:
     http: S.HTTP = S.HTTP()
     dicomweb: S.DicomWeb = S.DicomWeb()
     scu: S.SCU = S.SCU()
+    messaging: S.Messaging = S.Messaging()
     ae: tuple[AETitle, ...] = (AETitle("DICOMGW"),)
     source: tuple[Source, ...] = ()
     destination: tuple[Destination, ...] = ()
@@ -69,7 +70,7 @@ class Config:
 #: The TOML tables, each with how it is read.
 _SECTIONS = {"gateway": S.Gateway, "listen": S.Listen, "tls": S.TLS, "timeouts": S.Timeouts,
              "storage": S.Storage, "reclaimer": S.Reclaimer, "notify": S.Notify, "http": S.HTTP,
-             "dicomweb": S.DicomWeb, "scu": S.SCU}
+             "dicomweb": S.DicomWeb, "scu": S.SCU, "messaging": S.Messaging}
 _ARRAYS = {"ae": (AETitle, "title"), "source": (Source, None), "destination": (Destination, "name")}
 
 

@@ -187,6 +187,13 @@ def with_token(table, key: str, problems: list[str], minimum: int = 16):
     return replace(table, token=token)
 
 
+def reloaded(running, new):
+    """Table ``new`` as a reload applies it to ``running``: the options only
+    a restart applies keep their running values."""
+    return replace(new, **{name: getattr(running, name) for name, opt in options(type(running))
+                           if not opt.reload})
+
+
 # ---- checks: each takes the TOML value and returns the field's value ------
 
 def _typed(value, types, what):

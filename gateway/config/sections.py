@@ -9,11 +9,15 @@ value until then.
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass, field
+from urllib.parse import unquote, urlsplit
 
 from gateway import IMPLEMENTATION_VERSION_NAME
 from gateway.config.options import (
     DOTTED,
+    Invalid,
     REMOTE_AE,
     VERSION_NAME,
     boolean,
@@ -153,6 +157,103 @@ class SCU:
     retries: int = option(3, integer(0, 100))
     retry_delay: float = option(30.0, number(0, 86400))
     connect_timeout: float = option(10.0, number(0.1, 3600))
+
+
+# An AMQP exchange name or routing key (topic words): letters, digits and
+# "-_.:", at most 255 bytes (an AMQP short string).
+_AMQP_NAME = re.compile(r"^[A-Za-z0-9_.:\-]{1,255}$")
+_AMQP_NAMES = "a name of 1 to 255 letters, digits or _-.:"
+_AGENT = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+
+
+def amqp_url_problem(url: str) -> str | None:
+    """Why ``url`` is not a usable AMQP 0-9-1 URL, or None (nothing is connected)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as e:
+        return f"not a valid URL: {e}"
+    if parts.scheme not in ("amqp", "amqps"):
+        return "must start with amqp:// or amqps://"
+    if not parts.hostname:
+        return "has no host"
+    if port is not None and not 0 < port < 65536:
+        return f"port {port} is out of range"
+    if parts.path.count("/") > 1:
+        return "the virtual host must be one path segment (write / as %2F)"
+    import pika  # only where messaging is configured
+
+    try:
+        pika.URLParameters(url)
+    except Exception as e:  # pika says which query parameter it does not take
+        return f"not accepted by the AMQP client: {e}"
+    return None
+
+
+def _amqp_url(value):
+    url = text()(value)
+    why = amqp_url_problem(url) if url else None
+    if why:
+        raise Invalid(f"the URL {why}")
+    return url
+
+
+def _agents(value):
+    agents = strings(_AGENT, "1 to 64 letters, digits or _-")(value)
+    if len(set(agents)) != len(agents):
+        raise Invalid("an agent is named twice")
+    return agents
+
+
+@dataclass(frozen=True)
+class Messaging:
+    """``[messaging]``: MONAI Deploy events on an AMQP 0-9-1 broker; ``url``
+    empty (or no table): off, and nothing else here is used.
+
+    What the connection sets up (the URL, its CAs, the exchange, the queues
+    and their prefetch, ``app_id``) needs a restart; the bucket and routing
+    keys go into each message as it is recorded, so a reload applies them
+    to the next one.
+    """
+
+    url: str = option("", _amqp_url, reload=False)
+    # amqps: PEM file of the CAs the broker's certificate is checked against ("": the system's).
+    ca_certificates: str = option("", text(), reload=False)
+    exchange: str = option("monaideploy", text(_AMQP_NAME, _AMQP_NAMES), reload=False)
+    bucket: str = option("dicomgw", text(re.compile(r"^.{1,255}$"), "a non-empty string of at most 255 characters"))
+    workflow_request: str = option("md.workflow.request", text(_AMQP_NAME, _AMQP_NAMES))
+    export_complete: str = option("md.export.complete", text(_AMQP_NAME, _AMQP_NAMES))
+    export_request_prefix: str = option("md.export.request", text(_AMQP_NAME, _AMQP_NAMES), reload=False)
+    export_agents: tuple[str, ...] = option(("monaiscu",), _agents, reload=False)
+    # Export requests handled at once per agent queue (basic.qos prefetch).
+    prefetch: int = option(4, integer(1, 1000), reload=False)
+    # The app_id property of every message published.
+    app_id: str = option("dicomgw", text(_AMQP_NAME, _AMQP_NAMES), reload=False)
+
+    def validate(self, key):
+        if self.ca_certificates and not self.url.startswith("amqps://"):
+            return [f"{key}.ca_certificates: only used with an amqps:// url"]
+        if self.ca_certificates and not os.path.isfile(self.ca_certificates):
+            return [f"{key}.ca_certificates: {self.ca_certificates!r} is not a readable file"]
+        return []
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.url)
+
+    def export_queue(self, agent: str) -> str:
+        """The queue (and its routing key) of one agent's export requests."""
+        return f"{self.export_request_prefix}.{agent}"
+
+    def safe_url(self) -> str:
+        """The URL without its password, for logs and /status."""
+        parts = urlsplit(self.url)
+        netloc = parts.hostname or ""
+        if parts.port:
+            netloc += f":{parts.port}"
+        if parts.username:
+            netloc = f"{unquote(parts.username)}@{netloc}"
+        return f"{parts.scheme}://{netloc}{parts.path}"
 
 
 def check_listen_http(listen: Listen, http: HTTP) -> list[str]:

@@ -69,6 +69,8 @@ class AETitle:
     grouping: str = option("study", one_of(GROUPINGS))
     timeout: float = option(5.0, number(0.01, 86400))
     pipelines: tuple[str, ...] = option((), strings())
+    # Copied into each workflow request of its payloads ([messaging]).
+    workflows: tuple[str, ...] = option((), strings())
 
     def validate(self, key):
         if self.allowed_sop_classes is not None and self.ignored_sop_classes:

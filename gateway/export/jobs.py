@@ -156,6 +156,10 @@ def _jobs(conn, limit, offset, state):
     return [dict(r) for r in rows]
 
 
+def _by_origin(conn, origin):
+    return [r[0] for r in conn.execute("SELECT id FROM jobs WHERE origin = ? ORDER BY id", (origin,))]
+
+
 def _job(conn, job_id):
     row = conn.execute(_JOB_COLUMNS + "WHERE j.id = ? GROUP BY j.id", (job_id,)).fetchone()
     if row is None:
@@ -205,6 +209,9 @@ class ExportStore:
 
     def jobs(self, limit=100, offset=0, state=None):
         return self.db.run(_jobs, limit, offset, state)
+
+    def by_origin(self, origin):
+        return self.db.run(_by_origin, origin)
 
     def job(self, job_id):
         try:
@@ -335,8 +342,11 @@ class ExportService(Service):
     def job(self, job_id):
         return self.store.job(job_id)
 
+    def find(self, origin):
+        return self._when_started().addCallback(lambda _: self.store.by_origin(origin))
+
     def wait(self, job_id) -> defer.Deferred:
-        """Fires with the job's final state (for the CLI and tests)."""
+        """Fires with the job's final state."""
         d = defer.Deferred()
         self._finished.setdefault(job_id, []).append(d)
 

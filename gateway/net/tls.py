@@ -108,6 +108,13 @@ def _certificates(key: str, path: str, source: str) -> list[crypto.X509]:
     return certs
 
 
+def _trust_root(key: str, path: str | None, source: str):
+    """The CAs of the file ``path`` as a trust root; None (the platform's) when there is no file."""
+    if not path:
+        return None
+    return ssl.trustRootFromCertificates([ssl.Certificate(c) for c in _certificates(key, path, source)])
+
+
 def _ciphers(profile: str) -> AcceptableCiphers:
     return AcceptableCiphers.fromOpenSSLCipherString(":".join(PROFILES[profile]))
 
@@ -163,9 +170,7 @@ def client_options(destination, tls, source: str = "<string>"):
     if not cert_file and tls.certificate and tls.private_key \
             and os.path.isfile(tls.certificate) and os.path.isfile(tls.private_key):
         cert_file, key_file, cert_key, key_key = tls.certificate, tls.private_key, "tls.certificate", "tls.private_key"
-    trust = None  # the platform's trust store
-    if ca_file:
-        trust = ssl.trustRootFromCertificates([ssl.Certificate(c) for c in _certificates(ca_key, ca_file, source)])
+    trust = _trust_root(ca_key, ca_file, source)
     client = None
     if cert_file:
         client = ssl.PrivateCertificate.loadPEM(_read(cert_key, cert_file, source) + b"\n"
@@ -173,6 +178,15 @@ def client_options(destination, tls, source: str = "<string>"):
     return ssl.optionsForClientTLS(destination.server_host, trustRoot=trust, clientCertificate=client,
                                    extraCertificateOptions={"raiseMinimumTo": MINIMUM_VERSION,
                                                             "acceptableCiphers": _ciphers(tls.profile)})
+
+
+def verified_client_options(host: str, ca_file: str, key: str, source: str = "<string>"):
+    """``optionsForClientTLS`` for a server that is not a DICOM peer (the
+    message broker), blocking: its certificate must be valid for ``host``
+    and signed by a CA of ``ca_file`` ("": the system's CAs); never below
+    TLS 1.2.  A file that cannot be used is a ConfigError naming ``key``."""
+    return ssl.optionsForClientTLS(host, trustRoot=_trust_root(key, ca_file, source),
+                                   extraCertificateOptions={"raiseMinimumTo": MINIMUM_VERSION})
 
 
 @implementer(IOpenSSLServerConnectionCreator, IReconfigurable)

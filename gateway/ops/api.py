@@ -3,7 +3,7 @@
 =========  =================================  ==================================================
 method     path                               answer
 =========  =================================  ==================================================
-GET        /health                            200 ``{"status": "ok"}``, or 503 with ``reasons``
+GET        /health                            200 ``{"status": "ok"}``, 200 ``degraded`` or 503 with ``reasons``
 GET        /status                            listeners, active associations, storage, queues
 GET        /metrics                           Prometheus text format (see :mod:`gateway.ops.metrics`)
 GET        /associations?limit=&offset=       recent associations, newest first
@@ -75,7 +75,7 @@ class ApiService(Service):
     name = "api"
 
     def __init__(self, config, root, reactor, pool, *, scp, storage, metrics, recent,
-                 exports=None, destinations=None, payloads=None):
+                 exports=None, destinations=None, payloads=None, reports=(), degradations=()):
         self.config = config
         self.root = root
         self.reactor = reactor
@@ -87,6 +87,8 @@ class ApiService(Service):
         self.exports = exports
         self.destinations = destinations
         self.payloads = payloads
+        self.reports = tuple(reports)  # IStatusReport: sections of /status, gauges of /metrics
+        self.degradations = tuple(degradations)  # IDegradation: why /health says "degraded"
         self.started = reactor.seconds()
 
     def reconfigure(self, config):
@@ -135,6 +137,10 @@ class ApiService(Service):
             if IHealthCheck.providedBy(svc):
                 reasons.extend(svc.health_problems())
         return reasons
+
+    def degraded(self) -> list:
+        """Why the gateway works, but not fully."""
+        return [r for svc in self.degradations for r in svc.degraded_reasons()]
 
     def active_associations(self) -> list:
         out = []
@@ -277,6 +283,9 @@ class ApiResource(Resource):
         reasons = yield self.api.health()
         if reasons:
             return 503, {"status": "unhealthy", "reasons": reasons}
+        degraded = self.api.degraded()
+        if degraded:
+            return 200, {"status": "degraded", "reasons": degraded}
         return 200, {"status": "ok"}
 
     @inlineCallbacks
@@ -292,7 +301,12 @@ class ApiResource(Resource):
         if api.exports is not None:
             queued = yield api.exports.jobs(limit=MAX_LIMIT, offset=0, state="queued")
             queues["export_jobs_queued"] = len(queued)
+        sections = {}
+        for report in api.reports:
+            name, section = yield report.status_report()
+            sections[name] = section
         return 200, {
+            **sections,
             "version": __version__,
             "implementation_class_uid": IMPLEMENTATION_CLASS_UID,
             "config": api.config.path,
@@ -317,6 +331,8 @@ class ApiResource(Resource):
                            [({}, usage["free_bytes"])]))
             gauges.append(("dicomgw_storage_total_bytes", "Size of the file system of the storage root.",
                            [({}, usage["total_bytes"])]))
+        for report in api.reports:
+            gauges.extend((yield report.metric_gauges()))
         return 200, api.metrics.render(gauges)
 
     def get_associations(self, request, query):

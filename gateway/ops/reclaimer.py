@@ -10,7 +10,8 @@ injected reactor) it removes
   ``aborted_retention`` has passed.
 
 Failed payloads are kept (visible, for an operator).  Open, closing and
-closed payloads are never touched.  A run that fails is logged and the
+closed payloads are never touched, nor those an
+:class:`~gateway.interfaces.IPayloadHold` still needs.  A run that fails is logged and the
 next one runs as usual.
 """
 
@@ -35,9 +36,12 @@ from gateway.store.files import remove_all
 EXPORT_FINISHED = frozenset(FINAL_STATES)
 
 
-def _db_candidates(conn, now, retention):
+def _db_candidates(conn, now, retention, holds=()):
     payloads = [dict(r) for r in conn.execute(
         "SELECT id, path FROM payloads WHERE state = 'done' AND finished <= ?", (now - retention,))]
+    for hold in holds:
+        held = hold.held_payloads(conn, [p["id"] for p in payloads])
+        payloads = [p for p in payloads if p["id"] not in held]
     for p in payloads:
         # Export job ids are whatever the export queue gave (numbers or strings).
         p["export_jobs"] = [x for r in conn.execute("SELECT export_jobs FROM jobs WHERE payload = ?",
@@ -78,7 +82,7 @@ class Reclaimer(TimerService):
     log = Logger()
     name = "reclaimer"
 
-    def __init__(self, config, storage, db, reactor, export_queue=None):
+    def __init__(self, config, storage, db, reactor, export_queue=None, holds=()):
         super().__init__(config.reclaimer.interval, self.run)
         self.clock = reactor
         self.config = config
@@ -86,6 +90,8 @@ class Reclaimer(TimerService):
         self.db = db
         self.reactor = reactor
         self.export_queue = export_queue
+        # IPayloadHold providers: payloads they still need are not removed.
+        self.holds = tuple(holds)
 
     def reconfigure(self, config):
         """New retention times apply from the next pass; the interval needs a restart."""
@@ -112,7 +118,7 @@ class Reclaimer(TimerService):
     @inlineCallbacks
     def _run(self):
         now = self.reactor.seconds()
-        payloads, aborted = yield self.db.run(_db_candidates, now, self.config.storage.retention)
+        payloads, aborted = yield self.db.run(_db_candidates, now, self.config.storage.retention, self.holds)
         done = []
         for p in payloads:
             if (yield self._exports_finished(p["export_jobs"])):

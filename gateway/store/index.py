@@ -2,7 +2,8 @@
 
 One database (``<storage>/dicomgw.sqlite``, a :class:`~gateway.store.database.Database`)
 holds the index and the workflow state built on it (payloads and their
-pipeline jobs, :mod:`gateway.workflow`); the schema of all of it is here.
+pipeline jobs, :mod:`gateway.workflow`; the message broker's outbox and
+export requests, :mod:`gateway.messaging`); the schema of all of it is here.
 The functions below are transactions: each takes the connection first and
 runs on the database thread.
 
@@ -21,6 +22,12 @@ States:
   ``removed`` (the reclaimer freed its files).
 - ``jobs.state``: ``pending`` -> ``running`` -> ``done`` | ``failed``
   (``pending`` again between retries); ``attempts`` counts every start.
+- ``outbox.state``: ``waiting`` (recorded, not confirmed by the broker) ->
+  ``sent``; ``seq`` is the order of publication, ``payload`` the payload a
+  workflow request announces.
+- ``export_requests.state``: ``exporting`` (jobs submitted or about to be)
+  -> ``complete``; ``key`` is the export task id, ``status`` the export
+  complete's.
 """
 
 from __future__ import annotations
@@ -82,6 +89,35 @@ CREATE TABLE IF NOT EXISTS jobs (
     export_jobs TEXT NOT NULL DEFAULT '[]'  -- JSON list of IExportQueue job ids
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
+CREATE TABLE IF NOT EXISTS outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    message_id TEXT NOT NULL UNIQUE,
+    routing_key TEXT NOT NULL,
+    type TEXT NOT NULL,
+    correlation_id TEXT NOT NULL,
+    timestamp REAL NOT NULL,
+    body BLOB NOT NULL,
+    payload TEXT,
+    state TEXT NOT NULL,
+    created REAL NOT NULL,
+    sent REAL,
+    attempts INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS outbox_state ON outbox(state, seq);
+CREATE INDEX IF NOT EXISTS outbox_payload ON outbox(payload);
+CREATE TABLE IF NOT EXISTS export_requests (
+    key TEXT PRIMARY KEY,
+    message_id TEXT,
+    workflow_instance_id TEXT,
+    correlation_id TEXT,
+    request TEXT NOT NULL,  -- JSON: files, destinations
+    state TEXT NOT NULL,
+    jobs TEXT NOT NULL DEFAULT '[]',  -- JSON list of IExportQueue job ids
+    status TEXT,
+    created REAL NOT NULL,
+    completed REAL
+);
+CREATE INDEX IF NOT EXISTS export_requests_message ON export_requests(message_id);
 """
 
 

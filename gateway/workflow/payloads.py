@@ -11,15 +11,18 @@
   association's instances join the open payload of their (AE, key), or a
   new one, in one durable transaction, before the A-RELEASE-RP goes out.
   An AE without pipelines keeps its instances (state ``kept``) and forms no
-  payloads.
+  payloads, unless a close participant (the message broker's outbox) is
+  there: then every AE title forms payloads.
 - ``association_ended`` (aborted or lost): its instances never reach a
   payload; they are removed at once, or after ``[storage] aborted_retention``.
 
 A payload closes when ``timeout`` seconds passed since the last instance of
 its group arrived and no open association has instances for the group.
 Closing links its files into ``payloads/<id>/``, writes ``manifest.json``
-(atomically), records one job per pipeline and only then removes the inbox
-links; the jobs go to the :class:`~gateway.workflow.pipelines.PipelineRunner`.
+(atomically), records one job per pipeline (and, in the same transaction,
+whatever each :class:`~gateway.interfaces.IPayloadCloseParticipant`
+records) and only then removes the inbox links; the jobs go to the
+:class:`~gateway.workflow.pipelines.PipelineRunner`.
 
 At start (:meth:`recover`): associations a crash broke are treated as
 aborted, files in ``instances/`` that were never indexed (never
@@ -62,7 +65,9 @@ def group_key(grouping: str, association_id: str, attrs: dict) -> str:
 # ---- transactions (database thread) ------------------------------------------
 
 def _db_release(conn, info, now, aes: dict):
-    """Join the association's instances to payloads; return the open payloads touched."""
+    """Join the association's instances to payloads; return the open payloads touched.
+
+    ``aes``: the AE titles that form payloads (PayloadService._handoff_aes)."""
     conn.execute(
         "INSERT OR IGNORE INTO associations (id, calling_ae, called_ae, peer, started, state) "
         "VALUES (?, ?, ?, ?, ?, 'open')",
@@ -73,7 +78,7 @@ def _db_release(conn, info, now, aes: dict):
     touched = {}
     for r in rows:
         ae = aes.get(r["ae"])
-        if ae is None or not ae.pipelines:
+        if ae is None:
             conn.execute("UPDATE instances SET state = 'kept' WHERE id = ?", (r["id"],))
             continue
         key = r["group_key"] or ""
@@ -124,7 +129,7 @@ def _db_begin_close(conn, pid):
     return payload, instances, associations
 
 
-def _db_finish_close(conn, pid, directory, moved, missing, pipelines, now):
+def _db_finish_close(conn, pid, directory, moved, missing, pipelines, now, participants=()):
     for instance_id, path in moved:
         conn.execute("UPDATE instances SET path = ? WHERE id = ?", (path, instance_id))
     for instance_id in missing:
@@ -138,7 +143,9 @@ def _db_finish_close(conn, pid, directory, moved, missing, pipelines, now):
         cur = conn.execute("INSERT INTO jobs (payload, pipeline, state, created, updated, next_attempt) "
                            "VALUES (?, ?, 'pending', ?, ?, ?)", (pid, name, now, now, now))
         ids.append(cur.lastrowid)
-    if not pipelines:
+    # Participants (the broker's outbox) record their part in this same transaction.
+    held = [p.close_transaction(conn, pid, now) for p in participants]
+    if not pipelines and not any(held):
         conn.execute("UPDATE payloads SET state = 'done', finished = ? WHERE id = ?", (now, pid))
     return ids
 
@@ -223,12 +230,15 @@ class PayloadService(Service):
     log = Logger()
     name = "payloads"
 
-    def __init__(self, config, storage, db, reactor, runner=None):
+    def __init__(self, config, storage, db, reactor, runner=None, participants=()):
         self.config = config
         self.storage = storage
         self.db = db
         self.reactor = reactor
         self.runner = runner
+        # IPayloadCloseParticipant providers; with one, every AE title forms
+        # payloads, with or without pipelines.
+        self.participants = tuple(participants)
         self.aes = {ae.title: ae for ae in config.ae}
         self.open_keys: dict[str, set] = {}      # association id -> {(ae, key)}
         self.last_seen: dict[tuple, float] = {}  # (ae, key) -> time of the last instance
@@ -376,7 +386,7 @@ class PayloadService(Service):
             yield self._discard(association.id, "aborted")
             raise RuntimeError(f"association {association.id}: instances could not be indexed")
         now = self.reactor.seconds()
-        touched = yield self.db.run_durable(_db_release, association, now, self.aes)
+        touched = yield self.db.run_durable(_db_release, association, now, self._handoff_aes())
         keys = self.open_keys.pop(association.id, set())
         keys.update((ae, key) for ae, key, _u in touched.values())
         for pid, (ae, key, updated) in touched.items():
@@ -408,8 +418,13 @@ class PayloadService(Service):
                           result=result, count=max(count, len(due)), freed=freed, retained=retention,
                           what=f"kept for {retention:g} s" if retention else f"{freed} bytes freed")
 
+    def _handoff_aes(self) -> dict:
+        """The AE titles whose instances form payloads."""
+        return {title: ae for title, ae in self.aes.items() if ae.pipelines or self.participants}
+
     def _keep_aes(self):
-        return tuple(title for title, ae in self.aes.items() if not ae.pipelines)
+        handoff = self._handoff_aes()
+        return tuple(title for title in self.aes if title not in handoff)
 
     # ---- timers --------------------------------------------------------------
 
@@ -465,7 +480,7 @@ class PayloadService(Service):
                           "left out of the payload", payload=pid, count=len(missing))
         job_ids = yield self.db.run_durable(_db_finish_close, pid, directory,
                                     [(i, target) for i, target, _src, _ino in moved], missing,
-                                    pipelines, self.reactor.seconds())
+                                    pipelines, self.reactor.seconds(), self.participants)
         # The payload directory holds its own links now: drop the inbox ones
         # (only if no later copy of the same instance replaced them).
         yield self._disk(remove_all, [(i, src, ino) for i, _t, src, ino in moved])
@@ -474,6 +489,8 @@ class PayloadService(Service):
                       instances=len(instances) - len(missing), pipelines=list(pipelines), path=directory)
         if self.runner is not None and job_ids:
             self.runner.submit(job_ids)
+        for participant in self.participants:
+            participant.payload_closed(pid)
         return directory
 
     # ---- recovery ------------------------------------------------------------
@@ -484,7 +501,7 @@ class PayloadService(Service):
         retention = self.config.storage.aborted_retention
         broken, orphans, kept, due, opened, closing = yield self.db.run(
             _db_recover, now, retention, self.storage.instances_dir, now, self._keep_aes(),
-            tuple(title for title, ae in self.aes.items() if ae.pipelines))
+            tuple(self._handoff_aes()))
         if kept:
             self.log.info("recovery: {kept} file(s) not in the index were indexed as kept", kept=kept)
         if broken or orphans:

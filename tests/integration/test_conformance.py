@@ -21,7 +21,6 @@ from gateway.dimse import commands as C
 from gateway.dimse import sop
 from gateway.dimse.message import fragment_message
 from gateway.testing import partial_files
-from tests import dicomfiles
 from tests.integration.harness import in_thread, start_gateway
 from tests.integration.test_hostile import abort_bytes, files_under
 from tests.integration.test_policy import wait_for

@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import os
 import signal
-import sqlite3
 import threading
 import time
 
 import pydicom
 from twisted.internet import defer, reactor, task
-from twisted.trial import unittest
 
 from gateway.testing import partial_files
 from tests import dicomfiles
 from tests.integration import test_twistd as tw
-from tests.integration.harness import free_port, gateway_config, in_thread, require_pynetdicom, run
+from tests.integration.harness import in_thread, require_pynetdicom, run
 from tests.integration.test_payloads import PY, toml_list
 
 # Appends "<payload id> <instances>" to handoff.log in the gateway's directory.
@@ -30,48 +28,13 @@ HANDOFF = ("import json, os\n"
            "    f.write(f\"{m['payload']} {len(m['instances'])}\\n\")\n")
 
 
-class CrashTests(unittest.TestCase):
-    timeout = 120
-
-    def setUp(self):
-        self.workdir = os.path.abspath(self.mktemp())
-        os.makedirs(self.workdir)
-        self.procs = []
-
-    def tearDown(self):
-        for proc in self.procs:
-            if proc.poll() is None:
-                tw._stop(proc)
-
-    def path(self, *parts):
-        return os.path.join(self.workdir, *parts)
-
-    @defer.inlineCallbacks
+class CrashTests(tw.DaemonCase):
     def start(self, timeout, command=HANDOFF, storage_keys=""):
-        self.port = free_port()
-        text = gateway_config("var/dicomgw", aes=(), fsync=True).replace(
-            "tcp:0:interface=127.0.0.1", f"tcp:{self.port}:interface=127.0.0.1")
-        text = text.replace("[storage]\n", "[storage]\n" + storage_keys + "\n", 1)
+        text = self.daemon_config().replace("[storage]\n", "[storage]\n" + storage_keys + "\n", 1)
         text += (f'\n[pipeline.handoff]\ncommand = {toml_list([PY, "-c", command])}\n'
                  f'[[ae]]\ntitle = "DICOMGW"\ngrouping = "study"\ntimeout = {timeout}\n'
                  'pipelines = ["handoff"]\n')
-        with open(self.path("dicomgw.toml"), "w") as f:
-            f.write(text)
-        proc = tw._spawn(self.workdir, self.path(f"twistd{len(self.procs)}.log"))
-        self.procs.append(proc)
-        yield tw._wait_for_port(self.port)
-        return proc
-
-    def kill(self, proc):
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
-
-    def query(self, sql, *args):
-        conn = sqlite3.connect(self.path("var", "dicomgw", "dicomgw.sqlite"))
-        try:
-            return conn.execute(sql, args).fetchall()
-        finally:
-            conn.close()
+        return self.launch(text)
 
     def handoffs(self):
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sqlite3
 import sys
 import time
 
@@ -15,6 +16,53 @@ from twisted.trial import unittest
 from tests.integration.harness import free_port, gateway_config, require_program, run
 
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+
+
+class DaemonCase(unittest.TestCase):
+    """Tests that run ``twistd -n dicomgw`` in a directory of their own
+    (storage ``var/dicomgw``, fsync on), kill it and start it again."""
+
+    timeout = 120
+
+    def setUp(self):
+        self.workdir = os.path.abspath(self.mktemp())
+        os.makedirs(self.workdir)
+        self.procs = []
+
+    def tearDown(self):
+        for proc in self.procs:
+            if proc.poll() is None:
+                _stop(proc)
+
+    def path(self, *parts):
+        return os.path.join(self.workdir, *parts)
+
+    def daemon_config(self) -> str:
+        """The test config with the DICOM port on ``self.port``, a fresh one; no [[ae]]."""
+        self.port = free_port()
+        return gateway_config("var/dicomgw", aes=(), fsync=True).replace(
+            "tcp:0:interface=127.0.0.1", f"tcp:{self.port}:interface=127.0.0.1")
+
+    @defer.inlineCallbacks
+    def launch(self, text):
+        """Start the daemon with config ``text``; fires once it listens."""
+        with open(self.path("dicomgw.toml"), "w") as f:
+            f.write(text)
+        proc = _spawn(self.workdir, self.path(f"twistd{len(self.procs)}.log"))
+        self.procs.append(proc)
+        yield _wait_for_port(self.port)
+        return proc
+
+    def kill(self, proc):
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+
+    def query(self, sql, *args):
+        conn = sqlite3.connect(self.path("var", "dicomgw", "dicomgw.sqlite"))
+        try:
+            return conn.execute(sql, args).fetchall()
+        finally:
+            conn.close()
 
 
 class TwistdTests(unittest.TestCase):

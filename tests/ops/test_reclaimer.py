@@ -1,14 +1,18 @@
-"""The reclaimer's LoopingCall survives a failing pass."""
+"""The reclaimer's LoopingCall survives a failing pass; what a hold keeps."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
-from twisted.internet import defer, task
+import os
+
+from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from gateway.config import config_from_string
-from gateway.ops.reclaimer import Reclaimer
+from gateway.ops.reclaimer import Reclaimer, _db_candidates
+from gateway.store.index import open_index
+from gateway.testing import RecordingParticipant
 
 
 class FlakyDatabase:
@@ -39,3 +43,21 @@ class ReclaimerTests(unittest.TestCase):
         clock.advance(10)
         self.assertEqual(db.calls, 3)
         self.assertTrue(reclaimer.running)
+
+
+class HoldTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_a_held_payload_is_no_candidate_until_released(self):
+        db = open_index(os.path.abspath(self.mktemp()), reactor, durable=False)
+        yield db.start()
+        self.addCleanup(db.stop)
+        yield db.run(lambda c: c.executemany(
+            "INSERT INTO payloads (id, ae, grouping, key, state, created, finished) "
+            "VALUES (?, 'X', 'study', ?, 'done', 1, 1)", [("p1", "k1"), ("p2", "k2")]))
+        hold = RecordingParticipant()
+        hold.held.add("p1")
+        payloads, _aborted = yield db.run(_db_candidates, 100.0, 0.0, (hold,))
+        self.assertEqual([p["id"] for p in payloads], ["p2"])
+        hold.release("p1")
+        payloads, _aborted = yield db.run(_db_candidates, 100.0, 0.0, (hold,))
+        self.assertEqual(sorted(p["id"] for p in payloads), ["p1", "p2"])

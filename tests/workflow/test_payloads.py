@@ -46,9 +46,9 @@ class RecordingRunner:
         self.config = config
 
 
-def config(grouping, timeout=5, titles=("DICOMGW",), command='["true"]'):
+def config(grouping, timeout=5, titles=("DICOMGW",), command='["true"]', pipelines=True):
     aes = "".join(f'[[ae]]\ntitle = "{t}"\ngrouping = "{grouping}"\ntimeout = {timeout}\n'
-                  'pipelines = ["p"]\n' for t in titles)
+                  + ('pipelines = ["p"]\n' if pipelines else "") for t in titles)
     return config_from_string(f'[pipeline.p]\ncommand = {command}\n{aes}')
 
 
@@ -58,7 +58,7 @@ class PayloadCase(unittest.TestCase):
     timeout = 60
 
     @defer.inlineCallbacks
-    def make(self, grouping, timeout=5, titles=("DICOMGW",)):
+    def make(self, grouping, timeout=5, titles=("DICOMGW",), pipelines=True, participants=()):
         self.clock = ClockReactor()
         self.clock.advance(1_000_000)
         root = os.path.abspath(self.mktemp())
@@ -71,8 +71,8 @@ class PayloadCase(unittest.TestCase):
         yield self.db.start()
         self.addCleanup(self.db.stop)
         self.runner = RecordingRunner()
-        self.service = PayloadService(config(grouping, timeout, titles), self.storage, self.db, self.clock,
-                                      self.runner)
+        self.service = PayloadService(config(grouping, timeout, titles, pipelines=pipelines), self.storage, self.db,
+                                      self.clock, self.runner, participants)
         self.source = self.mktemp()
         os.makedirs(self.source)
         self.n = 0
@@ -247,6 +247,50 @@ class GroupingTests(PayloadCase):
         self.clock.advance(10)
         self.assertEqual((yield self.states()), [])
         self.assertEqual(os.listdir(os.path.join(self.storage.instances_dir, "DICOMGW")), [])
+
+
+class ParticipantTests(PayloadCase):
+    """Close participants (the message broker's outbox): payloads on AE
+    titles without pipelines, a part in the closing transaction."""
+
+    @defer.inlineCallbacks
+    def close_one(self, participant=None):
+        yield self.make("study", pipelines=False, participants=[participant] if participant else [])
+        a1 = self.association()
+        yield self.store(a1, "P1", generate_uid(), generate_uid())
+        yield self.service.association_released(a1)
+        self.clock.advance(6)
+        for _ in range(500):  # told once the closing transaction committed
+            if participant is None or participant.closed:
+                break
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        rows = yield self.db.run(lambda c: [tuple(r) for r in c.execute("SELECT id, state FROM payloads")])
+        states = yield self.db.run(lambda c: [r[0] for r in c.execute("SELECT state FROM instances")])
+        return rows, states
+
+    @defer.inlineCallbacks
+    def test_a_participant_makes_an_ae_without_pipelines_form_payloads_and_may_hold_them(self):
+        from gateway.testing import RecordingParticipant
+
+        participant = RecordingParticipant(hold=True)
+        [(pid, state)], instances = yield self.close_one(participant)
+        self.assertEqual((state, instances), ("closed", ["payload"]))  # held: not done, no jobs
+        self.assertEqual(participant.in_transaction, [(pid, "closed")])  # inside the closing transaction
+        self.assertEqual(participant.closed, [pid])
+        self.assertEqual(self.runner.submitted, [])
+
+    @defer.inlineCallbacks
+    def test_a_payload_no_participant_holds_is_done_at_once(self):
+        from gateway.testing import RecordingParticipant
+
+        participant = RecordingParticipant(hold=False)
+        [(pid, state)], _ = yield self.close_one(participant)
+        self.assertEqual((state, participant.closed), ("done", [pid]))
+
+    @defer.inlineCallbacks
+    def test_without_participants_an_ae_without_pipelines_keeps_its_instances(self):
+        rows, instances = yield self.close_one()
+        self.assertEqual((rows, instances), ([], ["kept"]))
 
 
 class ReconfigureTests(PayloadCase):
