@@ -21,6 +21,7 @@ from twisted.trial import unittest
 
 from gateway.dimse import commands as C
 from gateway.dimse.message import fragment_message
+from gateway.dimse import sop
 from gateway.dimse.sop import is_valid_uid
 from gateway.store.writer import RESERVE_FILE
 from gateway.testing import partial_files
@@ -299,3 +300,177 @@ class ConcurrencyTests(unittest.TestCase):
         self.assertEqual((result["established"], result["echoed"], result["released"]), (300, 300, 300))
         self.assertEqual(result["one_more_rejected_bytes"], "03000000000400020302")
         self.assertLess(result["kib_per_association"], 200)
+
+
+def _item(item_type: int, value: bytes) -> bytes:
+    return struct.pack(">BxH", item_type, len(value)) + value
+
+
+class AssociationRequestFuzzTests(unittest.TestCase):
+    """A-ASSOCIATE-RQs with repeated context ids, strings that are not UIDs and
+    items in every order: each is answered with a well-formed PDU, a context
+    id is never negotiated twice, and what is not a storage SOP class UID is
+    never accepted."""
+
+    timeout = 180
+
+    @defer.inlineCallbacks
+    def test_generated_requests(self):
+        gw = yield start_gateway(self, artim=2)
+        syntaxes = st.sampled_from([
+            "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4", VERIFICATION, "1.2.3.4.5.6",
+            "NOT-A-UID", "1.2.3..4", "01.2.3", "1.2.3.", "", IMPLICIT, P.DICOM_APPLICATION_CONTEXT,
+            "1.2." + "9" * 70])
+        contexts = st.lists(st.tuples(st.sampled_from([1, 3, 5, 255]), syntaxes,
+                                      st.lists(syntaxes, min_size=1, max_size=3)), max_size=5)
+        outcome = {"ac": 0, "abort": 0, "rj": 0}
+
+        @settings(max_examples=120, deadline=None, database=None, derandomize=True,
+                  suppress_health_check=list(HealthCheck))
+        @given(contexts, st.randoms(use_true_random=False), st.booleans())
+        def fuzz(pcs, rng, with_user_info):
+            items = [_item(0x10, P.DICOM_APPLICATION_CONTEXT.encode())]
+            for cid, abstract, transfers in pcs:
+                value = bytes([cid, 0, 0, 0]) + _item(0x30, abstract.encode())
+                value += b"".join(_item(0x40, t.encode()) for t in transfers)
+                items.append(_item(0x20, value))
+            if with_user_info:
+                items.append(_item(0x50, _item(0x51, struct.pack(">L", 16384))))
+            rng.shuffle(items)  # PS3.8 orders nothing: every order is an A-ASSOCIATE-RQ
+            fixed = struct.pack(">H2x16s16s32x", 1, b"DICOMGW".ljust(16), b"FUZZ".ljust(16))
+            body = fixed + b"".join(items)
+            got = _first_pdu(gw.port, struct.pack(">BxL", 0x01, len(body)) + body)
+            ids = [cid for cid, _a, _t in pcs]
+            if len(set(ids)) != len(ids) or not ids:
+                assert got[:10] == abort_bytes(2, 6), (pcs, got[:16].hex())
+                outcome["abort"] += 1
+                return
+            assert got[:1] in (b"\x02", b"\x03"), (pcs, got[:16].hex())
+            if got[:1] == b"\x03":
+                outcome["rj"] += 1
+                return
+            outcome["ac"] += 1
+            ac = P.decode_pdu(0x02, got[6:6 + struct.unpack_from(">BxL", got)[1]])
+            answered = [pc.id for pc in ac.presentation_contexts]
+            assert sorted(answered) == sorted(ids), (pcs, answered)
+            for (cid, abstract, transfers), pc in zip(sorted(pcs), sorted(ac.presentation_contexts, key=lambda p: p.id)):
+                if pc.result == P.PC_ACCEPTANCE:
+                    assert abstract == VERIFICATION or sop.is_storage_sop_class(abstract), (abstract, pc)
+                    assert pc.transfer_syntax in transfers and is_valid_uid(pc.transfer_syntax), (transfers, pc)
+
+        yield in_thread(fuzz)
+        self.assertGreater(outcome["ac"], 10)
+        self.assertGreater(outcome["abort"], 10)
+        yield wait_for(lambda: not gw.scp.active, timeout=10)
+        self.assertEqual(files_under(gw.storage_root), [])
+
+
+def _first_pdu(port: int, data: bytes, timeout: float = 3.0) -> bytes:
+    """Send ``data``; the first whole PDU the gateway answers with (b"" if none)."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        s.sendall(data)
+        buf = bytearray()
+        while len(buf) < 6 or len(buf) < 6 + struct.unpack_from(">BxL", buf)[1]:
+            try:
+                chunk = s.recv(65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            buf += chunk
+        return bytes(buf)
+    finally:
+        s.close()
+
+
+def _until_ended(port: int, data: bytes, tail: bytes, timeout: float = 4.0) -> bytes:
+    """Associate (the first PDU of ``data``), send the rest and ``tail``; the
+    last PDU the gateway sent (A-RELEASE-RP, A-ABORT...) once it ended the
+    association or closed, or b"" on a timeout."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        first = 6 + struct.unpack_from(">BxL", data)[1]
+        s.sendall(data[:first])
+        buf = bytearray(s.recv(65536))
+        try:
+            s.sendall(data[first:] + tail)
+        except OSError:
+            pass
+        last = b""
+        while True:
+            while len(buf) >= 6 and len(buf) >= 6 + struct.unpack_from(">BxL", buf)[1]:
+                end = 6 + struct.unpack_from(">BxL", buf)[1]
+                last, buf = bytes(buf[:end]), buf[end:]
+                if last[0] in (0x03, 0x06, 0x07):
+                    return last
+            try:
+                chunk = s.recv(65536)
+            except socket.timeout:
+                return b""
+            except OSError:
+                return last or b"closed"
+            if not chunk:
+                return last or b"closed"
+            buf += chunk
+    finally:
+        s.close()
+
+
+class ReleaseAndAbortAnywhereTests(unittest.TestCase):
+    """A captured transfer cut at every point, followed by an A-RELEASE-RQ or an
+    A-ABORT: the association ends at once either way, gives its slot back,
+    and leaves no half-written file."""
+
+    timeout = 240
+
+    @defer.inlineCallbacks
+    def test_every_cut_point(self):
+        gw = yield start_gateway(self, max_pdu_length=4096, artim=2, pdu=2, dimse=2)
+        relay = yield RecordingRelay.start(self, gw.port)
+        src = self.mktemp()
+        os.makedirs(src)
+        sample = dicomfiles.small_instance(os.path.join(src, "sample.dcm"), size=100000)
+        out, err, code = yield run("storescu", "-aet", "CAPTURE", "-aec", "DICOMGW", "-pdu", "4096",
+                                   "127.0.0.1", str(relay.port), sample)
+        self.assertEqual(code, 0, err)
+        captured = bytes(relay.connections[0].from_peer)
+        pdus, at = [], 0
+        while at + 6 <= len(captured):
+            end = at + 6 + struct.unpack_from(">BxL", captured, at)[1]
+            pdus.append((at, end))
+            at = end
+        # The cut points: after each PDU up to the A-RELEASE-RQ storescu sent
+        # last (so between the fragments of the command and of the data set),
+        # and inside a few P-DATA-TF PDUs (the rest of the PDU never comes: the
+        # PDU deadline ends those).
+        cuts = [end for _start, end in pdus[:-1]]
+        cuts += [start + (end - start) // 2 for start, end in pdus[1:-1:8]]
+        release, abort = P.encode_pdu(P.ReleaseRQ()), P.encode_pdu(P.Abort(0, 0))
+        stored_before = set(gw.stored_files())
+
+        def run_cuts(deadline=120.0):
+            started, answers = time.monotonic(), []
+            for cut in sorted(set(cuts)):
+                if time.monotonic() - started > deadline:
+                    break
+                whole_pdus = cut in {end for _s, end in pdus}
+                for tail in (release, abort):
+                    t0 = time.monotonic()
+                    got = _until_ended(gw.port, captured[:cut], tail)
+                    answers.append((cut, whole_pdus, tail is release, got, time.monotonic() - t0))
+            return answers
+
+        answers = yield in_thread(run_cuts)
+        self.assertGreater(len(answers), 40)
+        for cut, whole, released, got, took in answers:
+            self.assertNotEqual(got, b"", (cut, whole, released))  # ended by the gateway, not our timeout
+            if released and not whole:
+                self.assertEqual(got[:1], b"\x07", (cut, got.hex()))  # half a PDU, then a release
+        yield wait_for(lambda: not gw.scp.active, timeout=15)
+        self.assertEqual(partial_files(os.path.join(gw.storage_root, "tmp")), [])
+        # Only a transfer whose data set was whole may have stored the instance,
+        # and then whole.
+        for path in set(gw.stored_files()) - stored_before:
+            self.assertEqual(dicomfiles.dataset_bytes(path), dicomfiles.dataset_bytes(sample))
+        yield HostileTests.store_still_works(self, gw)
