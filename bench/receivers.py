@@ -241,6 +241,27 @@ class DcmtkStorescp(Receiver):
         return os.path.join(self.root, "out")
 
 
+class Floor(Receiver):
+    """The floor (bench/floor.py): the least a Twisted receiver does to store
+    the instances, with ``digest`` inline and close and rename in a thread
+    (``rename="thread"``) or on the reactor."""
+
+    def __init__(self, workdir: str, *, digest: str = "blake3", rename: str = "thread"):
+        super().__init__(workdir)
+        self.digest, self.rename = digest, rename
+        self.name = f"floor ({digest}, rename on the {rename})"
+
+    def command(self):
+        return [sys.executable, "-m", "bench.floor", str(self.port), "out", "--digest", self.digest,
+                "--rename", self.rename]
+
+    def prepare(self):
+        os.makedirs(os.path.join(self.root, "out"))
+
+    def store_dir(self):
+        return os.path.join(self.root, "out")
+
+
 class PynetdicomStorescp(Receiver):
     name = "pynetdicom storescp"
 
