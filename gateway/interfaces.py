@@ -8,7 +8,11 @@ Structured events
 Services report what happened as ``twisted.logger`` events that carry an
 ``event`` field naming what happened, plus named fields.  Operators read them
 as log lines; the metrics and the audit trail are observers of the same
-events, so no service needs to know about either.  Names in use:
+events, so no service needs to know about either.  The one exception is the
+instance stored, once per instance on the hot path: it is no event but a
+direct call, :meth:`IMetrics.instance_stored` and
+:meth:`IInstanceStoredObserver.instance_stored` (the audit trail is one).
+Names in use:
 
 =======================  ==========================================================
 ``association.closed``   calling_ae, called_ae, peer, association, instances, bytes,
@@ -21,8 +25,6 @@ events, so no service needs to know about either.  Names in use:
 ``storage.congested``    why, percent, free (bytes): the watermark or reserve was
                          crossed; associations and C-STOREs are refused until
 ``storage.recovered``    percent, free: space is back; accepting again
-``instance.stored``      association, called_ae, calling_ae, sop_class_uid,
-                         sop_instance_uid, bytes, latency (seconds from command to durable)
 ``instance.failed``      association, called_ae, calling_ae, sop_instance_uid, status
 ``export.job``           job, destination, state (``queued`` or ``retrying``), files,
                          done, failed; origin when queued; pending, delay, attempt when
@@ -50,8 +52,9 @@ events, so no service needs to know about either.  Names in use:
                          (export task id), message_id, status, reason, files
 =======================  ==========================================================
 
-A DICOMweb STOW-RS request counts as one association: its instances log
-``instance.stored`` / ``instance.failed`` (status = the Failure Reason), and
+A DICOMweb STOW-RS request counts as one association: its instances are
+observed and counted like a C-STORE's, failures log ``instance.failed``
+(status = the Failure Reason), and
 the request one ``association.closed`` with ``service`` = ``stow-rs``,
 ``http_status`` (None when the client went away), calling_ae ``-`` and
 result ``released`` (answered) or ``lost``.
@@ -91,8 +94,11 @@ class IAssociationUser(Interface):
     def associate_rejected(rj):
         """Requestor: the peer rejected (an A-ASSOCIATE-RJ)."""
 
-    def pdata_indication(pdu):
-        """A P-DATA-TF PDU arrived (its PDVs are views of the received bytes)."""
+    def pdv_received(context_id, control, data, end):
+        """A piece of PDV data arrived, in order (the upper layer's sink):
+        ``data`` is a view of the received bytes, valid during the call;
+        ``end`` is true on the PDV's last piece.  ``control`` is its message
+        control header (PS3.8 Annex E.2)."""
 
     def release_indication(collision):
         """The peer asks to release; answer with ``provider.release_response``."""
@@ -180,8 +186,12 @@ class IInstanceStoredObserver(Interface):
 
     def instance_stored(instance, association):
         """``instance`` (a :class:`gateway.store.writer.StoredInstance`)
-        is durable on disk; the C-STORE-RSP waits for the returned Deferred.
-        A failure makes the response "processing failure" (0110)."""
+        is in place on disk (durable with ``[storage] fsync``); the
+        C-STORE-RSP waits for a returned Deferred, and goes at once when
+        the method returns anything else (the index returns None: it
+        records the instance with others, before the association's release
+        is answered).  A failure makes the response "processing failure"
+        (0110).  Called once per instance on the hot path: keep it cheap."""
 
     def association_released(association):
         """The peer asked for release and every instance has been answered;
@@ -192,13 +202,25 @@ class IInstanceStoredObserver(Interface):
         ``lost``; nothing waits for this."""
 
 
+class IMetrics(Interface):
+    """What is received, counted where it happens: the hot path calls this
+    directly, with no log event per instance.  Failures and associations
+    are counted from their log events (``instance.failed``,
+    ``association.closed``)."""
+
+    def instance_stored(called_ae, size, latency):
+        """An instance was stored on ``called_ae``: ``size`` bytes of data
+        set, ``latency`` seconds from its request to its answer."""
+
+
 class IInstanceStorage(Interface):
     """Where received instances are written (the storage root)."""
 
     def begin(*, called_ae, calling_ae, sop_class_uid, sop_instance_uid, transfer_syntax_uid):
         """A :class:`gateway.store.writer.InstanceWriter` for one instance
-        (``write``, ``pending``, ``on_drained``, ``finish`` -> Deferred of a
-        StoredInstance, ``discard``); ValueError for a UID that is not one."""
+        (``write``, ``pending``, ``on_drained``, ``finish(done, *args)``,
+        which calls ``done`` with the StoredInstance or the exception that
+        stopped it, ``discard``); ValueError for a UID that is not one."""
 
 
 class IIngest(Interface):
@@ -208,10 +230,12 @@ class IIngest(Interface):
     config = Attribute("The configuration new work starts under (gateway.config.Config).")
     storage = Attribute("The IInstanceStorage instances are written to.")
     congestion = Attribute("Why storage refuses work now (the watermark), or None.")
+    metrics = Attribute("The IMetrics every stored instance is counted by.")
 
     def notify(method, *args):
-        """Call ``method`` of every IInstanceStoredObserver; a Deferred that
-        fires when all have finished (fails with the first failure)."""
+        """Call ``method`` of every IInstanceStoredObserver: None when all
+        finished at once, else a Deferred that fires when all have (failing
+        with the first failure)."""
 
 
 class IExportQueue(Interface):

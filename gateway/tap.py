@@ -107,6 +107,7 @@ class StorageService(Service):
     def startService(self):
         super().startService()
         self.storage.prepare()
+        self.storage.spares.take()  # makes the first ones ready
         self.log.info("storing instances under {root}", root=self.storage.root)
 
     def stopService(self):
@@ -116,6 +117,7 @@ class StorageService(Service):
     def reconfigure(self, config):
         # The root itself only changes with a restart (the reload says so).
         self.storage.fsync = config.storage.fsync
+        self.storage.digest = config.storage.digest
         self.storage.implementation_version_name = config.gateway.implementation_version_name
 
 
@@ -151,7 +153,7 @@ def makeService(options, reactor=None) -> MultiService:
     pool = WorkerPool(DISK_THREADS, "dicomgw-disk")
     add(WorkerPoolService(pool))
     storage = Storage(config.gateway.storage, reactor, pool, fsync=config.storage.fsync,
-                      implementation_version_name=config.gateway.implementation_version_name)
+                      digest=config.storage.digest, implementation_version_name=config.gateway.implementation_version_name)
     add(StorageService(storage))
     db = open_index(storage.root, reactor, durable=config.storage.fsync, reserve=storage.reserve)
     add(DatabaseService(db))
@@ -163,7 +165,14 @@ def makeService(options, reactor=None) -> MultiService:
     messaging = [add(MessagingService(config, storage.root, db, reactor, pool, export, export.destinations))
                  ] if config.messaging.enabled else []
     payloads = add(PayloadService(config, storage, db, reactor, runner, participants=messaging))
-    scp = add(SCPService(config, storage, reactor, observers=[payloads, *load_observers(config)]))
+    # The metrics and the audit trail follow the log events, and are told of
+    # every stored instance directly.
+    metrics, recent = Metrics(), RecentAssociations()
+    audit = ([AuditTrail(os.path.join(storage.root, config.gateway.audit_log), reactor, pool)]
+             if config.gateway.audit_log else [])
+    add(ObserverService(metrics, recent, *audit))
+    scp = add(SCPService(config, storage, reactor, observers=[payloads, *audit, *load_observers(config)],
+                         metrics=metrics))
     stow = None
     if config.listen.dicomweb:
         stow = add(StowService(config, scp, reactor, tls=config.dicomweb.tls))
@@ -182,11 +191,6 @@ def makeService(options, reactor=None) -> MultiService:
     add(Watermark(scp, storage.root, reactor, pool, reserve=storage.reserve))
     add(Reclaimer(config, storage, db, reactor, export, holds=messaging))
 
-    metrics, recent = Metrics(), RecentAssociations()
-    observers = [metrics, recent]
-    if config.gateway.audit_log:
-        observers.append(AuditTrail(os.path.join(storage.root, config.gateway.audit_log), reactor, pool))
-    add(ObserverService(*observers))
     reload = add(ReloadService(options.get("config") or config.path, config, root, reactor, pool,
                                loader=load_config_and_certificates,
                                install_signal=options.get("install_sighup", True)))

@@ -20,8 +20,7 @@ from gateway.interfaces import (
     IPayloadQuery,
 )
 from gateway.dimse.sop import is_valid_uid
-from gateway.store.header import header_attributes
-from gateway.store.writer import RESERVE_FILE, SPARE_PREFIX, StoredInstance
+from gateway.store.writer import HEAD_BYTES, RESERVE_FILE, SPARE_PREFIX, StoredInstance
 from gateway.threads import run_with_callback
 
 
@@ -351,6 +350,13 @@ def partial_files(tmp_dir: str) -> list[str]:
     return out
 
 
+def finished(writer) -> Deferred:
+    """A writer's ``finish(done)`` as a Deferred of the StoredInstance."""
+    d = Deferred()
+    writer.finish(lambda outcome: d.errback(outcome) if isinstance(outcome, BaseException) else d.callback(outcome))
+    return d
+
+
 # ---- storage, in memory ------------------------------------------------------------
 
 
@@ -367,16 +373,16 @@ class _MemoryWriter:
     def write(self, data):
         self.data += data
 
-    def finish(self):
+    def finish(self, done, *args):
         if self.storage.fail_with is not None:
-            return fail(self.storage.fail_with)
+            done(self.storage.fail_with, *args)
+            return
         m = self.meta
         path = f"{m['called_ae']}/{m['sop_instance_uid']}.dcm"
         replaced = path in self.storage.files
         data = self.storage.files[path] = bytes(self.data)
-        return succeed(StoredInstance(path, m["sop_class_uid"], m["sop_instance_uid"], m["transfer_syntax_uid"],
-                                      len(data), len(data), replaced, sha256="0" * 64,
-                                      attributes=header_attributes(path, data, m["transfer_syntax_uid"], True)))
+        done(StoredInstance(path, m["sop_class_uid"], m["sop_instance_uid"], m["transfer_syntax_uid"],
+                            len(data), len(data), replaced, head=data[:HEAD_BYTES]), *args)
 
     def discard(self):
         self.storage.discarded.append(self.meta["sop_instance_uid"])

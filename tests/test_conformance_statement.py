@@ -213,6 +213,8 @@ FACTS = [
     ("Refused: Out of Resources (disk full, storage error)", _code(C.OUT_OF_RESOURCES)),
     ("Error: Cannot Understand (SOP Class/Instance UID not a valid UID, no dataset)", _code(C.CANNOT_UNDERSTAND)),
     ("Failure: Processing failure (unexpected error while storing)", _code(C.PROCESSING_FAILURE)),
+    ("Refused: SOP Class not supported (Affected SOP Class UID differs from the abstract syntax of the "
+     "presentation context the command came on)", _code(C.SOP_CLASS_NOT_SUPPORTED)),
     ("Unrecognized operation (any DIMSE request other than C-STORE, C-ECHO, C-CANCEL)",
      _code(C.UNRECOGNIZED_OPERATION)),
     ("TLS secure transport connection profiles", _tls_profiles()),

@@ -13,6 +13,8 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from gateway.config import ConfigError, config_from_string
+from gateway.ingest.scp import AssociationInfo
+from gateway.store.writer import StoredInstance
 from gateway.logs import JSONLinesObserver
 from gateway.ops.audit import AuditTrail, RecentAssociations
 from gateway.ops.metrics import MAX_SERIES, Metrics
@@ -122,10 +124,14 @@ class AuditTests(unittest.TestCase):
         audit = AuditTrail(path)
         audit.open()
         self.addCleanup(audit.close)
-        audit({"event": "instance.stored", "association": "1-a", "sop_class_uid": "1.2",
-               "sop_instance_uid": "1.2.3", "bytes": 10})
+        def stored(association, sop_class_uid, sop_instance_uid, size):
+            audit.instance_stored(StoredInstance("x", sop_class_uid, sop_instance_uid, "1.2.840.10008.1.2", size,
+                                                 size, False),
+                                  AssociationInfo(association, "MOD", "DICOMGW", "10.0.0.9:1234", 0.0))
+
+        stored("1-a", "1.2", "1.2.3", 10)
         audit({"event": "instance.failed", "association": "1-a", "sop_instance_uid": "1.2.4", "status": 0xA700})
-        audit({"event": "instance.stored", "association": "2-b", "sop_instance_uid": "9"})
+        stored("2-b", "1.2", "9", 0)
         audit(_closed(tls_subject="CN=modality"))
         audit(_closed("3-c", result="rejected", outcome="rejected: called AE title 'X' is not configured",
                       reject_result=1, reject_source=1, reject_reason=7, instances=0, failures=0))
@@ -172,8 +178,8 @@ class MetricsTests(unittest.TestCase):
         from prometheus_client.parser import text_string_to_metric_families
 
         m = Metrics()
-        m({"event": "instance.stored", "called_ae": 'A"B\\', "bytes": 5, "latency": 0.02})
-        m({"event": "instance.stored", "called_ae": 'A"B\\', "bytes": 7, "latency": 100.0})
+        m.instance_stored('A"B\\', 5, 0.02)
+        m.instance_stored('A"B\\', 7, 100.0)
         m({"event": "pipeline.run", "pipeline": "seg", "outcome": "done"})
         m({"event": "export.job.finished", "destination": "pacs"})
         for i in range(MAX_SERIES + 10):

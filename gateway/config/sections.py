@@ -33,6 +33,8 @@ from gateway.config.options import (
 )
 
 TLS_PROFILES = ("bcp195", "bcp195-nd", "bcp195-ex")
+#: ``[storage] digest``: what every stored file is digested with (gateway.store.writer.DIGESTS).
+DIGEST_ALGORITHMS = ("blake3", "sha256", "none")
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,7 @@ class Storage:
     """``[storage]``: durability, the watermark, how long things are kept."""
 
     fsync: bool = option(True, boolean)  # instance files and the database's commits
+    digest: str = option("blake3", one_of(DIGEST_ALGORITHMS))  # of every stored file, in the index and manifests
     watermark_percent: float = option(75.0, number(1, 100))
     reserved_gb: float = option(5.0, number(0, 1 << 20))
     check_interval: float = option(10.0, number(0.1, 3600), reload=False)

@@ -11,10 +11,10 @@ the data set.  All fragments of one message use the same presentation
 context, and a data set follows its command only when the command's Command
 Data Set Type (0000,0800) says so.
 
-Receiving: :class:`MessageAssembler` turns PDVs into events.  Command
-fragments are small and are joined before decoding; data set fragments are
-passed on as they arrive (no buffering, no copy) so that a storage service
-can stream them to disk.
+Receiving: :class:`MessageAssembler` turns the pieces of PDV data the upper
+layer streams into calls of its handler.  Command fragments are small and
+are joined before decoding; data set fragments are passed on as they arrive
+(no buffering, no copy) so that a storage service can stream them to disk.
 
 Sending: :func:`fragment_message` and :func:`fragment_stream` cut a message
 into P-DATA-TF PDUs that respect the peer's Maximum Length (PS3.8 D.1).
@@ -22,15 +22,12 @@ into P-DATA-TF PDUs that respect the peer's Maximum Length (PS3.8 D.1).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional, Union
 
 from gateway.dimse.commands import MAX_COMMAND_LENGTH, Command, DIMSEError, decode_command
 from gateway.ul import PDV, encode_pdata
 
 __all__ = [
-    "CommandReceived",
-    "DataFragment",
     "MessageAssembler",
     "fragment_message",
     "fragment_stream",
@@ -59,46 +56,24 @@ Buffer = Union[bytes, bytearray, memoryview]
 # ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class CommandReceived:
-    """A complete, decoded command set arrived on ``context_id``."""
-
-    context_id: int
-    command: Command
-
-
-@dataclass(frozen=True)
-class DataFragment:
-    """One fragment of the data set that follows the last command.
-
-    ``data`` is the PDV's own buffer (often a memoryview into the received
-    PDU): consume or copy it before the PDU buffer is reused.  ``last`` is
-    set on the final fragment of the data set.
-    """
-
-    context_id: int
-    data: Buffer
-    last: bool
-
-
-Event = Union[CommandReceived, DataFragment]
-
-
 class MessageAssembler:
-    """Reassembles DIMSE messages from the PDVs of one association.
+    """Reassembles DIMSE messages from the PDV data of one association.
 
-    Feed every PDV received, in order, to :meth:`feed`.  It returns the
-    events they complete: a :class:`CommandReceived` when the last command
-    fragment arrives, then, if that command announced a data set, one
-    :class:`DataFragment` per data set PDV.
+    :meth:`pdv` takes every piece of PDV data received, in order (it is what
+    the upper layer's sink calls).  When the last command fragment is in,
+    ``handler.command_received(command, context_id)`` is called; if that
+    command announced a data set, ``handler.data_received(data, last)``
+    follows for each piece of it as it arrives: no buffering, no copy
+    (``data`` is a view of the received bytes, valid during the call).
 
-    A PDV that breaks the message structure of PS3.7 6.3.1 / PS3.8 Annex E
-    raises :class:`DIMSEError`; so does a command set that is too large or
-    cannot be decoded.  The association must then be aborted: the assembler
-    refuses any further PDV.
+    A PDV that breaks the message structure of PS3.7 6.3.1 / PS3.8 Annex E,
+    or a command set that is too large or cannot be decoded, calls
+    ``handler.dimse_error(detail)``, once: the association must be aborted,
+    and every later piece is ignored.
     """
 
-    def __init__(self, contexts=None) -> None:
+    def __init__(self, handler, contexts=None) -> None:
+        self._handler = handler
         # The presentation context ids this association negotiated (any
         # container, read at each PDV, so it may be filled in later); a PDV
         # on any other context breaks the association.  None: no check.
@@ -108,6 +83,8 @@ class MessageAssembler:
         self._dataset_context: Optional[int] = None  # set while a data set is due
         self._last_had_no_dataset = False  # only to word errors precisely
         self._failed = False
+        self._inside = False  # between the first and the last piece of a PDV
+        self._is_data = False  # that PDV is a data set fragment
 
     @property
     def idle(self) -> bool:
@@ -119,51 +96,60 @@ class MessageAssembler:
         """True once a command announced a data set, until its last fragment."""
         return self._dataset_context is not None
 
-    def feed(self, pdv: PDV) -> list[Event]:
-        """Process one PDV; return the events it completes (maybe none)."""
+    def pdv(self, context_id: int, control: int, data: Buffer, end: bool) -> None:
+        """A piece of the data of one PDV; ``end`` on the PDV's last piece.
+
+        A PDV is checked at its first piece; the pieces after it go
+        straight on.
+        """
         if self._failed:
-            raise DIMSEError("message assembler already failed; abort the association")
-        try:
-            if self._contexts is not None and pdv.context_id not in self._contexts:
-                raise DIMSEError(f"PDV on presentation context {pdv.context_id}, which was not negotiated")
-            if pdv.control & CONTROL_COMMAND:
-                return self._feed_command(pdv)
-            return self._feed_dataset(pdv)
-        except DIMSEError:
-            self._failed = True
-            raise
-
-    def _feed_command(self, pdv: PDV) -> list[Event]:
-        if self._dataset_context is not None:
-            raise DIMSEError(
-                f"command PDV on context {pdv.context_id} while the data set of the "
-                f"previous command on context {self._dataset_context} is incomplete"
-            )
-        if self._command_context is not None and pdv.context_id != self._command_context:
-            raise DIMSEError(
-                f"command fragment on context {pdv.context_id} inside a command "
-                f"on context {self._command_context}"
-            )
+            return
+        if self._inside:
+            is_data = self._is_data
+        else:
+            try:
+                is_data = self._is_data = self._check(context_id, control)
+            except DIMSEError as e:
+                self._fail(e)
+                return
+        self._inside = not end
+        if is_data:
+            last = end and bool(control & CONTROL_LAST)
+            if last:
+                self._dataset_context = None
+                self._last_had_no_dataset = False
+            self._handler.data_received(data, last)
+            return
         # Check the cap before appending: a peer never makes us hold more.
-        if len(self._command) + len(pdv.data) > MAX_COMMAND_LENGTH:
-            raise DIMSEError(f"command set exceeds {MAX_COMMAND_LENGTH} bytes")
-        self._command += pdv.data
-        self._command_context = pdv.context_id
-        if not pdv.control & CONTROL_LAST:
-            return []
+        if len(self._command) + len(data) > MAX_COMMAND_LENGTH:
+            self._fail(DIMSEError(f"command set exceeds {MAX_COMMAND_LENGTH} bytes"))
+            return
+        self._command += data
+        if end and control & CONTROL_LAST:
+            self._command_complete()
 
-        context_id = self._command_context
-        try:
-            command = decode_command(self._command)
-        finally:
-            self._command = bytearray()
-            self._command_context = None
-        if command.has_dataset:
-            self._dataset_context = context_id
-        self._last_had_no_dataset = not command.has_dataset
-        return [CommandReceived(context_id, command)]
+    def _fail(self, error: DIMSEError) -> None:
+        self._failed = True
+        self._inside = False
+        self._handler.dimse_error(f"DIMSE: {error}")
 
-    def _feed_dataset(self, pdv: PDV) -> list[Event]:
+    def _check(self, context_id: int, control: int) -> bool:
+        """Whether a new PDV may come now; True for a data set fragment."""
+        if self._contexts is not None and context_id not in self._contexts:
+            raise DIMSEError(f"PDV on presentation context {context_id}, which was not negotiated")
+        if control & CONTROL_COMMAND:
+            if self._dataset_context is not None:
+                raise DIMSEError(
+                    f"command PDV on context {context_id} while the data set of the "
+                    f"previous command on context {self._dataset_context} is incomplete"
+                )
+            if self._command_context is not None and context_id != self._command_context:
+                raise DIMSEError(
+                    f"command fragment on context {context_id} inside a command "
+                    f"on context {self._command_context}"
+                )
+            self._command_context = context_id
+            return False
         if self._dataset_context is None:
             if self._command_context is not None:
                 reason = "data set PDV before the last fragment of its command"
@@ -171,17 +157,28 @@ class MessageAssembler:
                 reason = "data set PDV after a command announcing no data set"
             else:
                 reason = "data set PDV without a preceding command"
-            raise DIMSEError(f"{reason} (context {pdv.context_id})")
-        if pdv.context_id != self._dataset_context:
+            raise DIMSEError(f"{reason} (context {context_id})")
+        if context_id != self._dataset_context:
             raise DIMSEError(
-                f"data set PDV on context {pdv.context_id} for a command "
+                f"data set PDV on context {context_id} for a command "
                 f"received on context {self._dataset_context}"
             )
-        last = bool(pdv.control & CONTROL_LAST)
-        if last:
-            self._dataset_context = None
-            self._last_had_no_dataset = False
-        return [DataFragment(pdv.context_id, pdv.data, last)]
+        return True
+
+    def _command_complete(self) -> None:
+        context_id = self._command_context
+        try:
+            command = decode_command(self._command)
+        except DIMSEError as e:
+            self._fail(e)
+            return
+        finally:
+            self._command = bytearray()
+            self._command_context = None
+        if command.has_dataset:
+            self._dataset_context = context_id
+        self._last_had_no_dataset = not command.has_dataset
+        self._handler.command_received(command, context_id)
 
 
 # ---------------------------------------------------------------------------

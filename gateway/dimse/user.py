@@ -2,8 +2,9 @@
 
 :class:`DIMSEUser` is the part of an :class:`~gateway.interfaces.IAssociationUser`
 that is the same on both sides: it keeps the provider (the upper layer),
-turns each P-DATA-TF into DIMSE messages with a :class:`MessageAssembler`
-(commands decoded, data set fragments passed on as views) and sends
+turns the PDV data the upper layer streams into DIMSE messages with a
+:class:`MessageAssembler` (commands decoded, data set pieces passed on as
+views) and sends
 commands cut to the peer's Maximum Length, which the upper layer keeps.
 Subclasses say what a command and a data set fragment mean to them, and
 what to do when the peer breaks PS3.7 (:meth:`dimse_error`: the
@@ -14,8 +15,8 @@ from __future__ import annotations
 
 from zope.interface import implementer
 
-from gateway.dimse.commands import Command, DIMSEError, encode_command
-from gateway.dimse.message import DataFragment, MessageAssembler, fragment_message
+from gateway.dimse.commands import Command, encode_command
+from gateway.dimse.message import MessageAssembler, fragment_message
 from gateway.interfaces import IAssociationUser
 from gateway.ul import ABORT_INVALID_PDU_PARAMETER_VALUE
 
@@ -29,15 +30,16 @@ class DIMSEUser:
     def __init__(self, contexts: dict):
         self.provider = None  # the IAssociationProvider, from connection_made
         self.contexts = contexts
-        self.assembler = MessageAssembler(contexts)
+        self.assembler = MessageAssembler(self, contexts)
 
     # ---- what the subclass says ------------------------------------------
 
     def command_received(self, command: Command, context_id: int) -> None:
         raise NotImplementedError
 
-    def data_received(self, fragment: DataFragment) -> None:
-        """A fragment of the data set after the last command; ignored unless overridden."""
+    def data_received(self, data, last: bool) -> None:
+        """A piece of the data set after the last command (a view, valid
+        during the call; ``last`` on the final piece); ignored unless overridden."""
 
     def dimse_error(self, detail: str) -> None:
         """The peer broke PS3.7: abort (a subclass may log or fail work first)."""
@@ -48,19 +50,8 @@ class DIMSEUser:
     def connection_made(self, provider) -> None:
         self.provider = provider
 
-    def pdata_indication(self, pdu) -> None:
-        feed = self.assembler.feed
-        for pdv in pdu.pdvs:
-            try:
-                events = feed(pdv)
-            except DIMSEError as e:
-                self.dimse_error(f"DIMSE: {e}")
-                return
-            for event in events:
-                if type(event) is DataFragment:
-                    self.data_received(event)
-                else:
-                    self.command_received(event.command, event.context_id)
+    def pdv_received(self, context_id: int, control: int, data, end: bool) -> None:
+        self.assembler.pdv(context_id, control, data, end)
 
     def send_command(self, context_id: int, command: Command) -> None:
         provider = self.provider

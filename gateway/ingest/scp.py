@@ -10,7 +10,10 @@ association, driven by :class:`gateway.net.protocol.DicomProtocol`:
   requestor proposed for it.
 - C-ECHO answers Success.  C-STORE streams the dataset to an
   :class:`~gateway.store.writer.InstanceWriter` and answers once the file
-  is durable.  Any other DIMSE request is answered "unrecognized operation".
+  is in place (durable with ``fsync``) and the observers have it: with the
+  index, that costs no Deferred, thread or log event per instance (the
+  index batches its rows, and the release waits for them).  Any other DIMSE
+  request is answered "unrecognized operation" in its own response.
 - Responses go out in the order the requests came in.
 - A-RELEASE is answered once every response is out.
 """
@@ -22,7 +25,7 @@ import secrets
 from collections import deque
 from dataclasses import dataclass
 
-from twisted.internet.defer import Deferred, FirstError, fail, gatherResults, succeed
+from twisted.internet.defer import Deferred, FirstError, fail, gatherResults
 from twisted.application.service import Service
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
@@ -30,18 +33,17 @@ from zope.interface import implementer
 
 from gateway import IMPLEMENTATION_CLASS_UID
 from gateway.dimse import commands as C
-from gateway.dimse.message import DataFragment
 from gateway.dimse.sop import is_valid_uid
 from gateway.dimse.user import DIMSEUser
-from gateway.interfaces import IIngest, IReconfigurable
+from gateway.interfaces import IIngest, IMetrics, IReconfigurable
 from gateway.net.protocol import DicomProtocol
 from gateway.ingest import policy
-from gateway.store.writer import StorageFull
+from gateway.store.writer import StorageFull, StoredInstance
 from gateway import ul as P
 
 # Pause reading from a peer while this many received bytes wait for the
-# disk, resume below the low mark: memory per association stays bounded
-# (with storage.HASH_LAG more, written and waiting for the hash).
+# disk (writers in the disk pool), resume below the low mark: memory per
+# association stays bounded.
 HIGH_WATER = 8 << 20
 LOW_WATER = 2 << 20
 
@@ -62,6 +64,15 @@ def store_failure_status(error) -> int | None:
     return C.OUT_OF_RESOURCES if isinstance(error, (StorageFull, OSError)) else C.PROCESSING_FAILURE
 
 
+@implementer(IMetrics)
+class _NoMetrics:
+    def instance_stored(self, called_ae, size, latency):
+        pass
+
+
+NO_METRICS = _NoMetrics()
+
+
 @dataclass(frozen=True)
 class AssociationInfo:
     """What observers are told about the association an instance came on."""
@@ -78,39 +89,42 @@ class SCPService(Service):
     """Shared state of the SCP; one per running gateway (the service "scp").
 
     ``observers`` are the IInstanceStoredObserver providers told of every
-    instance, in order.  As :class:`~gateway.interfaces.IIngest` it is also
-    what the other ways in (DICOMweb) store, refuse and observe through.
+    instance, in order; ``metrics`` (an IMetrics) counts what is received.
+    As :class:`~gateway.interfaces.IIngest` it is also what the other ways
+    in (DICOMweb) store, refuse, count and observe through.
     """
 
     log = Logger()
     name = "scp"
 
-    def __init__(self, config, storage, reactor, observers=()):
+    def __init__(self, config, storage, reactor, observers=(), metrics=None):
         self.config = config
         self.storage = storage
         self.reactor = reactor
         self.observers = list(observers)
+        self.metrics = metrics if metrics is not None else NO_METRICS
         self.active: set[StoreSCP] = set()
         # Set by the watermark service: why storage is congested, or None.
         self.congestion: str | None = None
         self.disk_full = False  # a write found no room; the watermark clears it
 
     def notify(self, method: str, *args):
-        """Call ``method`` on every observer; fire when all have finished.
-
-        Runs once per instance: observers that finish at once (the index
-        does) cost no Deferred of their own.
-        """
-        ds = []
+        """Call ``method`` on every observer: None when all have finished at
+        once (the index does), else a Deferred that fires when all have
+        (failing with the first failure).  Runs once per instance."""
+        ds = None
         for o in self.observers:
             try:
                 result = getattr(o, method)(*args)
             except Exception:
                 result = fail()
             if isinstance(result, Deferred):
+                ds = ds or []
                 ds.append(result)
-        if not ds:
-            return succeed(None)
+        if ds is None:
+            return None
+        if len(ds) == 1:
+            return ds[0]
         d = gatherResults(ds, consumeErrors=True)
         d.addErrback(lambda f: f.value.subFailure if f.check(FirstError) else f)
         return d
@@ -331,31 +345,37 @@ class StoreSCP(DIMSEUser):
         self.writers.add(writer)
         self.store = _Store(slot, writer)
 
-    def data_received(self, event: DataFragment):
+    def data_received(self, data, last: bool):
         store = self.store
         if store is None:  # the assembler guarantees a command came first
             return
         writer = store.writer
         if writer is not None:
-            writer.write(event.data)
+            writer.write(data)
             if writer.pending > HIGH_WATER and not self.holding:
                 self.holding = True  # the peer now waits for our disk
                 self.provider.pause()
                 self._check_owed()
-        if event.last:
+        if last:
             self.store = None
             if store.slot.response is not None:  # a request we refuse: its answer is ready
                 self._flush()
             elif writer is None:
                 self._answer_store(store.slot, store.status, store.comment)
             else:
-                d = writer.finish()
-                d.addCallbacks(self._stored, self._store_failed,
-                               callbackArgs=(store.slot, writer), errbackArgs=(store.slot, writer))
+                writer.finish(self._finished, store.slot, writer)
             self._check_owed()
 
-    def _stored(self, stored, slot, writer):
+    def _finished(self, outcome, slot, writer):
         self.writers.discard(writer)
+        if type(outcome) is not StoredInstance:
+            self._store_failed(outcome, slot)
+        else:
+            self._stored(outcome, slot)
+        if self.holding:
+            self._drained(writer)
+
+    def _stored(self, stored, slot):
         self.instances += 1
         self.bytes += stored.dataset_size
         if stored.replaced:
@@ -364,24 +384,16 @@ class StoreSCP(DIMSEUser):
                 "the earlier copy was replaced",
                 association=self.id, sop_instance_uid=stored.sop_instance_uid,
             )
-        latency = self.service.reactor.seconds() - slot.started
-        self._drained(writer)
+        service = self.service
+        service.metrics.instance_stored(self.called_ae, stored.dataset_size,
+                                        service.reactor.seconds() - slot.started)
         # Success only once every observer (the index) has the instance.
-        d = self.service.notify("instance_stored", stored, self.info)
-        d.addCallbacks(lambda _: self._answer_store(slot, C.SUCCESS), self._observer_failed,
-                       errbackArgs=(slot,))
-        # One event per instance, for the metrics and audit observers, once
-        # the response is on its way (unless an observer holds it): it has
-        # no format, so text logs skip it (a study would be thousands of
-        # lines) and formatting costs nothing on the hot path.  The JSON-lines
-        # log shows it at debug level.
-        self.log.debug(
-            None,
-            event="instance.stored", association=self.id, called_ae=self.called_ae,
-            calling_ae=self.calling_ae, sop_class_uid=stored.sop_class_uid,
-            sop_instance_uid=stored.sop_instance_uid, bytes=stored.dataset_size,
-            latency=latency,
-        )
+        d = service.notify("instance_stored", stored, self.info)
+        if d is None:
+            self._answer_store(slot, C.SUCCESS)
+        else:
+            d.addCallbacks(lambda _: self._answer_store(slot, C.SUCCESS), self._observer_failed,
+                           errbackArgs=(slot,))
 
     def _observer_failed(self, failure, slot):
         self.log.failure("association {association}: an observer failed on {sop_instance_uid}",
@@ -389,12 +401,10 @@ class StoreSCP(DIMSEUser):
                          sop_instance_uid=slot.command.affected_sop_instance_uid)
         self._answer_store(slot, C.PROCESSING_FAILURE, "could not index the instance")
 
-    def _store_failed(self, failure, slot, writer):
-        self.writers.discard(writer)
-        error = failure.value
+    def _store_failed(self, error, slot):
         status = store_failure_status(error)
         if status is None:
-            return None  # discarded because the association went away
+            return  # discarded because the association went away
         if isinstance(error, StorageFull):
             self.service.storage_full(str(error))
         self.log.error(
@@ -403,8 +413,6 @@ class StoreSCP(DIMSEUser):
             calling_ae=self.calling_ae, error=error,
         )
         self._answer_store(slot, status, "could not store the instance")
-        self._drained(writer)
-        return None
 
     def _answer_store(self, slot, status, comment=None):
         if status != C.SUCCESS:
@@ -434,7 +442,10 @@ class StoreSCP(DIMSEUser):
             self.end_notified = True
             self.recording_release = True
             d = self.service.notify("association_released", self.info)
-            d.addCallbacks(self._released, self._release_failed)
+            if d is None:
+                self._released(None)
+            else:
+                d.addCallbacks(self._released, self._release_failed)
         self._check_owed(progress=True)
 
     def _released(self, _):
@@ -536,9 +547,10 @@ class StoreSCP(DIMSEUser):
         if self.info is not None and not self.end_notified:
             self.end_notified = True
             result = self.result if self.result in ("aborted", "lost") else "lost"
-            self.service.notify("association_ended", self.info, result).addErrback(
-                lambda f: self.log.failure("association {association}: an observer failed", f,
-                                           association=self.id))
+            d = self.service.notify("association_ended", self.info, result)
+            if d is not None:
+                d.addErrback(lambda f: self.log.failure("association {association}: an observer failed", f,
+                                                        association=self.id))
         self.service.active.discard(self)
         if self.outcome == "accepted":
             self.outcome = "connection closed without release"

@@ -276,7 +276,8 @@ class StowReceiver:
                 self._refuse(part, STUDY_MISMATCH, f"Study Instance UID {said} is not the study of the "
                                                    f"request ({wanted})")
                 return
-        d = writer.finish()
+        d = Deferred()
+        writer.finish(_outcome_to, d)
         d.addCallbacks(self._stored, self._store_failed, callbackArgs=(part, writer),
                        errbackArgs=(part, writer))
         self.waits.append(d)
@@ -285,22 +286,23 @@ class StowReceiver:
         self.writers.discard(writer)
         self.drained(writer)
         o = part.outcome
-        attrs = stored.attributes or {}
+        attrs = quick_attributes(stored.head, stored.transfer_syntax_uid,
+                                 stored.dataset_size <= len(stored.head)) or {}
         o.study_uid, o.series_uid = attrs.get("study_uid", ""), attrs.get("series_uid", "")
         if stored.replaced:
             self.log.info("STOW-RS {association}: instance {sop_instance_uid} received again; "
                           "the earlier copy was replaced", association=self.info.id,
                           sop_instance_uid=o.sop_instance_uid)
-        latency = self.clock.seconds() - part.started
+        self.ingest.metrics.instance_stored(self.info.called_ae, stored.dataset_size,
+                                            self.clock.seconds() - part.started)
         d = self.ingest.notify("instance_stored", stored, self.info)
+        if d is None:
+            d = succeed(None)
 
         def done(_):
             o.stored = True
             o.bytes = stored.dataset_size
             self.stored_bytes += stored.dataset_size
-            self.log.debug(None, event="instance.stored", association=self.info.id,
-                           called_ae=self.info.called_ae, calling_ae="", sop_class_uid=o.sop_class_uid,
-                           sop_instance_uid=o.sop_instance_uid, bytes=stored.dataset_size, latency=latency)
 
         def observer_failed(failure):
             self.log.failure("STOW-RS {association}: an observer failed on {sop_instance_uid}", failure,
@@ -359,7 +361,7 @@ class StowReceiver:
             self.paused = False
             self.resume()
         d = gatherResults(self.waits) if self.waits else succeed(None)
-        d.addCallback(lambda _: self.ingest.notify("association_released", self.info))
+        d.addCallback(lambda _: self.ingest.notify("association_released", self.info))  # None or a Deferred
         result = StowResult(self.outcomes)
 
         def released(_):
@@ -390,3 +392,11 @@ class StowReceiver:
         d.addCallback(lambda _: self.ingest.notify("association_ended", self.info, "lost"))
         d.addErrback(lambda f: self.log.failure("STOW-RS {association}: an observer failed", f,
                                                 association=self.info.id))
+
+
+def _outcome_to(outcome, d: Deferred) -> None:
+    """A writer's outcome (a StoredInstance, or the exception) to ``d``."""
+    if isinstance(outcome, BaseException):
+        d.errback(outcome)
+    else:
+        d.callback(outcome)

@@ -76,7 +76,7 @@ class DicomProtocol(Protocol):
                  artim_timeout: float, dimse_timeout: float, pdu_timeout: float = 0):
         self.user = user
         self.reactor = reactor
-        self.core = ul.Association(requestor, max_pdu_length)
+        self.core = ul.Association(requestor, max_pdu_length, sink=user.pdv_received)
         self.artim_timeout = artim_timeout
         self.dimse_timeout = dimse_timeout
         self.pdu_timeout = pdu_timeout
@@ -112,7 +112,10 @@ class DicomProtocol(Protocol):
     def dataReceived(self, data):
         if self._dimse is not None:
             self._dimse.reset(self.dimse_timeout)
-        self._run(self.core.receive_data(data))
+        core = self.core
+        self._run(core.receive_data(data))
+        while core.held:
+            self._run(core.resume())
         self._check_pdu_deadline()
 
     def connectionLost(self, reason):
@@ -350,7 +353,6 @@ class DicomProtocol(Protocol):
 #: What each effect of the core means here.
 _EFFECTS = {
     ul.Send: DicomProtocol._send,
-    ul.PDataIndication: lambda p, fx: p.user.pdata_indication(fx.pdu),
     ul.StartARTIM: lambda p, fx: p._start_artim(),
     ul.StopARTIM: lambda p, fx: p._cancel_artim(),
     ul.CloseTransport: lambda p, fx: p._close(),

@@ -3,7 +3,9 @@
 No service calls into these: :class:`ObserverService` attaches them to the
 global log publisher while the gateway runs, and they follow the events
 described in :mod:`gateway.interfaces` (``association.closed``,
-``instance.stored``, ``instance.failed``).
+``instance.failed``).  The audit trail is also told of every stored instance
+directly, as an :class:`~gateway.interfaces.IInstanceStoredObserver` of the
+ways in.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from twisted.logger import ILogObserver, Logger, globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from gateway.interfaces import IReconfigurable
+from gateway.interfaces import IInstanceStoredObserver, IReconfigurable
 from gateway.logs import iso_time, jsonable
 
 
@@ -58,7 +60,7 @@ _REOPEN = object()  # queued like a line: reopen the file here
 AUDIT_MAX_INSTANCES = 10000
 
 
-@implementer(ILogObserver)
+@implementer(ILogObserver, IInstanceStoredObserver)
 class AuditTrail:
     """One JSON line per association: who, from where, which AE and TLS
     subject, what was stored (SOP instances with sizes), what failed (with
@@ -150,16 +152,26 @@ class AuditTrail:
             for d in waiters:
                 d.callback(None)
 
+    def instance_stored(self, instance, association):
+        stored = self._entry(association.id)["stored"]
+        if len(stored) < AUDIT_MAX_INSTANCES:
+            stored.append({"sop_class_uid": instance.sop_class_uid,
+                           "sop_instance_uid": instance.sop_instance_uid, "bytes": instance.dataset_size})
+
+    def association_released(self, association):
+        pass  # the association.closed event writes the record
+
+    def association_ended(self, association, result):
+        pass
+
+    def _entry(self, association_id) -> dict:
+        return self._open.setdefault(association_id, {"stored": [], "failed": []})
+
     def __call__(self, event):
         kind = event.get("event")
-        if kind == "instance.stored" or kind == "instance.failed":
-            entry = self._open.setdefault(event.get("association", "?"), {"stored": [], "failed": []})
-            if kind == "instance.stored":
-                if len(entry["stored"]) < AUDIT_MAX_INSTANCES:
-                    entry["stored"].append({"sop_class_uid": event.get("sop_class_uid"),
-                                            "sop_instance_uid": event.get("sop_instance_uid"),
-                                            "bytes": event.get("bytes")})
-            elif len(entry["failed"]) < AUDIT_MAX_INSTANCES:
+        if kind == "instance.failed":
+            entry = self._entry(event.get("association", "?"))
+            if len(entry["failed"]) < AUDIT_MAX_INSTANCES:
                 entry["failed"].append({"sop_instance_uid": event.get("sop_instance_uid"),
                                         "status": f"0x{event.get('status', 0):04X}"})
         elif kind == "association.closed":

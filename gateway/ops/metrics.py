@@ -2,6 +2,8 @@
 
 :class:`Metrics` is a ``twisted.logger`` observer: services only log their
 events (see :mod:`gateway.interfaces`), and the counters here follow them.
+Stored instances, once per instance on the hot path, are counted by a
+direct call instead (:class:`~gateway.interfaces.IMetrics`).
 :meth:`Metrics.render` writes the Prometheus text exposition format 0.0.4
 (``GET /metrics``).  Every name starts with ``dicomgw_``.
 
@@ -17,6 +19,7 @@ from twisted.logger import ILogObserver
 from zope.interface import implementer
 
 from gateway import __version__, IMPLEMENTATION_CLASS_UID
+from gateway.interfaces import IMetrics
 
 # Upper bounds of the store latency histogram, in seconds.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -118,9 +121,9 @@ def _labels(names, values) -> str:
     return "{" + ",".join(f'{n}="{_escape(v)}"' for n, v in zip(names, values)) + "}"
 
 
-@implementer(ILogObserver)
+@implementer(ILogObserver, IMetrics)
 class Metrics:
-    """Counters and histograms fed by log events; see the module docstring."""
+    """Counters and histograms fed by log events and by the ways in; see the module docstring."""
 
     def __init__(self):
         self.families: dict[str, _Family] = {}
@@ -164,18 +167,16 @@ class Metrics:
         if mapped is not None:
             family, fields = mapped
             family.inc([event.get(f, "unknown") for f in fields])
-        if kind == "instance.stored":
-            ae = event.get("called_ae", "unknown")
-            self.instances.inc([ae])
-            self.bytes.inc([ae], int(event.get("bytes") or 0))
-            latency = event.get("latency")
-            if isinstance(latency, (int, float)):
-                self.latency.observe(float(latency))
-        elif kind == "instance.failed":
+        if kind == "instance.failed":
             self.failed.inc([event.get("called_ae", "unknown"), f"0x{int(event.get('status', 0)):04X}"])
         elif kind == "association.closed" and event.get("result") == "rejected":
             self.rejected.inc(reject_labels(event.get("reject_result"), event.get("reject_source"),
                                             event.get("reject_reason")))
+
+    def instance_stored(self, called_ae, size, latency):
+        self.instances.inc([called_ae])
+        self.bytes.inc([called_ae], size)
+        self.latency.observe(latency)
 
     def render(self, gauges=()) -> str:
         """The exposition text.  ``gauges``: (name, help, [(labels dict, value)])."""

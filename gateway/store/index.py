@@ -53,7 +53,7 @@ CREATE TABLE IF NOT EXISTS instances (
     patient_id TEXT, patient_name TEXT,
     study_uid TEXT, series_uid TEXT, modality TEXT,
     transfer_syntax TEXT,
-    size INTEGER, sha256 TEXT, inode INTEGER,
+    size INTEGER, digest TEXT, inode INTEGER,  -- digest: "<algorithm>:<hex>" of the file
     calling_ae TEXT, called_ae TEXT, peer TEXT,
     received REAL,
     path TEXT,
@@ -140,7 +140,7 @@ def record_instance(conn, states: dict, row: dict):
         state = states[a] = conn.execute("SELECT state FROM associations WHERE id = ?", (a,)).fetchone()[0]
     row = dict(row, state="received" if state == "open" else "aborted")
     cols = ("association", "ae", "sop_class_uid", "sop_instance_uid", "patient_id", "patient_name",
-            "study_uid", "series_uid", "modality", "transfer_syntax", "size", "sha256", "inode",
+            "study_uid", "series_uid", "modality", "transfer_syntax", "size", "digest", "inode",
             "calling_ae", "called_ae", "peer", "received", "path", "group_key", "state")
     cur = conn.execute(f"INSERT INTO instances ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
                        [row.get(c) for c in cols])

@@ -1,31 +1,36 @@
-"""Streaming, non-blocking storage of received instances.
+"""Streaming storage of received instances, on the reactor thread where that is safe.
 
-Each C-STORE gets an :class:`InstanceWriter`.  Dataset fragments are queued
-as they come off the wire (memoryviews into received PDUs, no copy) and
-written to a temporary file by a bounded thread pool, so the reactor never
-blocks on the disk.  ``finish()`` flushes, optionally fsyncs, renames the file
-atomically into place and fsyncs the directory; only then does its Deferred
-fire, and only then may the C-STORE-RSP say Success.
+Each C-STORE gets an :class:`InstanceWriter`, which writes the data set's
+pieces to a temporary file as they come off the wire (memoryviews into the
+received bytes, never copied) behind the File Meta Information header,
+digests every byte from memory as it is written (never reading the file
+back) and, on ``finish()``, puts the file in place with a rename: only then
+is its callback told, and only then may the C-STORE-RSP say Success.
 
-All disk work of one writer runs in order: at most one pool job per writer
-is in flight at a time, and it handles the operations queued before it
-started and while it runs.  ``pending`` counts bytes queued and not yet
-reported written, so the protocol can pause the transport when the disk
-falls behind.
+Where the work runs (measured on the bench machine, where handing a job to a
+thread and back costs about 140 us, more than storing a small instance):
 
-Write-behind: a job starts only once :data:`WRITE_BEHIND` bytes are queued,
-or when the instance is finished or discarded.  Each job costs two thread
-hand-offs (into the pool, back to the reactor); starting one per received
-fragment made them the bulk of the work for small instances.  A job goes on
-with whatever is queued while it runs, so a big instance is written as it
-arrives and mostly finished by the job already running when its last
-fragment comes.  A small instance is written, closed and renamed by one job.
+- *Direct*: the writes, and with ``fsync`` off the close and the rename, run
+  on the reactor thread as the data arrive: they go to the page cache and
+  take microseconds.  The file itself was created ahead of need by the disk
+  pool (:class:`Spares`), so no file creation is on the way either.  Every
+  such call is timed: one that takes longer than :data:`SLOW` (the page
+  cache is full and the kernel makes writers wait for the disk) sends new
+  writers to the pool for :data:`OFFLOAD_FOR` seconds, so that a slow disk
+  holds back the associations that write to it, not the reactor.
+- *fsync*: with ``fsync`` on, the writes are direct and one disk pool job
+  fsyncs the file, renames it and fsyncs its directory; the reactor never
+  waits for it.
+- *Pooled* (no spare ready, or the disk was found slow): every write runs in
+  the disk pool, at most one job per writer at a time, handling what was
+  queued before and while it runs.  A job starts once :data:`WRITE_BEHIND`
+  bytes are queued, or when the instance is finished or discarded.
+  ``pending`` counts bytes queued and not yet written, so that the protocol
+  can pause the peer when the disk falls behind.
 
-Every byte is hashed (SHA-256) from memory as it is written, never read
-back from the file.  The job that puts the file in place also picks the
-indexed attributes out of the data set's first bytes
-(:func:`gateway.store.header.header_attributes`), so ``finish()`` fires
-with the complete record the index consumes.
+The first bytes of each data set are kept (:data:`HEAD_BYTES`): the index
+picks the indexed attributes out of them (:mod:`gateway.store.header`), in
+its own thread.
 
 Layout under the storage root (:class:`Storage` names each directory)::
 
@@ -43,10 +48,11 @@ import hashlib
 import os
 import secrets
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 
-from twisted.internet.defer import Deferred
+import blake3
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -56,7 +62,6 @@ from gateway.dimse.sop import is_valid_uid
 from gateway.interfaces import IInstanceStorage
 from gateway.part10 import file_meta
 from gateway.store.files import fsync_dir
-from gateway.store.header import header_attributes
 from gateway.store.reserve import SpaceReserve
 from gateway.threads import WorkerPool
 
@@ -65,9 +70,13 @@ class StorageFull(OSError):
     """The disk (or quota) is full: answered with A700 Out of Resources."""
 
 
+#: The digests ``[storage] digest`` may name: a fresh hasher for each (None: no digest).
+DIGESTS = {"blake3": blake3.blake3, "sha256": hashlib.sha256, "none": None}
+
+
 @dataclass(frozen=True)
 class StoredInstance:
-    """What the writer knows of an instance once it is durable: the record
+    """What the writer knows of an instance once it is in place: the record
     the index keeps."""
 
     path: str
@@ -77,80 +86,121 @@ class StoredInstance:
     size: int  # bytes of the whole Part 10 file
     dataset_size: int
     replaced: bool  # an earlier copy of the same instance was overwritten
-    sha256: str = ""  # of the whole file
+    #: Of the whole file, as "<algorithm>:<hex>" ("blake3:...", "sha256:..."); "" for none.
+    digest: str = ""
     inode: int = 0
-    #: The indexed header attributes (gateway.store.header), with ``header_error``.
-    attributes: dict | None = None
+    #: The first bytes of the data set (all of it when it is shorter than
+    #: HEAD_BYTES): where the indexed attributes are read from.
+    head: bytes = b""
 
 
 _FINISH = object()
 
-#: Queue this many bytes before a pool job writes them (see the module
-#: docstring).  Well below the SCP's low-water mark, so an association that
-#: is paused for its backlog always has a job running that will resume it.
+#: Pooled writers queue this many bytes before a job writes them (see the
+#: module docstring).  Well below the SCP's low-water mark, so an association
+#: that is paused for its backlog always has a job running that will resume it.
 WRITE_BEHIND = 256 << 10
 _write = os.write  # the one disk write of the hot path (tests simulate a full disk here)
-#: The first bytes of each data set are kept (copied): the indexed attributes
-#: are picked out of them instead of reading the file.
-HEAD_BYTES = 64 << 10
+_clock = time.monotonic
+#: The first bytes of each data set are kept (copied) for the index.
+HEAD_BYTES = 16 << 10
+#: A write, close or rename on the reactor that takes longer than this
+#: (seconds) means the disk is behind: new writers go to the pool ...
+SLOW = 0.02
+#: ... for this long (seconds) after the last slow one was seen.
+OFFLOAD_FOR = 10.0
 #: Temporary files kept ready for the next instances (see :class:`Spares`),
 #: named ``tmp/spare-<random>.part``.
-SPARES = 4
+SPARES = 16
 SPARE_PREFIX = "spare-"
 #: The databases' reserve, in tmp/ (gateway.store.reserve).
 RESERVE_FILE = "database-reserve"
 
 
 class InstanceWriter:
-    """Writes one instance; see the module docstring."""
+    """Writes one instance; see the module docstring.
 
-    def __init__(self, storage: "Storage", final_path: str, header: bytes, meta: StoredInstance):
+    ``spare`` is a ready (path, fd) from :class:`Spares`: the writer is then
+    direct, else pooled.  Reactor thread: :meth:`write`, :meth:`finish`,
+    :meth:`discard`, ``pending`` and ``on_drained`` (called whenever
+    ``pending`` drops).
+    """
+
+    def __init__(self, storage: "Storage", final_path: str, header: bytes, meta: StoredInstance, spare=None):
         self._storage = storage
         self._final = final_path
-        self._tmp: str | None = None  # set by the first write (pool thread): a spare's, or a new one
-        self._ops: deque = deque([header])
-        self._header_len = len(header)
         self._meta = meta
-        self._fd = -1
-        self._hash = hashlib.sha256()  # of everything written so far (pool thread)
-        self._head = bytearray()  # the first HEAD_BYTES of the data set (pool thread)
-        self._header_written = False
-        self._running = False
+        self._header_len = len(header)
+        hasher = DIGESTS[storage.digest]
+        self._digest = hasher() if hasher is not None else None  # of everything written so far
+        self._head = bytearray()  # the first HEAD_BYTES of the data set
+        self._ops: deque = deque()
+        self._running = False  # a pool job is under way
         self._failed: BaseException | None = None
-        self._finishing = None
+        self._done = None  # (callback, args), once finish() is called
         self._closing = False  # _FINISH is queued: no more waiting for data
-        self.pending = len(header)
+        self.pending = 0
         self.dataset_bytes = 0
-        self.on_drained = None  # called (reactor thread) whenever pending drops
+        self.on_drained = None
+        self._direct = spare is not None
+        if self._direct:
+            self._tmp, self._fd = spare
+            self._write_now(header)
+        else:
+            self._tmp, self._fd = None, -1  # the first job takes a spare or creates a file
+            self._ops.append(header)
+            self.pending = len(header)
 
     # ---- reactor side ----------------------------------------------------
 
     def write(self, data) -> None:
         if self._failed is not None:
             return  # already failed: drop the rest, the response reports it
-        self._ops.append(data)
         n = len(data)
-        self.pending += n
         self.dataset_bytes += n
+        head = self._head
+        if len(head) < HEAD_BYTES:
+            head += data[:HEAD_BYTES - len(head)]
+        if self._direct:
+            self._write_now(data)
+            return
+        self._ops.append(data)
+        self.pending += n
         if self.pending >= WRITE_BEHIND:
             self._kick()
 
-    def finish(self):
-        """Fire with a :class:`StoredInstance` once the file is durable."""
-        d = self._finishing = Deferred()  # a job may fire it before _kick returns
+    def finish(self, done, *args) -> None:
+        """Put the file in place, then call ``done(outcome, *args)`` on the
+        reactor thread: the :class:`StoredInstance`, or the exception that
+        stopped it.  Direct without fsync, that happens before this returns."""
+        self._done = (done, args)
+        if self._direct and not self._storage.fsync:
+            started = _clock()
+            outcome = self._close()
+            self._storage.timed(_clock() - started, "putting a file in place")
+            self._complete(outcome)
+            return
         self._ops.append(_FINISH)
         self._closing = True
         self._kick()
-        return d
 
     def discard(self) -> None:
-        """Abandon the instance: the temporary file is removed."""
-        # Queued writes are skipped once _failed is set; the pool job may be
+        """Abandon the instance: the temporary file is removed (in the pool)."""
+        # Queued writes are skipped once _failed is set; a pool job may be
         # popping from the queue right now, so it is not cleared here.
         self._failed = self._failed or ConnectionAbortedError("discarded")
+        self._direct = False
         self._ops.append(_FINISH)
         self._closing = True
         self._kick()
+
+    def _write_now(self, data) -> None:
+        started = _clock()
+        try:
+            self._put(data)
+        except OSError as e:
+            self._failed = _storage_error(e)
+        self._storage.timed(_clock() - started, "writing")
 
     def _kick(self):
         if self._running or not self._ops:
@@ -161,21 +211,20 @@ class InstanceWriter:
         self._storage.pool.callInThread(self._job)
 
     def _job(self):
-        """Pool thread: run the queued operations; hand the outcome to the
-        reactor; then, once an instance is in place, make the spare files the
-        next ones will take, while the peer reads the response."""
+        """Pool thread: run the queued operations; hand the outcome to the reactor."""
+        started = _clock()
         try:
             result = self._drain()
         except BaseException as e:  # _drain never raises; should it, end the instance, never retry
             result = e
-        self._storage.reactor.callFromThread(self._drained, result)
-        if isinstance(result, tuple) and isinstance(result[1], StoredInstance):
-            self._storage.spares.top_up()
+        self._storage.reactor.callFromThread(self._drained, result, _clock() - started)
 
-    def _drained(self, result):
+    def _drained(self, result, took):
         self._running = False
         if isinstance(result, tuple):
             written, done = result
+            if written and took > SLOW and not self._storage.fsync:
+                self._storage.timed(took, "writing in the disk pool")
         else:
             written, done = 0, result
             self._failed = self._failed or done
@@ -186,28 +235,36 @@ class InstanceWriter:
         self.pending -= written
         if done is not None:
             self._complete(done)
-            return None
+            return
         self._kick()
         if self.on_drained is not None:
             self.on_drained(self)
-        return None
 
-    def _complete(self, done):
+    def _complete(self, outcome):
         self._ops.clear()
         self.pending = 0
-        d, self._finishing = self._finishing, None
-        if d is not None:
-            _fire(d, done)
+        done, self._done = self._done, None
+        if done is not None:
+            callback, args = done
+            callback(outcome, *args)
 
-    # ---- pool thread side -------------------------------------------------
+    # ---- either thread: the reactor's (direct) or the pool's ------------------
+
+    def _put(self, data) -> None:
+        """Write all of ``data`` and digest it."""
+        fd = self._fd
+        n = _write(fd, data)
+        if n < len(data):
+            view = memoryview(data)[n:]
+            while view:
+                view = view[_write(fd, view):]
+        if self._digest is not None:
+            self._digest.update(data)
 
     def _drain(self):
-        """Run the queued operations, and any queued meanwhile; return (bytes
-        written, outcome).
-
-        outcome is None while the instance is still open, a StoredInstance on
-        success, or the exception that ended it.
-        """
+        """Pool thread: run the queued operations, and any queued meanwhile;
+        return (bytes written, outcome): None while the instance is still
+        open, a StoredInstance on success, or the exception that ended it."""
         written = 0
         ops = self._ops
         try:
@@ -215,23 +272,13 @@ class InstanceWriter:
                 op = ops.popleft()
                 if op is _FINISH:
                     return written, self._close()
-                if self._failed is not None:
-                    written += len(op)
-                    continue
-                if self._fd < 0:
-                    self._open()
-                data = view = memoryview(op)
-                if not self._header_written:  # the first op is our meta header
-                    self._header_written = True
-                elif len(self._head) < HEAD_BYTES:
-                    self._head += view[:HEAD_BYTES - len(self._head)]
-                while view:
-                    n = _write(self._fd, view)
-                    view = view[n:]
+                if self._failed is None:
+                    if self._fd < 0:
+                        self._open()
+                    self._put(op)
                 written += len(op)
-                self._hash.update(data)
         except OSError as e:
-            self._failed = StorageFull(e.errno, e.strerror) if e.errno in (errno.ENOSPC, errno.EDQUOT) else e
+            self._failed = _storage_error(e)
         return written, None
 
     def _open(self):
@@ -252,10 +299,8 @@ class InstanceWriter:
             size, inode, replaced = self._put_in_place()
         except BaseException as e:  # leave nothing behind
             self._abandon()
-            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-                return StorageFull(e.errno, e.strerror)
-            return e
-        meta, head = self._meta, bytes(self._head)
+            return _storage_error(e) if isinstance(e, OSError) else e
+        meta, digest = self._meta, self._digest
         return StoredInstance(
             path=self._final,
             sop_class_uid=meta.sop_class_uid,
@@ -264,9 +309,9 @@ class InstanceWriter:
             size=size,
             dataset_size=size - self._header_len,
             replaced=replaced,
-            sha256=self._hash.hexdigest(),
+            digest=f"{self._storage.digest}:{digest.hexdigest()}" if digest is not None else "",
             inode=inode,
-            attributes=header_attributes(self._final, head, meta.transfer_syntax_uid, len(head) < HEAD_BYTES),
+            head=bytes(self._head),
         )
 
     def _put_in_place(self) -> tuple[int, int, bool]:
@@ -307,12 +352,11 @@ class InstanceWriter:
                 pass
 
 
-def _fire(d: Deferred, outcome) -> None:
-    """Fire ``d`` with an outcome from the pool: a result, or the exception."""
-    if isinstance(outcome, BaseException):
-        d.errback(outcome)
-    else:
-        d.callback(outcome)
+def _storage_error(e: OSError) -> OSError:
+    """A full disk or quota as StorageFull (A700), any other error as it is."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT) and not isinstance(e, StorageFull):
+        return StorageFull(e.errno, e.strerror)
+    return e
 
 
 def _create(path: str) -> int:
@@ -332,13 +376,13 @@ class Spares:
 
     Creating a file is the slowest step of storing a small instance (an
     inode and a directory entry: 0.02 to 0.8 ms of system time here,
-    depending on what the file system has been through).  A writer takes a
-    ready file instead (:meth:`take`), and the job that put an instance in
-    place makes the next ones (:meth:`top_up`) after handing its outcome to
-    the reactor, while the association waits for its peer: no job of their
-    own, nothing on the response's path.  When none is ready the writer
-    creates its own.  Spares are ``tmp/*.part`` files like any other: a
-    crash leaves nothing that the start-up clean-up does not remove.
+    depending on what the file system has been through), and a call that
+    may wait for the disk: the reactor never makes one.  A writer takes a
+    ready file (:meth:`take`); once half of them are taken, one pool job
+    makes the next ones, off every instance's path.  When none is ready the
+    writer is pooled and its job creates its file.  Spares are
+    ``tmp/*.part`` files like any other: a crash leaves nothing that the
+    start-up clean-up does not remove.
     """
 
     def __init__(self, storage: "Storage", keep: int = SPARES):
@@ -346,38 +390,46 @@ class Spares:
         self.keep = keep
         self._ready: deque = deque()  # (path, fd); deque appends and pops are thread-safe
         self._closed = False
+        self._filling = False  # a top-up job is queued or running
         self._lock = threading.Lock()  # a spare made as close() empties the queue is not kept
 
     def take(self):
         """A ready (path, fd), or None.  Any thread."""
         try:
-            return self._ready.popleft()
+            spare = self._ready.popleft()
         except IndexError:
-            return None
+            spare = None
+        if len(self._ready) <= self.keep // 2 and not self._filling and not self._closed:
+            self._filling = True
+            self._storage.pool.callInThread(self.top_up)
+        return spare
 
     def top_up(self) -> None:
         """Make up to ``keep`` ready (pool thread)."""
-        for _ in range(self.keep - len(self._ready)):
-            if self._closed:
+        try:
+            for _ in range(2 * self.keep):  # what writers take meanwhile is made up too, within reason
+                if self._closed or len(self._ready) >= self.keep:
+                    return
+                path = self._storage.temporary_path(spare=True)
+                try:
+                    fd = _create(path)
+                except OSError:
+                    return  # a full disk, say: writers will report it when they try
+                with self._lock:
+                    if not self._closed:
+                        self._ready.append((path, fd))
+                        continue
+                _discard_spare(path, fd)
                 return
-            path = self._storage.temporary_path(spare=True)
-            try:
-                fd = _create(path)
-            except OSError:
-                return  # a full disk, say: writers will report it when they try
-            with self._lock:
-                if not self._closed:
-                    self._ready.append((path, fd))
-                    continue
-            _discard_spare(path, fd)
-            return
+        finally:
+            self._filling = False
 
     def close(self):
         """Make no more; remove the ready files (in the pool)."""
         with self._lock:
             self._closed = True
         spares = []
-        while (spare := self.take()) is not None:  # writers may be taking some at the same time
+        while (spare := self._ready_one()) is not None:  # writers may be taking some at the same time
             spares.append(spare)
         storage = self._storage
 
@@ -387,14 +439,25 @@ class Spares:
 
         return deferToThreadPool(storage.reactor, storage.pool, remove)
 
+    def _ready_one(self):
+        try:
+            return self._ready.popleft()
+        except IndexError:
+            return None
+
 
 @implementer(IInstanceStorage)
 class Storage:
-    """The storage root: hands out writers, owns the disk thread pool."""
+    """The storage root: hands out writers, owns the disk thread pool.
+
+    ``digest`` names the algorithm of :data:`DIGESTS` every file is digested
+    with.  :meth:`timed` is told how long each piece of disk work done on
+    the reactor took, and sends writers to the pool while the disk is slow.
+    """
 
     log = Logger()
 
-    def __init__(self, root: str, reactor, pool: WorkerPool, *, fsync: bool = True,
+    def __init__(self, root: str, reactor, pool: WorkerPool, *, fsync: bool = True, digest: str = "blake3",
                  implementation_version_name: str = "DICOMGW"):
         self.root = os.path.abspath(root)
         self.tmp_dir = os.path.join(self.root, "tmp")
@@ -406,9 +469,22 @@ class Storage:
         self.reactor = reactor
         self.pool = pool
         self.fsync = fsync
+        self.digest = digest
         self.implementation_version_name = implementation_version_name
         self._ae_dirs: dict[str, str] = {}  # called AE title -> its checked directory
         self.spares = Spares(self)
+        self.slow_until = 0.0  # writers are pooled until then (reactor.seconds())
+
+    def timed(self, seconds: float, what: str) -> None:
+        """Disk work on the reactor (or a pooled write) took ``seconds``."""
+        if seconds <= SLOW:
+            return
+        now = self.reactor.seconds()
+        if now >= self.slow_until:
+            self.log.warn("storage under {root} is slow ({what} took {ms:.0f} ms): writing in the disk pool, "
+                          "not on the reactor, for at least {seconds:g} s", event="storage.slow", root=self.root,
+                          what=what, ms=seconds * 1000, seconds=OFFLOAD_FOR)
+        self.slow_until = now + OFFLOAD_FOR
 
     def temporary_path(self, spare: bool = False) -> str:
         return os.path.join(self.tmp_dir, (SPARE_PREFIX if spare else "") + secrets.token_hex(12) + ".part")
@@ -467,4 +543,5 @@ class Storage:
             source_ae_title=calling_ae or None,
         )
         meta = StoredInstance(final, sop_class_uid, sop_instance_uid, transfer_syntax_uid, 0, 0, False)
-        return InstanceWriter(self, final, header, meta)
+        spare = self.spares.take() if self.reactor.seconds() >= self.slow_until else None
+        return InstanceWriter(self, final, header, meta, spare)

@@ -23,7 +23,6 @@ from gateway.ul.events import (
     AssociateIndication,
     CloseTransport,
     ConnectTransport,
-    PDataIndication,
     ReleaseConfirmation,
     ReleaseIndication,
     Send,
@@ -36,5 +35,5 @@ __all__ = list(_pdu_names) + [
     "decode_pdu", "encode_pdu", "encode_pdata", "Association", "InvalidPrimitive",
     "MAX_ASSOCIATION_PDU", "State", "Event", "Send", "StartARTIM", "StopARTIM", "CloseTransport",
     "ConnectTransport", "AssociateIndication", "AssociateConfirmation",
-    "PDataIndication", "ReleaseIndication", "ReleaseConfirmation", "AbortIndication",
+    "ReleaseIndication", "ReleaseConfirmation", "AbortIndication",
 ]

@@ -5,6 +5,9 @@ other methods; every call returns a list of *effects*
 (:mod:`gateway.ul.events`: send these bytes, start or stop ARTIM, close the
 transport, tell the user something) and never touches a socket, a timer or a
 clock.  The caller (the Twisted Protocol) carries the effects out in order.
+The one exception is the hot path: the PDV data of P-DATA-TF PDUs go to the
+*sink* callable (the user's DIMSE assembler) as they arrive, without an
+effect, a PDU object or a copy per PDU.
 
 Framing: each PDU starts with a 6-byte header (type, reserved, 32-bit
 length).  The declared length is checked against a limit *before* any of the
@@ -26,7 +29,6 @@ from gateway.ul.events import (
     AbortIndication,
     AssociateConfirmation,
     AssociateIndication,
-    PDataIndication,
     ReleaseIndication,
     Send,
 )
@@ -56,6 +58,11 @@ _EVENT_FOR_TYPE = {
 }
 
 _START, _STOP, _CLOSE = START_ARTIM, STOP_ARTIM, CLOSE_TRANSPORT
+_PDV_HEADER = struct.Struct(">IBB")  # item length, presentation context id, message control header
+_EMPTY = memoryview(b"")
+#: Where a P-DATA-TF reaches the user (Evt10: DT-2, AR-6): its data are
+#: streamed to the sink.
+_DELIVERING = frozenset({State.Sta6, State.Sta7})
 
 
 class InvalidPrimitive(Exception):
@@ -70,7 +77,7 @@ class Association:
     advertise for receiving; P-DATA PDUs above it are aborted.
     """
 
-    def __init__(self, requestor: bool, max_pdu_length: int):
+    def __init__(self, requestor: bool, max_pdu_length: int, sink=None):
         self.requestor = requestor
         self.state = State.Sta1
         # The start of a PDU whose end has not arrived: the received chunks,
@@ -79,6 +86,19 @@ class Association:
         self._partial_len = 0
         self._need = 0
         self._discard = False  # stream cannot be framed any more
+        self._held = False  # see held
+        # The P-DATA-TF being streamed (_stream): bytes of its body still to
+        # come, of its current PDV's data, that PDV's context id and control
+        # header, and the start of a PDV item header split between reads.
+        self._body_left = 0
+        self._pdv_left = 0
+        self._pdv_context = self._pdv_control = 0
+        self._pdv_head = b""
+        #: Called with every piece of PDV data received in data transfer, in
+        #: order: ``sink(context_id, control, data, end)``, ``data`` a
+        #: memoryview of the received bytes (use or copy it before
+        #: returning), ``end`` true on the last piece of the PDV.
+        self.sink = sink if sink is not None else _ignore
         limit = max_pdu_length + PDATA_SLACK if max_pdu_length else MAX_UNLIMITED_PDATA
         self._pdata_limit = min(limit, MAX_UNLIMITED_PDATA)
         self._pending: P.AssociateRQ | None = None
@@ -151,7 +171,7 @@ class Association:
     @property
     def partial_pdu(self) -> bool:
         """Some bytes of a PDU have arrived, but not all of it."""
-        return bool(self._partial) and not self._discard
+        return bool(self._partial or self._body_left) and not self._discard
 
     @property
     def established(self) -> bool:
@@ -187,75 +207,176 @@ class Association:
     def receive_data(self, data) -> list:
         """Feed bytes from the peer; return the effects.
 
-        Copies only the PDUs that straddle two reads, once: complete PDUs
-        are decoded straight from ``data`` (P-DATA values are memoryview
-        slices of it), and the pieces of one that spans several reads are
-        joined when its last byte is in.  A PDU's declared length is checked
+        A P-DATA-TF that reaches the user (Sta6, Sta7) is not buffered: its
+        PDV data go to :attr:`sink` piece by piece as they arrive, views of
+        ``data`` (see :meth:`_stream`).  Other PDUs are decoded whole: from
+        ``data`` when they are complete in it, else once their last byte is
+        in (the pieces joined, once).  A PDU's declared length is checked
         against the limit as soon as its header is in, before anything
         waits for the rest of it.
         """
         if self._discard:
             return []
         if type(data) is not bytes:
-            data = bytes(data)  # the views kept below must not see the caller reuse its buffer
-        view = memoryview(data)
+            data = bytes(data)  # the views handed on must not see the caller reuse its buffer
         effects: list = []
-        while self._partial and view and not self._discard:
-            missing = self._need - self._partial_len
-            if len(view) < missing:
-                self._partial.append(view)
-                self._partial_len += len(view)
-                return effects
-            self._partial.append(view[:missing])
-            view = view[missing:]
-            unit = b"".join(self._partial)  # a whole PDU, or the header that says how long it is
-            self._partial.clear()
-            self._partial_len = 0
-            effects += self._frame(memoryview(unit))
-        if view and not self._discard:
-            effects += self._frame(view)
+        self._frame(memoryview(data), effects)
         return effects
 
-    def _frame(self, view) -> list:
-        """Decode the whole PDUs at the start of ``view``; keep the rest."""
-        total = len(view)
-        off = 0
-        need = 6
+    @property
+    def held(self) -> bool:
+        """Framing stopped at a P-DATA-TF so that the effects returned are
+        carried out before its data reach the user: call :meth:`resume`."""
+        return self._held
+
+    def resume(self) -> list:
+        """Go on framing after :attr:`held`; return the effects."""
+        self._held = False
+        unit = b"".join(self._partial)
+        self._partial.clear()
+        self._partial_len = 0
         effects: list = []
-        while total - off >= 6 and not self._discard:
-            pdu_type, length = _HEADER.unpack_from(view, off)
-            event = _EVENT_FOR_TYPE.get(pdu_type)
-            if event is None:
-                effects += self._invalid(P.ABORT_UNRECOGNIZED_PDU, f"unrecognized PDU type 0x{pdu_type:02x}")
-                break
-            limit = self._pdata_limit if pdu_type == P.P_DATA_TF else MAX_ASSOCIATION_PDU
-            if length > limit:
-                effects += self._invalid(
-                    P.ABORT_INVALID_PDU_PARAMETER_VALUE,
-                    f"PDU type 0x{pdu_type:02x} declares {length} bytes, limit {limit}",
-                )
-                break
-            end = off + 6 + length
-            if end > total:
-                need = 6 + length
-                break
-            body = view[off + 6:end]
-            off = end
-            try:
-                pdu = decode_pdu(pdu_type, body if pdu_type == P.P_DATA_TF else bytes(body))
-            except P.PDUError as e:
-                effects += self._invalid(e.reason, str(e))
-                break
-            effects += self._event(event, pdu)
-        if off < total and not self._discard:
-            self._partial.append(view[off:])
-            self._partial_len = total - off
-            self._need = need
+        self._frame(memoryview(unit), effects)
         return effects
+
+    def _frame(self, view, effects: list) -> None:
+        while view and not self._discard and not self._held:
+            if self._body_left:
+                view = self._stream(view, effects)
+            elif self._partial:
+                missing = self._need - self._partial_len
+                if len(view) < missing:
+                    self._partial.append(view)
+                    self._partial_len += len(view)
+                    return
+                self._partial.append(view[:missing])
+                view = view[missing:]
+                unit = b"".join(self._partial)  # a whole PDU, or the header that says how long it is
+                self._partial.clear()
+                self._partial_len = 0
+                self._next_pdu(memoryview(unit), effects)
+                if self._held and view:
+                    self._partial.append(view)
+                    self._partial_len += len(view)
+                    return
+            else:
+                view = self._next_pdu(view, effects)
+
+    def _next_pdu(self, view, effects: list):
+        """Take the PDU at the start of ``view``: decode it, start streaming
+        it, or keep what there is of it; return what follows."""
+        if len(view) < 6:
+            return self._keep(view, 6)
+        pdu_type, length = _HEADER.unpack_from(view)
+        event = _EVENT_FOR_TYPE.get(pdu_type)
+        if event is None:
+            effects += self._invalid(P.ABORT_UNRECOGNIZED_PDU, f"unrecognized PDU type 0x{pdu_type:02x}")
+            return _EMPTY
+        limit = self._pdata_limit if pdu_type == P.P_DATA_TF else MAX_ASSOCIATION_PDU
+        if length > limit:
+            effects += self._invalid(
+                P.ABORT_INVALID_PDU_PARAMETER_VALUE,
+                f"PDU type 0x{pdu_type:02x} declares {length} bytes, limit {limit}",
+            )
+            return _EMPTY
+        if pdu_type == P.P_DATA_TF and self.state in _DELIVERING:
+            if effects:
+                # What came before (an A-ASSOCIATE-AC, say) must reach the
+                # user before these data do.
+                self._held = True
+                return self._keep(view, 6)
+            if not length:
+                # "shall contain one or more Presentation-data-value Items"
+                effects += self._invalid(P.ABORT_INVALID_PDU_PARAMETER_VALUE, "P-DATA-TF PDU without any PDV item")
+                return _EMPTY
+            self._body_left = length
+            return view[6:]
+        end = 6 + length
+        if len(view) < end:
+            return self._keep(view, end)
+        body = view[6:end]
+        try:
+            pdu = decode_pdu(pdu_type, body if pdu_type == P.P_DATA_TF else bytes(body))
+        except P.PDUError as e:
+            effects += self._invalid(e.reason, str(e))
+            return _EMPTY
+        effects += self._event(event, pdu)
+        return view[end:]
+
+    def _keep(self, view, need: int):
+        """Keep the start of a PDU until ``need`` bytes of it are in."""
+        self._partial.append(view)
+        self._partial_len = len(view)
+        self._need = need
+        return _EMPTY
+
+    def _stream(self, view, effects: list):
+        """Hand the PDV data of the P-DATA-TF under way to :attr:`sink`, as
+        pieces of ``view``; return what follows the PDU.
+
+        Each PDV item header (PS3.8 Table 9-23: item length, presentation
+        context id, message control header) is checked before any of its
+        data goes on: a length under 2 or beyond the PDU, an even context
+        id, or a PDU ending inside a header abort the association.  The
+        sink is called only while the state delivers P-DATA: once the user
+        has aborted from inside it, the rest of the PDU is dropped.
+        """
+        sink = self.sink
+        while self._body_left and view:
+            if not self._pdv_left:
+                view = self._pdv_header(view, effects)
+                if self._discard:
+                    return _EMPTY
+                continue
+            n = self._pdv_left
+            if n >= len(view):
+                piece, view = view, _EMPTY
+                n = len(piece)
+            else:
+                piece, view = view[:n], view[n:]
+            self._pdv_left -= n
+            self._body_left -= n
+            if self.state in _DELIVERING:
+                sink(self._pdv_context, self._pdv_control, piece, not self._pdv_left)
+        return view
+
+    def _pdv_header(self, view, effects: list):
+        head = self._pdv_head
+        if self._body_left + len(head) < 6:
+            effects += self._invalid(P.ABORT_INVALID_PDU_PARAMETER_VALUE,
+                                                  "truncated PDV item header")
+            return _EMPTY
+        if head or len(view) < 6:  # split between two reads
+            take = view[:6 - len(head)]
+            head = self._pdv_head = head + bytes(take)
+            self._body_left -= len(take)
+            view = view[len(take):]
+            if len(head) < 6:
+                return view
+            self._pdv_head = b""
+            length, context_id, control = _PDV_HEADER.unpack(head)
+        else:
+            length, context_id, control = _PDV_HEADER.unpack_from(view)
+            self._body_left -= 6
+            view = view[6:]
+        if length < 2:
+            problem = f"PDV item length {length} is less than 2"
+        elif length - 2 > self._body_left:
+            problem = f"PDV item length {length} exceeds the {self._body_left + 2} bytes remaining"
+        elif not context_id & 1:
+            problem = f"PDV presentation context id {context_id} is not odd"
+        else:
+            self._pdv_context, self._pdv_control, self._pdv_left = context_id, control, length - 2
+            if not self._pdv_left and self.state in _DELIVERING:
+                self.sink(context_id, control, _EMPTY, True)
+            return view
+        effects += self._invalid(P.ABORT_INVALID_PDU_PARAMETER_VALUE, problem)
+        return _EMPTY
 
     def _invalid(self, reason: int, detail: str) -> list:
         self._discard = True
         self._partial.clear()
+        self._body_left = self._pdv_left = 0
         self._detail = detail
         self._abort = P.Abort(P.ABORT_SOURCE_PROVIDER, reason)
         return self._event(Event.Evt19)
@@ -321,6 +442,10 @@ class Association:
         return [_send(abort), AbortIndication(abort.source, abort.reason, True, True, self._detail), _START]
 
 
+def _ignore(context_id, control, data, end):
+    pass
+
+
 def _send(pdu) -> Send:
     return Send(encode_pdu(pdu))
 
@@ -339,13 +464,13 @@ _ACTIONS = {
     "AE-7": lambda a, e, ac: [_send(ac)],
     "AE-8": lambda a, e, rj: [_send(rj), _START],
     "DT-1": lambda a, e, data: [Send(data)],
-    "DT-2": lambda a, e, pdu: [PDataIndication(pdu)],
+    "DT-2": lambda a, e, pdu: [],  # the data went to the sink as they came (_stream)
     "AR-1": lambda a, e, x: [_send(P.ReleaseRQ())],
     "AR-2": lambda a, e, x: [ReleaseIndication()],
     "AR-3": lambda a, e, x: [RELEASE_CONFIRMATION, _CLOSE],
     "AR-4": lambda a, e, x: [_send(P.ReleaseRP()), _START],
     "AR-5": lambda a, e, x: [_STOP],
-    "AR-6": lambda a, e, pdu: [PDataIndication(pdu)],
+    "AR-6": lambda a, e, pdu: [],  # likewise
     "AR-7": lambda a, e, data: [Send(data)],
     "AR-8": Association._ar8,
     "AR-9": lambda a, e, x: [_send(P.ReleaseRP())],

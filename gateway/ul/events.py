@@ -4,14 +4,15 @@ Only types live here (as h11 keeps its events apart from the machine):
 :class:`gateway.ul.association.Association` returns lists of these and the
 Twisted adapter (:mod:`gateway.net.protocol`) carries them out in order.
 Timer and transport effects say what to do to the connection; indications
-are the PS3.8 primitives for the service user.
+are the PS3.8 primitives for the service user (but P-DATA, whose data go to
+the core's sink as they arrive).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gateway.ul.pdu import AssociateAC, AssociateRJ, AssociateRQ, PDataTF
+from gateway.ul.pdu import AssociateAC, AssociateRJ, AssociateRQ
 
 
 @dataclass(frozen=True)
@@ -54,13 +55,6 @@ class AssociateConfirmation:
     @property
     def accepted(self) -> bool:
         return isinstance(self.response, AssociateAC)
-
-
-@dataclass(frozen=True)
-class PDataIndication:
-    """P-DATA indication: a P-DATA-TF PDU whose PDVs are views of the received bytes."""
-
-    pdu: PDataTF
 
 
 @dataclass(frozen=True)

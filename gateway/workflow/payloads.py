@@ -2,11 +2,14 @@
 
 :class:`PayloadService` is an :class:`IInstanceStoredObserver` of the SCP:
 
-- ``instance_stored``: the writer's record of the instance (digest and
-  header attributes included) is indexed (state ``received``) in the
-  background: the C-STORE is answered at once.  Its group key (per
-  ``[[ae]] grouping``: the association id, Patient ID, Study or Series
-  Instance UID) is remembered, scoped by AE title.
+- ``instance_stored``: the writer's record of the instance is indexed
+  (state ``received``) in the background: the C-STORE is answered at once.
+  Rows wait, at most :data:`INDEX_DELAY` seconds or :data:`INDEX_BATCH`
+  rows, to be written together by one database job, which also reads each
+  instance's indexed attributes from its first bytes and its group key
+  (per ``[[ae]] grouping``: the association id, Patient ID, Study or Series
+  Instance UID), remembered per AE title.  Nothing of it costs the
+  association a Deferred, a thread hand-off or a commit per instance.
 - ``association_released``: once all its instances are indexed, the
   association's instances join the open payload of their (AE, key), or a
   new one, in one durable transaction, before the A-RELEASE-RP goes out.
@@ -37,17 +40,24 @@ import os
 import secrets
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from gateway.interfaces import IInstanceStoredObserver, IPayloadQuery, IReconfigurable
 from gateway.store import index
 from gateway.store.files import fsync_dir, remove_all
+from gateway.store.header import header_attributes
 
 MANIFEST = "manifest.json"
-MANIFEST_VERSION = 1
+#: 2: instances carry "digest" ("<algorithm>:<hex>"; "sha256" too when that is the algorithm).
+MANIFEST_VERSION = 2
+#: Index rows wait at most this long (seconds) for company, and go at once
+#: when this many wait (see instance_stored).
+INDEX_DELAY = 0.25
+INDEX_BATCH = 256
 #: The states a payload goes through (gateway.store.index says what each means).
 PAYLOAD_STATES = ("open", "closing", "closed", "done", "failed", "removed")
 
@@ -63,6 +73,35 @@ def group_key(grouping: str, association_id: str, attrs: dict) -> str:
 
 
 # ---- transactions (database thread) ------------------------------------------
+
+def _db_index(conn, rows, groupings: dict, bare: bool = False):
+    """Record a batch of stored instances; [(group key, state, header error)] per row.
+
+    ``rows``: (StoredInstance, AssociationInfo, time received); ``groupings``:
+    AE title -> its grouping.  The indexed attributes are read here, off the
+    reactor, from the first bytes the writer kept (or from the file); not
+    when ``bare``, the second try of a batch that failed: then the rows only
+    say where the files are, so that they go with their associations."""
+    states: dict = {}
+    out = []
+    for instance, association, received in rows:
+        if bare:
+            attrs = {"patient_id": "", "patient_name": "", "study_uid": "", "series_uid": "", "modality": "",
+                     "header_error": "not indexed"}
+        else:
+            attrs = header_attributes(instance.path, instance.head, instance.transfer_syntax_uid,
+                                      instance.dataset_size <= len(instance.head))
+        key = group_key(groupings.get(association.called_ae, "study"), association.id, attrs)
+        row = dict(attrs, association=association.id, ae=association.called_ae,
+                   sop_class_uid=instance.sop_class_uid, sop_instance_uid=instance.sop_instance_uid,
+                   transfer_syntax=instance.transfer_syntax_uid, size=instance.size,
+                   digest=instance.digest, inode=instance.inode, calling_ae=association.calling_ae,
+                   called_ae=association.called_ae, peer=association.peer, started=association.started,
+                   received=received, path=instance.path, group_key=key)
+        state, _row_id = index.record_instance(conn, states, row)
+        out.append((key, state, attrs["header_error"]))
+    return out
+
 
 def _db_release(conn, info, now, aes: dict):
     """Join the association's instances to payloads; return the open payloads touched.
@@ -196,9 +235,11 @@ def _build_payload_dir(root, payload, instances, associations, pipelines, fsync)
             "patient_id": inst["patient_id"], "patient_name": inst["patient_name"],
             "study_instance_uid": inst["study_uid"], "series_instance_uid": inst["series_uid"],
             "modality": inst["modality"], "transfer_syntax_uid": inst["transfer_syntax"],
-            "path": name, "size": inst["size"], "sha256": inst["sha256"],
+            "path": name, "size": inst["size"], "digest": inst["digest"] or "",
             "association": inst["association"], "received": inst["received"],
         })
+        if (inst["digest"] or "").startswith("sha256:"):
+            entries[-1]["sha256"] = inst["digest"][len("sha256:"):]
     manifest = {
         "version": MANIFEST_VERSION,
         "payload": payload["id"], "ae": payload["ae"], "grouping": payload["grouping"],
@@ -244,12 +285,14 @@ class PayloadService(Service):
         self.last_seen: dict[tuple, float] = {}  # (ae, key) -> time of the last instance
         self.open_payloads: dict[tuple, list] = {}  # (ae, key) -> [payload id, updated]
         self.timers: dict[str, object] = {}
-        # association id -> (AE title, Deferreds of instances still being examined)
-        self.examining: dict[str, tuple] = {}
-        self._unexamined: list = []  # Deferreds to fire on the next turn: _examine
+        self._rows: list = []  # (instance, association, received) for the next index job
+        self._rows_timer = None
+        self._indexing = False  # an index job is under way
+        # association id -> [rows not yet committed, AE title], and who waits for them
+        self.unindexed: dict[str, list] = {}
+        self._settling: dict[str, list] = {}
         self.failed: set[str] = set()  # associations with an instance that could not be indexed
-        self.awaited: set[str] = set()  # associations whose end waits for their rows
-        self.recorded: set[str] = set()  # associations whose first row has gone to the database
+        self.recorded: set[str] = set()  # open associations whose first row has gone to the database
         self.started_at = None
         self.recovered = None
 
@@ -284,100 +327,86 @@ class PayloadService(Service):
     def instance_stored(self, instance, association):
         """Index the instance in the background; the C-STORE is answered at once.
 
-        ``instance`` is the writer's complete record (path, size, digest,
-        header attributes); its row is written with others in one
-        transaction.  None of it is needed before the association releases,
-        and the release waits for them (and makes them durable) before the
+        ``instance`` is the writer's record (path, size, digest, first
+        bytes).  Its row goes to the database with others (:meth:`_index`).
+        None of it is needed before the association releases, and the
+        release waits for them (and makes them durable) before the
         A-RELEASE-RP.  An acknowledged instance whose row a crash prevented
-        belongs to an association that never released: at restart it is
-        treated as aborted, as it should be.
+        belongs to an association that never released: at restart its file
+        is adopted as such (aborted, or kept on an AE title without pipelines).
         """
-        now = self.reactor.seconds()
-        _ae, pending = self.examining.setdefault(association.id, (association.called_ae, []))
-        # The work starts on the reactor's next turn, once the response has
-        # gone: the peer is not kept waiting for the index.
-        d = Deferred()
-        if not self._unexamined:
-            self.reactor.callLater(0, self._examine)
-        self._unexamined.append(d)
-        d.addCallback(lambda _: self._examined(instance, association, now))
-
-        def failed(failure):
-            self.failed.add(association.id)
-            self.log.failure("association {association}: could not index {sop_instance_uid}", failure,
-                             association=association.id, sop_instance_uid=instance.sop_instance_uid)
-            # A row without attributes, so that the file is handled (removed or
-            # kept) with the rest of its association, which will not hand off.
-            row = dict(association=association.id, ae=association.called_ae,
-                       sop_class_uid=instance.sop_class_uid, sop_instance_uid=instance.sop_instance_uid,
-                       transfer_syntax=instance.transfer_syntax_uid, size=instance.size,
-                       calling_ae=association.calling_ae, called_ae=association.called_ae,
-                       peer=association.peer, started=association.started, received=now,
-                       path=instance.path)
-            return self.db.run(index.record_instance, {}, row).addErrback(
-                lambda f: self.log.failure("could not record {path}", f, path=instance.path))
-
-        d.addErrback(failed)
-        pending.append(d)
-        d.addBoth(lambda _: pending.remove(d))
-
-    def _examine(self):
-        batch, self._unexamined = self._unexamined, []
-        for d in batch:
-            d.callback(None)
-
-    def _examined(self, instance, association, received):
-        attrs = instance.attributes
-        if attrs["header_error"]:
-            self.log.warn("{path}: header not readable ({error}); indexed without attributes",
-                          path=instance.path, error=attrs["header_error"])
-        ae = self.aes.get(association.called_ae)
-        key = group_key(ae.grouping if ae else "study", association.id, attrs)
-        if association.id in self.examining:  # else the association has already ended
-            self.open_keys.setdefault(association.id, set()).add((association.called_ae, key))
-        k = (association.called_ae, key)
-        self.last_seen[k] = max(self.last_seen.get(k, 0), received)
-        row = dict(attrs, association=association.id, ae=association.called_ae,
-                   sop_class_uid=instance.sop_class_uid, sop_instance_uid=instance.sop_instance_uid,
-                   transfer_syntax=instance.transfer_syntax_uid, size=instance.size,
-                   sha256=instance.sha256, inode=instance.inode, calling_ae=association.calling_ae,
-                   called_ae=association.called_ae, peer=association.peer, started=association.started,
-                   received=received, path=instance.path, group_key=key)
-        d = self.db.run_coalesced(index.record_instance, row)
-        if association.id in self.awaited or association.id not in self.recorded:
-            # The association's first row goes at once, so that a crash leaves
-            # its record (state "broken"); its other rows may wait a few
-            # milliseconds for company.  Files whose rows a crash lost are
-            # adopted at the next start (_db_recover) and handled as aborted.
+        self._rows.append((instance, association, self.reactor.seconds()))
+        pending = self.unindexed.get(association.id)
+        if pending is None:
+            self.unindexed[association.id] = [1, association.called_ae]
+        else:
+            pending[0] += 1
+        if len(self._rows) >= INDEX_BATCH or association.id not in self.recorded:
+            # A new association's first row goes at once, so that a crash
+            # finds its record (and calls it broken); the rest may wait.
             self.recorded.add(association.id)
-            self.db.flush()
+            self._index()
+        elif self._rows_timer is None:
+            self._rows_timer = self.reactor.callLater(INDEX_DELAY, self._index)
 
-        def indexed(result):
-            if result[0] == "aborted":  # its association ended while the file was being written
-                return self._discard(association.id, "aborted")
+    def _index(self):
+        """Write the rows waiting now in one database job (one at a time)."""
+        timer, self._rows_timer = self._rows_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        if self._indexing or not self._rows:
+            return
+        rows, self._rows = self._rows, []
+        self._indexing = True
+        groupings = {title: ae.grouping for title, ae in self.aes.items()}
+        self.db.run(_db_index, rows, groupings).addBoth(self._indexed, rows)
 
-        return d.addCallback(indexed)
+    def _indexed(self, result, rows, bare=False):
+        if isinstance(result, Failure):
+            # Their associations will not hand off (the release fails); the
+            # rows are tried once more without attributes, so that the files
+            # are removed or kept with the rest of their associations.
+            self.failed.update(association.id for _i, association, _r in rows)
+            if not bare:
+                self.log.failure("could not index {count} instance(s); recording them without attributes",
+                                 result, count=len(rows))
+                self.db.run(_db_index, rows, {}, True).addBoth(self._indexed, rows, True)
+                return
+            self.log.failure("could not record {count} instance(s); the next start adopts their files", result,
+                             count=len(rows))
+            result = [None] * len(rows)
+        self._indexing = False
+        for (instance, association, received), outcome in zip(rows, result):
+            if outcome is not None and not bare:
+                key, _state, header_error = outcome
+                if header_error:
+                    self.log.warn("{path}: header not readable ({error}); indexed without attributes",
+                                  path=instance.path, error=header_error)
+                k = (association.called_ae, key)
+                self.open_keys.setdefault(association.id, set()).add(k)
+                self.last_seen[k] = max(self.last_seen.get(k, 0), received)
+            pending = self.unindexed[association.id]
+            pending[0] -= 1
+            if not pending[0]:
+                del self.unindexed[association.id]
+                for d in self._settling.pop(association.id, ()):
+                    d.callback(None)
+        if self._rows:  # they have waited for this job already
+            self._index()
 
     def _settled(self, association_id):
-        """Fire once every instance of the association has been examined."""
-        _ae, pending = self.examining.get(association_id, (None, []))
-        # Someone waits for these rows now: no waiting for company (see
-        # Database.run_coalesced), neither for the rows already queued nor
-        # for those of instances still being examined (_examined).
-        self.awaited.add(association_id)
-        self.db.flush()
-        return DeferredList(list(pending))
-
-    def _forget(self, association_id):
-        """The association has ended and its rows are in: drop what tracked them."""
-        self.examining.pop(association_id, None)
-        self.awaited.discard(association_id)
-        self.recorded.discard(association_id)
+        """Fire once every row of the association is committed (or failed)."""
+        if association_id not in self.unindexed:
+            return succeed(None)
+        d = Deferred()
+        self._settling.setdefault(association_id, []).append(d)
+        self._index()  # someone waits for these rows now: no waiting for company
+        return d
 
     @inlineCallbacks
     def association_released(self, association):
         yield self._settled(association.id)
-        self._forget(association.id)
+        self.recorded.discard(association.id)
         if association.id in self.failed:
             # Not every instance is indexed: the release fails (the SCP aborts)
             # and the association counts as aborted.
@@ -397,7 +426,7 @@ class PayloadService(Service):
     @inlineCallbacks
     def association_ended(self, association, result):
         yield self._settled(association.id)
-        self._forget(association.id)
+        self.recorded.discard(association.id)
         self.failed.discard(association.id)
         keys = self.open_keys.pop(association.id, set())
         yield self._discard(association.id, result)
@@ -447,9 +476,11 @@ class PayloadService(Service):
             return
         if any(k in keys for keys in self.open_keys.values()):
             return  # an open association still brings instances; checked again when it ends
-        unexamined = [d for ae, ds in self.examining.values() if ae == k[0] for d in ds]
-        if unexamined:  # their group is not known yet: look again once it is
-            DeferredList(unexamined).addCallback(lambda _: self._check_key(k))
+        if any(ae == k[0] for _n, ae in self.unindexed.values()):
+            # Instances of this AE title whose group is not known yet: look
+            # again once their rows are in.
+            self._index()
+            self.timers[pid] = self.reactor.callLater(INDEX_DELAY, self._check_key, k)
             return
         del self.open_payloads[k]
         self.last_seen.pop(k, None)
@@ -506,7 +537,8 @@ class PayloadService(Service):
             self.log.info("recovery: {kept} file(s) not in the index were indexed as kept", kept=kept)
         if broken or orphans:
             self.log.info("recovery: {associations} association(s) broken by a restart and {orphans} "
-                          "never-acknowledged file(s) are treated as aborted",
+                          "file(s) the index had no row for (received on associations that never released) "
+                          "are treated as aborted",
                           event="instances.discarded", association=None, count=len(broken) + orphans,
                           associations=len(broken), orphans=orphans, retained=retention)
         if due:

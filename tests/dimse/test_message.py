@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -12,8 +13,6 @@ from gateway.dimse import commands as c
 from gateway.dimse.commands import MAX_COMMAND_LENGTH, DIMSEError, encode_command
 from gateway.dimse.message import (
     UNLIMITED_FRAGMENT_SIZE,
-    CommandReceived,
-    DataFragment,
     MessageAssembler,
     fragment_message,
     fragment_stream,
@@ -56,17 +55,68 @@ def decode_pdata_pdu(pdu: bytes) -> PDV:
     return decoded.pdvs[0]
 
 
+@dataclass(frozen=True)
+class CommandReceived:
+    context_id: int
+    command: object
+
+
+@dataclass(frozen=True)
+class DataFragment:
+    data: object
+    last: bool
+
+
+class Recorder:
+    """The assembler's handler: what it was told, in order."""
+
+    def __init__(self):
+        self.events: list = []
+
+    def command_received(self, command, context_id):
+        self.events.append(CommandReceived(context_id, command))
+
+    def data_received(self, data, last):
+        self.events.append(DataFragment(data, last))
+
+    def dimse_error(self, detail):
+        self.events.append(DIMSEError(detail))
+
+
+def assembler(contexts=None):
+    """A MessageAssembler and a ``feed(pdv, pieces=1)`` that returns what
+    the PDV caused, the PDV's data cut into ``pieces`` as the upper layer may
+    stream them, and raises DIMSEError for an error the handler was told of."""
+    recorder = Recorder()
+    asm = MessageAssembler(recorder, contexts)
+
+    def feed(pdv, pieces=1):
+        start = len(recorder.events)
+        data = pdv.data
+        size = max(1, -(-len(data) // pieces))
+        cuts = list(range(0, len(data), size)) or [0]
+        for i, at in enumerate(cuts):
+            asm.pdv(pdv.context_id, pdv.control, data[at:at + size] if pieces > 1 else data, i == len(cuts) - 1)
+        new = recorder.events[start:]
+        errors = [e for e in new if isinstance(e, DIMSEError)]
+        if errors:
+            raise errors[0]
+        return new
+
+    return asm, feed
+
+
 STORE_RQ = encode_command(c.c_store_rq(7, CT, "1.2.3.4"))
 ECHO_RQ = encode_command(c.c_echo_rq(1))
 
 
 class AssemblerTests(unittest.TestCase):
     def setUp(self):
-        self.asm = MessageAssembler()
+        self.asm, self.feed = assembler()
 
     def test_single_fragment_command_without_dataset(self):
         self.assertTrue(self.asm.idle)
-        events = self.asm.feed(cmd_pdv(1, ECHO_RQ))
+        events = self.feed(cmd_pdv(1, ECHO_RQ))
         self.assertEqual(events, [CommandReceived(1, c.c_echo_rq(1))])
         self.assertTrue(self.asm.idle)
         self.assertFalse(self.asm.expecting_dataset)
@@ -74,109 +124,115 @@ class AssemblerTests(unittest.TestCase):
     def test_multi_fragment_command(self):
         pieces = split(ECHO_RQ, 1)
         for piece in pieces[:-1]:
-            self.assertEqual(self.asm.feed(cmd_pdv(3, memoryview(piece), last=False)), [])
+            self.assertEqual(self.feed(cmd_pdv(3, memoryview(piece), last=False)), [])
             self.assertFalse(self.asm.idle)
-        events = self.asm.feed(cmd_pdv(3, pieces[-1]))
+        events = self.feed(cmd_pdv(3, pieces[-1]))
         self.assertEqual(events, [CommandReceived(3, c.c_echo_rq(1))])
 
     def test_dataset_is_streamed_without_copy(self):
-        [received] = self.asm.feed(cmd_pdv(5, STORE_RQ))
+        [received] = self.feed(cmd_pdv(5, STORE_RQ))
         self.assertTrue(received.command.has_dataset)
         self.assertTrue(self.asm.expecting_dataset)
         buffers = [memoryview(b"abc"), memoryview(b"defg"), b"h"]
         for i, buf in enumerate(buffers):
             last = i == len(buffers) - 1
-            [event] = self.asm.feed(data_pdv(5, buf, last=last))
+            [event] = self.feed(data_pdv(5, buf, last=last))
             self.assertIsInstance(event, DataFragment)
             self.assertIs(event.data, buf)
             self.assertEqual(event.last, last)
-            self.assertEqual(event.context_id, 5)
+        self.assertTrue(self.asm.idle)
+
+    def test_a_pdv_streamed_in_pieces_is_checked_once_and_passed_on_piece_by_piece(self):
+        self.feed(cmd_pdv(5, STORE_RQ), pieces=7)
+        events = self.feed(data_pdv(5, b"abcdefghij", last=True), pieces=4)
+        self.assertEqual([bytes(e.data) for e in events], [b"abc", b"def", b"ghi", b"j"])
+        self.assertEqual([e.last for e in events], [False, False, False, True])
         self.assertTrue(self.asm.idle)
 
     def test_consecutive_messages_on_different_contexts(self):
-        self.asm.feed(cmd_pdv(1, STORE_RQ))
-        self.asm.feed(data_pdv(1, b"x"))
-        self.assertEqual(self.asm.feed(cmd_pdv(3, ECHO_RQ))[0].context_id, 3)
-        self.asm.feed(cmd_pdv(7, STORE_RQ))
-        self.assertEqual(self.asm.feed(data_pdv(7, b"")), [DataFragment(7, b"", True)])
+        self.feed(cmd_pdv(1, STORE_RQ))
+        self.feed(data_pdv(1, b"x"))
+        self.assertEqual(self.feed(cmd_pdv(3, ECHO_RQ))[0].context_id, 3)
+        self.feed(cmd_pdv(7, STORE_RQ))
+        self.assertEqual(self.feed(data_pdv(7, b"")), [DataFragment(b"", True)])
 
     def test_dataset_before_command(self):
-        self.assertRaises(DIMSEError, self.asm.feed, data_pdv(1, b"x"))
+        self.assertRaises(DIMSEError, self.feed, data_pdv(1, b"x"))
 
     def test_dataset_before_last_command_fragment(self):
-        self.asm.feed(cmd_pdv(1, STORE_RQ[:10], last=False))
-        self.assertRaises(DIMSEError, self.asm.feed, data_pdv(1, b"x"))
+        self.feed(cmd_pdv(1, STORE_RQ[:10], last=False))
+        self.assertRaises(DIMSEError, self.feed, data_pdv(1, b"x"))
 
     def test_dataset_on_other_context(self):
-        self.asm.feed(cmd_pdv(1, STORE_RQ))
-        self.assertRaises(DIMSEError, self.asm.feed, data_pdv(3, b"x"))
+        self.feed(cmd_pdv(1, STORE_RQ))
+        self.assertRaises(DIMSEError, self.feed, data_pdv(3, b"x"))
 
     def test_dataset_context_change_mid_dataset(self):
-        self.asm.feed(cmd_pdv(1, STORE_RQ))
-        self.asm.feed(data_pdv(1, b"x", last=False))
-        self.assertRaises(DIMSEError, self.asm.feed, data_pdv(3, b"x"))
+        self.feed(cmd_pdv(1, STORE_RQ))
+        self.feed(data_pdv(1, b"x", last=False))
+        self.assertRaises(DIMSEError, self.feed, data_pdv(3, b"x"))
 
     def test_new_command_while_dataset_expected(self):
-        self.asm.feed(cmd_pdv(1, STORE_RQ))
-        self.assertRaises(DIMSEError, self.asm.feed, cmd_pdv(1, ECHO_RQ))
+        self.feed(cmd_pdv(1, STORE_RQ))
+        self.assertRaises(DIMSEError, self.feed, cmd_pdv(1, ECHO_RQ))
 
     def test_new_command_mid_dataset(self):
-        self.asm.feed(cmd_pdv(1, STORE_RQ))
-        self.asm.feed(data_pdv(1, b"x", last=False))
-        self.assertRaises(DIMSEError, self.asm.feed, cmd_pdv(1, ECHO_RQ))
+        self.feed(cmd_pdv(1, STORE_RQ))
+        self.feed(data_pdv(1, b"x", last=False))
+        self.assertRaises(DIMSEError, self.feed, cmd_pdv(1, ECHO_RQ))
 
     def test_dataset_when_command_said_none(self):
-        self.asm.feed(cmd_pdv(1, ECHO_RQ))
-        self.assertRaises(DIMSEError, self.asm.feed, data_pdv(1, b"x"))
+        self.feed(cmd_pdv(1, ECHO_RQ))
+        self.assertRaises(DIMSEError, self.feed, data_pdv(1, b"x"))
 
     def test_dataset_after_complete_dataset(self):
-        self.asm.feed(cmd_pdv(1, STORE_RQ))
-        self.asm.feed(data_pdv(1, b"x"))
-        self.assertRaises(DIMSEError, self.asm.feed, data_pdv(1, b"y"))
+        self.feed(cmd_pdv(1, STORE_RQ))
+        self.feed(data_pdv(1, b"x"))
+        self.assertRaises(DIMSEError, self.feed, data_pdv(1, b"y"))
 
     def test_command_fragments_switching_context(self):
-        self.asm.feed(cmd_pdv(1, ECHO_RQ[:20], last=False))
-        self.assertRaises(DIMSEError, self.asm.feed, cmd_pdv(3, ECHO_RQ[20:]))
+        self.feed(cmd_pdv(1, ECHO_RQ[:20], last=False))
+        self.assertRaises(DIMSEError, self.feed, cmd_pdv(3, ECHO_RQ[20:]))
 
     def test_undecodable_command(self):
-        self.assertRaises(DIMSEError, self.asm.feed, cmd_pdv(1, b"\x01\x02\x03"))
+        self.assertRaises(DIMSEError, self.feed, cmd_pdv(1, b"\x01\x02\x03"))
 
     def test_cap_checked_before_appending(self):
         chunk = b"\x00" * 4096
         for _ in range(MAX_COMMAND_LENGTH // len(chunk)):
-            self.asm.feed(cmd_pdv(1, chunk, last=False))
+            self.feed(cmd_pdv(1, chunk, last=False))
         self.assertEqual(len(self.asm._command), MAX_COMMAND_LENGTH)
-        self.assertRaises(DIMSEError, self.asm.feed, cmd_pdv(1, b"\x00", last=False))
+        self.assertRaises(DIMSEError, self.feed, cmd_pdv(1, b"\x00", last=False))
         self.assertEqual(len(self.asm._command), MAX_COMMAND_LENGTH)
 
     def test_single_oversized_fragment(self):
         big = b"\x00" * (MAX_COMMAND_LENGTH + 1)
-        self.assertRaises(DIMSEError, self.asm.feed, cmd_pdv(1, big))
+        self.assertRaises(DIMSEError, self.feed, cmd_pdv(1, big))
         self.assertEqual(len(self.asm._command), 0)
 
-    def test_refuses_everything_after_failure(self):
-        self.assertRaises(DIMSEError, self.asm.feed, data_pdv(1, b"x"))
-        self.assertRaises(DIMSEError, self.asm.feed, cmd_pdv(1, ECHO_RQ))
+    def test_ignores_everything_after_failure(self):
+        self.assertRaises(DIMSEError, self.feed, data_pdv(1, b"x"))
+        self.assertEqual(self.feed(cmd_pdv(1, ECHO_RQ)), [])  # the error was told once
 
 
 class NegotiatedContextTests(unittest.TestCase):
     def test_pdv_on_a_context_not_negotiated_breaks_the_association(self):
         contexts = {}
-        asm = MessageAssembler(contexts)
+        asm, feed = assembler(contexts)
         contexts[1] = ("1.2.840.10008.1.1", "1.2.840.10008.1.2")  # filled in after creation
         echo = encode_command(c.c_echo_rq(1))
-        [event] = asm.feed(cmd_pdv(1, echo))
+        [event] = feed(cmd_pdv(1, echo))
         self.assertEqual(event.command.command_field, c.C_ECHO_RQ)
         with self.assertRaises(DIMSEError) as cm:
-            asm.feed(cmd_pdv(3, echo))
+            feed(cmd_pdv(3, echo))
         self.assertIn("context 3", str(cm.exception))
-        self.assertRaises(DIMSEError, asm.feed, cmd_pdv(1, echo))  # and nothing after
+        self.assertEqual(feed(cmd_pdv(1, echo)), [])  # and nothing after
 
 
 class FragmentMessageTests(unittest.TestCase):
     def reassemble(self, pdus, max_pdu_length):
         """Decode PDUs, check limits and control bits, and reassemble."""
-        asm = MessageAssembler()
+        asm, feed = assembler()
         limit = pdv_data_limit(max_pdu_length)
         pdvs = [decode_pdata_pdu(pdu) for pdu in pdus]
         if max_pdu_length:
@@ -194,7 +250,7 @@ class FragmentMessageTests(unittest.TestCase):
                 self.assertLessEqual(len(group[-1].data), limit)
         command, dataset = None, bytearray()
         for p in pdvs:
-            for event in asm.feed(p):
+            for event in feed(p):
                 if isinstance(event, CommandReceived):
                     command = event.command
                 else:
@@ -350,11 +406,11 @@ class FragmentStreamTests(unittest.TestCase):
         self.assertLessEqual(len(pulled), 3)
 
     def test_agrees_with_assembler(self):
-        asm = MessageAssembler()
-        asm.feed(cmd_pdv(3, STORE_RQ))
+        asm, feed = assembler()
+        feed(cmd_pdv(3, STORE_RQ))
         out = bytearray()
         for pdu in fragment_stream(3, [b"abc", b"defgh", b"ij"], 9):
-            for event in asm.feed(decode_pdata_pdu(pdu)):
+            for event in feed(decode_pdata_pdu(pdu)):
                 out += event.data
         self.assertEqual(out, b"abcdefghij")
         self.assertTrue(asm.idle)

@@ -85,17 +85,26 @@ def accept(protocol, user, refuse=(), max_length=16384):
     protocol.dataReceived(encode_pdu(ac))
 
 
+class _Messages(list):
+    """A MessageAssembler's handler: [command, data set bytes] per message."""
+
+    def command_received(self, command, context_id):
+        self.append([command, bytearray()])
+
+    def data_received(self, data, last):
+        self[-1][1] += data
+
+    def dimse_error(self, detail):
+        raise AssertionError(detail)
+
+
 def messages(pdu_list):
     """(command, data set bytes) for every DIMSE message in P-DATA PDUs."""
-    assembler = MessageAssembler()
-    out = []
+    out = _Messages()
+    assembler = MessageAssembler(out)
     for pdu in pdu_list:
         for pdv in pdu.pdvs:
-            for event in assembler.feed(pdv):
-                if hasattr(event, "command"):
-                    out.append([event.command, bytearray()])
-                else:
-                    out[-1][1] += event.data
+            assembler.pdv(pdv.context_id, pdv.control, pdv.data, True)
     return out
 
 

@@ -56,11 +56,12 @@ class CrashTests(tw.DaemonCase):
         """The payload holds exactly ``files``, byte for byte, indexed and hashed."""
         [(path, state)] = self.query("SELECT path, state FROM payloads WHERE id = ?", pid)
         self.assertEqual(state, "done")
-        rows = self.query("SELECT sop_instance_uid, path, sha256, state FROM instances WHERE payload = ?", pid)
+        rows = self.query("SELECT sop_instance_uid, path, digest, state FROM instances WHERE payload = ?", pid)
         sent = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in files}
         self.assertEqual({r[0] for r in rows}, set(sent))
-        for uid, stored, _sha, state in rows:
+        for uid, stored, digest, state in rows:
             self.assertEqual(state, "payload")
+            self.assertTrue(digest.startswith("blake3:"), digest)
             self.assertEqual(os.path.dirname(stored), path)
             self.assertEqual(dicomfiles.dataset_bytes(stored), dicomfiles.dataset_bytes(sent[uid]))
         self.assertEqual(self.query("SELECT attempts, state FROM jobs WHERE payload = ?", pid), [(1, "done")])

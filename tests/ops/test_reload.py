@@ -16,7 +16,7 @@ from gateway.config import ConfigError, config_from_string, load_config
 from gateway.interfaces import IReconfigurable
 from gateway.ops.reload import ReloadService, changed_keys
 from gateway.tap import makeService
-from gateway.testing import listening_port
+from gateway.testing import finished, listening_port
 from gateway.threads import run_with_callback
 from tests import dicomfiles
 from tests.integration.harness import gateway_config, in_thread, require_pynetdicom
@@ -163,7 +163,7 @@ class ReloadGatewayTests(unittest.TestCase):
         writer = scp_storage.begin(called_ae="DICOMGW", calling_ae="T", sop_class_uid="1.2.3",
                                    sop_instance_uid="1.2.3.4", transfer_syntax_uid="1.2.840.10008.1.2")
         writer.write(b"\x00" * 100)
-        yield writer.finish()
+        yield finished(writer)
         self.assertEqual(fsyncs, [])
 
     @defer.inlineCallbacks

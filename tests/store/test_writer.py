@@ -1,49 +1,87 @@
-"""The streaming writer: order, durability, failure leaves nothing behind."""
+"""The streaming writer: order, durability, where the work runs, failure leaves nothing behind."""
 
 from __future__ import annotations
 
 import errno
 import hashlib
 import os
+import threading
 
+import blake3
 from twisted.internet import defer, reactor, task
 from twisted.internet.threads import deferToThreadPool
 from twisted.trial import unittest
 
 from gateway.part10 import dataset_offset
 from gateway.store import writer as S
-from gateway.testing import partial_files
+from gateway.testing import finished, partial_files
 from gateway.threads import WorkerPool
 
 
+def _tick():
+    return task.deferLater(reactor, 0.01, lambda: None)
+
+
+def file_bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
 class StorageCase(unittest.TestCase):
-    """A Storage under a scratch root, with a real two-thread disk pool."""
+    """A Storage under a scratch root, with a real two-thread disk pool whose jobs are counted."""
 
     fsync = True
+    digest = "blake3"
 
     def setUp(self):
         self.pool = WorkerPool(2, "test-disk")
         self.pool.start()
         self.addCleanup(self.pool.stop)
-        self.storage = S.Storage(self.mktemp(), reactor, self.pool, fsync=self.fsync)
+        self.storage = S.Storage(self.mktemp(), reactor, self.pool, fsync=self.fsync, digest=self.digest)
         self.storage.prepare()
+        self.jobs = []
+        real = self.pool.callInThread
+        self.patch(self.pool, "callInThread", lambda f, *a: self.jobs.append(f) or real(f, *a))
 
-    def begin(self, uid="1.2.3.4"):
-        return self.storage.begin(called_ae="AE1", calling_ae="PEER", sop_class_uid="1.2.840.10008.5.1.4.1.1.7",
-                                  sop_instance_uid=uid, transfer_syntax_uid="1.2.840.10008.1.2")
+    def begin(self, uid="1.2.3.4", pooled=False):
+        """A writer; ``pooled`` makes it write in the disk pool (as when the disk is slow)."""
+        if pooled:
+            self.storage.slow_until = reactor.seconds() + 3600
+        try:
+            return self.storage.begin(called_ae="AE1", calling_ae="PEER",
+                                      sop_class_uid="1.2.840.10008.5.1.4.1.1.7", sop_instance_uid=uid,
+                                      transfer_syntax_uid="1.2.840.10008.1.2")
+        finally:
+            self.storage.slow_until = 0.0
+
+    @defer.inlineCallbacks
+    def spares_ready(self, count=S.SPARES // 2 + 1):
+        """Wait until ``count`` spares are made: the next writer is direct."""
+        if not self.storage.spares._ready:
+            self.storage.spares.take()
+        for _ in range(500):
+            if len(self.storage.spares._ready) >= count and not self.storage.spares._filling:
+                self.jobs.clear()
+                return
+            yield _tick()
+        self.fail("the spares were never made")
+
+    def writer_jobs(self):
+        """Pool jobs but the spares' top-ups."""
+        return [f for f in self.jobs if getattr(f, "__func__", None) is not S.Spares.top_up]
 
 
-class StorageTests(StorageCase):
+class PooledTests(StorageCase):
+    """Writers in the disk pool: no spare was ready, or the disk is slow."""
 
     @defer.inlineCallbacks
     def test_chunks_written_in_order(self):
-        w = self.begin()
+        w = self.begin(pooled=True)
         chunks = [bytes([i]) * (1000 + i) for i in range(200)]
         for c in chunks:
             w.write(memoryview(c))
-        stored = yield w.finish()
-        with open(stored.path, "rb") as f:
-            data = f.read()
+        stored = yield finished(w)
+        data = file_bytes(stored.path)
         self.assertEqual(data[dataset_offset(data):], b"".join(chunks))
         self.assertEqual(stored.dataset_size, sum(map(len, chunks)))
         self.assertEqual(stored.inode, os.stat(stored.path).st_ino)  # for the index
@@ -52,41 +90,18 @@ class StorageTests(StorageCase):
         self.assertEqual(partial_files(self.storage.tmp_dir), [])
 
     @defer.inlineCallbacks
-    def test_hash_from_memory(self):
-        # SHA-256 of the whole file, from the bytes as they were written:
-        # small, and over several writer jobs.
-        def sha256(path):
-            with open(path, "rb") as f:
-                return hashlib.sha256(f.read()).hexdigest()
-
-        w = self.begin("1.1")
-        w.write(b"a" * 1000)
-        stored = yield w.finish()
-        self.assertEqual(stored.sha256, sha256(stored.path))
-
-        w = self.begin("1.2")
-        for i in range(20):
-            w.write(bytes([i]) * 100_000)
-            yield task.deferLater(reactor, 0, lambda: None)
-        stored = yield w.finish()
-        self.assertEqual(stored.sha256, sha256(stored.path))
-
-    @defer.inlineCallbacks
     def test_small_instance_is_written_by_one_job_at_finish(self):
         # Write-behind: below WRITE_BEHIND nothing goes to the pool until
         # finish(), which then writes, closes and renames in one job.
-        w = self.begin()
+        w = self.begin(pooled=True)
         w.write(b"a" * 1000)
         w.write(b"b" * 1000)
         self.assertFalse(w._running)
         self.assertEqual(partial_files(self.storage.tmp_dir), [])
-        jobs = []
-        real = self.pool.callInThread
-        self.patch(self.pool, "callInThread", lambda *a: jobs.append(a) or real(*a))
-        stored = yield w.finish()
-        self.assertEqual(len(jobs), 1)
-        with open(stored.path, "rb") as f:
-            data = f.read()
+        self.jobs.clear()
+        stored = yield finished(w)
+        self.assertEqual(len(self.writer_jobs()), 1)
+        data = file_bytes(stored.path)
         self.assertEqual(data[dataset_offset(data):], b"a" * 1000 + b"b" * 1000)
         self.assertEqual(w.pending, 0)
 
@@ -94,7 +109,7 @@ class StorageTests(StorageCase):
     def test_large_instance_is_written_before_finish(self):
         # Memory stays bounded: once WRITE_BEHIND bytes wait, a job starts
         # without waiting for the end of the instance.
-        w = self.begin()
+        w = self.begin(pooled=True)
         chunk = b"z" * 65536
         n = S.WRITE_BEHIND // len(chunk) + 1
         for _ in range(n):
@@ -106,7 +121,7 @@ class StorageTests(StorageCase):
             yield _tick()
         self.assertLess(w.pending, S.WRITE_BEHIND)
         self.assertEqual(len(partial_files(self.storage.tmp_dir)), 1)
-        stored = yield w.finish()
+        stored = yield finished(w)
         self.assertEqual(stored.dataset_size, n * len(chunk))
         self.assertEqual(w.pending, 0)
 
@@ -114,8 +129,6 @@ class StorageTests(StorageCase):
     def test_the_running_job_takes_what_is_queued_meanwhile(self):
         # The last fragments and the finish, queued while a job writes, are
         # handled by that job: no second trip through the pool.
-        import threading
-
         started, release = threading.Event(), threading.Event()
         real_write = S._write
 
@@ -125,30 +138,27 @@ class StorageTests(StorageCase):
             return real_write(fd, data)
 
         self.patch(S, "_write", slow_write)
-        w = self.begin()
-        jobs = []
-        real = self.pool.callInThread
-        self.patch(self.pool, "callInThread", lambda *a: jobs.append(a) or real(*a))
+        w = self.begin(pooled=True)
+        self.jobs.clear()
         w.write(b"x" * S.WRITE_BEHIND)
         self.assertTrue(started.wait(10))  # the job is writing
         w.write(b"y" * 100)
-        finished = w.finish()
+        done = finished(w)
         release.set()
-        stored = yield finished
-        self.assertEqual(len(jobs), 1)
-        with open(stored.path, "rb") as f:
-            data = f.read()
+        stored = yield done
+        self.assertEqual(len(self.writer_jobs()), 1)
+        data = file_bytes(stored.path)
         self.assertEqual(data[dataset_offset(data):], b"x" * S.WRITE_BEHIND + b"y" * 100)
 
     @defer.inlineCallbacks
     def test_a_job_that_raises_ends_the_instance_without_retrying(self):
-        jobs = []
+        calls = []
 
         def broken(writer):
-            jobs.append(writer)
+            calls.append(writer)
             raise RuntimeError("bug")
 
-        w = self.begin()
+        w = self.begin(pooled=True)
         self.patch(S.InstanceWriter, "_drain", broken)
         drained = []
         w.on_drained = drained.append
@@ -157,11 +167,37 @@ class StorageTests(StorageCase):
             if drained:
                 break
             yield _tick()
-        self.assertEqual((len(jobs), w.pending), (1, 0))  # a paused peer is resumed
+        self.assertEqual((len(calls), w.pending), (1, 0))  # a paused peer is resumed
         w.write(b"y" * 10)  # dropped
         with self.assertRaises(RuntimeError):
-            yield w.finish()
-        self.assertEqual(len(jobs), 2)
+            yield finished(w)
+        self.assertEqual(len(calls), 2)
+
+    @defer.inlineCallbacks
+    def test_disk_full_is_reported_and_cleaned(self):
+        w = self.begin(pooled=True)
+
+        def full(fd, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        self.patch(S, "_write", full)
+        w.write(b"x" * 100)
+        with self.assertRaises(S.StorageFull):
+            yield finished(w)
+        self.assertEqual(partial_files(self.storage.tmp_dir), [])
+        self.assertFalse(os.path.exists(os.path.join(self.storage.instances_dir, "AE1", "1.2.3.4.dcm")))
+
+    @defer.inlineCallbacks
+    def test_discard_removes_temporary_file(self):
+        w = self.begin(pooled=True)
+        w.write(b"y" * (S.WRITE_BEHIND + 5000))
+        w.discard()
+        for _ in range(100):
+            if not w._running and not partial_files(self.storage.tmp_dir):
+                break
+            yield _tick()
+        self.assertEqual(partial_files(self.storage.tmp_dir), [])
+        self.assertFalse(os.path.exists(w._final))
 
     def test_refuses_non_uids(self):
         for bad in ("../x", "1.2/3", "", "1..2", "a.b", "1." * 40):
@@ -176,33 +212,6 @@ class StorageTests(StorageCase):
         self.assertEqual(self.storage.path_for("AE1", "1.2.3"), inside)
         self.assertRaises(ValueError, self.storage.path_for, "..", "1.2.3")
 
-    @defer.inlineCallbacks
-    def test_disk_full_is_reported_and_cleaned(self):
-        w = self.begin()
-
-        def full(fd, data):
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-        self.patch(S, "_write", full)
-        w.write(b"x" * 100)
-        with self.assertRaises(S.StorageFull):
-            yield w.finish()
-        self.assertEqual(partial_files(self.storage.tmp_dir), [])
-        self.assertFalse(os.path.exists(os.path.join(self.storage.instances_dir, "AE1", "1.2.3.4.dcm")))
-
-    @defer.inlineCallbacks
-    def test_discard_removes_temporary_file(self):
-        w = self.begin()
-        w.write(b"y" * 5000)
-        w.discard()
-        # let the pool run
-        for _ in range(100):
-            if not w._running and not partial_files(self.storage.tmp_dir):
-                break
-            yield _tick()
-        self.assertEqual(partial_files(self.storage.tmp_dir), [])
-        self.assertFalse(os.path.exists(w._final))
-
     def test_prepare_removes_leftovers(self):
         with open(os.path.join(self.storage.tmp_dir, "abc.part"), "wb") as f:
             f.write(b"half an instance")
@@ -212,53 +221,160 @@ class StorageTests(StorageCase):
                          self.storage.reserve.size)
 
 
-def _tick():
-    from twisted.internet import task
-
-    return task.deferLater(reactor, 0.01, lambda: None)
-
-
-class RecordTests(StorageCase):
-    """finish() fires with the complete record: digest and header attributes included."""
+class DirectTests(StorageCase):
+    """With a spare ready and fsync off, everything runs on the reactor as the data come."""
 
     fsync = False
 
     @defer.inlineCallbacks
-    def test_the_header_is_picked_out_of_the_first_bytes_in_the_pool(self):
-        import threading
+    def test_writes_and_the_rename_happen_at_once_with_no_pool_job(self):
+        yield self.spares_ready()
+        w = self.begin()
+        self.assertTrue(w._direct)
+        w.write(b"a" * 1000)
+        w.write(memoryview(b"b" * 70000))
+        # On disk already, in the spare the writer took.
+        self.assertEqual(os.path.getsize(w._tmp) - w._header_len, 71000)
+        outcome = []
+        w.finish(outcome.append)
+        [stored] = outcome  # before finish() returned
+        data = file_bytes(stored.path)
+        self.assertEqual(data[dataset_offset(data):], b"a" * 1000 + b"b" * 70000)
+        self.assertEqual(self.writer_jobs(), [])
+        self.assertEqual(partial_files(self.storage.tmp_dir), [])
+        self.assertEqual(w.pending, 0)
 
-        from gateway.store import header
+    @defer.inlineCallbacks
+    def test_a_slow_write_sends_the_next_writers_to_the_pool_for_a_while(self):
+        yield self.spares_ready()
+        clock = iter([0.0, S.SLOW * 3] + [100.0] * 10)
+        self.patch(S, "_clock", lambda: next(clock))
+        events = []
+        from twisted.logger import globalLogPublisher
 
-        seen = []
-        real = header.header_attributes
+        observer = events.append
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        w = self.storage.begin(called_ae="AE1", calling_ae="PEER", sop_class_uid="1.2.840.10008.5.1.4.1.1.7",
+                               sop_instance_uid="1.2.3.1", transfer_syntax_uid="1.2.840.10008.1.2")
+        self.assertTrue(w._direct)  # its header write is the slow one
+        self.assertGreater(self.storage.slow_until, reactor.seconds())
+        [slow] = [e for e in events if e.get("event") == "storage.slow"]
+        self.assertEqual(slow["what"], "writing")
+        later = self.storage.begin(called_ae="AE1", calling_ae="PEER", sop_class_uid="1.2.840.10008.5.1.4.1.1.7",
+                                   sop_instance_uid="1.2.3.2", transfer_syntax_uid="1.2.840.10008.1.2")
+        self.assertFalse(later._direct)
+        self.storage.slow_until = 0.0
+        self.assertTrue(self.begin("1.2.3.3")._direct)  # and back once the disk is quick again
+        for x in (w, later):
+            x.discard()
 
-        def recording(path, head, transfer_syntax, complete):
-            seen.append((path, bytes(head), transfer_syntax, complete, threading.current_thread().name))
-            return real(path, head, transfer_syntax, complete)
+    @defer.inlineCallbacks
+    def test_disk_full_is_reported_and_cleaned(self):
+        yield self.spares_ready()
+        w = self.begin()
 
-        self.patch(S, "header_attributes", recording)
+        def full(fd, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        self.patch(S, "_write", full)
+        w.write(b"x" * 100)
+        w.write(b"y" * 100)  # dropped
+        outcome = []
+        w.finish(outcome.append)
+        self.assertIsInstance(outcome[0], S.StorageFull)
+        self.assertEqual(partial_files(self.storage.tmp_dir), [])
+        self.assertFalse(os.path.exists(w._final))
+
+    @defer.inlineCallbacks
+    def test_discard_removes_the_spare_it_wrote_to(self):
+        yield self.spares_ready()
+        w = self.begin()
+        w.write(b"c" * 5000)
+        self.assertEqual(len(partial_files(self.storage.tmp_dir)), 1)
+        w.discard()
+        while w._running:
+            yield _tick()
+        self.assertEqual(partial_files(self.storage.tmp_dir), [])
+
+
+class FsyncTests(StorageCase):
+    """fsync on: the writes are direct, one pool job fsyncs, renames and fsyncs the directory."""
+
+    @defer.inlineCallbacks
+    def test_one_job_puts_the_file_in_place_durably(self):
+        yield self.spares_ready()
+        synced = []
+        real_fsync, real_dir = os.fsync, S.fsync_dir
+        self.patch(S.os, "fsync", lambda fd: synced.append(("file", threading.current_thread().name))
+                   or real_fsync(fd))
+        self.patch(S, "fsync_dir", lambda path: synced.append(("dir", os.path.basename(path))) or real_dir(path))
+        w = self.begin()
+        self.assertTrue(w._direct)
+        w.write(b"z" * 300000)
+        self.assertEqual(self.writer_jobs(), [])  # written from the reactor
+        stored = yield finished(w)
+        self.assertEqual(len(self.writer_jobs()), 1)
+        # The file, then (its AE directory being new) instances/ and AE1; each
+        # directory fsync is an os.fsync of its own.
+        self.assertEqual([k for k, _ in synced], ["file", "dir", "file", "dir", "file"])
+        self.assertEqual([name for k, name in synced if k == "dir"], ["instances", "AE1"])
+        reactor_thread = threading.current_thread().name
+        self.assertNotIn(reactor_thread, [name for k, name in synced if k == "file"])  # never on the reactor
+        self.assertEqual(file_bytes(stored.path)[-300000:], b"z" * 300000)
+
+
+class DigestTests(StorageCase):
+    """Every file's digest, from the bytes as written, as "<algorithm>:<hex>"."""
+
+    fsync = False
+
+    @defer.inlineCallbacks
+    def check(self, algorithm, pooled):
+        self.storage.digest = algorithm
+        if not pooled:
+            yield self.spares_ready()
+        w = self.begin(f"1.{len(algorithm)}.{int(pooled)}", pooled=pooled)
+        for i in range(12):
+            w.write(bytes([i]) * 100_000)
+            if pooled:
+                yield task.deferLater(reactor, 0, lambda: None)  # over several writer jobs
+        stored = yield finished(w)
+        data = file_bytes(stored.path)
+        expected = {"blake3": lambda: "blake3:" + blake3.blake3(data).hexdigest(),
+                    "sha256": lambda: "sha256:" + hashlib.sha256(data).hexdigest(),
+                    "none": lambda: ""}[algorithm]()
+        self.assertEqual(stored.digest, expected, (algorithm, pooled))
+
+    @defer.inlineCallbacks
+    def test_each_algorithm_direct_and_pooled(self):
+        for algorithm in S.DIGESTS:
+            for pooled in (False, True):
+                yield self.check(algorithm, pooled)
+
+
+class RecordTests(StorageCase):
+    """The record keeps the first bytes of the data set, for the index."""
+
+    fsync = False
+
+    @defer.inlineCallbacks
+    def test_the_first_bytes_of_the_data_set_without_our_meta_header(self):
         w = self.begin()
         w.write(b"\x10\x00\x20\x00\x04\x00\x00\x00PAT1")  # (0010,0020) Patient ID, implicit VR
-        stored = yield w.finish()
-        self.assertEqual((stored.attributes["patient_id"], stored.attributes["header_error"]), ("PAT1", ""))
-        [(path, head, transfer_syntax, complete, thread)] = seen
-        self.assertEqual(path, stored.path)
-        # The data set's first bytes, without our meta header: all of them here.
-        self.assertEqual((head, transfer_syntax, complete),
-                         (b"\x10\x00\x20\x00\x04\x00\x00\x00PAT1", "1.2.840.10008.1.2", True))
-        self.assertNotEqual(thread, threading.current_thread().name)  # in the pool, not the reactor
+        stored = yield finished(w)
+        self.assertEqual(stored.head, b"\x10\x00\x20\x00\x04\x00\x00\x00PAT1")
 
     @defer.inlineCallbacks
     def test_only_the_first_bytes_of_a_big_data_set_are_kept(self):
-        seen = []
-        self.patch(S, "header_attributes", lambda path, head, ts, complete: seen.append((bytes(head), complete)))
-        w = self.begin()
-        for i in range(3):  # three writer jobs' worth
-            w.write(bytes([65 + i]) * S.WRITE_BEHIND)
-        yield w.finish()
-        [(head, complete)] = seen
-        self.assertEqual(head, b"A" * S.HEAD_BYTES)
-        self.assertFalse(complete)
+        for pooled in (False, True):
+            if not pooled:
+                yield self.spares_ready()
+            w = self.begin(f"1.2.{int(pooled)}", pooled=pooled)
+            for i in range(3):
+                w.write(bytes([65 + i]) * (S.HEAD_BYTES // 2 + 1))
+            stored = yield finished(w)
+            self.assertEqual(stored.head, b"A" * (S.HEAD_BYTES // 2 + 1) + b"B" * (S.HEAD_BYTES // 2 - 1))
 
 
 def tmp_names(storage):
@@ -267,59 +383,45 @@ def tmp_names(storage):
 
 
 class SpareTests(StorageCase):
-    """Temporary files made ahead of need, so that a writer does not wait to create one."""
+    """Temporary files made ahead of need, so that no writer creates one on the reactor."""
 
     fsync = False
 
     @defer.inlineCallbacks
-    def settled(self):
-        """Wait for the job that stored an instance to make the spares."""
-        for _ in range(500):
-            if len(self.storage.spares._ready) == S.SPARES:
-                return
-            yield task.deferLater(reactor, 0.01, lambda: None)
-        self.fail("the spares were never made")
-
-    @defer.inlineCallbacks
-    def test_writers_take_spares_and_storing_tops_them_up(self):
-        self.assertEqual(len(self.storage.spares._ready), 0)
-        w = self.begin("1.2.3.1")  # the first instance finds none ready and makes its own file
+    def test_writers_take_spares_and_one_job_tops_them_up_once_half_are_gone(self):
+        spares = self.storage.spares
+        self.assertEqual(len(spares._ready), 0)
+        w = self.begin("1.2.3.1")  # none ready: pooled, and its taking starts a top-up
+        self.assertFalse(w._direct)
         w.write(b"a" * 10)
-        yield w.finish()
-        yield self.settled()  # ... and then the spares
-        ready = [path for path, _fd in self.storage.spares._ready]
+        yield finished(w)
+        yield self.spares_ready(S.SPARES)
+        ready = [path for path, _fd in spares._ready]
+        self.assertEqual(len(ready), S.SPARES)
         self.assertEqual(tmp_names(self.storage), sorted(os.path.basename(p) for p in ready))
         self.assertEqual(partial_files(self.storage.tmp_dir), [])  # empty spares are not partial files
 
-        w = self.begin("1.2.3.2")
+        for i in range(S.SPARES // 2 - 1):  # no job while more than half are left
+            w = self.begin(f"1.2.4.{i}")
+            w.write(b"b" * 10)
+            yield finished(w)
+        self.assertEqual(self.jobs, [])
+        w = self.begin("1.2.5")  # half gone: one job makes them up again
         w.write(b"b" * 10)
-        stored = yield w.finish()
-        with open(stored.path, "rb") as f:
-            self.assertTrue(f.read().endswith(b"b" * 10))
-        yield self.settled()  # topped up again
-        left = set(tmp_names(self.storage))
-        self.assertEqual(len(left & {os.path.basename(p) for p in ready}), len(ready) - 1)  # one was used
+        stored = yield finished(w)
+        self.assertTrue(file_bytes(stored.path).endswith(b"b" * 10))
+        self.assertEqual(len(self.jobs), 1)
+        yield self.spares_ready(S.SPARES)
 
-        # A discarded instance removes the spare it took, data and all.
-        w = self.begin("1.2.3.3")
-        w.write(b"c" * (S.WRITE_BEHIND + 1))
-        while w._running or w.pending:
-            yield _tick()
-        self.assertEqual(len(partial_files(self.storage.tmp_dir)), 1)
-        w.discard()
-        while w._running:
-            yield _tick()
-        self.assertEqual(partial_files(self.storage.tmp_dir), [])
-
-        yield self.storage.spares.close()
+        yield spares.close()
         self.assertEqual(tmp_names(self.storage), [])
         w = self.begin("1.2.3.4")
         w.write(b"d")
-        yield w.finish()
+        yield finished(w)
         for _ in range(10):
             yield _tick()
         self.assertEqual(tmp_names(self.storage), [])  # none made once closed
-        self.assertEqual(len(self.storage.spares._ready), 0)
+        self.assertEqual(len(spares._ready), 0)
 
     @defer.inlineCallbacks
     def test_a_spare_made_while_closing_is_not_kept(self):
@@ -345,7 +447,7 @@ class SpareTests(StorageCase):
         w = self.begin("1.2.3.5")
         w.write(b"x")
         with self.assertRaises(S.StorageFull):
-            yield w.finish()
+            yield finished(w)
         self.assertEqual(len(self.storage.spares._ready), 0)
 
 
@@ -359,13 +461,14 @@ class DirectoryTests(StorageCase):
         self.patch(S, "fsync_dir", lambda path: calls.append(path) or real(path))
         w = self.begin("1.2.3.1")
         w.write(b"a")
-        stored = yield w.finish()
+        stored = yield finished(w)
         ae_dir = os.path.dirname(stored.path)
         # fsync: the new AE directory's entry in instances/, then the file's in it.
         self.assertEqual(calls, [self.storage.instances_dir, ae_dir])
         shutil.rmtree(ae_dir)  # by hand, say
+        yield self.spares_ready()
         w = self.begin("1.2.3.2")
         w.write(b"b")
-        stored = yield w.finish()
+        stored = yield finished(w)
         self.assertTrue(os.path.exists(stored.path))
         self.assertEqual(partial_files(self.storage.tmp_dir), [])

@@ -1,4 +1,5 @@
-"""PDU framing in the association core: any split of the byte stream gives the same PDUs."""
+"""PDU framing in the association core: any split of the byte stream gives the
+same PDUs, and the PDV data of P-DATA-TF stream to the sink as views."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial import unittest
 
-from gateway.ul import AbortIndication, Association, PDataIndication, Send
+from gateway.ul import AbortIndication, AssociateConfirmation, Association, Send
 from gateway.ul import (
     AssociateAC,
     AssociateRQ,
+    PresentationContextAC,
     PresentationContextRQ,
     UserInformation,
     encode_pdata,
@@ -23,8 +25,26 @@ RQ = AssociateRQ("DICOMGW", "SCU", (PresentationContextRQ(1, "1.2.840.10008.1.1"
                  UserInformation(max_length=16384, implementation_class_uid="1.2.3"))
 
 
-def established(max_pdu=16384):
-    a = Association(requestor=False, max_pdu_length=max_pdu)
+class Sink:
+    """Collects what the core streams: one (context, control, bytes) per PDV."""
+
+    def __init__(self):
+        self.pdvs: list = []
+        self.pieces: list = []
+        self._open = None
+
+    def __call__(self, context_id, control, data, end):
+        self.pieces.append(data)
+        if self._open is None:
+            self._open = (context_id, control, bytearray())
+        self._open[2].extend(data)
+        if end:
+            self.pdvs.append((self._open[0], self._open[1], bytes(self._open[2])))
+            self._open = None
+
+
+def established(max_pdu=16384, sink=None):
+    a = Association(requestor=False, max_pdu_length=max_pdu, sink=sink if sink is not None else Sink())
     a.connection_made()
     a.receive_data(encode_pdu(RQ))
     a.accept(AssociateAC("DICOMGW", "SCU", ()))
@@ -39,14 +59,20 @@ def stream(count=6, seed=1):
 
 
 def received(a, chunks):
-    got = []
     for chunk in chunks:
         for effect in a.receive_data(chunk):
-            if isinstance(effect, PDataIndication):
-                got.extend(bytes(pdv.data) for pdv in effect.pdu.pdvs)
-            elif isinstance(effect, (AbortIndication, Send)):
+            if isinstance(effect, (AbortIndication, Send)):
                 raise AssertionError(f"unexpected {effect!r}")
-    return got
+    return [data for _c, _ctl, data in a.sink.pdvs]
+
+
+def pdv(context_id, control, data):
+    return struct.pack(">IBB", len(data) + 2, context_id, control) + data
+
+
+def pdata(*items):
+    body = b"".join(items)
+    return struct.pack(">BxL", 0x04, len(body)) + body
 
 
 class FramingTests(unittest.TestCase):
@@ -65,19 +91,77 @@ class FramingTests(unittest.TestCase):
         self.assertEqual(received(a, chunks), payloads)
         self.assertFalse(a.partial_pdu)
 
-    def test_whole_pdus_are_not_copied(self):
+    def test_pieces_are_views_of_the_received_bytes(self):
         payloads, data = stream(3)
         a = established()
-        [effect] = [e for e in a.receive_data(data) if isinstance(e, PDataIndication)][:1]
-        self.assertIs(effect.pdu.pdvs[0].data.obj, data)  # a view of the received bytes
+        a.receive_data(data[:5000])
+        a.receive_data(data[5000:])
+        self.assertEqual([d for _c, _ctl, d in a.sink.pdvs], payloads)
+        # No PDU was joined: every piece is a view of one of the two reads.
+        self.assertTrue(all(isinstance(p, memoryview) for p in a.sink.pieces))
+        self.assertEqual(sum(len(p) for p in a.sink.pieces), sum(map(len, payloads)))
 
-    def test_a_reused_buffer_does_not_change_what_was_received(self):
+    def test_a_reused_buffer_is_never_seen_through_a_piece(self):
         payloads, data = stream(1)
         buf = bytearray(data)
         a = established()
-        [effect] = [e for e in a.receive_data(buf) if isinstance(e, PDataIndication)]
+        a.receive_data(buf)
         buf[:] = b"\xff" * len(buf)
-        self.assertEqual(bytes(effect.pdu.pdvs[0].data), payloads[0])
+        self.assertEqual(bytes(a.sink.pieces[0]), payloads[0])
+
+    def test_several_pdvs_in_one_pdu_split_anywhere(self):
+        items = [pdv(1, 0, b"a" * 7), pdv(3, 1, b""), pdv(1, 2, b"bc")]
+        data = pdata(*items) + pdata(pdv(5, 3, b"z" * 300))
+        for cut in range(len(data) + 1):
+            a = established()
+            received(a, [data[:cut], data[cut:]])
+            self.assertEqual(a.sink.pdvs, [(1, 0, b"a" * 7), (3, 1, b""), (1, 2, b"bc"), (5, 3, b"z" * 300)], cut)
+            self.assertFalse(a.partial_pdu)
+
+    def test_broken_pdv_items_abort_before_any_of_their_data_goes_on(self):
+        cases = {
+            "less than 2": pdata(struct.pack(">IBB", 1, 1, 0) + b"x"),
+            "exceeds": pdata(struct.pack(">IBB", 50, 1, 0) + b"x" * 10),
+            "is not odd": pdata(pdv(2, 0, b"xyz")),
+            "truncated PDV item header": pdata(pdv(1, 0, b"ok"), b"\x00\x00\x00"),
+            "without any PDV item": struct.pack(">BxL", 0x04, 0),
+        }
+        for problem, data in cases.items():
+            for cut in range(len(data) + 1):
+                a = established()
+                effects = a.receive_data(data[:cut]) + a.receive_data(data[cut:])
+                [abort] = [e for e in effects if isinstance(e, AbortIndication)]
+                self.assertIn(problem, abort.detail, (problem, cut))
+                self.assertEqual(abort.reason, 6)
+                self.assertNotIn(b"xyz", b"".join(bytes(p) for p in a.sink.pieces))
+                self.assertFalse(a.partial_pdu)
+
+    def test_an_abort_from_inside_the_sink_drops_the_rest_of_the_pdu(self):
+        seen = []
+
+        def sink(context_id, control, data, end):
+            seen.append(bytes(data))
+            a.abort()
+
+        a = established(sink=sink)
+        a.receive_data(pdata(pdv(1, 0, b"first"), pdv(1, 2, b"second")) + pdata(pdv(1, 2, b"third")))
+        self.assertEqual(seen, [b"first"])
+
+    def test_the_data_wait_until_what_came_before_them_is_carried_out(self):
+        # A requestor: the A-ASSOCIATE-AC and a P-DATA-TF arrive in one read.
+        sink = Sink()
+        a = Association(requestor=True, max_pdu_length=16384, sink=sink)
+        a.request(RQ)
+        a.connection_made()
+        ac = AssociateAC("DICOMGW", "SCU", (PresentationContextAC(1, 0, "1.2.840.10008.1.2"),),
+                         UserInformation(max_length=16384, implementation_class_uid="1.2.3"))
+        effects = a.receive_data(encode_pdu(ac) + pdata(pdv(1, 3, b"data")))
+        self.assertTrue(any(isinstance(e, AssociateConfirmation) for e in effects))
+        self.assertEqual(sink.pdvs, [])  # not before the user knows it is associated
+        self.assertTrue(a.held)
+        self.assertEqual(a.resume(), [])
+        self.assertEqual(sink.pdvs, [(1, 3, b"data")])
+        self.assertFalse(a.held)
 
     def test_the_declared_length_is_judged_before_the_body_arrives(self):
         a = established(max_pdu=16384)

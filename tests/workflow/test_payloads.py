@@ -15,9 +15,11 @@ from twisted.trial import unittest
 from gateway.config import config_from_string
 from gateway.store.header import header_attributes
 from gateway.store.index import open_index
+from gateway.workflow import payloads as payloads_module
 from gateway.workflow.payloads import PayloadService
 from gateway.ingest.scp import AssociationInfo
-from gateway.store.writer import Storage, StoredInstance
+from gateway.part10 import dataset_offset
+from gateway.store.writer import HEAD_BYTES, Storage, StoredInstance
 from gateway.threads import WorkerPool
 from tests import dicomfiles
 
@@ -93,17 +95,17 @@ class PayloadCase(unittest.TestCase):
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, ds.SOPInstanceUID + ".dcm")
         os.link(src, path)
-        with open(path, "rb") as f:  # as the writer hashes what it writes
-            sha256 = hashlib.sha256(f.read()).hexdigest()
+        with open(path, "rb") as f:  # as the writer digests and keeps what it writes
+            data = f.read()
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        dataset = data[dataset_offset(data):]
         st = os.stat(path)
         stored = StoredInstance(path, ds.SOPClassUID, ds.SOPInstanceUID, ds.file_meta.TransferSyntaxUID,
-                                st.st_size, st.st_size - 300, False, sha256, st.st_ino, header_attributes(path))
-        yield self.service.instance_stored(stored, association)
-        if not turn:
-            return sha256
-        self.clock.advance(0)  # the reactor's next turn, when the examination starts
-        yield self.service._settled(association.id)  # indexed (in the background)
-        return sha256
+                                st.st_size, len(dataset), False, digest, st.st_ino, dataset[:HEAD_BYTES])
+        self.assertIsNone(self.service.instance_stored(stored, association))
+        if turn:
+            yield self.service._settled(association.id)  # indexed (in the background)
+        return digest
 
     def association(self, ae="DICOMGW"):
         self.n += 1
@@ -214,27 +216,39 @@ class GroupingTests(PayloadCase):
         self.assertEqual((yield self.states(expected_closed=1)), [("closed", 2)])
 
     @defer.inlineCallbacks
-    def test_examination_follows_the_response_and_the_release_waits_for_it(self):
+    def test_rows_wait_for_company_and_the_release_waits_for_them(self):
         yield self.make("study")
         a1 = self.association()
-        examined = []
-        examine = self.service._examined
+        jobs = []
+        real = self.db.run
+        self.patch(self.db, "run", lambda f, *a: jobs.append(f) or real(f, *a))
+        digests = [(yield self.store(a1, "P1", generate_uid(), generate_uid()))]
+        self.assertEqual(jobs, [payloads_module._db_index])  # an association's first row goes at once
+        for _ in range(3):
+            digests.append((yield self.store(a1, "P1", generate_uid(), generate_uid(), turn=False)))
+        self.assertEqual(len(jobs), 1)  # the SCP answers at once; the rows wait for company
+        yield self.service.association_released(a1)  # the peer released at once: they go now
+        self.assertEqual(jobs.count(payloads_module._db_index), 2)  # one job for the three
+        rows = yield self.db.run(lambda c: c.execute("SELECT digest, patient_id FROM instances").fetchall())
+        self.assertEqual(sorted(tuple(r) for r in rows), sorted((d, "P1") for d in digests))
 
-        def recording(instance, association, received):
-            examined.append(instance.sop_instance_uid)
-            return examine(instance, association, received)
-
-        self.service._examined = recording
-        sha256 = yield self.store(a1, "P1", generate_uid(), generate_uid(), turn=False)
-        self.assertEqual(examined, [])  # the SCP answers now; the index has not begun
-        released = self.service.association_released(a1)  # the peer released at once
-        yield task.deferLater(reactor, 0.05, lambda: None)
-        self.assertFalse(released.called)
-        self.clock.advance(0)
-        yield released
-        self.assertEqual(len(examined), 1)
-        rows = yield self.db.run(lambda c: c.execute("SELECT sha256 FROM instances").fetchall())
-        self.assertEqual([tuple(r) for r in rows], [(sha256,)])
+    @defer.inlineCallbacks
+    def test_rows_go_after_a_short_wait_or_as_soon_as_a_batch_is_full(self):
+        yield self.make("study")
+        a1 = self.association()
+        yield self.store(a1, "P1", generate_uid(), generate_uid())
+        yield self.store(a1, "P1", generate_uid(), generate_uid(), turn=False)
+        self.assertEqual(len(self.service._rows), 1)
+        self.clock.advance(payloads_module.INDEX_DELAY)
+        self.assertEqual(self.service._rows, [])
+        yield self.service._settled(a1.id)
+        self.assertEqual((yield _sql(self.db, "SELECT COUNT(*) FROM instances")), [(2,)])
+        self.patch(payloads_module, "INDEX_BATCH", 3)
+        for _ in range(3):
+            yield self.store(a1, "P1", generate_uid(), generate_uid(), turn=False)
+        self.assertEqual(self.service._rows, [])  # gone without the timer
+        yield self.service._settled(a1.id)
+        self.assertEqual((yield _sql(self.db, "SELECT COUNT(*) FROM instances")), [(5,)])
 
     @defer.inlineCallbacks
     def test_aborted_association_joins_nothing(self):
@@ -317,7 +331,7 @@ class IndexFailureTests(PayloadCase):
             raise OSError("disk trouble")
 
         yield self.make("study")
-        self.patch(self.service, "_examined", broken)
+        self.patch(payloads_module, "header_attributes", broken)
         a1 = self.association()
         yield self.store(a1, "P1", generate_uid(), generate_uid())
         with self.assertRaises(RuntimeError):
