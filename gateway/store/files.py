@@ -1,8 +1,50 @@
-"""Small file-system steps of the store, blocking: run them in the disk pool."""
+"""Small file-system steps of the store, blocking: run them in the disk pool
+(the writer runs :func:`move_into_place` on the reactor, see gateway.store.writer)."""
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
+
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+
+
+def _renameat2():
+    try:
+        f = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # not Linux, or a libc without it
+        return None
+    f.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+    f.restype = ctypes.c_int
+    return f
+
+
+_renameat2_f = _renameat2()
+
+
+def move_into_place(src: str, dst: str) -> bool:
+    """Rename ``src`` to ``dst``, replacing what is there; True when it replaced a file.
+
+    One system call when nothing is there (Linux renameat2 with
+    RENAME_NOREPLACE), a second one to replace; elsewhere, or on a file
+    system without the flag, a look and a rename.  Raises OSError as
+    os.replace does (FileNotFoundError for a missing directory).
+    """
+    f = _renameat2_f
+    if f is not None:
+        if f(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+            return False
+        err = ctypes.get_errno()
+        if err == errno.EEXIST:
+            os.replace(src, dst)
+            return True
+        if err not in (errno.EINVAL, errno.ENOSYS):
+            raise OSError(err, os.strerror(err), src, None, dst)
+    replaced = os.path.exists(dst)
+    os.replace(src, dst)
+    return replaced
 
 
 def fsync_dir(path: str) -> None:

@@ -127,24 +127,36 @@ def open_index(root: str, reactor, durable: bool, reserve=None) -> Database:
                     durable=durable, reserve=reserve)
 
 
-def record_instance(conn, states: dict, row: dict):
-    """Record one instance; ``states``: association id -> state, as read in
-    this transaction (where only instance rows are written)."""
-    a = row["association"]
-    state = states.get(a)
-    if state is None:
-        conn.execute(
-            "INSERT OR IGNORE INTO associations (id, calling_ae, called_ae, peer, started, state) "
-            "VALUES (?, ?, ?, ?, ?, 'open')",
-            (a, row["calling_ae"], row["called_ae"], row["peer"], row["started"]))
-        state = states[a] = conn.execute("SELECT state FROM associations WHERE id = ?", (a,)).fetchone()[0]
-    row = dict(row, state="received" if state == "open" else "aborted")
-    cols = ("association", "ae", "sop_class_uid", "sop_instance_uid", "patient_id", "patient_name",
-            "study_uid", "series_uid", "modality", "transfer_syntax", "size", "digest", "inode",
-            "calling_ae", "called_ae", "peer", "received", "path", "group_key", "state")
-    cur = conn.execute(f"INSERT INTO instances ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
-                       [row.get(c) for c in cols])
-    return row["state"], cur.lastrowid
+#: An instance row as :func:`record_instances` takes it: these columns, in this order.
+INSTANCE_COLUMNS = ("association", "ae", "sop_class_uid", "sop_instance_uid", "patient_id", "patient_name",
+                    "study_uid", "series_uid", "modality", "transfer_syntax", "size", "digest", "inode",
+                    "calling_ae", "called_ae", "peer", "received", "path", "group_key")
+#: An association row as :func:`record_instances` takes it.
+ASSOCIATION_COLUMNS = ("id", "calling_ae", "called_ae", "peer", "started")
+
+_RECORD_ASSOCIATIONS = (
+    f"INSERT OR IGNORE INTO associations ({', '.join(ASSOCIATION_COLUMNS)}, state) "
+    f"SELECT {', '.join(f'value->>{i}' for i in range(len(ASSOCIATION_COLUMNS)))}, 'open' FROM json_each(?)")
+_RECORD_INSTANCES = (
+    f"INSERT INTO instances ({', '.join(INSTANCE_COLUMNS)}, state) "
+    f"SELECT {', '.join(f'value->>{i}' for i in range(len(INSTANCE_COLUMNS)))}, "
+    "CASE (SELECT state FROM associations WHERE id = value->>0) WHEN 'open' THEN 'received' ELSE 'aborted' END "
+    "FROM json_each(?) ORDER BY key")
+
+
+def record_instances(conn, associations: str, rows: str) -> None:
+    """Record instances, in two statements however many there are.
+
+    ``associations`` and ``rows`` are JSON arrays of arrays: the
+    :data:`ASSOCIATION_COLUMNS` of the associations the instances came on
+    (recorded open, unless they are there already) and the
+    :data:`INSTANCE_COLUMNS` of each instance, in the order received.  An
+    instance whose association has ended already is recorded aborted.  One
+    statement per batch, not per row: the database thread takes the GIL
+    back a few times per batch, not per instance (gateway.workflow.payloads).
+    """
+    conn.execute(_RECORD_ASSOCIATIONS, (associations,))
+    conn.execute(_RECORD_INSTANCES, (rows,))
 
 
 def _keep(conn, keep_aes, where, args):

@@ -12,12 +12,21 @@ thread and back costs about 140 us, more than storing a small instance):
 
 - *Direct*: the writes, and with ``fsync`` off the close and the rename, run
   on the reactor thread as the data arrive: they go to the page cache and
-  take microseconds.  The file itself was created ahead of need by the disk
-  pool (:class:`Spares`), so no file creation is on the way either.  Every
-  such call is timed: one that takes longer than :data:`SLOW` (the page
-  cache is full and the kernel makes writers wait for the disk) sends new
-  writers to the pool for :data:`OFFLOAD_FOR` seconds, so that a slow disk
-  holds back the associations that write to it, not the reactor.
+  take microseconds.  The file itself was created ahead of need
+  (:class:`Spares`), after the previous instance was answered, so no file
+  creation is on the way either.  Every such call is timed: when they add
+  up to more than :data:`BUSY` of a second (the page cache is full and the
+  kernel makes writers wait for the disk), or one takes longer than
+  :data:`SLOW`, new writers go to the pool for :data:`OFFLOAD_FOR` seconds,
+  so that a slow disk holds back the associations that write to it, not
+  the reactor.  A hiccup of a few milliseconds does neither.
+
+  Why not in a thread: on this machine kind a job handed to another thread
+  and back costs 140 us, and every background thread that wants the GIL
+  back after a system call while the reactor holds it makes the reactor
+  wait for a wake-up of the other CPU at its next system call.  A thread
+  doing a little per instance (creating the next file, say) cost more of
+  the reactor's time than doing it on the reactor does.
 - *fsync*: with ``fsync`` on, the writes are direct and one disk pool job
   fsyncs the file, renames it and fsyncs its directory; the reactor never
   waits for it.
@@ -45,9 +54,9 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import itertools
 import os
 import secrets
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -61,7 +70,7 @@ from gateway import IMPLEMENTATION_CLASS_UID
 from gateway.dimse.sop import is_valid_uid
 from gateway.interfaces import IInstanceStorage
 from gateway.part10 import file_meta
-from gateway.store.files import fsync_dir
+from gateway.store.files import fsync_dir, move_into_place
 from gateway.store.reserve import SpaceReserve
 from gateway.threads import WorkerPool
 
@@ -100,18 +109,21 @@ _FINISH = object()
 #: module docstring).  Well below the SCP's low-water mark, so an association
 #: that is paused for its backlog always has a job running that will resume it.
 WRITE_BEHIND = 256 << 10
-_write = os.write  # the one disk write of the hot path (tests simulate a full disk here)
+_write = os.write  # the disk writes of the hot path (tests simulate a full disk here)
+_writev = os.writev
 _clock = time.monotonic
 #: The first bytes of each data set are kept (copied) for the index.
 HEAD_BYTES = 16 << 10
-#: A write, close or rename on the reactor that takes longer than this
-#: (seconds) means the disk is behind: new writers go to the pool ...
-SLOW = 0.02
-#: ... for this long (seconds) after the last slow one was seen.
+#: Disk work on the reactor taking more than this share of a second, or one
+#: call taking longer than SLOW seconds, means the disk is behind: new
+#: writers go to the pool ...
+BUSY = 0.25
+SLOW = 0.25
+#: ... for this long (seconds) after it was seen.
 OFFLOAD_FOR = 10.0
 #: Temporary files kept ready for the next instances (see :class:`Spares`),
 #: named ``tmp/spare-<random>.part``.
-SPARES = 16
+SPARES = 4
 SPARE_PREFIX = "spare-"
 #: The databases' reserve, in tmp/ (gateway.store.reserve).
 RESERVE_FILE = "database-reserve"
@@ -120,8 +132,8 @@ RESERVE_FILE = "database-reserve"
 class InstanceWriter:
     """Writes one instance; see the module docstring.
 
-    ``spare`` is a ready (path, fd) from :class:`Spares`: the writer is then
-    direct, else pooled.  Reactor thread: :meth:`write`, :meth:`finish`,
+    ``spare`` is a ready (path, fd, inode) from :class:`Spares`: the writer
+    is then direct, else pooled.  Reactor thread: :meth:`write`, :meth:`finish`,
     :meth:`discard`, ``pending`` and ``on_drained`` (called whenever
     ``pending`` drops).
     """
@@ -144,10 +156,11 @@ class InstanceWriter:
         self.on_drained = None
         self._direct = spare is not None
         if self._direct:
-            self._tmp, self._fd = spare
-            self._write_now(header)
+            self._tmp, self._fd, self._inode = spare
+            self._header = header  # written with the first data: one system call for a small instance
         else:
-            self._tmp, self._fd = None, -1  # the first job takes a spare or creates a file
+            self._tmp, self._fd, self._inode = None, -1, 0  # the first job creates the file
+            self._header = None
             self._ops.append(header)
             self.pending = len(header)
 
@@ -162,7 +175,8 @@ class InstanceWriter:
         if len(head) < HEAD_BYTES:
             head += data[:HEAD_BYTES - len(head)]
         if self._direct:
-            self._write_now(data)
+            header, self._header = self._header, None
+            self._write_now(data, header)
             return
         self._ops.append(data)
         self.pending += n
@@ -174,6 +188,9 @@ class InstanceWriter:
         reactor thread: the :class:`StoredInstance`, or the exception that
         stopped it.  Direct without fsync, that happens before this returns."""
         self._done = (done, args)
+        if self._header is not None:  # an empty data set
+            header, self._header = self._header, None
+            self._write_now(header)
         if self._direct and not self._storage.fsync:
             started = _clock()
             outcome = self._close()
@@ -194,10 +211,10 @@ class InstanceWriter:
         self._closing = True
         self._kick()
 
-    def _write_now(self, data) -> None:
+    def _write_now(self, data, header=None) -> None:
         started = _clock()
         try:
-            self._put(data)
+            self._put(data, header)
         except OSError as e:
             self._failed = _storage_error(e)
         self._storage.timed(_clock() - started, "writing")
@@ -250,11 +267,25 @@ class InstanceWriter:
 
     # ---- either thread: the reactor's (direct) or the pool's ------------------
 
-    def _put(self, data) -> None:
-        """Write all of ``data`` and digest it."""
+    def _put(self, data, header=None) -> None:
+        """Write all of ``data`` (after ``header``, when given) and digest it."""
         fd = self._fd
-        n = _write(fd, data)
-        if n < len(data):
+        if header is None:
+            n = _write(fd, data)
+            rest = len(data) - n
+        else:
+            n = _writev(fd, (header, data))
+            rest = len(header) + len(data) - n
+            if self._digest is not None:
+                self._digest.update(header)
+            if rest and n < len(header):
+                view = memoryview(header)[n:]
+                while view:
+                    view = view[_write(fd, view):]
+                n, rest = 0, len(data)
+            else:
+                n -= len(header)
+        if rest:
             view = memoryview(data)[n:]
             while view:
                 view = view[_write(fd, view):]
@@ -282,12 +313,9 @@ class InstanceWriter:
         return written, None
 
     def _open(self):
-        spare = self._storage.spares.take()
-        if spare is not None:
-            self._tmp, self._fd = spare
-        else:
-            self._tmp = self._storage.temporary_path()
-            self._fd = _create(self._tmp)
+        self._tmp = self._storage.temporary_path()
+        self._fd = _create(self._tmp)
+        self._inode = os.fstat(self._fd).st_ino
 
     def _close(self):
         """Put the file in place; return its record, or the exception that stopped it."""
@@ -320,23 +348,21 @@ class InstanceWriter:
         fsync = self._storage.fsync
         if fsync:
             os.fsync(self._fd)
-        st = os.fstat(self._fd)
         os.close(self._fd)
         self._fd = -1
-        directory = os.path.dirname(self._final)
-        replaced = os.path.exists(self._final)
         try:
-            os.replace(self._tmp, self._final)
+            replaced = move_into_place(self._tmp, self._final)
         except FileNotFoundError:  # the AE title's first instance (or its directory was removed)
             if not os.path.exists(self._tmp):
                 raise
+            directory = os.path.dirname(self._final)
             os.makedirs(directory, exist_ok=True)
             if fsync:
                 fsync_dir(os.path.dirname(directory))  # the new directory's own entry
-            os.replace(self._tmp, self._final)
+            replaced = move_into_place(self._tmp, self._final)
         if fsync:
-            fsync_dir(directory)
-        return st.st_size, st.st_ino, replaced
+            fsync_dir(os.path.dirname(self._final))
+        return self._header_len + self.dataset_bytes, self._inode, replaced
 
     def _abandon(self):
         if self._fd >= 0:
@@ -372,78 +398,64 @@ def _discard_spare(path: str, fd: int) -> None:
 
 
 class Spares:
-    """Empty temporary files created ahead of need, in the disk pool.
+    """Empty temporary files created ahead of need, on the reactor, after the work at hand.
 
     Creating a file is the slowest step of storing a small instance (an
-    inode and a directory entry: 0.02 to 0.8 ms of system time here,
-    depending on what the file system has been through), and a call that
-    may wait for the disk: the reactor never makes one.  A writer takes a
-    ready file (:meth:`take`); once half of them are taken, one pool job
-    makes the next ones, off every instance's path.  When none is ready the
-    writer is pooled and its job creates its file.  Spares are
-    ``tmp/*.part`` files like any other: a crash leaves nothing that the
-    start-up clean-up does not remove.
+    inode and a directory entry: 0.02 to 0.5 ms of system time here,
+    depending on what the file system has been through).  A writer takes a
+    ready file (:meth:`take`) and the next ones are made on the reactor's
+    next turn, once the instance that took one has been answered: while the
+    peer reads the response, not while it waits for it.  Each creation is
+    timed like any disk work on the reactor.  When none is ready the writer
+    is pooled and its job creates its file.  Spares are ``tmp/*.part``
+    files like any other: a crash leaves nothing that the start-up clean-up
+    does not remove.
     """
 
     def __init__(self, storage: "Storage", keep: int = SPARES):
         self._storage = storage
         self.keep = keep
-        self._ready: deque = deque()  # (path, fd); deque appends and pops are thread-safe
+        self._ready: deque = deque()  # (path, fd)
         self._closed = False
-        self._filling = False  # a top-up job is queued or running
-        self._lock = threading.Lock()  # a spare made as close() empties the queue is not kept
+        self._filling = False  # a top-up is scheduled
 
     def take(self):
-        """A ready (path, fd), or None.  Any thread."""
-        try:
-            spare = self._ready.popleft()
-        except IndexError:
-            spare = None
-        if len(self._ready) <= self.keep // 2 and not self._filling and not self._closed:
+        """A ready (path, fd), or None; schedules the top-up (reactor thread)."""
+        spare = self._ready.popleft() if self._ready else None
+        if not self._filling and not self._closed and len(self._ready) < self.keep:
             self._filling = True
-            self._storage.pool.callInThread(self.top_up)
+            self._storage.reactor.callLater(0, self.top_up)
         return spare
 
     def top_up(self) -> None:
-        """Make up to ``keep`` ready (pool thread)."""
-        try:
-            for _ in range(2 * self.keep):  # what writers take meanwhile is made up too, within reason
-                if self._closed or len(self._ready) >= self.keep:
-                    return
-                path = self._storage.temporary_path(spare=True)
-                try:
-                    fd = _create(path)
-                except OSError:
-                    return  # a full disk, say: writers will report it when they try
-                with self._lock:
-                    if not self._closed:
-                        self._ready.append((path, fd))
-                        continue
-                _discard_spare(path, fd)
-                return
-        finally:
-            self._filling = False
+        """Make up to ``keep`` ready (reactor thread)."""
+        self._filling = False
+        storage = self._storage
+        while len(self._ready) < self.keep and not self._closed:
+            path = storage.temporary_path(spare=True)
+            started = _clock()
+            try:
+                fd = _create(path)
+                inode = os.fstat(fd).st_ino
+            except OSError:
+                return  # a full disk, say: writers will report it when they try
+            finally:
+                storage.timed(_clock() - started, "creating a file")
+            self._ready.append((path, fd, inode))
+            if storage.reactor.seconds() < storage.slow_until:
+                return  # the disk is slow: writers are pooled and make their own
 
     def close(self):
         """Make no more; remove the ready files (in the pool)."""
-        with self._lock:
-            self._closed = True
-        spares = []
-        while (spare := self._ready_one()) is not None:  # writers may be taking some at the same time
-            spares.append(spare)
+        self._closed = True
+        spares, self._ready = list(self._ready), deque()
         storage = self._storage
 
         def remove():
-            for path, fd in spares:
+            for path, fd, _inode in spares:
                 _discard_spare(path, fd)
 
         return deferToThreadPool(storage.reactor, storage.pool, remove)
-
-    def _ready_one(self):
-        try:
-            return self._ready.popleft()
-        except IndexError:
-            return None
 
 
 @implementer(IInstanceStorage)
@@ -473,21 +485,32 @@ class Storage:
         self.implementation_version_name = implementation_version_name
         self._ae_dirs: dict[str, str] = {}  # called AE title -> its checked directory
         self.spares = Spares(self)
+        self._run = secrets.token_hex(6)
+        self._names = itertools.count(1)
         self.slow_until = 0.0  # writers are pooled until then (reactor.seconds())
+        self._busy_since, self._busy = 0.0, 0.0  # disk time on the reactor in the current second
 
     def timed(self, seconds: float, what: str) -> None:
         """Disk work on the reactor (or a pooled write) took ``seconds``."""
-        if seconds <= SLOW:
-            return
+        if seconds < 0.001:
+            return  # the page cache at work: nothing to add up
         now = self.reactor.seconds()
+        if now - self._busy_since >= 1.0:
+            self._busy_since, self._busy = now, 0.0
+        self._busy += seconds
+        if seconds <= SLOW and self._busy <= BUSY:
+            return
         if now >= self.slow_until:
-            self.log.warn("storage under {root} is slow ({what} took {ms:.0f} ms): writing in the disk pool, "
-                          "not on the reactor, for at least {seconds:g} s", event="storage.slow", root=self.root,
-                          what=what, ms=seconds * 1000, seconds=OFFLOAD_FOR)
+            why = (f"{what} took {seconds * 1000:.0f} ms" if seconds > SLOW
+                   else f"{self._busy * 1000:.0f} ms of the last second went to disk work, the last {what}")
+            self.log.warn("storage under {root} is slow ({why}): writing in the disk pool, not on the reactor, "
+                          "for at least {seconds:g} s", event="storage.slow", root=self.root, why=why,
+                          seconds=OFFLOAD_FOR)
         self.slow_until = now + OFFLOAD_FOR
 
     def temporary_path(self, spare: bool = False) -> str:
-        return os.path.join(self.tmp_dir, (SPARE_PREFIX if spare else "") + secrets.token_hex(12) + ".part")
+        """A new name in tmp/: this run's random prefix and a count (no random bytes per file)."""
+        return os.path.join(self.tmp_dir, f"{SPARE_PREFIX if spare else ''}{self._run}-{next(self._names)}.part")
 
     def prepare(self) -> int:
         """Create the directories and remove temporary files a crash left.

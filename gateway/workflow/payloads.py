@@ -49,7 +49,7 @@ from zope.interface import implementer
 from gateway.interfaces import IInstanceStoredObserver, IPayloadQuery, IReconfigurable
 from gateway.store import index
 from gateway.store.files import fsync_dir, remove_all
-from gateway.store.header import header_attributes
+from gateway.store.header import header_attributes, quick_attributes
 
 MANIFEST = "manifest.json"
 #: 2: instances carry "digest" ("<algorithm>:<hex>"; "sha256" too when that is the algorithm).
@@ -74,33 +74,38 @@ def group_key(grouping: str, association_id: str, attrs: dict) -> str:
 
 # ---- transactions (database thread) ------------------------------------------
 
-def _db_index(conn, rows, groupings: dict, bare: bool = False):
-    """Record a batch of stored instances; [(group key, state, header error)] per row.
+def _db_index(conn, associations: str, segments: list, groupings: dict):
+    """Record a batch of stored instances, in the order received.
 
-    ``rows``: (StoredInstance, AssociationInfo, time received); ``groupings``:
-    AE title -> its grouping.  The indexed attributes are read here, off the
-    reactor, from the first bytes the writer kept (or from the file); not
-    when ``bare``, the second try of a batch that failed: then the rows only
-    say where the files are, so that they go with their associations."""
-    states: dict = {}
-    out = []
-    for instance, association, received in rows:
-        if bare:
-            attrs = {"patient_id": "", "patient_name": "", "study_uid": "", "series_uid": "", "modality": "",
-                     "header_error": "not indexed"}
-        else:
+    ``associations``: the JSON rows of their associations.  ``segments``:
+    JSON arrays of instance rows read on the reactor, and between them
+    lists of (StoredInstance, AssociationInfo, time received) whose
+    attributes the reactor could not settle from the first bytes: those are
+    read here, from the file.  Returns [(group key, header error)] for the
+    latter, in order.  (index.record_instances: a few statements a batch.)"""
+    index.record_instances(conn, associations, "[]")
+    read = []
+    for segment in segments:
+        if isinstance(segment, str):
+            index.record_instances(conn, "[]", segment)
+            continue
+        rows = []
+        for instance, association, received in segment:
             attrs = header_attributes(instance.path, instance.head, instance.transfer_syntax_uid,
                                       instance.dataset_size <= len(instance.head))
-        key = group_key(groupings.get(association.called_ae, "study"), association.id, attrs)
-        row = dict(attrs, association=association.id, ae=association.called_ae,
-                   sop_class_uid=instance.sop_class_uid, sop_instance_uid=instance.sop_instance_uid,
-                   transfer_syntax=instance.transfer_syntax_uid, size=instance.size,
-                   digest=instance.digest, inode=instance.inode, calling_ae=association.calling_ae,
-                   called_ae=association.called_ae, peer=association.peer, started=association.started,
-                   received=received, path=instance.path, group_key=key)
-        state, _row_id = index.record_instance(conn, states, row)
-        out.append((key, state, attrs["header_error"]))
-    return out
+            key = group_key(groupings.get(association.called_ae, "study"), association.id, attrs)
+            rows.append(instance_row(instance, association, received, attrs, key))
+            read.append((key, attrs["header_error"]))
+        index.record_instances(conn, "[]", json.dumps(rows))
+    return read
+
+
+def instance_row(instance, association, received, attrs, key) -> list:
+    """An instance's row, as index.INSTANCE_COLUMNS."""
+    return [association.id, association.called_ae, instance.sop_class_uid, instance.sop_instance_uid,
+            attrs["patient_id"], attrs["patient_name"], attrs["study_uid"], attrs["series_uid"], attrs["modality"],
+            instance.transfer_syntax_uid, instance.size, instance.digest, instance.inode, association.calling_ae,
+            association.called_ae, association.peer, received, instance.path, key]
 
 
 def _db_release(conn, info, now, aes: dict):
@@ -285,9 +290,15 @@ class PayloadService(Service):
         self.last_seen: dict[tuple, float] = {}  # (ae, key) -> time of the last instance
         self.open_payloads: dict[tuple, list] = {}  # (ae, key) -> [payload id, updated]
         self.timers: dict[str, object] = {}
-        self._rows: list = []  # (instance, association, received) for the next index job
+        self._arrived: list = []  # (instance, association, received) not examined yet
+        # For the next index job, in order: (association id, JSON row), or
+        # (association id, None, (instance, association, received)) for the
+        # job to read (_examine).
+        self._rows: list = []
+        self._associations: dict = {}  # the JSON rows of their associations, by id
         self._rows_timer = None
         self._indexing = False  # an index job is under way
+        self._urgent = False  # the next rows go without waiting for company
         # association id -> [rows not yet committed, AE title], and who waits for them
         self.unindexed: dict[str, list] = {}
         self._settling: dict[str, list] = {}
@@ -328,26 +339,66 @@ class PayloadService(Service):
         """Index the instance in the background; the C-STORE is answered at once.
 
         ``instance`` is the writer's record (path, size, digest, first
-        bytes).  Its row goes to the database with others (:meth:`_index`).
-        None of it is needed before the association releases, and the
-        release waits for them (and makes them durable) before the
-        A-RELEASE-RP.  An acknowledged instance whose row a crash prevented
-        belongs to an association that never released: at restart its file
-        is adopted as such (aborted, or kept on an AE title without pipelines).
+        bytes).  On the reactor's next turn, once the response has gone
+        (:meth:`_examine`), its indexed attributes are picked out of its
+        first bytes and its row goes to the database with others
+        (:meth:`_index`).  None of it is needed before the association
+        releases, and the release waits for them (and makes them durable)
+        before the A-RELEASE-RP.  An acknowledged instance whose row a crash
+        prevented belongs to an association that never released: at restart
+        its file is adopted as such (aborted, or kept on an AE title without
+        pipelines).
         """
-        self._rows.append((instance, association, self.reactor.seconds()))
+        if not self._arrived:
+            self.reactor.callLater(0, self._examine)
+        self._arrived.append((instance, association, self.reactor.seconds()))
         pending = self.unindexed.get(association.id)
         if pending is None:
             self.unindexed[association.id] = [1, association.called_ae]
         else:
             pending[0] += 1
-        if len(self._rows) >= INDEX_BATCH or association.id not in self.recorded:
-            # A new association's first row goes at once, so that a crash
-            # finds its record (and calls it broken); the rest may wait.
-            self.recorded.add(association.id)
+
+    def _examine(self):
+        """The attributes and group key of the instances that arrived, then
+        their rows; the database job reads those the first bytes do not settle."""
+        arrived, self._arrived = self._arrived, []
+        first = False
+        for instance, association, received in arrived:
+            aid = association.id
+            if aid not in self.recorded:
+                # A new association's first row goes at once, so that a crash
+                # finds its record (and calls it broken); the rest may wait.
+                self.recorded.add(aid)
+                first = True
+                self._associations[aid] = [aid, association.calling_ae, association.called_ae, association.peer,
+                                           association.started]
+            try:
+                attrs = quick_attributes(instance.head, instance.transfer_syntax_uid,
+                                         instance.dataset_size <= len(instance.head))
+            except Exception:  # pure and total, but no bug of it stops a row: the job reads the file
+                attrs = None
+            if attrs is None:
+                self._rows.append((aid, None, (instance, association, received)))
+                continue
+            ae = self.aes.get(association.called_ae)
+            key = group_key(ae.grouping if ae else "study", aid, attrs)
+            self._seen(association, key, received)
+            self._rows.append((aid, json.dumps(instance_row(instance, association, received, attrs, key)), None))
+        if first:
+            self._urgent = True
+        self._index_soon()
+
+    def _index_soon(self):
+        """Index now when someone waits or a batch is full, else within INDEX_DELAY."""
+        if self._urgent or len(self._rows) >= INDEX_BATCH:
             self._index()
-        elif self._rows_timer is None:
+        elif self._rows_timer is None and self._rows:
             self._rows_timer = self.reactor.callLater(INDEX_DELAY, self._index)
+
+    def _seen(self, association, key, received):
+        k = (association.called_ae, key)
+        self.open_keys.setdefault(association.id, set()).add(k)
+        self.last_seen[k] = max(self.last_seen.get(k, 0), received)
 
     def _index(self):
         """Write the rows waiting now in one database job (one at a time)."""
@@ -356,43 +407,53 @@ class PayloadService(Service):
             timer.cancel()
         if self._indexing or not self._rows:
             return
+        self._urgent = False
         rows, self._rows = self._rows, []
+        associations, self._associations = self._associations, {}
+        segments: list = []  # consecutive JSON rows make one JSON array; rows to read, a list
+        texts: list = []
+        for _aid, text, unread in rows:
+            if text is not None:
+                texts.append(text)
+                continue
+            if texts:
+                segments.append("[" + ",".join(texts) + "]")
+                texts = []
+            if not segments or isinstance(segments[-1], str):
+                segments.append([])
+            segments[-1].append(unread)
+        if texts:
+            segments.append("[" + ",".join(texts) + "]")
         self._indexing = True
         groupings = {title: ae.grouping for title, ae in self.aes.items()}
-        self.db.run(_db_index, rows, groupings).addBoth(self._indexed, rows)
+        d = self.db.run(_db_index, json.dumps(list(associations.values())), segments, groupings)
+        d.addBoth(self._indexed, rows)
 
-    def _indexed(self, result, rows, bare=False):
-        if isinstance(result, Failure):
-            # Their associations will not hand off (the release fails); the
-            # rows are tried once more without attributes, so that the files
-            # are removed or kept with the rest of their associations.
-            self.failed.update(association.id for _i, association, _r in rows)
-            if not bare:
-                self.log.failure("could not index {count} instance(s); recording them without attributes",
-                                 result, count=len(rows))
-                self.db.run(_db_index, rows, {}, True).addBoth(self._indexed, rows, True)
-                return
-            self.log.failure("could not record {count} instance(s); the next start adopts their files", result,
-                             count=len(rows))
-            result = [None] * len(rows)
+    def _indexed(self, result, rows):
         self._indexing = False
-        for (instance, association, received), outcome in zip(rows, result):
-            if outcome is not None and not bare:
-                key, _state, header_error = outcome
+        if isinstance(result, Failure):
+            # Their associations will not hand off: their releases fail.
+            self.log.failure("could not index {count} instance(s); their associations count as aborted and the "
+                             "next start adopts their files", result, count=len(rows))
+            self.failed.update(aid for aid, _text, _unread in rows)
+        else:
+            read = [unread for _aid, text, unread in rows if text is None]
+            for (instance, association, received), (key, header_error) in zip(read, result):
                 if header_error:
                     self.log.warn("{path}: header not readable ({error}); indexed without attributes",
                                   path=instance.path, error=header_error)
-                k = (association.called_ae, key)
-                self.open_keys.setdefault(association.id, set()).add(k)
-                self.last_seen[k] = max(self.last_seen.get(k, 0), received)
-            pending = self.unindexed[association.id]
-            pending[0] -= 1
-            if not pending[0]:
-                del self.unindexed[association.id]
-                for d in self._settling.pop(association.id, ()):
-                    d.callback(None)
-        if self._rows:  # they have waited for this job already
-            self._index()
+                self._seen(association, key, received)
+        for aid, _text, _unread in rows:
+            self._row_done(aid)
+        self._index_soon()
+
+    def _row_done(self, association_id):
+        pending = self.unindexed[association_id]
+        pending[0] -= 1
+        if not pending[0]:
+            del self.unindexed[association_id]
+            for d in self._settling.pop(association_id, ()):
+                d.callback(None)
 
     def _settled(self, association_id):
         """Fire once every row of the association is committed (or failed)."""
@@ -400,7 +461,11 @@ class PayloadService(Service):
             return succeed(None)
         d = Deferred()
         self._settling.setdefault(association_id, []).append(d)
-        self._index()  # someone waits for these rows now: no waiting for company
+        self._urgent = True  # someone waits for these rows now: no waiting for company
+        if self._arrived:
+            self._examine()
+        else:
+            self._index_soon()
         return d
 
     @inlineCallbacks

@@ -193,6 +193,7 @@ class DiskFullTests(unittest.TestCase):
             raise OSError(errno.ENOSPC, "No space left on device")
 
         self.patch(S, "_write", full)
+        self.patch(S, "_writev", full)
         gw = yield start_gateway(self)
         path = dicomfiles.ct_image(self.mktemp() + ".dcm", rows=64, cols=64)
 

@@ -9,7 +9,6 @@ import threading
 
 import blake3
 from twisted.internet import defer, reactor, task
-from twisted.internet.threads import deferToThreadPool
 from twisted.trial import unittest
 
 from gateway.part10 import dataset_offset
@@ -60,15 +59,14 @@ class StorageCase(unittest.TestCase):
         if not self.storage.spares._ready:
             self.storage.spares.take()
         for _ in range(500):
-            if len(self.storage.spares._ready) >= count and not self.storage.spares._filling:
+            if len(self.storage.spares._ready) >= count:
                 self.jobs.clear()
                 return
             yield _tick()
         self.fail("the spares were never made")
 
     def writer_jobs(self):
-        """Pool jobs but the spares' top-ups."""
-        return [f for f in self.jobs if getattr(f, "__func__", None) is not S.Spares.top_up]
+        return list(self.jobs)
 
 
 class PooledTests(StorageCase):
@@ -181,6 +179,7 @@ class PooledTests(StorageCase):
             raise OSError(errno.ENOSPC, "No space left on device")
 
         self.patch(S, "_write", full)
+        self.patch(S, "_writev", full)
         w.write(b"x" * 100)
         with self.assertRaises(S.StorageFull):
             yield finished(w)
@@ -233,8 +232,9 @@ class DirectTests(StorageCase):
         self.assertTrue(w._direct)
         w.write(b"a" * 1000)
         w.write(memoryview(b"b" * 70000))
-        # On disk already, in the spare the writer took.
+        # On disk already, in the spare the writer took (the header went with the first bytes).
         self.assertEqual(os.path.getsize(w._tmp) - w._header_len, 71000)
+        self.assertEqual(os.stat(w._tmp).st_ino, w._inode)
         outcome = []
         w.finish(outcome.append)
         [stored] = outcome  # before finish() returned
@@ -257,10 +257,11 @@ class DirectTests(StorageCase):
         self.addCleanup(globalLogPublisher.removeObserver, observer)
         w = self.storage.begin(called_ae="AE1", calling_ae="PEER", sop_class_uid="1.2.840.10008.5.1.4.1.1.7",
                                sop_instance_uid="1.2.3.1", transfer_syntax_uid="1.2.840.10008.1.2")
-        self.assertTrue(w._direct)  # its header write is the slow one
+        self.assertTrue(w._direct)
+        w.write(b"x")  # written with the header: the slow one
         self.assertGreater(self.storage.slow_until, reactor.seconds())
         [slow] = [e for e in events if e.get("event") == "storage.slow"]
-        self.assertEqual(slow["what"], "writing")
+        self.assertIn("writing took", slow["why"])
         later = self.storage.begin(called_ae="AE1", calling_ae="PEER", sop_class_uid="1.2.840.10008.5.1.4.1.1.7",
                                    sop_instance_uid="1.2.3.2", transfer_syntax_uid="1.2.840.10008.1.2")
         self.assertFalse(later._direct)
@@ -268,6 +269,14 @@ class DirectTests(StorageCase):
         self.assertTrue(self.begin("1.2.3.3")._direct)  # and back once the disk is quick again
         for x in (w, later):
             x.discard()
+
+    def test_disk_work_adding_up_within_a_second_counts_as_slow_and_a_hiccup_does_not(self):
+        self.storage.timed(S.SLOW / 2, "writing")  # a hiccup
+        self.storage.timed(0.0005, "writing")
+        self.assertEqual(self.storage.slow_until, 0.0)
+        for _ in range(int(S.BUSY / 0.01) + 1):  # 10 ms after 10 ms, in the same second
+            self.storage.timed(0.01, "writing")
+        self.assertGreater(self.storage.slow_until, reactor.seconds())
 
     @defer.inlineCallbacks
     def test_disk_full_is_reported_and_cleaned(self):
@@ -278,6 +287,7 @@ class DirectTests(StorageCase):
             raise OSError(errno.ENOSPC, "No space left on device")
 
         self.patch(S, "_write", full)
+        self.patch(S, "_writev", full)
         w.write(b"x" * 100)
         w.write(b"y" * 100)  # dropped
         outcome = []
@@ -383,60 +393,58 @@ def tmp_names(storage):
 
 
 class SpareTests(StorageCase):
-    """Temporary files made ahead of need, so that no writer creates one on the reactor."""
+    """Temporary files made ahead of need, on the reactor once the work at hand is done."""
 
     fsync = False
 
     @defer.inlineCallbacks
-    def test_writers_take_spares_and_one_job_tops_them_up_once_half_are_gone(self):
+    def test_a_writer_takes_a_spare_and_the_next_ones_are_made_on_the_next_turn(self):
         spares = self.storage.spares
         self.assertEqual(len(spares._ready), 0)
-        w = self.begin("1.2.3.1")  # none ready: pooled, and its taking starts a top-up
+        w = self.begin("1.2.3.1")  # none ready: pooled, and its taking schedules the spares
         self.assertFalse(w._direct)
+        self.assertEqual(len(spares._ready), 0)  # not now: on the next turn
         w.write(b"a" * 10)
         yield finished(w)
         yield self.spares_ready(S.SPARES)
-        ready = [path for path, _fd in spares._ready]
-        self.assertEqual(len(ready), S.SPARES)
+        ready = [path for path, _fd, _inode in spares._ready]
         self.assertEqual(tmp_names(self.storage), sorted(os.path.basename(p) for p in ready))
         self.assertEqual(partial_files(self.storage.tmp_dir), [])  # empty spares are not partial files
 
-        for i in range(S.SPARES // 2 - 1):  # no job while more than half are left
-            w = self.begin(f"1.2.4.{i}")
-            w.write(b"b" * 10)
-            yield finished(w)
-        self.assertEqual(self.jobs, [])
-        w = self.begin("1.2.5")  # half gone: one job makes them up again
+        w = self.begin("1.2.5")
+        self.assertTrue(w._direct)
+        self.assertEqual(w._tmp, ready[0])
         w.write(b"b" * 10)
-        stored = yield finished(w)
-        self.assertTrue(file_bytes(stored.path).endswith(b"b" * 10))
-        self.assertEqual(len(self.jobs), 1)
-        yield self.spares_ready(S.SPARES)
+        outcome = []
+        w.finish(outcome.append)
+        self.assertTrue(file_bytes(outcome[0].path).endswith(b"b" * 10))
+        self.assertEqual(len(spares._ready), S.SPARES - 1)
+        yield task.deferLater(reactor, 0, lambda: None)
+        self.assertEqual(len(spares._ready), S.SPARES)  # made up again, on the reactor
+        self.assertEqual(self.jobs, [])
 
         yield spares.close()
         self.assertEqual(tmp_names(self.storage), [])
         w = self.begin("1.2.3.4")
         w.write(b"d")
         yield finished(w)
-        for _ in range(10):
+        for _ in range(3):
             yield _tick()
         self.assertEqual(tmp_names(self.storage), [])  # none made once closed
         self.assertEqual(len(spares._ready), 0)
 
     @defer.inlineCallbacks
-    def test_a_spare_made_while_closing_is_not_kept(self):
-        spares = self.storage.spares
-        real = S._create
-
-        def create_then_close(path):
-            fd = real(path)
-            spares._closed = True  # close() ran while this file was being made
-            return fd
-
-        self.patch(S, "_create", create_then_close)
-        yield deferToThreadPool(reactor, self.pool, spares.top_up)
-        self.assertEqual(len(spares._ready), 0)
-        self.assertEqual(tmp_names(self.storage), [])
+    def test_a_slow_creation_stops_the_spares_and_pools_the_writers(self):
+        clock = iter([0.0, S.SLOW * 2] + [50.0] * 100)
+        self.patch(S, "_clock", lambda: next(clock))
+        self.storage.spares.take()
+        yield task.deferLater(reactor, 0, lambda: None)
+        self.assertEqual(len(self.storage.spares._ready), 1)  # the slow one, and no more
+        self.assertGreater(self.storage.slow_until, reactor.seconds())
+        w = self.storage.begin(called_ae="AE1", calling_ae="PEER", sop_class_uid="1.2.840.10008.5.1.4.1.1.7",
+                               sop_instance_uid="1.2.3.6", transfer_syntax_uid="1.2.840.10008.1.2")
+        self.assertFalse(w._direct)
+        w.discard()
 
     @defer.inlineCallbacks
     def test_a_spare_that_cannot_be_made_is_not_an_error(self):

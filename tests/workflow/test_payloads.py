@@ -238,7 +238,9 @@ class GroupingTests(PayloadCase):
         a1 = self.association()
         yield self.store(a1, "P1", generate_uid(), generate_uid())
         yield self.store(a1, "P1", generate_uid(), generate_uid(), turn=False)
-        self.assertEqual(len(self.service._rows), 1)
+        self.assertEqual(len(self.service._arrived), 1)  # examined on the reactor's next turn
+        self.clock.advance(0)
+        self.assertEqual(len(self.service._rows), 1)  # ... and then waits for company
         self.clock.advance(payloads_module.INDEX_DELAY)
         self.assertEqual(self.service._rows, [])
         yield self.service._settled(a1.id)
@@ -246,6 +248,7 @@ class GroupingTests(PayloadCase):
         self.patch(payloads_module, "INDEX_BATCH", 3)
         for _ in range(3):
             yield self.store(a1, "P1", generate_uid(), generate_uid(), turn=False)
+        self.clock.advance(0)
         self.assertEqual(self.service._rows, [])  # gone without the timer
         yield self.service._settled(a1.id)
         self.assertEqual((yield _sql(self.db, "SELECT COUNT(*) FROM instances")), [(5,)])
@@ -326,22 +329,36 @@ class ReconfigureTests(PayloadCase):
 
 class IndexFailureTests(PayloadCase):
     @defer.inlineCallbacks
-    def test_release_fails_and_instances_count_as_aborted(self):
+    def test_the_release_fails_when_rows_cannot_be_written(self):
+        import sqlite3
+
+        from gateway.store import index
+
         def broken(*args):
-            raise OSError("disk trouble")
+            raise sqlite3.OperationalError("disk I/O error")
 
         yield self.make("study")
-        self.patch(payloads_module, "header_attributes", broken)
+        self.patch(index, "record_instances", broken)
         a1 = self.association()
         yield self.store(a1, "P1", generate_uid(), generate_uid())
         with self.assertRaises(RuntimeError):
             yield self.service.association_released(a1)
-        self.flushLoggedErrors(OSError)
-        self.assertEqual((yield _sql(self.db, "SELECT state FROM associations")), [("aborted",)])
-        self.assertEqual((yield _sql(self.db, "SELECT state FROM instances")), [("removed",)])
-        self.assertEqual(os.listdir(os.path.join(self.storage.instances_dir, "DICOMGW")), [])
+        self.flushLoggedErrors(sqlite3.OperationalError)
         self.clock.advance(10)
-        self.assertEqual((yield self.states()), [])
+        self.assertEqual((yield self.states()), [])  # no payload: nothing handed off
+
+    @defer.inlineCallbacks
+    def test_attributes_the_first_bytes_do_not_settle_are_read_from_the_file(self):
+        yield self.make("study")
+        self.patch(payloads_module, "quick_attributes", lambda *a: None)
+        a1 = self.association()
+        study = generate_uid()
+        yield self.store(a1, "P1", study, generate_uid())
+        yield self.store(a1, "P2", generate_uid(), generate_uid())
+        yield self.service.association_released(a1)
+        rows = yield _sql(self.db, "SELECT patient_id, study_uid, group_key FROM instances ORDER BY id")
+        self.assertEqual(rows[0], ("P1", study, study))
+        self.assertEqual(rows[1][0], "P2")
 
 
 class CharacterSetTests(unittest.TestCase):
