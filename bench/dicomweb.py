@@ -174,7 +174,7 @@ def main(argv=None) -> int:
     orthanc_ok = os.path.exists(ORTHANC_PLUGIN) and (shutil.which("Orthanc") or os.path.exists("/usr/sbin/Orthanc"))
 
     def dimse(r):
-        seconds, failed = run_clients(r.port, Workload([files]))
+        seconds, failed, _client_cpu = run_clients(r.port, Workload([files]))
         return seconds, failed == 0
 
     def stow_one(r):

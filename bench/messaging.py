@@ -108,7 +108,7 @@ def ct_cost(workdir, count, reps, log):
                 gw = MessagingGateway(workdir, exchange if mode == "on" else None, name=f"messaging {mode}")
                 gw.start(f"msg-ct-{mode}-{rep}")
                 try:
-                    seconds, failed = run_clients(gw.port, Workload([files]))
+                    seconds, failed, _client_cpu = run_clients(gw.port, Workload([files]))
                     if failed:
                         raise SystemExit(f"storescu failed (messaging {mode})")
                     times[mode].append(seconds)
@@ -159,7 +159,7 @@ def scale(workdir, studies, per_study, log):
         # 10 associations at once, each with studies/10 whole studies.
         lanes = [[f for g in groups[i::10] for f in g] for i in range(min(10, studies))]
         started = time.perf_counter()
-        seconds, failed = run_clients(gw.port, Workload(lanes))
+        seconds, failed, _client_cpu = run_clients(gw.port, Workload(lanes))
         got = read_all(queue, studies, 300)
         total = time.perf_counter() - started
     finally:

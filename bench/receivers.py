@@ -246,7 +246,7 @@ class Floor(Receiver):
     the instances, with ``digest`` inline and close and rename in a thread
     (``rename="thread"``) or on the reactor."""
 
-    def __init__(self, workdir: str, *, digest: str = "blake3", rename: str = "thread"):
+    def __init__(self, workdir: str, *, digest: str = "blake3", rename: str = "reactor"):
         super().__init__(workdir)
         self.digest, self.rename = digest, rename
         self.name = f"floor ({digest}, rename on the {rename})"

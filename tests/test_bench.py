@@ -38,19 +38,28 @@ class ReportTests(unittest.TestCase):
         return out
 
     def test_medians_ratios_and_targets(self):
+        self.names = ["dicomgw", "dicomgw fsync=false", "DCMTK storescp", "floor (blake3, rename on the reactor)"]
         scenarios = [_scenario("1", "MB/s", self.names), _scenario("2", "inst/s", self.names)]
-        runs = (self.runs("1", [[1.0, 3.0, 1.2], [1.0, 0.9, 0.8], [5.0, 6.0, 7.0]])
-                + self.runs("2", [[2.5, 2.4, 2.6], [1.0, 1.0, 1.0], [9.0, 9.0, 9.0]], instances=2000))
+        runs = (self.runs("1", [[3.0, 3.2, 3.1], [1.0, 3.0, 1.2], [1.0, 0.9, 0.8], [1.0, 1.0, 1.0]])
+                + self.runs("2", [[4.0, 4.0, 4.0], [2.5, 2.4, 2.6], [1.0, 1.0, 1.0], [1.1, 1.1, 1.1]],
+                            instances=2000))
+        for run in runs:
+            run.disk_fsync_s = 0.001 if run.scenario == "2" else 0.004
         rows = B.summarize(scenarios, runs)
-        gw1 = rows[0]
-        self.assertEqual((gw1.receiver, gw1.median_s), ("dicomgw", 1.2))  # median, not mean
+        gw1 = rows[1]
+        self.assertEqual((gw1.receiver, gw1.median_s), ("dicomgw fsync=false", 1.2))  # median, not mean
         self.assertAlmostEqual(gw1.ratio_to_dcmtk, 1.2 / 0.9)
         self.assertAlmostEqual(gw1.rate, 250 / 1.2)
-        self.assertAlmostEqual(rows[3].rate, 2000 / 2.5)
-        targets = dict((text.split(":")[0], (ok, figures)) for text, ok, figures in B.targets(rows, False))
-        self.assertTrue(targets["Scenario 1 (dicomgw)"][0])  # 1.2 <= 1.5 * 0.9, 6.0 >= 4 * 1.2
-        self.assertFalse(targets["Scenario 2 (dicomgw)"][0])  # 800 instances/s
-        self.assertIn("800 instances/s", targets["Scenario 2 (dicomgw)"][1])
+        self.assertAlmostEqual(rows[5].rate, 2000 / 2.5)
+        targets = [(text, ok, figures) for text, ok, figures in B.targets(rows, False)]
+        by_start = {text.split(",")[0].split(":")[0]: (ok, figures) for text, ok, figures in targets}
+        self.assertEqual([ok for _t, ok, _f in targets[:2]], [False, False])  # 1.33 > 1.3; 2.5 > 1.4
+        self.assertIn("the floor 1.11 x", targets[0][2])
+        # fsync: (3.1 - 1.2) / 500 = 3.8 ms <= 1.2 x 4 ms; (4.0 - 2.5) / 2000 = 0.75 ms <= 1.2 ms.
+        fsync = [(ok, f) for text, ok, f in targets if "what fsync adds" in text]
+        self.assertEqual([ok for ok, _f in fsync], [True, True])
+        self.assertIn("3.800 ms per instance = 0.95 x the disk's 4.000 ms", fsync[0][1])
+        self.assertTrue(by_start)
 
     def test_missing_instances_are_reported(self):
         scenarios = [_scenario("1", "MB/s", self.names)]
@@ -99,7 +108,7 @@ class ReportTests(unittest.TestCase):
 class ClientTests(unittest.TestCase):
     def test_a_client_still_running_at_the_deadline_is_killed_and_counted(self):
         self.patch(B, "storescu_command", lambda port, files, tls=None: ["sleep", files[0]])
-        seconds, failed = B.run_clients(0, B.Workload([["0"], ["60"]]), timeout=0.5)
+        seconds, failed, _cpu = B.run_clients(0, B.Workload([["0"], ["60"]]), timeout=0.5)
         self.assertEqual(failed, 1)
         self.assertLess(seconds, 30)
 

@@ -319,6 +319,9 @@ class FsyncTests(StorageCase):
         self.patch(S.os, "fsync", lambda fd: synced.append(("file", threading.current_thread().name))
                    or real_fsync(fd))
         self.patch(S, "fsync_dir", lambda path: synced.append(("dir", os.path.basename(path))) or real_dir(path))
+        real_kept = self.storage.fsync_directory
+        self.patch(self.storage, "fsync_directory",
+                   lambda path: synced.append(("dir", os.path.basename(path))) or real_kept(path))
         w = self.begin()
         self.assertTrue(w._direct)
         w.write(b"z" * 300000)
@@ -467,6 +470,8 @@ class DirectoryTests(StorageCase):
         calls = []
         real = S.fsync_dir
         self.patch(S, "fsync_dir", lambda path: calls.append(path) or real(path))
+        real_kept = self.storage.fsync_directory
+        self.patch(self.storage, "fsync_directory", lambda path: calls.append(path) or real_kept(path))
         w = self.begin("1.2.3.1")
         w.write(b"a")
         stored = yield finished(w)
@@ -480,3 +485,5 @@ class DirectoryTests(StorageCase):
         stored = yield finished(w)
         self.assertTrue(os.path.exists(stored.path))
         self.assertEqual(partial_files(self.storage.tmp_dir), [])
+        # The directory kept open for fsync is the new one, not the removed one.
+        self.assertEqual(os.fstat(self.storage._dir_fds[ae_dir]).st_ino, os.stat(ae_dir).st_ino)
