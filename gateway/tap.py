@@ -155,7 +155,8 @@ def makeService(options, reactor=None) -> MultiService:
     storage = Storage(config.gateway.storage, reactor, pool, fsync=config.storage.fsync,
                       digest=config.storage.digest, implementation_version_name=config.gateway.implementation_version_name)
     add(StorageService(storage))
-    db = open_index(storage.root, reactor, durable=config.storage.fsync, reserve=storage.reserve)
+    db = open_index(storage.root, reactor, durable=config.storage.fsync, reserve=storage.reserve,
+                    url=config.index.url, namespace=config.index.schema)
     add(DatabaseService(db))
     # File reads for streaming share the disk pool.
     export = add(ExportService(config, reactor, pool, reserve=storage.reserve))

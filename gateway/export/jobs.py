@@ -73,6 +73,15 @@ CREATE TABLE IF NOT EXISTS files (
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 """
 
+# The cluster: the node that holds a job, until lease_until (the database's clock).
+_CLUSTER = """
+ALTER TABLE jobs ADD COLUMN node TEXT;
+ALTER TABLE jobs ADD COLUMN lease_until REAL
+"""
+
+#: The export database's schema, as versioned migrations (gateway.store.database.migrate).
+MIGRATIONS = ((1, "exports", _SCHEMA), (2, "cluster", _CLUSTER))
+
 
 def expand_paths(paths) -> list[str]:
     """Files as given, directories walked in sorted order (blocking)."""
@@ -103,19 +112,19 @@ def job_outcome(total: int, failed: int) -> str:
 
 _JOB_COLUMNS = (
     "SELECT j.id, j.destination, j.state, j.origin, j.created, j.updated, j.attempts, j.next_attempt, "
-    "j.reason, COUNT(f.seq) AS files, COALESCE(SUM(f.state = 'sent'), 0) AS done, "
-    "COALESCE(SUM(f.state = 'failed'), 0) AS failed FROM jobs j LEFT JOIN files f ON f.job_id = j.id ")
+    "j.reason, COUNT(f.seq) AS files, COALESCE(SUM(CASE WHEN f.state = 'sent' THEN 1 ELSE 0 END), 0) AS done, "
+    "COALESCE(SUM(CASE WHEN f.state = 'failed' THEN 1 ELSE 0 END), 0) AS failed FROM jobs j LEFT JOIN files f ON f.job_id = j.id ")
 
 
 def _add_jobs(conn, destinations, paths, origin, now):
     ids = []
     for dest in destinations:
-        cur = conn.execute(
-            "INSERT INTO jobs (destination, origin, state, created, updated) VALUES (?, ?, 'queued', ?, ?)",
-            (dest, origin, now, now))
+        job_id = conn.execute(
+            "INSERT INTO jobs (destination, origin, state, created, updated) VALUES (?, ?, 'queued', ?, ?) "
+            "RETURNING id", (dest, origin, now, now)).fetchone()[0]
         conn.executemany("INSERT INTO files (job_id, seq, path, state) VALUES (?, ?, ?, 'queued')",
-                         [(cur.lastrowid, i, p) for i, p in enumerate(paths)])
-        ids.append(cur.lastrowid)
+                         [(job_id, i, p) for i, p in enumerate(paths)])
+        ids.append(job_id)
     return ids
 
 
@@ -144,8 +153,9 @@ def _pending_files(conn, job_id):
 
 def _counts(conn, job_id):
     row = conn.execute(
-        "SELECT COUNT(*) AS files, SUM(state = 'sent') AS done, SUM(state = 'failed') AS failed, "
-        "SUM(state IN ('queued', 'retry')) AS pending FROM files WHERE job_id = ?", (job_id,)).fetchone()
+        "SELECT COUNT(*) AS files, SUM(CASE WHEN state = 'sent' THEN 1 ELSE 0 END) AS done, "
+        "SUM(CASE WHEN state = 'failed' THEN 1 ELSE 0 END) AS failed, "
+        "SUM(CASE WHEN state IN ('queued', 'retry') THEN 1 ELSE 0 END) AS pending FROM files WHERE job_id = ?", (job_id,)).fetchone()
     return {k: row[k] or 0 for k in ("files", "done", "failed", "pending")}
 
 
@@ -178,10 +188,12 @@ class ExportStore:
     submitted job survives a power cut.
     """
 
-    def __init__(self, path: str, reactor, pool=None, durable: bool = True, reserve=None):
-        self.db = Database(path, reactor, schema=_SCHEMA, name="exportdb", durable=durable, pool=pool,
-                           reserve=reserve)
-        self.path = path
+    def __init__(self, path: str, reactor, pool=None, durable: bool = True, reserve=None, url: str = "",
+                 namespace: str = "dicomgw"):
+        # With [index] url, the jobs are in PostgreSQL, beside the index's schema.
+        self.db = Database(url or path, reactor, migrations=MIGRATIONS, name="exportdb", durable=durable, pool=pool,
+                           reserve=reserve, namespace=f"{namespace}_exports")
+        self.path = path if not url else f"{self.db.namespace} on PostgreSQL"
 
     def start(self):
         return self.db.start()
@@ -237,7 +249,8 @@ class ExportService(Service):
         self.reactor = reactor
         self.read_pool = read_pool
         self.store = ExportStore(db_path or os.path.join(config.gateway.storage, DB_NAME), reactor, db_pool,
-                                 durable=config.storage.fsync, reserve=reserve)
+                                 durable=config.storage.fsync, reserve=reserve, url=config.index.url,
+                                 namespace=config.index.schema)
         self.destinations = destinations or Destinations(config, reactor, read_pool)
         self.resume = resume
         self._ready: list[tuple[int, str]] = []  # (job id, destination), FIFO

@@ -74,7 +74,7 @@ def group_key(grouping: str, association_id: str, attrs: dict) -> str:
 
 # ---- transactions (database thread) ------------------------------------------
 
-def _db_index(conn, associations: str, segments: list, groupings: dict):
+def _db_index(conn, associations: str, segments: list, groupings: dict, node: str = ""):
     """Record a batch of stored instances, in the order received.
 
     ``associations``: the JSON rows of their associations.  ``segments``:
@@ -94,28 +94,28 @@ def _db_index(conn, associations: str, segments: list, groupings: dict):
             attrs = header_attributes(instance.path, instance.head, instance.transfer_syntax_uid,
                                       instance.dataset_size <= len(instance.head))
             key = group_key(groupings.get(association.called_ae, "study"), association.id, attrs)
-            rows.append(instance_row(instance, association, received, attrs, key))
+            rows.append(instance_row(instance, association, received, attrs, key, node))
             read.append((key, attrs["header_error"]))
         index.record_instances(conn, "[]", json.dumps(rows))
     return read
 
 
-def instance_row(instance, association, received, attrs, key) -> list:
+def instance_row(instance, association, received, attrs, key, node="") -> list:
     """An instance's row, as index.INSTANCE_COLUMNS."""
     return [association.id, association.called_ae, instance.sop_class_uid, instance.sop_instance_uid,
             attrs["patient_id"], attrs["patient_name"], attrs["study_uid"], attrs["series_uid"], attrs["modality"],
             instance.transfer_syntax_uid, instance.size, instance.digest, instance.inode, association.calling_ae,
-            association.called_ae, association.peer, received, instance.path, key]
+            association.called_ae, association.peer, received, instance.path, key, node or None]
 
 
-def _db_release(conn, info, now, aes: dict):
+def _db_release(conn, info, now, aes: dict, node: str = ""):
     """Join the association's instances to payloads; return the open payloads touched.
 
     ``aes``: the AE titles that form payloads (PayloadService._handoff_aes)."""
     conn.execute(
-        "INSERT OR IGNORE INTO associations (id, calling_ae, called_ae, peer, started, state) "
-        "VALUES (?, ?, ?, ?, ?, 'open')",
-        (info.id, info.calling_ae, info.called_ae, info.peer, info.started))
+        "INSERT OR IGNORE INTO associations (id, calling_ae, called_ae, peer, started, node, state) "
+        "VALUES (?, ?, ?, ?, ?, ?, 'open')",
+        (info.id, info.calling_ae, info.called_ae, info.peer, info.started, node or None))
     conn.execute("UPDATE associations SET state = 'released', ended = ? WHERE id = ?", (now, info.id))
     rows = conn.execute("SELECT id, ae, group_key, received, sop_instance_uid FROM instances "
                         "WHERE association = ? AND state = 'received'", (info.id,)).fetchall()
@@ -184,9 +184,9 @@ def _db_finish_close(conn, pid, directory, moved, missing, pipelines, now, parti
     for name in pipelines:
         if conn.execute("SELECT 1 FROM jobs WHERE payload = ? AND pipeline = ?", (pid, name)).fetchone():
             continue
-        cur = conn.execute("INSERT INTO jobs (payload, pipeline, state, created, updated, next_attempt) "
-                           "VALUES (?, ?, 'pending', ?, ?, ?)", (pid, name, now, now, now))
-        ids.append(cur.lastrowid)
+        ids.append(conn.execute("INSERT INTO jobs (payload, pipeline, state, created, updated, next_attempt) "
+                                "VALUES (?, ?, 'pending', ?, ?, ?) RETURNING id", (pid, name, now, now, now)
+                                ).fetchone()[0])
     # Participants (the broker's outbox) record their part in this same transaction.
     held = [p.close_transaction(conn, pid, now) for p in participants]
     if not pipelines and not any(held):
@@ -286,6 +286,7 @@ class PayloadService(Service):
         # payloads, with or without pipelines.
         self.participants = tuple(participants)
         self.aes = {ae.title: ae for ae in config.ae}
+        self.node = config.gateway.node
         self.open_keys: dict[str, set] = {}      # association id -> {(ae, key)}
         self.last_seen: dict[tuple, float] = {}  # (ae, key) -> time of the last instance
         self.open_payloads: dict[tuple, list] = {}  # (ae, key) -> [payload id, updated]
@@ -371,7 +372,7 @@ class PayloadService(Service):
                 self.recorded.add(aid)
                 first = True
                 self._associations[aid] = [aid, association.calling_ae, association.called_ae, association.peer,
-                                           association.started]
+                                           association.started, self.node]
             try:
                 attrs = quick_attributes(instance.head, instance.transfer_syntax_uid,
                                          instance.dataset_size <= len(instance.head))
@@ -383,7 +384,7 @@ class PayloadService(Service):
             ae = self.aes.get(association.called_ae)
             key = group_key(ae.grouping if ae else "study", aid, attrs)
             self._seen(association, key, received)
-            self._rows.append((aid, json.dumps(instance_row(instance, association, received, attrs, key)), None))
+            self._rows.append((aid, json.dumps(instance_row(instance, association, received, attrs, key, self.node)), None))
         if first:
             self._urgent = True
         self._index_soon()
@@ -426,7 +427,7 @@ class PayloadService(Service):
             segments.append("[" + ",".join(texts) + "]")
         self._indexing = True
         groupings = {title: ae.grouping for title, ae in self.aes.items()}
-        d = self.db.run(_db_index, json.dumps(list(associations.values())), segments, groupings)
+        d = self.db.run(_db_index, json.dumps(list(associations.values())), segments, groupings, self.node)
         d.addBoth(self._indexed, rows)
 
     def _indexed(self, result, rows):
@@ -480,7 +481,7 @@ class PayloadService(Service):
             yield self._discard(association.id, "aborted")
             raise RuntimeError(f"association {association.id}: instances could not be indexed")
         now = self.reactor.seconds()
-        touched = yield self.db.run_durable(_db_release, association, now, self._handoff_aes())
+        touched = yield self.db.run_durable(_db_release, association, now, self._handoff_aes(), self.node)
         keys = self.open_keys.pop(association.id, set())
         keys.update((ae, key) for ae, key, _u in touched.values())
         for pid, (ae, key, updated) in touched.items():

@@ -14,6 +14,7 @@ from gateway.messaging.export_requests import ExportRequestHandler, db_begin, db
 from gateway.messaging.outbox import Outbox, db_counts, db_held, db_record
 from gateway.config import Messaging
 from gateway.store.index import open_index
+from tests.pgtest import Backend, on_postgres
 from gateway.testing import FakeDestinations, FakeExportQueue, FakeMessageBroker
 from gateway.threads import WorkerPool
 
@@ -23,11 +24,11 @@ def message(n, payload=None):
                          "WorkflowRequestEvent", 1.0)
 
 
-class DatabaseCase(unittest.TestCase):
+class DatabaseCase(Backend, unittest.TestCase):
     def setUp(self):
         self.root = os.path.abspath(self.mktemp())
         os.makedirs(self.root)
-        self.db = open_index(self.root, reactor, durable=False)
+        self.db = open_index(self.root, reactor, durable=False, **self.index_options())
         self.addCleanup(self.db.stop)
         return self.db.start()
 
@@ -258,3 +259,7 @@ class ExportRequestFlowTests(DatabaseCase):
         self.assertEqual(answers["t-root"]["file_statuses"], {"../x.dcm": "ConfigurationError"})
         self.assertEqual({a["status"] for a in answers.values()}, {"Failure"})
         self.assertEqual(self.queue.submitted, 0)
+
+
+OutboxTestsOnPostgres = on_postgres(OutboxTests)
+ExportRequestFlowTestsOnPostgres = on_postgres(ExportRequestFlowTests)
