@@ -37,6 +37,7 @@ from gateway.store.index import open_index
 from gateway.store.writer import Storage
 from gateway.threads import WorkerPool
 from gateway.workflow.payloads import PayloadService
+from gateway.workflow.cluster import ClusterService
 from gateway.workflow.pipelines import PipelineRunner
 
 # Disk work (writes, fsync, rename) runs here; bounded so that a burst of
@@ -72,6 +73,14 @@ def load_config_and_certificates(path):
     if config.messaging.enabled:
         broker_tls(config.messaging, config.path)
     return config
+
+
+def audit_path(config, root) -> str:
+    """The audit trail's file: under the storage root, one per node when
+    nodes share the root (``audit.jsonl`` -> ``nodes/<node>/audit.jsonl``)."""
+    if config.index.shared:
+        return os.path.join(root, "nodes", config.gateway.node, config.gateway.audit_log)
+    return os.path.join(root, config.gateway.audit_log)
 
 
 def serves_tls(config) -> bool:
@@ -152,8 +161,11 @@ def makeService(options, reactor=None) -> MultiService:
 
     pool = WorkerPool(DISK_THREADS, "dicomgw-disk")
     add(WorkerPoolService(pool))
+    # Nodes sharing an index share the storage root, each with a tmp/<node>/ of its own.
+    node_dir = config.gateway.node if config.index.shared else ""
     storage = Storage(config.gateway.storage, reactor, pool, fsync=config.storage.fsync,
-                      digest=config.storage.digest, implementation_version_name=config.gateway.implementation_version_name)
+                      digest=config.storage.digest, implementation_version_name=config.gateway.implementation_version_name,
+                      node=node_dir)
     add(StorageService(storage))
     db = open_index(storage.root, reactor, durable=config.storage.fsync, reserve=storage.reserve,
                     url=config.index.url, namespace=config.index.schema)
@@ -169,11 +181,13 @@ def makeService(options, reactor=None) -> MultiService:
     # The metrics and the audit trail follow the log events, and are told of
     # every stored instance directly.
     metrics, recent = Metrics(), RecentAssociations()
-    audit = ([AuditTrail(os.path.join(storage.root, config.gateway.audit_log), reactor, pool)]
+    audit = ([AuditTrail(audit_path(config, storage.root), reactor, pool)]
              if config.gateway.audit_log else [])
     add(ObserverService(metrics, recent, *audit))
     scp = add(SCPService(config, storage, reactor, observers=[payloads, *audit, *load_observers(config)],
                          metrics=metrics))
+    # Heartbeats, leases, a stopped node's work taken over; it watches the databases.
+    cluster = add(ClusterService(config, db, reactor, payloads, runner, scp=scp, dbs=(db, export.store.db)))
     stow = None
     if config.listen.dicomweb:
         stow = add(StowService(config, scp, reactor, tls=config.dicomweb.tls))
@@ -200,6 +214,6 @@ def makeService(options, reactor=None) -> MultiService:
     if config.listen.http:
         api = add(ApiService(config, root, reactor, pool, scp=scp, storage=storage, metrics=metrics,
                              recent=recent, exports=export, destinations=export.destinations,
-                             payloads=payloads, reports=messaging, degradations=messaging))
+                             payloads=payloads, reports=[*messaging, cluster], degradations=messaging))
         add(Listener("http", config.listen.http, api.site(), reactor))
     return root

@@ -229,17 +229,37 @@ def mark_removed(conn, instance_ids):
     conn.executemany("UPDATE instances SET state = 'removed' WHERE id = ?", [(i,) for i in instance_ids])
 
 
-def recover(conn, now, retention, instances_dir, started_before, keep_aes=(), handoff_aes=None):
-    """After a restart: end broken associations, adopt never-indexed files.
-
-    Returns (broken association ids, files adopted as aborted, files adopted
-    as kept, aborted instances now due for removal)."""
-    broken = [r[0] for r in conn.execute("SELECT id FROM associations WHERE state = 'open'")]
+def break_associations(conn, node, now, retention, keep_aes=()):
+    """The open associations of ``node`` (None: of no node, from before the
+    cluster) end ``broken``: a crash ended them; their instances are
+    aborted.  Returns their ids."""
+    if node is None:
+        broken = [r[0] for r in conn.execute("SELECT id FROM associations WHERE state = 'open' AND node IS NULL")]
+    else:
+        broken = [r[0] for r in conn.execute("SELECT id FROM associations WHERE state = 'open' AND node = ?",
+                                             (node,))]
     for a in broken:
-        conn.execute("UPDATE associations SET state = 'broken', ended = ? WHERE id = ?", (now, a))
+        conn.execute("UPDATE associations SET state = 'broken', ended = ? WHERE id = ? AND state = 'open'", (now, a))
         _keep(conn, keep_aes, "association = ?", [a])
         conn.execute("UPDATE instances SET state = 'aborted', discard_after = ? "
                      "WHERE association = ? AND state = 'received'", (now + retention, a))
+    return broken
+
+
+def recover(conn, now, retention, instances_dir, started_before, keep_aes=(), handoff_aes=None, node=None,
+            grace=0.0):
+    """After a restart: end broken associations, adopt never-indexed files.
+
+    ``node``: this node's name; only its own associations (and those of no
+    node) are broken by its restart, and only files older than ``grace``
+    seconds before ``started_before`` are adopted (on a shared root, a file
+    another node has just written has its row on the way).  Returns (broken
+    association ids, files adopted as aborted, files adopted as kept,
+    aborted instances now due for removal)."""
+    broken = break_associations(conn, None, now, retention, keep_aes)
+    if node:
+        broken += break_associations(conn, node, now, retention, keep_aes)
+    started_before -= grace
     known = {r[0] for r in conn.execute(
         "SELECT path FROM instances WHERE state IN ('received', 'kept', 'aborted', 'payload')")}
     orphans = kept = 0
