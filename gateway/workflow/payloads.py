@@ -58,6 +58,9 @@ MANIFEST_VERSION = 2
 #: when this many wait (see instance_stored).
 INDEX_DELAY = 0.25
 INDEX_BATCH = 256
+#: An association the index could not record ended is tried again this often, this many times.
+DISCARD_RETRY = 2.0
+DISCARD_TRIES = 300
 #: The states a payload goes through (gateway.store.index says what each means).
 PAYLOAD_STATES = ("open", "closing", "closed", "done", "failed", "removed")
 
@@ -523,10 +526,17 @@ class PayloadService(Service):
             # and the association counts as aborted.
             self.failed.discard(association.id)
             self.open_keys.pop(association.id, None)
-            yield self._discard(association.id, "aborted")
+            yield self._discard_or_later(association.id, "aborted")
             raise RuntimeError(f"association {association.id}: instances could not be indexed")
         now = self.reactor.seconds()
-        touched = yield self.db.run_durable(_db_release, association, now, self._handoff_aes(), self.node)
+        try:
+            touched = yield self.db.run_durable(_db_release, association, now, self._handoff_aes(), self.node)
+        except Exception:
+            # Not released (the SCP aborts): the association ends aborted,
+            # now or, should the index be unreachable, once it answers again.
+            self.open_keys.pop(association.id, None)
+            self._discard_or_later(association.id, "aborted")
+            raise
         keys = self.open_keys.pop(association.id, set())
         keys.update((ae, key) for ae, key, _u, _t in touched.values())
         for pid, (ae, key, updated, touches) in touched.items():
@@ -540,9 +550,27 @@ class PayloadService(Service):
         self.recorded.discard(association.id)
         self.failed.discard(association.id)
         keys = self.open_keys.pop(association.id, set())
-        yield self._discard(association.id, result)
+        yield self._discard_or_later(association.id, result)
         for k in keys:
             self._check_key(k)
+
+    def _discard_or_later(self, association_id, result, tries=DISCARD_TRIES):
+        """End the association (:meth:`_discard`); while the index cannot be
+        reached, try again every DISCARD_RETRY seconds (an association left
+        open in the index would hold its groups' payloads open)."""
+        d = self._discard(association_id, result)
+
+        def failed(failure):
+            if tries <= 1 or not self.running:
+                self.log.failure("association {association}: could not be recorded {result}; the next start "
+                                 "ends it", failure, association=association_id, result=result)
+                return None
+            self.log.warn("association {association}: could not be recorded {result} ({why}); trying again",
+                          association=association_id, result=result, why=failure.getErrorMessage())
+            self.reactor.callLater(DISCARD_RETRY, self._discard_or_later, association_id, result, tries - 1)
+            return None
+
+        return d.addErrback(failed)
 
     @inlineCallbacks
     def _discard(self, association_id, result):
