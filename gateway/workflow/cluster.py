@@ -52,6 +52,7 @@ def _db_beat(conn, node, lease, started, pid, now, retention, keep_aes):
     conn.execute("UPDATE jobs SET lease_until = ? WHERE node = ? AND state IN ('pending', 'running')", (until, node))
     conn.execute("UPDATE payloads SET lease_until = ? WHERE node = ? AND state IN ('open', 'closing')",
                  (until, node))
+    conn.execute("UPDATE outbox SET lease_until = ? WHERE node = ? AND state = 'waiting'", (until, node))
     broken, adopted = [], []
     for (dead,) in conn.execute("SELECT name FROM nodes WHERE seen < ? AND name != ?",
                                 (db_now - lease, node)).fetchall():
