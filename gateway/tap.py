@@ -37,7 +37,7 @@ from gateway.store.index import open_index
 from gateway.store.writer import Storage
 from gateway.threads import WorkerPool
 from gateway.workflow.payloads import PayloadService
-from gateway.workflow.cluster import ClusterService
+from gateway.workflow.cluster import ClusterService, IndexAssociations
 from gateway.workflow.pipelines import PipelineRunner
 
 # Disk work (writes, fsync, rename) runs here; bounded so that a burst of
@@ -212,8 +212,10 @@ def makeService(options, reactor=None) -> MultiService:
     if tls is not None:
         reload.add(tls)
     if config.listen.http:
+        # Nodes sharing an index list the associations of all of them.
+        listed = IndexAssociations(db) if config.index.shared else recent
         api = add(ApiService(config, root, reactor, pool, scp=scp, storage=storage, metrics=metrics,
-                             recent=recent, exports=export, destinations=export.destinations,
+                             recent=listed, exports=export, destinations=export.destinations,
                              payloads=payloads, reports=[*messaging, cluster], degradations=messaging))
         add(Listener("http", config.listen.http, api.site(), reactor))
     return root

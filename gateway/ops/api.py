@@ -335,8 +335,10 @@ class ApiResource(Resource):
             gauges.extend((yield report.metric_gauges()))
         return 200, api.metrics.render(gauges)
 
+    @inlineCallbacks
     def get_associations(self, request, query):
-        total, items = self.api.recent.page(query["limit"], query["offset"])
+        # The recent ones of this process, or (nodes sharing an index) the index's, of every node.
+        total, items = yield maybeDeferred(self.api.recent.page, query["limit"], query["offset"])
         return 200, {"total": total, "limit": query["limit"], "offset": query["offset"], "items": items}
 
     @inlineCallbacks

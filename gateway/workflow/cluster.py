@@ -82,6 +82,28 @@ def _db_nodes(conn, lease):
              "pid": r["pid"], "version": r["version"]} for r in rows]
 
 
+def _db_associations(conn, limit, offset):
+    total = conn.execute("SELECT COUNT(*) FROM associations").fetchone()[0]
+    rows = conn.execute(
+        "SELECT a.id, a.node, a.calling_ae, a.called_ae, a.peer, a.started, a.ended, a.state, "
+        "(SELECT COUNT(*) FROM instances i WHERE i.association = a.id) AS instances "
+        "FROM associations a ORDER BY a.started DESC, a.id DESC LIMIT ? OFFSET ?", (limit, offset)).fetchall()
+    return total, [{"association": r["id"], "node": r["node"], "calling_ae": r["calling_ae"],
+                    "called_ae": r["called_ae"], "peer": r["peer"], "started": r["started"], "ended": r["ended"],
+                    "result": r["state"], "instances": r["instances"]} for r in rows]
+
+
+class IndexAssociations:
+    """``GET /associations`` of a cluster: the associations of every node, from the shared index."""
+
+    def __init__(self, db):
+        self.db = db
+
+    def page(self, limit: int, offset: int):
+        """Deferred (total, up to ``limit`` newest first from ``offset``)."""
+        return self.db.run(_db_associations, int(limit), int(offset))
+
+
 @implementer(IHealthCheck, IStatusReport)
 class ClusterService(Service):
     """The service "cluster"; see the module docstring.

@@ -222,6 +222,9 @@ class SplitStudyTests(ClusterCase):
         self.assertEqual(sorted((n["node"], n["alive"]) for n in status["cluster"]["nodes"]),
                          [("a", True), ("b", True)])
         self.assertEqual(status["cluster"]["node"], "b")
+        code, listed = yield self.get("b", "/associations")
+        self.assertEqual(sorted((i["node"], i["result"], i["instances"]) for i in listed["items"]),
+                         [("a", "released", 3), ("b", "released", 3)])
         code, health = yield self.get("a", "/health")
         self.assertEqual((code, health["status"]), (200, "ok"))
         # Each node's temporary files are its own.
