@@ -254,6 +254,18 @@ class SplitStudyTests(ClusterCase):
             self.assertEqual(sorted(r[0] for r in rows), sorted(uids))
 
 
+class ShippedBalancerConfigTests(unittest.TestCase):
+    def test_etc_haproxy_cfg_is_valid(self):
+        haproxy = require_program("haproxy")
+        path = os.path.join(os.path.dirname(__file__), "..", "..", "etc", "haproxy.cfg")
+        done = subprocess.run([haproxy, "-c", "-f", path], capture_output=True, text=True, timeout=30)
+        self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
+        with open(path) as f:
+            text = f.read()
+        for needed in ("mode tcp", "option redispatch", "bind :11112", "bind :2762", "http-check send meth GET uri /health"):
+            self.assertIn(needed, text)
+
+
 class NodeDeathTests(ClusterCase):
     @defer.inlineCallbacks
     def test_a_node_killed_while_its_pipeline_runs_is_taken_over_once(self):
