@@ -11,6 +11,7 @@ that others look up have names: ``scp``, ``stow``, ``payloads``,
 from __future__ import annotations
 
 import os
+import sys
 
 from twisted.application.service import MultiService, Service
 from twisted.logger import Logger
@@ -20,13 +21,13 @@ from zope.interface import implementer
 
 from gateway.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
 from gateway.export.jobs import ExportService
-from gateway.ingest.observers import check_observers, load_observers
+from gateway.ingest.observers import load_observers, observer_problems
 from gateway.ingest.scp import SCPService
 from gateway.ingest.stow_web import StowService
 from gateway.interfaces import IReconfigurable
 from gateway.messaging.service import MessagingService, broker_tls
 from gateway.net.listener import Listener
-from gateway.net.tls import ReloadableServerTLS, server_options
+from gateway.net.tls import ReloadableServerTLS, file_problems, server_options
 from gateway.ops.api import ApiService
 from gateway.ops.audit import AuditTrail, ObserverService, RecentAssociations
 from gateway.ops.metrics import Metrics
@@ -53,25 +54,38 @@ class Options(usage.Options):
 
     def postOptions(self):
         try:
-            self["config_object"] = load_config_and_certificates(self["config"])
-            check_observers(self["config_object"])
+            self["config_object"] = load_checked_config(self["config"])
         except ConfigError as e:
-            raise usage.UsageError(str(e)) from None
+            # The problems alone, as check-config prints them: twistd would
+            # print its whole usage text before a UsageError's message.
+            print(e, file=sys.stderr)
+            raise SystemExit(1) from None
 
 
-def load_config_and_certificates(path):
-    """Load a config and check the certificate files of its TLS port and of
-    its message broker, if it has them.
-
-    Runs off the reactor thread on reload: a config naming certificates that
-    cannot be read or do not match is as invalid as a bad key.
-    """
-    config = load_config(path)
-    if serves_tls(config):
-        server_options(config.tls, config.path)
+def external_problems(config) -> list[str]:
+    """What the configuration names outside itself that cannot be used
+    (blocking: reads files, imports modules): the certificates, keys and CA
+    files of the TLS listeners, of TLS destinations and of the message
+    broker, and the ``[notify]`` observer modules."""
+    problems = file_problems(config)
     if config.messaging.enabled:
-        broker_tls(config.messaging, config.path)
-    return config
+        try:
+            broker_tls(config.messaging, config.path)
+        except ConfigError as e:
+            problems.extend(e.problems)
+    problems.extend(observer_problems(config))
+    return problems
+
+
+def load_checked_config(path):
+    """The configuration at ``path`` as start-up, a reload and
+    ``dicomgw check-config`` read it: parsed, every table checked (token
+    files read, endpoints parsed), and every file and module it names
+    checked (:func:`external_problems`); a ConfigError lists every problem.
+
+    Blocking: a reload runs it off the reactor thread.
+    """
+    return load_config(path, checks=(external_problems,))
 
 
 def serves_tls(config) -> bool:
@@ -192,7 +206,7 @@ def makeService(options, reactor=None) -> MultiService:
     add(Reclaimer(config, storage, db, reactor, export, holds=messaging))
 
     reload = add(ReloadService(options.get("config") or config.path, config, root, reactor, pool,
-                               loader=load_config_and_certificates,
+                               loader=load_checked_config,
                                install_signal=options.get("install_sighup", True)))
     if tls is not None:
         reload.add(tls)

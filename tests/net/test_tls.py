@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import os
+from contextlib import redirect_stderr
 import shutil
 
 from OpenSSL import SSL
@@ -73,8 +75,11 @@ class TLSOptionsTests(unittest.TestCase):
         with open(config, "w") as f:
             f.write('[listen]\ndicom_tls = "tcp:0"\n[tls]\n'
                     f'certificate = "{work}/missing.pem"\n[[ae]]\ntitle = "A"\n')
-        e = self.assertRaises(usage.UsageError, Options().parseOptions, ["--config", config])
-        self.assertIn(f"tls.certificate: cannot read {work}/missing.pem", str(e))
+        err = io.StringIO()
+        with redirect_stderr(err):
+            e = self.assertRaises(SystemExit, Options().parseOptions, ["--config", config])
+        self.assertEqual(e.code, 1)
+        self.assertIn(f"tls.certificate: cannot read {work}/missing.pem", err.getvalue())
 
 
 class DevCertsTests(unittest.TestCase):
