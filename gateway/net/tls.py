@@ -184,15 +184,16 @@ def _client_certificate(cert_key, cert_file, key_key, key_file, source):
 def client_options(destination, config, key: str | None = None):
     """``optionsForClientTLS`` for a ``[[destination]]`` (blocking: reads PEM files).
 
-    ``config`` is the whole configuration: ``[tls]`` gives the profile's
-    TLS 1.2 ciphers (never below TLS 1.2) and its CA file when that exists
-    (else the system's CAs), unless the destination names its own; the
-    client certificate is the destination's own, else ``[tls]``'s when
-    those files exist.  The destination's host name or IP address
-    (``server_host``: its ``host``, or its ``dicomweb`` URL's) is verified
-    against its certificate (service-identity).  ``key`` is how problems
-    name the destination (``destination[2]``); a ConfigError lists every
-    file that cannot be used.
+    ``config`` is the whole configuration.  The server's certificate is
+    checked against the destination's ``ca_certificates``, else ``[tls]
+    ca_certificates`` when that file exists, else the system's CAs; the
+    destination's host name or IP address (``server_host``: its ``host``,
+    or its ``dicomweb`` URL's) is verified against it (service-identity).
+    The client certificate offered is the destination's own, else ``[scu]
+    certificate`` / ``private_key`` (none when those are "").  TLS 1.2 or
+    later, TLS 1.2 with the ciphers of ``[tls] profile``.  ``key`` is how
+    problems name the destination (``destination[2]``); a ConfigError
+    lists every file that cannot be used.
     """
     tls, source = config.tls, config.path
     key = key or f"destination {destination.name!r}"
@@ -201,9 +202,9 @@ def client_options(destination, config, key: str | None = None):
         ca_file, ca_key = tls.ca_certificates, "tls.ca_certificates"
     cert_file, key_file = destination.certificate, destination.private_key
     cert_key, key_key = f"{key}.certificate", f"{key}.private_key"
-    if not cert_file and tls.certificate and tls.private_key \
-            and os.path.isfile(tls.certificate) and os.path.isfile(tls.private_key):
-        cert_file, key_file, cert_key, key_key = tls.certificate, tls.private_key, "tls.certificate", "tls.private_key"
+    if not cert_file:
+        cert_file, key_file, cert_key, key_key = (config.scu.certificate, config.scu.private_key,
+                                                  "scu.certificate", "scu.private_key")
     problems: list[str] = []
     trust = _collect(problems, _trust_root, ca_key, ca_file, source)
     client = None

@@ -106,3 +106,26 @@ class DevCertsTests(unittest.TestCase):
             with open(os.path.join(d, name), "rb") as f:
                 cert = x509.load_pem_x509_certificate(f.read())
             self.assertIn("DEVELOPMENT ONLY", cert.subject.rfc4514_string())
+
+    def test_server_for_this_host_client_for_clients(self):
+        import socket
+
+        from cryptography import x509
+        from cryptography.x509.oid import ExtendedKeyUsageOID
+
+        d = self.mktemp()
+        make_dev_certs(d)
+
+        def load(name):
+            with open(os.path.join(d, name), "rb") as f:
+                return x509.load_pem_x509_certificate(f.read())
+
+        server, client = load("server.pem"), load("client.pem")
+        self.assertEqual(list(server.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value),
+                         [ExtendedKeyUsageOID.SERVER_AUTH])
+        self.assertEqual(list(client.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value),
+                         [ExtendedKeyUsageOID.CLIENT_AUTH])
+        names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        self.assertIn("localhost", names.get_values_for_type(x509.DNSName))
+        self.assertIn(socket.gethostname(), names.get_values_for_type(x509.DNSName))
+        self.assertIn("127.0.0.1", [str(a) for a in names.get_values_for_type(x509.IPAddress)])
