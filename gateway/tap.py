@@ -35,6 +35,7 @@ from gateway.ops.reclaimer import Reclaimer
 from gateway.ops.reload import ReloadService
 from gateway.ops.watermark import Watermark
 from gateway.store.index import open_index
+from gateway.store.studies import StudyIndex
 from gateway.store.writer import Storage
 from gateway.threads import WorkerPool
 from gateway.workflow.payloads import PayloadService
@@ -213,6 +214,7 @@ def makeService(options, reactor=None) -> MultiService:
     if config.listen.http:
         api = add(ApiService(config, root, reactor, pool, scp=scp, storage=storage, metrics=metrics,
                              recent=recent, exports=export, destinations=export.destinations,
-                             payloads=payloads, reports=messaging, degradations=messaging))
+                             payloads=payloads, studies=StudyIndex(db), pipelines=runner,
+                             reports=messaging, degradations=messaging))
         add(Listener("http", config.listen.http, api.site(), reactor))
     return root

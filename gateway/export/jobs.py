@@ -156,6 +156,11 @@ def _jobs(conn, limit, offset, state):
     return [dict(r) for r in rows]
 
 
+def _count(conn, state):
+    where, args = ("WHERE state = ?", (state,)) if state else ("", ())
+    return conn.execute(f"SELECT COUNT(*) FROM jobs {where}", args).fetchone()[0]
+
+
 def _by_origin(conn, origin):
     return [r[0] for r in conn.execute("SELECT id FROM jobs WHERE origin = ? ORDER BY id", (origin,))]
 
@@ -209,6 +214,9 @@ class ExportStore:
 
     def jobs(self, limit=100, offset=0, state=None):
         return self.db.run(_jobs, limit, offset, state)
+
+    def count(self, state=None):
+        return self.db.run(_count, state)
 
     def by_origin(self, origin):
         return self.db.run(_by_origin, origin)
@@ -338,6 +346,9 @@ class ExportService(Service):
 
     def jobs(self, limit=100, offset=0, state=None):
         return self.store.jobs(limit, offset, state)
+
+    def count(self, state=None):
+        return self.store.count(state)
 
     def job(self, job_id):
         return self.store.job(job_id)
