@@ -85,8 +85,10 @@ ROUTES = (
                            "a problem", "Health")}),
     Route("GET", "/status", "get_status", "Listeners, active associations, storage, queues",
           responses={200: ("the gateway's state", "Status")}),
-    Route("GET", "/metrics", "get_metrics", "Prometheus metrics (text exposition format)",
-          responses={200: ("every metric of the gateway's registry", {"type": "string"}, "text/plain")}),
+    Route("GET", "/metrics", "get_metrics", "Prometheus metrics",
+          description="The text exposition format, or OpenMetrics when the Accept header asks for it.",
+          responses={200: ("every metric of the gateway's registry", {"type": "string"},
+                           ("text/plain", "application/openmetrics-text"))}),
     Route("GET", "/openapi.json", "get_openapi", "This document",
           responses={200: ("the OpenAPI document of the API", {"type": "object"})}),
     Route("GET", "/associations", "get_associations", "The most recent associations (up to 1000 kept), newest first",
@@ -309,9 +311,9 @@ class ApiResource(Resource):
 
     def _write(self, result, request, gone=()):
         code, body = result[0], result[1]
-        if isinstance(body, str):  # /metrics
+        if isinstance(body, str):  # /metrics, whose content type comes with it
             data = body.encode("utf-8")
-            ctype = "text/plain; version=0.0.4; charset=utf-8"
+            ctype = "text/plain; charset=utf-8"
         else:
             data = (json.dumps(body, indent=1, default=str) + "\n").encode("utf-8")
             ctype = "application/json; charset=utf-8"
@@ -416,7 +418,9 @@ class ApiResource(Resource):
                            [({}, usage["total_bytes"])]))
         for report in api.reports:
             gauges.extend((yield report.metric_gauges()))
-        return 200, api.metrics.render(gauges)
+        accept = request.getHeader("accept")
+        content_type, text = api.metrics.render(gauges, accept)
+        return 200, text, {"content-type": content_type}
 
     def get_openapi(self, request, query):
         from gateway.ops.openapi import document

@@ -145,7 +145,7 @@ _ERRORS = {400: "a query parameter, path parameter or body that is not valid (th
 def _response(description, schema, media="application/json"):
     out = {"description": description}
     if schema is not None:
-        out["content"] = {media: {"schema": schema}}
+        out["content"] = {m: {"schema": schema} for m in ((media,) if isinstance(media, str) else media)}
     return out
 
 
