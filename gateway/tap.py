@@ -95,6 +95,17 @@ def serves_tls(config) -> bool:
     return config.listen.dicom_tls is not None or bool(config.listen.dicomweb and config.dicomweb.tls)
 
 
+def tls_detail(tls) -> str:
+    """How a TLS listener serves, for its start-up line."""
+    clients = "client certificate required" if tls.require_client_certificate else "client certificate optional"
+    return f"TLS profile {tls.profile}, {clients}, certificate {tls.certificate}"
+
+
+def describe_index(db) -> str:
+    """Where the index database is, for the start-up line."""
+    return getattr(db, "path", None) or repr(db)
+
+
 class WorkerPoolService(Service):
     """Starts and stops a worker pool with the application."""
 
@@ -116,14 +127,20 @@ class StorageService(Service):
 
     log = Logger()
 
-    def __init__(self, storage: Storage):
+    def __init__(self, storage: Storage, config, index: str = ""):
         self.storage = storage
+        self.config = config
+        self.index = index  # where the index is, for the start-up line
 
     def startService(self):
         super().startService()
         self.storage.prepare()
         self.storage.spares.take()  # makes the first ones ready
-        self.log.info("storing instances under {root}", root=self.storage.root)
+        s = self.config.storage
+        self.log.info("storage under {root} (fsync {fsync}, digest {digest}, refusing work at {watermark}% "
+                      "used or under {reserved} GiB free); index {index}", event="storage.ready",
+                      root=self.storage.root, fsync="on" if s.fsync else "off", digest=s.digest,
+                      watermark=f"{s.watermark_percent:g}", reserved=f"{s.reserved_gb:g}", index=self.index)
 
     def stopService(self):
         super().stopService()
@@ -131,6 +148,7 @@ class StorageService(Service):
 
     def reconfigure(self, config):
         # The root itself only changes with a restart (the reload says so).
+        self.config = config
         self.storage.fsync = config.storage.fsync
         self.storage.digest = config.storage.digest
         self.storage.implementation_version_name = config.gateway.implementation_version_name
@@ -169,8 +187,8 @@ def makeService(options, reactor=None) -> MultiService:
     add(WorkerPoolService(pool))
     storage = Storage(config.gateway.storage, reactor, pool, fsync=config.storage.fsync,
                       digest=config.storage.digest, implementation_version_name=config.gateway.implementation_version_name)
-    add(StorageService(storage))
     db = open_index(storage.root, reactor, durable=config.storage.fsync, reserve=storage.reserve)
+    add(StorageService(storage, config, index=describe_index(db)))
     add(DatabaseService(db))
     # File reads for streaming share the disk pool.
     export = add(ExportService(config, reactor, pool, reserve=storage.reserve))
@@ -191,18 +209,22 @@ def makeService(options, reactor=None) -> MultiService:
     stow = None
     if config.listen.dicomweb:
         stow = add(StowService(config, scp, reactor, tls=config.dicomweb.tls))
-    add(Listener("dicom", config.listen.dicom, scp.factory(), reactor))
+    add(Listener("dicom", config.listen.dicom, scp.factory(), reactor, what="DICOM"))
     # One set of certificates for every TLS listener; a reload swaps it for all.
     tls = None
     if serves_tls(config):
         tls = ReloadableServerTLS(server_options(config.tls, config.path), config.tls, config.path, reactor, pool)
     if config.listen.dicom_tls is not None:
         factory = TLSMemoryBIOFactory(tls, False, scp.factory(tls=True))
-        add(Listener("dicom_tls", config.listen.dicom_tls, factory, reactor))
+        factory.noisy = False
+        add(Listener("dicom_tls", config.listen.dicom_tls, factory, reactor, what="DICOM over TLS",
+                     detail=tls_detail(config.tls)))
     if stow is not None:
         site = stow.site()
         factory = TLSMemoryBIOFactory(tls, False, site) if config.dicomweb.tls else site
-        add(Listener("dicomweb", config.listen.dicomweb, factory, reactor))
+        factory.noisy = False
+        add(Listener("dicomweb", config.listen.dicomweb, factory, reactor, what="DICOMweb STOW-RS",
+                     detail=tls_detail(config.tls) if config.dicomweb.tls else "plain HTTP"))
     add(Watermark(scp, storage.root, reactor, pool, reserve=storage.reserve))
     add(Reclaimer(config, storage, db, reactor, export, holds=messaging))
 
@@ -216,5 +238,6 @@ def makeService(options, reactor=None) -> MultiService:
                              recent=recent, exports=export, destinations=export.destinations,
                              payloads=payloads, studies=StudyIndex(db), pipelines=runner,
                              reports=messaging, degradations=messaging))
-        add(Listener("http", config.listen.http, api.site(), reactor))
+        add(Listener("http", config.listen.http, api.site(), reactor, what="management API",
+                     detail="bearer token required" if config.http.token_file else "no token"))
     return root

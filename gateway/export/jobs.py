@@ -232,6 +232,18 @@ class ExportStore:
 # ---- the queue and its scheduler ------------------------------------------
 
 
+def describe_destination(d, scu) -> str:
+    """Where a destination is and how we reach it, for the start-up line."""
+    if d.dicomweb is not None:
+        where = f"STOW-RS to {d.dicomweb}"
+    else:
+        where = f"C-STORE to {d.ae_title} at {d.host}:{d.port}"
+    if d.tls or d.https:
+        client = d.certificate or scu.certificate
+        where += f" over TLS (client certificate {client})" if client else " over TLS (no client certificate)"
+    return where
+
+
 @implementer(IExportQueue, IReconfigurable)
 class ExportService(Service):
     """Runs export jobs (the service "export"); see the module docstring for the rules."""
@@ -263,6 +275,9 @@ class ExportService(Service):
 
     def startService(self):
         super().startService()
+        for d in self.config.destination:
+            self.log.info("destination {destination}: {what}", event="destination.loaded", destination=d.name,
+                          what=describe_destination(d, self.config.scu))
         self._stopping = False
         self._started = self.store.start()
         if self.resume:

@@ -198,6 +198,16 @@ class PipelineRunner(Service):
                 # Jobs running now release the semaphore they acquired.
                 self.semaphores[p.name] = DeferredSemaphore(p.concurrency)
 
+    def startService(self):
+        super().startService()
+        for p in self.config.pipeline:
+            aes = [a.title for a in self.config.ae if p.name in a.pipelines]
+            what = f"command {' '.join(p.command)}" if p.command else f"webhook {p.webhook}"
+            self.log.info("pipeline {pipeline}: {what} (for AE titles {aes}; concurrency {concurrency}, timeout "
+                          "{timeout:g} s, retries {retries}{export})", event="pipeline.loaded", pipeline=p.name,
+                          what=what, aes=", ".join(aes) or "none", concurrency=p.concurrency, timeout=p.timeout,
+                          retries=p.retries, export=f"; results to {', '.join(p.export)}" if p.export else "")
+
     def submit(self, job_ids):
         for job_id in job_ids:
             self._schedule(job_id, 0)
