@@ -5,7 +5,9 @@ file the gateway still holds: states ``received``, ``payload``, ``kept`` and
 ``aborted`` (an aborted association's instances stay until the reclaimer
 removes them); ``replaced``, ``missing`` and ``removed`` rows name no file.
 A row without a Study Instance UID (a file adopted after a crash, whose
-header was never read) belongs to no study.
+header was never read) belongs to no study.  When an instance was received
+again under the same AE title its file was replaced, and the index has a row
+for each copy: only the last row of each file counts.
 
 The statements are plain SQL that any of the index's back ends runs (no
 functions of one engine; lists are gathered here, not by the database).
@@ -23,7 +25,11 @@ from gateway.interfaces import IStudyQuery
 #: Instance states whose file the gateway holds.
 HELD_STATES = ("received", "payload", "kept", "aborted")
 
-_HELD = f"state IN ({', '.join(repr(s) for s in HELD_STATES)}) AND study_uid IS NOT NULL"
+_HELD_ROWS = f"state IN ({', '.join(repr(s) for s in HELD_STATES)}) AND study_uid IS NOT NULL"
+# The last row of each file held; _STUDY: of one study (its UID is the argument).
+_HELD = f"{_HELD_ROWS} AND id IN (SELECT MAX(id) FROM instances WHERE {_HELD_ROWS} GROUP BY path)"
+_STUDY = (f"{_HELD_ROWS} AND study_uid = ? AND id IN (SELECT MAX(id) FROM instances WHERE {_HELD_ROWS} "
+          "AND study_uid = ? GROUP BY path)")
 
 #: The filters of :func:`studies`: name -> the condition on an instance row.
 _FILTERS = {
@@ -89,8 +95,8 @@ def _association(row) -> dict:
 
 def study(conn, uid: str) -> dict | None:
     """A study's series and instances, or None when nothing of it is held."""
-    rows = conn.execute(f"SELECT * FROM instances WHERE {_HELD} AND study_uid = ? "
-                        "ORDER BY series_uid, received, id", (uid,)).fetchall()
+    rows = conn.execute(f"SELECT * FROM instances WHERE {_STUDY} ORDER BY series_uid, received, id",
+                        (uid, uid)).fetchall()
     if not rows:
         return None
     association_ids = sorted({r["association"] for r in rows if r["association"]})
@@ -120,8 +126,8 @@ def study(conn, uid: str) -> dict | None:
 
 def study_files(conn, uid: str) -> list[str]:
     """The paths of the files held of a study, in the order received."""
-    return [r[0] for r in conn.execute(f"SELECT path FROM instances WHERE {_HELD} AND study_uid = ? "
-                                       "AND path IS NOT NULL ORDER BY received, id", (uid,))]
+    return [r[0] for r in conn.execute(f"SELECT path FROM instances WHERE {_STUDY} AND path IS NOT NULL "
+                                       "ORDER BY received, id", (uid, uid))]
 
 
 @implementer(IStudyQuery)

@@ -41,8 +41,10 @@ class StudyApiTests(unittest.TestCase):
         before = time.time() - 1
         self.assertEqual((yield in_thread(pynetdicom_send, gw.port, a_files)), [0, 0, 0])
         self.assertEqual((yield in_thread(pynetdicom_send, gw.port, [b_file], called="OTHER")), [0])
-        yield wait_for(lambda: query(gw, "SELECT COUNT(*) FROM instances WHERE state = 'kept'") == [(4,)],
-                       what="four instances indexed")
+        # Study B's instance again: its file is replaced, and held once.
+        self.assertEqual((yield in_thread(pynetdicom_send, gw.port, [b_file], called="OTHER")), [0])
+        yield wait_for(lambda: query(gw, "SELECT COUNT(*) FROM instances WHERE state = 'kept'") == [(5,)],
+                       what="five instances indexed")
 
         code, body, _ = yield c.request("GET", "/studies")
         self.assertEqual(code, 200, body)
@@ -54,6 +56,10 @@ class StudyApiTests(unittest.TestCase):
         self.assertLessEqual(before, a["first_received"])
         self.assertLessEqual(a["first_received"], a["last_received"])
         self.assertEqual(body["items"][0]["ae_titles"], ["OTHER"])
+        self.assertEqual((body["items"][0]["instances"], body["items"][0]["bytes"]), (1, os.path.getsize(
+            os.path.join(gw.storage_root, "instances", "OTHER", pydicom.dcmread(b_file).SOPInstanceUID + ".dcm"))))
+        code, b, _ = yield c.request("GET", f"/studies/{study_b}")
+        self.assertEqual([len(s["instances"]) for s in b["series"]], [1])
 
         for path, expected in (("/studies?PatientID=PAT002", [study_b]), ("/studies?ae=DICOMGW", [study_a]),
                                (f"/studies?StudyInstanceUID={study_a}", [study_a]),
