@@ -54,10 +54,10 @@ def _distinct(conn, column, where, args, uids) -> dict[str, list]:
     """The distinct non-empty values of ``column`` per study of ``uids``, sorted."""
     marks = ", ".join("?" * len(uids))
     out: dict[str, set] = {u: set() for u in uids}
-    for uid, value in conn.execute(f"SELECT DISTINCT study_uid, {column} FROM instances WHERE {where} "
-                                   f"AND study_uid IN ({marks})", [*args, *uids]):
-        if value:
-            out[uid].add(value)
+    for r in conn.execute(f"SELECT DISTINCT study_uid AS uid, {column} AS value FROM instances WHERE {where} "
+                          f"AND study_uid IN ({marks})", [*args, *uids]):
+        if r["value"]:
+            out[r["uid"]].add(r["value"])
     return {u: sorted(v) for u, v in out.items()}
 
 
@@ -69,19 +69,22 @@ def studies(conn, filters: dict, limit: int, offset: int) -> dict:
     instances that match them.
     """
     where, args = _where(filters)
-    total = conn.execute(f"SELECT COUNT(DISTINCT study_uid) FROM instances WHERE {where}", args).fetchone()[0]
+    total = conn.execute(f"SELECT COUNT(DISTINCT study_uid) AS n FROM instances WHERE {where}",
+                         args).fetchone()["n"]
     rows = conn.execute(
-        "SELECT study_uid, MIN(patient_id), MIN(patient_name), COUNT(DISTINCT series_uid), COUNT(*), "
-        f"SUM(size), MIN(received), MAX(received) FROM instances WHERE {where} GROUP BY study_uid "
+        "SELECT study_uid AS uid, MIN(patient_id) AS patient_id, MIN(patient_name) AS patient_name, "
+        "COUNT(DISTINCT series_uid) AS series, COUNT(*) AS instances, SUM(size) AS size, "
+        f"MIN(received) AS first, MAX(received) AS last FROM instances WHERE {where} GROUP BY study_uid "
         "ORDER BY MAX(received) DESC, study_uid LIMIT ? OFFSET ?", [*args, limit, offset]).fetchall()
-    uids = [r[0] for r in rows]
+    uids = [r["uid"] for r in rows]
     modalities = _distinct(conn, "modality", where, args, uids) if uids else {}
     aes = _distinct(conn, "ae", where, args, uids) if uids else {}
     items = []
-    for uid, patient_id, patient_name, series, instances, size, first, last in (tuple(r) for r in rows):
-        items.append({"StudyInstanceUID": uid, "PatientID": patient_id, "PatientName": patient_name,
-                      "modalities": modalities[uid], "series": series, "instances": instances,
-                      "bytes": size or 0, "first_received": first, "last_received": last,
+    for r in rows:
+        uid = r["uid"]
+        items.append({"StudyInstanceUID": uid, "PatientID": r["patient_id"], "PatientName": r["patient_name"],
+                      "modalities": modalities[uid], "series": r["series"], "instances": r["instances"],
+                      "bytes": r["size"] or 0, "first_received": r["first"], "last_received": r["last"],
                       "ae_titles": aes[uid]})
     return {"total": total, "items": items}
 
@@ -126,8 +129,8 @@ def study(conn, uid: str) -> dict | None:
 
 def study_files(conn, uid: str) -> list[str]:
     """The paths of the files held of a study, in the order received."""
-    return [r[0] for r in conn.execute(f"SELECT path FROM instances WHERE {_STUDY} AND path IS NOT NULL "
-                                       "ORDER BY received, id", (uid, uid))]
+    return [r["path"] for r in conn.execute(f"SELECT path FROM instances WHERE {_STUDY} AND path IS NOT NULL "
+                                            "ORDER BY received, id", (uid, uid))]
 
 
 @implementer(IStudyQuery)
