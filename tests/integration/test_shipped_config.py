@@ -91,8 +91,8 @@ class ShippedConfigTests(unittest.TestCase):
         yield start_process(self, "storescp", ["+tls", "etc/tls/server.key", "etc/tls/server.pem", "+cf",
                                                          "etc/tls/ca.pem", "-rc", "-aet", "STORESCP", "-od",
                                                          "var/storescp", str(storescp_port)], storescp_port, workdir)
-        out, err, code = yield getProcessOutputAndValue(DICOMGW, ["--config", "dicomgw.toml", "send", "-d", "dcmtk-tls", ct], path=workdir,
-                                                        env=dict(os.environ))
+        out, err, code = yield getProcessOutputAndValue(
+            DICOMGW, ["--config", "dicomgw.toml", "send", "-d", "dcmtk-tls", ct], path=workdir, env=dict(os.environ))
         self.assertEqual(code, 0, (out, err))
         self.assertEqual(len(os.listdir(received)), 1)
         shutil.rmtree(tls_dir)
