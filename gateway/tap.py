@@ -107,7 +107,7 @@ class StorageService(Service):
     def startService(self):
         super().startService()
         self.storage.prepare()
-        self.storage.spares.take()  # makes the first ones ready
+        self.storage.spares.fill()
         self.log.info("storing instances under {root}", root=self.storage.root)
 
     def stopService(self):
