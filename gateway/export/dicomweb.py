@@ -266,7 +266,7 @@ class StowClient:
         if self.destination.https:
             try:
                 options = await deferToThreadPool(self.reactor, self.pool, client_options, self.destination,
-                                                  self.config.tls, self.config.path)
+                                                  self.config)
             except Exception as e:
                 reason = "TLS set-up failed: " + ("; ".join(e.problems) if isinstance(e, ConfigError) else str(e))
                 for f in files:

@@ -3,11 +3,12 @@ then ``twistd``, with the TLS port enabled, works out of the box."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor, task
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
 
@@ -65,3 +66,71 @@ class ShippedConfigTests(unittest.TestCase):
                                    "-aec", "DICOMGW", "127.0.0.1", str(tls))
         self.assertEqual(code, 0, err)
         shutil.rmtree(tls_dir)
+
+
+class PipelineExampleTests(unittest.TestCase):
+    """etc/pipeline-example.toml runs beside the shipped configuration, with
+    the README's command, and its pipeline writes its summary."""
+
+    timeout = 90
+
+    def test_ports_and_storage_of_its_own(self):
+        from gateway.config import load_config
+
+        shipped = load_config(os.path.join(ROOT, "etc", "dicomgw.toml"))
+        example = load_config(os.path.join(ROOT, "etc", "pipeline-example.toml"))
+
+        def ports(config):
+            return {d.split(":")[1] for d in (config.listen.dicom, config.listen.dicom_tls, config.listen.http,
+                                              config.listen.dicomweb) if d}
+
+        self.assertEqual(ports(shipped) & ports(example), set())
+        self.assertNotEqual(os.path.abspath(shipped.gateway.storage), os.path.abspath(example.gateway.storage))
+        self.assertFalse(os.path.abspath(example.gateway.storage).startswith(
+            os.path.abspath(shipped.gateway.storage) + os.sep))
+        # The 11113 of the README's TLS example, and every port there, differ.
+        tls_example = shipped.destination_named("dcmtk-tls")
+        self.assertNotIn(str(tls_example.port), ports(shipped) | ports(example))
+
+    @defer.inlineCallbacks
+    def test_the_readme_command_runs_the_pipeline(self):
+        from pydicom.data import get_testdata_file
+
+        require_program("storescu")
+        with open(os.path.join(ROOT, "README.md")) as f:
+            readme = f.read()
+        self.assertIn(".venv/bin/twistd -n dicomgw --config etc/pipeline-example.toml", readme)
+        workdir = os.path.abspath(self.mktemp())
+        shutil.copytree(os.path.join(ROOT, "etc", "pipelines"), os.path.join(workdir, "etc", "pipelines"))
+        port = free_port()
+        with open(os.path.join(ROOT, "etc", "pipeline-example.toml")) as f:
+            example = f.read()
+        # Only the port changes: the shipped one may be taken on this machine.
+        self.assertIn('dicom = "tcp:11114:interface=127.0.0.1"', example)
+        with open(os.path.join(workdir, "etc", "pipeline-example.toml"), "w") as f:
+            f.write(example.replace("tcp:11114:", f"tcp:{port}:"))
+        import subprocess
+
+        log = open(os.path.join(workdir, "twistd.out"), "w")
+        self.addCleanup(log.close)
+        proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "twistd"), "-n", "dicomgw",
+                                 "--config", "etc/pipeline-example.toml"], cwd=workdir, stdout=log,
+                                stderr=subprocess.STDOUT)
+        self.addCleanup(_stop, proc)
+        yield _wait_for_port(port)
+        out, err, code = yield run("storescu", "-aec", "PIPELINE", "127.0.0.1", str(port),
+                                   get_testdata_file("CT_small.dcm"))
+        self.assertEqual(code, 0, err)
+        outputs = os.path.join(workdir, "var", "pipeline-example", "outputs")
+        found = []
+        for _ in range(300):  # 30 s: the payload closes 5 s after the last instance
+            found = [os.path.join(outputs, p, "summary", "summary.json")
+                     for p in (os.listdir(outputs) if os.path.isdir(outputs) else ())]
+            found = [p for p in found if os.path.exists(p)]
+            if found:
+                break
+            yield task.deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual(len(found), 1, os.listdir(workdir))
+        with open(found[0]) as f:
+            summary = json.load(f)
+        self.assertEqual(summary["instances"], 1)
