@@ -135,7 +135,7 @@ class StorageService(Service):
     def startService(self):
         super().startService()
         self.storage.prepare()
-        self.storage.spares.take()  # makes the first ones ready
+        self.storage.spares.fill()
         s = self.config.storage
         self.log.info("storage under {root} (fsync {fsync}, digest {digest}, refusing work at {watermark}% "
                       "used or under {reserved} GiB free); index {index}", event="storage.ready",
