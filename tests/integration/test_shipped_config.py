@@ -35,7 +35,12 @@ class ShippedConfigTests(unittest.TestCase):
         # and the storage watermark, which depends on how full this disk is.
         config = shipped.replace('dicom = "tcp:11112"', f'dicom = "tcp:{plain}:interface=127.0.0.1"')
         config = config.replace('dicom_tls = "tcp:2762"', f'dicom_tls = "tcp:{tls}:interface=127.0.0.1"')
-        config = config.replace('http = "tcp:8080:interface=127.0.0.1"', f'http = "tcp:{free_port()}:interface=127.0.0.1"')
+        http = free_port()
+        config = config.replace('http = "tcp:8080:interface=127.0.0.1"', f'http = "tcp:{http}:interface=127.0.0.1"')
+        # and the port of the README's TLS example's storescp
+        storescp_port = free_port()
+        self.assertIn("port = 11113\n", config)
+        config = config.replace("port = 11113\n", f"port = {storescp_port}\n")
         config = config.replace("watermark_percent = 75", "watermark_percent = 100")
         config = config.replace("reserved_gb = 5", "reserved_gb = 0")
         self.assertNotIn("watermark_percent = 75", config)
@@ -65,7 +70,44 @@ class ShippedConfigTests(unittest.TestCase):
                                    "+cf", f"{tls_dir}/ca.pem", "--profile-bcp195-nd",
                                    "-aec", "DICOMGW", "127.0.0.1", str(tls))
         self.assertEqual(code, 0, err)
+
+        # The README's "Try it": pydicom's CT_small.dcm to both ports, then
+        # to storescp over mutual TLS with dicomgw send, as written there.
+        from pydicom.data import get_testdata_file
+
+        with open(os.path.join(ROOT, "README.md")) as f:
+            readme = f.read()
+        self.assertIn("""get_testdata_file("CT_small.dcm")""", readme)
+        self.assertIn(".venv/bin/dicomgw send -d dcmtk-tls", readme)
+        ct = get_testdata_file("CT_small.dcm")
+        out, err, code = yield run("storescu", "-aec", "DICOMGW", "127.0.0.1", str(plain), ct)
+        self.assertEqual(code, 0, err)
+        out, err, code = yield run("storescu", "+tls", f"{tls_dir}/client.key", f"{tls_dir}/client.pem", "+cf",
+                                   f"{tls_dir}/ca.pem", "--profile-bcp195-nd", "-aec", "DICOMGW", "127.0.0.1",
+                                   str(tls), ct)
+        self.assertEqual(code, 0, err)
+        received = os.path.join(workdir, "var", "storescp")
+        os.makedirs(received)
+        yield start_process(self, "storescp", ["+tls", "etc/tls/server.key", "etc/tls/server.pem", "+cf",
+                                                         "etc/tls/ca.pem", "-rc", "-aet", "STORESCP", "-od",
+                                                         "var/storescp", str(storescp_port)], storescp_port, workdir)
+        out, err, code = yield getProcessOutputAndValue(
+            DICOMGW, ["--config", "dicomgw.toml", "send", "-d", "dcmtk-tls", ct], path=workdir, env=dict(os.environ))
+        self.assertEqual(code, 0, (out, err))
+        self.assertEqual(len(os.listdir(received)), 1)
         shutil.rmtree(tls_dir)
+
+
+@defer.inlineCallbacks
+def start_process(testcase, program, args, port, cwd):
+    """A peer program run in ``cwd`` until the test ends; fires once ``port`` listens."""
+    import subprocess
+
+    proc = subprocess.Popen([require_program(program), *args], cwd=cwd, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    testcase.addCleanup(_stop, proc)
+    yield _wait_for_port(port)
+    return proc
 
 
 class PipelineExampleTests(unittest.TestCase):

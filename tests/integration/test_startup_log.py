@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from tests.integration.harness import free_port, gateway_config, make_certificates
@@ -53,6 +53,13 @@ pipelines = ["summary"]
         self.addCleanup(_stop, proc)
         for port in (dicom, dicom_tls, http, web):
             yield _wait_for_port(port)
+        # The ports listen before the services start: wait for the last line
+        # of a start (bounded), then stop.
+        for _ in range(200):
+            with open(log) as f:
+                if "pipeline summary:" in f.read():
+                    break
+            yield task.deferLater(reactor, 0.1, lambda: None)
         _stop(proc)
         with open(log) as f:
             lines = [line.rstrip("\n").split("] ", 1)[-1] for line in f]
