@@ -279,6 +279,29 @@ def _size_label(n: int) -> str:
     return f"{n / 2**30:g} GiB" if n >= 1 << 30 else f"{n / 2**20:g} MiB"
 
 
+#: Memory the bench touches before each run, beyond the workload's bytes (see warm_memory).
+WARM_EXTRA = 128 << 20
+WARM_MAX = 1536 << 20
+
+
+def warm_memory(workload_bytes: int) -> None:
+    """Touch, and give back, about as much memory as the run will fill with page cache.
+
+    On the bench VMs the host backs a guest page only when the guest first
+    uses it after having given it back (free page reporting): writing 263 MB
+    into new files took 0.7-1.2 s when the pages came from long-free memory
+    and 0.08-0.15 s right after a process had touched and freed 1.5 GB
+    (touching costs about 2.7 us per 4 KiB page, and the effect is gone a few
+    seconds later).  Which receiver paid it depended on what ran before it.
+    Touching the memory right before every run makes every receiver start
+    alike, and closer to a machine that does not lend its memory back.
+    """
+    n = min(int(workload_bytes * 1.25) + WARM_EXTRA, WARM_MAX)
+    block = bytearray(n)
+    block[::4096] = bytes(len(range(0, n, 4096)))
+    del block
+
+
 def measure(scenario: Scenario, reps: int, log=print) -> list[Run]:
     """Run every receiver ``reps`` times, alternating receivers within a repetition."""
     runs = []
@@ -295,6 +318,7 @@ def measure(scenario: Scenario, reps: int, log=print) -> list[Run]:
             probe = sha256_rate(PROBE_SECONDS) / MB
             receiver.start(f"s{scenario.key}-r{i}-{rep}")
             try:
+                warm_memory(size)
                 before = host_times()
                 seconds, failed, client_cpu = run_clients(receiver.port, workload, scenario.tls)
                 steal = stolen(before, host_times())

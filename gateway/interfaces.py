@@ -254,6 +254,9 @@ class IExportQueue(Interface):
         """Deferred firing with a list of dicts, newest first: id, destination,
         state, origin, created, updated, files, done, failed."""
 
+    def count(state=None):
+        """Deferred firing with the number of jobs (in ``state``, if given)."""
+
     def job(job_id):
         """Deferred firing with one job as a dict, with ``file_statuses``
         (path, state, DIMSE status, attempts, reason), or None."""
@@ -287,6 +290,43 @@ class IPayloadQuery(Interface):
     def payloads(limit=100, offset=0, state=None):
         """Deferred firing with a list of dicts, newest first: id, ae, key,
         state, instances, created, closed, and per pipeline its job state."""
+
+    def count(state=None):
+        """Deferred firing with the number of payloads (in ``state``, if given)."""
+
+
+class IPipelineJobs(Interface):
+    """Pipeline jobs that an operator may run again."""
+
+    def retry(payload_id, pipeline):
+        """Run a failed job again: Deferred firing with the job (payload,
+        pipeline, state, attempts, reason) once it is pending, or None when
+        the payload has no job of that pipeline; fails with
+        :class:`JobNotFailed` when the job is not failed."""
+
+
+class JobNotFailed(Exception):
+    """Only a failed job is run again; ``state`` is the job's."""
+
+    def __init__(self, state):
+        super().__init__(f"the job is {state}, not failed")
+        self.state = state
+
+
+class IStudyQuery(Interface):
+    """What the gateway holds, by study (:mod:`gateway.store.studies`)."""
+
+    def studies(limit=100, offset=0, **filters):
+        """Deferred firing with ``{"total", "items"}``: one page of studies,
+        the most recently received first; ``filters``: ``PatientID``,
+        ``StudyInstanceUID``, ``ae``, ``received_since``, ``received_before``
+        (seconds since the epoch)."""
+
+    def study(uid):
+        """Deferred firing with a study's series and instances, or None."""
+
+    def files(uid):
+        """Deferred firing with the paths of the files held of a study."""
 
 
 class IReconfigurable(Interface):

@@ -11,6 +11,7 @@ that others look up have names: ``scp``, ``stow``, ``payloads``,
 from __future__ import annotations
 
 import os
+import sys
 
 from twisted.application.service import MultiService, Service
 from twisted.logger import Logger
@@ -20,13 +21,13 @@ from zope.interface import implementer
 
 from gateway.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
 from gateway.export.jobs import ExportService
-from gateway.ingest.observers import check_observers, load_observers
+from gateway.ingest.observers import load_observers, observer_problems
 from gateway.ingest.scp import SCPService
 from gateway.ingest.stow_web import StowService
 from gateway.interfaces import IReconfigurable
 from gateway.messaging.service import MessagingService, broker_tls
 from gateway.net.listener import Listener
-from gateway.net.tls import ReloadableServerTLS, server_options
+from gateway.net.tls import ReloadableServerTLS, file_problems, server_options
 from gateway.ops.api import ApiService
 from gateway.ops.audit import AuditTrail, ObserverService, RecentAssociations
 from gateway.ops.metrics import Metrics
@@ -34,6 +35,7 @@ from gateway.ops.reclaimer import Reclaimer
 from gateway.ops.reload import ReloadService
 from gateway.ops.watermark import Watermark
 from gateway.store.index import open_index
+from gateway.store.studies import StudyIndex
 from gateway.store.writer import Storage
 from gateway.threads import WorkerPool
 from gateway.workflow.payloads import PayloadService
@@ -54,25 +56,38 @@ class Options(usage.Options):
 
     def postOptions(self):
         try:
-            self["config_object"] = load_config_and_certificates(self["config"])
-            check_observers(self["config_object"])
+            self["config_object"] = load_checked_config(self["config"])
         except ConfigError as e:
-            raise usage.UsageError(str(e)) from None
+            # The problems alone, as check-config prints them: twistd would
+            # print its whole usage text before a UsageError's message.
+            print(e, file=sys.stderr)
+            raise SystemExit(1) from None
 
 
-def load_config_and_certificates(path):
-    """Load a config and check the certificate files of its TLS port and of
-    its message broker, if it has them.
-
-    Runs off the reactor thread on reload: a config naming certificates that
-    cannot be read or do not match is as invalid as a bad key.
-    """
-    config = load_config(path)
-    if serves_tls(config):
-        server_options(config.tls, config.path)
+def external_problems(config) -> list[str]:
+    """What the configuration names outside itself that cannot be used
+    (blocking: reads files, imports modules): the certificates, keys and CA
+    files of the TLS listeners, of TLS destinations and of the message
+    broker, and the ``[notify]`` observer modules."""
+    problems = file_problems(config)
     if config.messaging.enabled:
-        broker_tls(config.messaging, config.path)
-    return config
+        try:
+            broker_tls(config.messaging, config.path)
+        except ConfigError as e:
+            problems.extend(e.problems)
+    problems.extend(observer_problems(config))
+    return problems
+
+
+def load_checked_config(path):
+    """The configuration at ``path`` as start-up, a reload and
+    ``dicomgw check-config`` read it: parsed, every table checked (token
+    files read, endpoints parsed), and every file and module it names
+    checked (:func:`external_problems`); a ConfigError lists every problem.
+
+    Blocking: a reload runs it off the reactor thread.
+    """
+    return load_config(path, checks=(external_problems,))
 
 
 def audit_path(config, root) -> str:
@@ -87,6 +102,17 @@ def serves_tls(config) -> bool:
     """Whether a listener uses the ``[tls]`` certificates: the DICOM TLS
     port, or the DICOMweb server with ``dicomweb.tls``."""
     return config.listen.dicom_tls is not None or bool(config.listen.dicomweb and config.dicomweb.tls)
+
+
+def tls_detail(tls) -> str:
+    """How a TLS listener serves, for its start-up line."""
+    clients = "client certificate required" if tls.require_client_certificate else "client certificate optional"
+    return f"TLS profile {tls.profile}, {clients}, certificate {tls.certificate}"
+
+
+def describe_index(db) -> str:
+    """Where the index database is, for the start-up line (never a password)."""
+    return db.describe()
 
 
 class WorkerPoolService(Service):
@@ -110,14 +136,20 @@ class StorageService(Service):
 
     log = Logger()
 
-    def __init__(self, storage: Storage):
+    def __init__(self, storage: Storage, config, index: str = ""):
         self.storage = storage
+        self.config = config
+        self.index = index  # where the index is, for the start-up line
 
     def startService(self):
         super().startService()
         self.storage.prepare()
-        self.storage.spares.take()  # makes the first ones ready
-        self.log.info("storing instances under {root}", root=self.storage.root)
+        self.storage.spares.fill()
+        s = self.config.storage
+        self.log.info("storage under {root} (fsync {fsync}, digest {digest}, refusing work at {watermark}% "
+                      "used or under {reserved} GiB free); index {index}", event="storage.ready",
+                      root=self.storage.root, fsync="on" if s.fsync else "off", digest=s.digest,
+                      watermark=f"{s.watermark_percent:g}", reserved=f"{s.reserved_gb:g}", index=self.index)
 
     def stopService(self):
         super().stopService()
@@ -125,6 +157,7 @@ class StorageService(Service):
 
     def reconfigure(self, config):
         # The root itself only changes with a restart (the reload says so).
+        self.config = config
         self.storage.fsync = config.storage.fsync
         self.storage.digest = config.storage.digest
         self.storage.implementation_version_name = config.gateway.implementation_version_name
@@ -166,9 +199,9 @@ def makeService(options, reactor=None) -> MultiService:
     storage = Storage(config.gateway.storage, reactor, pool, fsync=config.storage.fsync,
                       digest=config.storage.digest, implementation_version_name=config.gateway.implementation_version_name,
                       node=node_dir)
-    add(StorageService(storage))
     db = open_index(storage.root, reactor, durable=config.storage.fsync, reserve=storage.reserve,
                     url=config.index.url, namespace=config.index.schema)
+    add(StorageService(storage, config, index=describe_index(db)))
     add(DatabaseService(db))
     # File reads for streaming share the disk pool.
     export = add(ExportService(config, reactor, pool, reserve=storage.reserve))
@@ -191,23 +224,27 @@ def makeService(options, reactor=None) -> MultiService:
     stow = None
     if config.listen.dicomweb:
         stow = add(StowService(config, scp, reactor, tls=config.dicomweb.tls))
-    add(Listener("dicom", config.listen.dicom, scp.factory(), reactor))
+    add(Listener("dicom", config.listen.dicom, scp.factory(), reactor, what="DICOM"))
     # One set of certificates for every TLS listener; a reload swaps it for all.
     tls = None
     if serves_tls(config):
         tls = ReloadableServerTLS(server_options(config.tls, config.path), config.tls, config.path, reactor, pool)
     if config.listen.dicom_tls is not None:
         factory = TLSMemoryBIOFactory(tls, False, scp.factory(tls=True))
-        add(Listener("dicom_tls", config.listen.dicom_tls, factory, reactor))
+        factory.noisy = False
+        add(Listener("dicom_tls", config.listen.dicom_tls, factory, reactor, what="DICOM over TLS",
+                     detail=tls_detail(config.tls)))
     if stow is not None:
         site = stow.site()
         factory = TLSMemoryBIOFactory(tls, False, site) if config.dicomweb.tls else site
-        add(Listener("dicomweb", config.listen.dicomweb, factory, reactor))
+        factory.noisy = False
+        add(Listener("dicomweb", config.listen.dicomweb, factory, reactor, what="DICOMweb STOW-RS",
+                     detail=tls_detail(config.tls) if config.dicomweb.tls else "plain HTTP"))
     add(Watermark(scp, storage.root, reactor, pool, reserve=storage.reserve))
     add(Reclaimer(config, storage, db, reactor, export, holds=messaging))
 
     reload = add(ReloadService(options.get("config") or config.path, config, root, reactor, pool,
-                               loader=load_config_and_certificates,
+                               loader=load_checked_config,
                                install_signal=options.get("install_sighup", True)))
     if tls is not None:
         reload.add(tls)
@@ -216,6 +253,8 @@ def makeService(options, reactor=None) -> MultiService:
         listed = IndexAssociations(db) if config.index.shared else recent
         api = add(ApiService(config, root, reactor, pool, scp=scp, storage=storage, metrics=metrics,
                              recent=listed, exports=export, destinations=export.destinations,
-                             payloads=payloads, reports=[*messaging, cluster], degradations=messaging))
-        add(Listener("http", config.listen.http, api.site(), reactor))
+                             payloads=payloads, studies=StudyIndex(db), pipelines=runner,
+                             reports=[*messaging, cluster], degradations=messaging))
+        add(Listener("http", config.listen.http, api.site(), reactor, what="management API",
+                     detail="bearer token required" if config.http.token_file else "no token"))
     return root

@@ -143,9 +143,12 @@ class FakeExportQueue:
                  for j in reversed(self._jobs) if state is None or j["state"] == state]
         return succeed(items[offset:offset + limit])
 
+    def count(self, state=None):
+        return succeed(sum(1 for j in self._jobs if state is None or j["state"] == state))
+
     def job(self, job_id):
         for j in self._jobs:
-            if j["id"] == job_id:
+            if j["id"] == str(job_id):
                 return succeed(dict(j))
         return succeed(None)
 
@@ -200,6 +203,9 @@ class FakePayloadQuery:
     def payloads(self, limit=100, offset=0, state=None):
         items = [p for p in self.items if state is None or p.get("state") == state]
         return succeed(items[offset:offset + limit])
+
+    def count(self, state=None):
+        return succeed(sum(1 for p in self.items if state is None or p.get("state") == state))
 
 
 @implementer(IMessageBroker)

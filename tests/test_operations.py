@@ -12,6 +12,7 @@ from twisted.logger import Logger, LogLevel, LogPublisher
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
+from gateway import IMPLEMENTATION_CLASS_UID, __version__
 from gateway.config import ConfigError, config_from_string
 from gateway.ingest.scp import AssociationInfo
 from gateway.store.writer import StoredInstance
@@ -187,14 +188,15 @@ class MetricsTests(unittest.TestCase):
         m({"event": "association.closed", "result": "rejected", "reject_result": 2, "reject_source": 3,
            "reject_reason": 2})
         m({"no": "event", "log_level": LogLevel.info})
-        text = m.render([("dicomgw_x", "A gauge.", [({"k": "v"}, 1.5)])])
+        content_type, text = m.render([("dicomgw_x", "A gauge.", [({"k": "v"}, 1.5)])])
+        self.assertTrue(content_type.startswith("text/plain; version="), content_type)
         samples = {}
         for family in text_string_to_metric_families(text):
             for s in family.samples:
                 samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
         self.assertEqual(samples[("dicomgw_received_bytes_total", (("called_ae", 'A"B\\'),))], 12)
         self.assertEqual(samples[("dicomgw_store_latency_seconds_bucket", (("le", "0.025"),))], 1)
-        self.assertEqual(samples[("dicomgw_store_latency_seconds_bucket", (("le", "30"),))], 1)
+        self.assertEqual(samples[("dicomgw_store_latency_seconds_bucket", (("le", "30.0"),))], 1)
         self.assertEqual(samples[("dicomgw_store_latency_seconds_bucket", (("le", "+Inf"),))], 2)
         self.assertAlmostEqual(samples[("dicomgw_store_latency_seconds_sum", ())], 100.02)
         self.assertEqual(samples[("dicomgw_pipeline_runs_total", (("outcome", "done"), ("pipeline", "seg")))], 1)
@@ -205,5 +207,38 @@ class MetricsTests(unittest.TestCase):
                                    ("source", "service-provider-presentation")))], 1)
         self.assertEqual(samples[("dicomgw_x", (("k", "v"),))], 1.5)
         self.assertEqual(samples[("dicomgw_config_reloads_total", ())], 0)
+        # Ours start with dicomgw_; beside them the standard process and
+        # platform collectors.
         for name, _ in samples:
-            self.assertTrue(name.startswith("dicomgw_"), name)
+            self.assertTrue(name.startswith(("dicomgw_", "process_", "python_")), name)
+        for name in ("process_resident_memory_bytes", "process_open_fds", "process_cpu_seconds_total",
+                     "process_start_time_seconds"):
+            self.assertGreater(samples[(name, ())], 0, name)
+        self.assertIn("python_info", {n for n, _ in samples})
+        self.assertEqual(samples[("dicomgw_build_info", (("implementation_class_uid", IMPLEMENTATION_CLASS_UID),
+                                                         ("version", __version__)))], 1)
+        self.assertNotIn("_created", text)
+
+    def test_exposition_is_prometheus_clients(self):
+        # The text is what prometheus_client writes for the registry, byte for
+        # byte, in the format the scraper asks for.
+        from prometheus_client.exposition import generate_latest
+        from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
+
+        m = Metrics()
+        m.instance_stored("CT", 100, 0.5)
+        content_type, text = m.render()
+        self.assertEqual(text, generate_latest(m.registry).decode())
+        content_type, text = m.render(accept="application/openmetrics-text; version=1.0.0")
+        self.assertTrue(content_type.startswith("application/openmetrics-text"), content_type)
+        self.assertEqual(text, openmetrics_latest(m.registry).decode())
+        self.assertTrue(text.endswith("# EOF\n"))
+
+    def test_hot_path_reuses_one_child_per_ae_title(self):
+        m = Metrics()
+        for _ in range(3):
+            m.instance_stored("CT", 10, 0.001)
+        self.assertEqual(list(m._per_ae), ["CT"])
+        self.assertEqual(m.registry.get_sample_value("dicomgw_instances_received_total", {"called_ae": "CT"}), 3)
+        self.assertEqual(m.registry.get_sample_value("dicomgw_received_bytes_total", {"called_ae": "CT"}), 30)
+        self.assertEqual(m.registry.get_sample_value("dicomgw_store_latency_seconds_count"), 3)

@@ -12,7 +12,7 @@ import argparse
 import os
 import sys
 
-from gateway.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
+from gateway.config import DEFAULT_CONFIG_PATH, ConfigError
 
 _COMMANDS: dict[str, tuple] = {}
 
@@ -33,12 +33,11 @@ def command(name: str, help: str, arguments=()):
 @command("check-config", "validate a configuration file the way the daemon would (exit 0 or 1)",
          [(("path",), {"nargs": "?", "help": "the file to check (default: --config)"})])
 def check_config(args) -> int:
+    from gateway.tap import load_checked_config  # what start-up runs
+
     path = args.path or args.config
     try:
-        config = load_config(path)
-        from gateway.ingest.observers import check_observers
-
-        check_observers(config)  # notify.observers must import, as at start-up
+        load_checked_config(path)
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 1
@@ -47,8 +46,10 @@ def check_config(args) -> int:
 
 
 def _config_or_exit(path):
+    from gateway.tap import load_checked_config
+
     try:
-        return load_config(path)
+        return load_checked_config(path)
     except ConfigError as e:
         print(e, file=sys.stderr)
         raise SystemExit(1) from None

@@ -16,6 +16,8 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import re
+import socket
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -81,8 +83,25 @@ def _pem_key(key) -> bytes:
                              serialization.NoEncryption())
 
 
-def make_dev_certs(directory: str, hostnames=("localhost",), addresses=("127.0.0.1", "::1")) -> list[str]:
+_DNS_NAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+
+
+def host_names() -> list[str]:
+    """localhost, and this machine's host name and fully qualified name
+    when they are DNS names: what a peer on this host may call it by."""
+    names = ["localhost"]
+    for name in (socket.gethostname(), socket.getfqdn()):
+        if name and _DNS_NAME.match(name) and name.lower() not in (n.lower() for n in names):
+            names.append(name)
+    return names
+
+
+def make_dev_certs(directory: str, hostnames=None, addresses=("127.0.0.1", "::1")) -> list[str]:
     """Create the development CA, server and client certificates in ``directory``.
+
+    The server certificate (serverAuth) names ``hostnames`` (default:
+    :func:`host_names`) and ``addresses``; the client certificate is for
+    clientAuth only.
 
     Does nothing when all six files exist; refuses (``FileExistsError``) when
     only some do, rather than mix old and new.  Returns the paths written.
@@ -95,6 +114,7 @@ def make_dev_certs(directory: str, hostnames=("localhost",), addresses=("127.0.0
         raise FileExistsError(f"{directory} already holds {', '.join(present)} but not all of {', '.join(FILES)}; "
                               "remove them to make a new set")
     os.makedirs(directory, exist_ok=True)
+    hostnames = host_names() if hostnames is None else hostnames
     names = [x509.DNSName(h) for h in hostnames] + [x509.IPAddress(ipaddress.ip_address(a)) for a in addresses]
 
     ca_key = _key()

@@ -77,7 +77,15 @@ _SECTIONS = {"gateway": S.Gateway, "listen": S.Listen, "tls": S.TLS, "timeouts":
 _ARRAYS = {"ae": (AETitle, "title"), "source": (Source, None), "destination": (Destination, "name")}
 
 
-def parse_config(doc: dict[str, Any], path: str = "<string>") -> Config:
+def parse_config(doc: dict[str, Any], path: str = "<string>", checks=()) -> Config:
+    """The Config of a TOML document, or ConfigError listing every problem.
+
+    ``checks`` are functions ``f(config) -> [problem]`` run on what was
+    read, after the tables' own rules: what the configuration names outside
+    itself (certificate files, observer modules: gateway.tap).  A problem
+    they find about a key whose value was refused already is dropped (the
+    default that stands in for it is not what the file says).
+    """
     problems: list[str] = []
     doc = dict(doc)
     parts: dict[str, Any] = {}
@@ -92,9 +100,17 @@ def parse_config(doc: dict[str, Any], path: str = "<string>") -> Config:
     problems.extend(f"{name}: unknown section" for name in sorted(doc))
     config = Config(**parts, path=path)
     problems.extend(cross_checks(config))
+    refused = [p.partition(":")[0] for p in problems]
+    for check in checks:
+        problems.extend(p for p in check(config) if not _about(p.partition(":")[0], refused))
     if problems:
         raise ConfigError(problems, path)
     return config
+
+
+def _about(key: str, keys) -> bool:
+    """Whether ``key`` is one of ``keys`` or inside one (``tls`` holds ``tls.certificate``)."""
+    return any(key == k or key.startswith((k + ".", k + "[")) for k in keys)
 
 
 def cross_checks(config: Config) -> list[str]:
@@ -119,15 +135,15 @@ def cross_checks(config: Config) -> list[str]:
     return problems
 
 
-def config_from_string(text: str, path: str = "<string>") -> Config:
+def config_from_string(text: str, path: str = "<string>", checks=()) -> Config:
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError([f"not valid TOML: {e}"], path) from None
-    return parse_config(doc, path)
+    return parse_config(doc, path, checks)
 
 
-def load_config(path: str) -> Config:
+def load_config(path: str, checks=()) -> Config:
     try:
         with open(path, "rb") as f:
             text = f.read().decode("utf-8")
@@ -135,4 +151,4 @@ def load_config(path: str) -> Config:
         raise ConfigError([f"cannot read the file: {e.strerror}"], path) from None
     except UnicodeDecodeError:
         raise ConfigError(["the file is not UTF-8"], path) from None
-    return config_from_string(text, os.fspath(path))
+    return config_from_string(text, os.fspath(path), checks)

@@ -215,6 +215,16 @@ class SCU:
     retries: int = option(3, integer(0, 100))
     retry_delay: float = option(30.0, number(0, 86400))
     connect_timeout: float = option(10.0, number(0.1, 3600))
+    # The client certificate (PEM, then its chain) and key offered to TLS
+    # destinations that name none of their own ("" for none); the default is
+    # the development client certificate of dicomgw dev-certs.
+    certificate: str = option("etc/tls/client.pem", text())
+    private_key: str = option("etc/tls/client.key", text())
+
+    def validate(self, key):
+        if bool(self.certificate) != bool(self.private_key):
+            return [f"{key}: a client certificate needs both certificate and private_key (both \"\" for none)"]
+        return []
 
 
 # An AMQP exchange name or routing key (topic words): letters, digits and

@@ -49,8 +49,7 @@ class Destinations:
         tls = None
         if dest.tls:
             try:
-                tls = yield deferToThreadPool(self.reactor, self.read_pool, client_options, dest, config.tls,
-                                             config.path)
+                tls = yield deferToThreadPool(self.reactor, self.read_pool, client_options, dest, config)
             except Exception as e:
                 why = "; ".join(e.problems) if isinstance(e, ConfigError) else str(e)
                 raise SCUError(f"TLS set-up failed: {why}") from e

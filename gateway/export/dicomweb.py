@@ -19,7 +19,7 @@ every file of the request up for a retry.
 as a DIMSE destination with ``tls = true`` is
 (:func:`gateway.net.tls.client_options`): against the destination's
 ``ca_certificates`` or ``[tls] ca_certificates`` (else the system's CAs),
-with ``[tls]`` or the destination's client certificate when there is one.
+with the destination's client certificate, else ``[scu] certificate``.
 """
 
 from __future__ import annotations
@@ -266,7 +266,7 @@ class StowClient:
         if self.destination.https:
             try:
                 options = await deferToThreadPool(self.reactor, self.pool, client_options, self.destination,
-                                                  self.config.tls, self.config.path)
+                                                  self.config)
             except Exception as e:
                 reason = "TLS set-up failed: " + ("; ".join(e.problems) if isinstance(e, ConfigError) else str(e))
                 for f in files:

@@ -197,6 +197,11 @@ def _jobs(conn, limit, offset, state):
     return [dict(r) for r in rows]
 
 
+def _count(conn, state):
+    where, args = ("WHERE state = ?", (state,)) if state else ("", ())
+    return conn.execute(f"SELECT COUNT(*) FROM jobs {where}", args).fetchone()[0]
+
+
 def _by_origin(conn, origin):
     return [r[0] for r in conn.execute("SELECT id FROM jobs WHERE origin = ? ORDER BY id", (origin,))]
 
@@ -259,6 +264,9 @@ class ExportStore:
     def jobs(self, limit=100, offset=0, state=None):
         return self.db.run(_jobs, limit, offset, state)
 
+    def count(self, state=None):
+        return self.db.run(_count, state)
+
     def by_origin(self, origin):
         return self.db.run(_by_origin, origin)
 
@@ -271,6 +279,18 @@ class ExportStore:
 
 
 # ---- the queue and its scheduler ------------------------------------------
+
+
+def describe_destination(d, scu) -> str:
+    """Where a destination is and how we reach it, for the start-up line."""
+    if d.dicomweb is not None:
+        where = f"STOW-RS to {d.dicomweb}"
+    else:
+        where = f"C-STORE to {d.ae_title} at {d.host}:{d.port}"
+    if d.tls or d.https:
+        client = d.certificate or scu.certificate
+        where += f" over TLS (client certificate {client})" if client else " over TLS (no client certificate)"
+    return where
 
 
 @implementer(IExportQueue, IReconfigurable)
@@ -306,6 +326,9 @@ class ExportService(Service):
 
     def startService(self):
         super().startService()
+        for d in self.config.destination:
+            self.log.info("destination {destination}: {what}", event="destination.loaded", destination=d.name,
+                          what=describe_destination(d, self.config.scu))
         self._stopping = False
         self._started = self.store.start()
         if self.resume:
@@ -420,6 +443,9 @@ class ExportService(Service):
 
     def jobs(self, limit=100, offset=0, state=None):
         return self.store.jobs(limit, offset, state)
+
+    def count(self, state=None):
+        return self.store.count(state)
 
     def job(self, job_id):
         return self.store.job(job_id)

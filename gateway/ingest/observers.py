@@ -25,8 +25,20 @@ def _factory(name: str, config, index: int):
 
 def check_observers(config):
     """Raise ConfigError naming the key if an observer factory cannot be imported."""
+    problems = observer_problems(config)
+    if problems:
+        raise ConfigError(problems, config.path)
+
+
+def observer_problems(config) -> list[str]:
+    """Each observer factory that cannot be imported, by its key."""
+    problems = []
     for i, name in enumerate(config.notify.observers):
-        _factory(name, config, i)
+        try:
+            _factory(name, config, i)
+        except ConfigError as e:
+            problems.extend(e.problems)
+    return problems
 
 
 def load_observer(name: str, config, index: int):

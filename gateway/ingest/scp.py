@@ -151,6 +151,8 @@ class SCPService(Service):
 
 
 class DicomServerFactory(ServerFactory):
+    noisy = False  # the listener says where it listens, once (gateway.net.listener)
+
     def __init__(self, service: SCPService, tls: bool = False):
         self.service = service
         self.tls = tls

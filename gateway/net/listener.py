@@ -4,7 +4,9 @@
 application starts, privileged start included, so that systemd and port 104
 work; stop listening at stop; a port that cannot be bound stops start-up
 with the reason) and also keeps what the management API and the tests ask:
-the port once it listens, or why it does not.
+the port once it listens, or why it does not.  Once it listens it logs one
+line: what it serves, where, and how (``what`` and ``detail``: the TLS
+profile of a TLS port).
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ from twisted.logger import Logger
 class Listener(Service):
     log = Logger()
 
-    def __init__(self, name: str, description: str, factory, reactor):
+    def __init__(self, name: str, description: str, factory, reactor, what: str = "", detail: str = ""):
         self.setName(name)
         self.description = description
+        self.what = what or name
+        self.detail = detail
         self.endpoint = serverFromString(reactor, description)
         self.factory = factory
         self.port = None  # the IListeningPort, once listening
@@ -48,6 +52,12 @@ class Listener(Service):
 
     def _listened(self, port):
         self.port = port
+        host = port.getHost()
+        address = f"{getattr(host, 'host', '')}:{getattr(host, 'port', '')}" if hasattr(host, "port") \
+            else str(getattr(host, "name", host))
+        self.log.info("{what} listening on {address} ({description}){detail_text}", event="listener.up",
+                      listener=self.name, what=self.what, address=address, description=self.description,
+                      detail=self.detail, detail_text=f"; {self.detail}" if self.detail else "")
         for d in self._waiters:
             d.callback(port)
         self._waiters = []

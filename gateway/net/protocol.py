@@ -24,6 +24,7 @@ from twisted.internet import tcp
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import implementer
 
 from gateway.interfaces import IAssociationProvider
@@ -84,6 +85,9 @@ class DicomProtocol(Protocol):
         self._dimse = None
         self._pdu = None
         self._writer: DirectWriter | None = None
+        #: Over TLS, the records decrypted from one socket read (see dataReceived).
+        self._records: list | None = None
+        self._records_call = None
         self._paused = False
         self.closed = False
         self.disconnect_reason = None  # why we closed, if we did
@@ -92,10 +96,14 @@ class DicomProtocol(Protocol):
 
     def connectionMade(self):
         transport = self.transport
+        if isinstance(transport, TLSMemoryBIOProtocol):
+            self._records = []
+            transport = transport.transport
         if isinstance(transport, tcp.Connection):
             # Read up to READ_SIZE bytes at a time (Twisted's default is 64 KiB):
             # fewer trips through the reactor, and most PDUs arrive whole.
             transport.bufferSize = READ_SIZE
+        transport = self.transport
         if hasattr(transport, "setTcpNoDelay"):
             try:
                 transport.setTcpNoDelay(True)
@@ -110,6 +118,23 @@ class DicomProtocol(Protocol):
         self._run(self.core.connection_made())
 
     def dataReceived(self, data):
+        if self._records is not None:
+            # TLS hands over one record (at most 16 KiB) per call, a dozen or
+            # more per socket read: the core gets them joined, on the
+            # reactor's next turn, once per read instead of once per record.
+            self._records.append(data)
+            if self._records_call is None:
+                self._records_call = self.reactor.callLater(0, self._deliver_records)
+            return
+        self._receive(data)
+
+    def _deliver_records(self):
+        self._records_call = None
+        records, self._records = self._records, []
+        if records and not self.closed:
+            self._receive(records[0] if len(records) == 1 else b"".join(records))
+
+    def _receive(self, data):
         if self._dimse is not None:
             self._dimse.reset(self.dimse_timeout)
         core = self.core
@@ -119,6 +144,9 @@ class DicomProtocol(Protocol):
         self._check_pdu_deadline()
 
     def connectionLost(self, reason):
+        if self._records_call is not None:  # what arrived before the close comes first
+            self._records_call.cancel()
+            self._deliver_records()
         self.closed = True
         self._cancel_artim()
         self._cancel_dimse()

@@ -119,15 +119,32 @@ def _ciphers(profile: str) -> AcceptableCiphers:
     return AcceptableCiphers.fromOpenSSLCipherString(":".join(PROFILES[profile]))
 
 
-def server_options(tls, source: str = "<string>") -> CertificateOptions:
-    """``CertificateOptions`` for the TLS port from a ``[tls]`` section (:class:`gateway.config.sections.TLS`)."""
-    chain = _certificates("tls.certificate", tls.certificate, source)
-    key_pem = _read("tls.private_key", tls.private_key, source)
+def _collect(problems: list[str], f, *args):
+    """``f(*args)``, or None with its ConfigError's problems added to ``problems``."""
     try:
-        key = crypto.load_privatekey(crypto.FILETYPE_PEM, key_pem)
+        return f(*args)
+    except ConfigError as e:
+        problems.extend(e.problems)
+        return None
+
+
+def _private_key(key: str, path: str, source: str):
+    try:
+        return crypto.load_privatekey(crypto.FILETYPE_PEM, _read(key, path, source))
     except crypto.Error:
-        raise ConfigError([f"tls.private_key: {tls.private_key} holds no PEM private key"], source) from None
-    cas = _certificates("tls.ca_certificates", tls.ca_certificates, source)
+        raise ConfigError([f"{key}: {path} holds no PEM private key"], source) from None
+
+
+def server_options(tls, source: str = "<string>") -> CertificateOptions:
+    """``CertificateOptions`` for the TLS port from a ``[tls]`` section
+    (:class:`gateway.config.sections.TLS`); a ConfigError lists every file
+    that cannot be used."""
+    problems: list[str] = []
+    chain = _collect(problems, _certificates, "tls.certificate", tls.certificate, source)
+    key = _collect(problems, _private_key, "tls.private_key", tls.private_key, source)
+    cas = _collect(problems, _certificates, "tls.ca_certificates", tls.ca_certificates, source)
+    if problems:
+        raise ConfigError(problems, source)
 
     common = dict(
         privateKey=key,
@@ -151,33 +168,67 @@ def server_options(tls, source: str = "<string>") -> CertificateOptions:
     return options
 
 
-def client_options(destination, tls, source: str = "<string>"):
+def _client_certificate(cert_key, cert_file, key_key, key_file, source):
+    problems: list[str] = []
+    _collect(problems, _certificates, cert_key, cert_file, source)
+    _collect(problems, _private_key, key_key, key_file, source)
+    if problems:
+        raise ConfigError(problems, source)
+    try:
+        return ssl.PrivateCertificate.loadPEM(_read(cert_key, cert_file, source) + b"\n"
+                                              + _read(key_key, key_file, source))
+    except Exception as e:
+        raise ConfigError([f"{key_key}: {key_file} does not match {cert_file}: {e}"], source) from None
+
+
+def client_options(destination, config, key: str | None = None):
     """``optionsForClientTLS`` for a ``[[destination]]`` (blocking: reads PEM files).
 
-    ``tls`` is the ``[tls]`` section: its profile's TLS 1.2 ciphers (never
-    below TLS 1.2), its CA file when that exists (else the system's CAs),
-    its certificate and key as our client certificate when those exist,
-    unless the destination names its own.  The destination's host name or
-    IP address (``server_host``: its ``host``, or its ``dicomweb`` URL's)
-    is verified against its certificate (service-identity).
+    ``config`` is the whole configuration.  The server's certificate is
+    checked against the destination's ``ca_certificates``, else ``[tls]
+    ca_certificates`` when that file exists, else the system's CAs; the
+    destination's host name or IP address (``server_host``: its ``host``,
+    or its ``dicomweb`` URL's) is verified against it (service-identity).
+    The client certificate offered is the destination's own, else ``[scu]
+    certificate`` / ``private_key`` (none when those are "").  TLS 1.2 or
+    later, TLS 1.2 with the ciphers of ``[tls] profile``.  ``key`` is how
+    problems name the destination (``destination[2]``); a ConfigError
+    lists every file that cannot be used.
     """
-    key = f"destination {destination.name!r}"
-    ca_file, ca_key = destination.ca_certificates, f"{key} ca_certificates"
+    tls, source = config.tls, config.path
+    key = key or f"destination {destination.name!r}"
+    ca_file, ca_key = destination.ca_certificates, f"{key}.ca_certificates"
     if not ca_file and tls.ca_certificates and os.path.isfile(tls.ca_certificates):
         ca_file, ca_key = tls.ca_certificates, "tls.ca_certificates"
     cert_file, key_file = destination.certificate, destination.private_key
-    cert_key, key_key = f"{key} certificate", f"{key} private_key"
-    if not cert_file and tls.certificate and tls.private_key \
-            and os.path.isfile(tls.certificate) and os.path.isfile(tls.private_key):
-        cert_file, key_file, cert_key, key_key = tls.certificate, tls.private_key, "tls.certificate", "tls.private_key"
-    trust = _trust_root(ca_key, ca_file, source)
+    cert_key, key_key = f"{key}.certificate", f"{key}.private_key"
+    if not cert_file:
+        cert_file, key_file, cert_key, key_key = (config.scu.certificate, config.scu.private_key,
+                                                  "scu.certificate", "scu.private_key")
+    problems: list[str] = []
+    trust = _collect(problems, _trust_root, ca_key, ca_file, source)
     client = None
     if cert_file:
-        client = ssl.PrivateCertificate.loadPEM(_read(cert_key, cert_file, source) + b"\n"
-                                                + _read(key_key, key_file, source))
+        client = _collect(problems, _client_certificate, cert_key, cert_file, key_key, key_file, source)
+    if problems:
+        raise ConfigError(problems, source)
     return ssl.optionsForClientTLS(destination.server_host, trustRoot=trust, clientCertificate=client,
                                    extraCertificateOptions={"raiseMinimumTo": MINIMUM_VERSION,
                                                             "acceptableCiphers": _ciphers(tls.profile)})
+
+
+def file_problems(config) -> list[str]:
+    """Every certificate, key and CA file the configuration uses that
+    cannot be read, parsed or matched, each naming its key and file
+    (blocking): the TLS listeners' ``[tls]`` files, and each TLS
+    destination's (what :func:`client_options` will read)."""
+    problems: list[str] = []
+    if config.listen.dicom_tls is not None or (config.listen.dicomweb and config.dicomweb.tls):
+        _collect(problems, server_options, config.tls, config.path)
+    for i, destination in enumerate(config.destination):
+        if destination.tls or destination.https:
+            _collect(problems, client_options, destination, config, f"destination[{i}]")
+    return problems
 
 
 def verified_client_options(host: str, ca_file: str, key: str, source: str = "<string>"):

@@ -1,24 +1,16 @@
 """The management API: HTTP + JSON on ``[listen] http`` (loopback by default).
 
-=========  =================================  ==================================================
-method     path                               answer
-=========  =================================  ==================================================
-GET        /health                            200 ``{"status": "ok"}``, 200 ``degraded`` or 503 with ``reasons``
-GET        /status                            listeners, active associations, storage, queues
-GET        /metrics                           Prometheus text format (see :mod:`gateway.ops.metrics`)
-GET        /associations?limit=&offset=       recent associations, newest first
-GET        /exports?limit=&offset=&state=     export jobs (needs an IExportQueue)
-GET        /exports/{id}                      one export job with per-file statuses
-POST       /exports                           ``{"destinations": [...], "paths": [...]}`` -> 202
-GET        /destinations                      configured destination names (IDestinations)
-POST       /destinations/{name}/echo          C-ECHO: 200 when it answered, 502 when not
-GET        /payloads?limit=&offset=&state=    payloads (needs an IPayloadQuery)
-=========  =================================  ==================================================
+Every route is a line of :data:`ROUTES`: method, path, handler, the query
+and path parameters it takes (:mod:`gateway.ops.query`), its body and its
+answers.  The dispatcher follows that table, and the OpenAPI document
+(``GET /openapi.json``, :mod:`gateway.ops.openapi`) is made from it, so
+the two cannot part.  Every list answers ``{"items", "total", "limit",
+"offset"}``.
 
 Every answer but ``/metrics`` is JSON; errors are ``{"error": "..."}`` with the
-HTTP status that fits (400 bad request, 401 no/wrong token, 404, 405 with
-``Allow``, 413, 422 unknown destination, 503 provider absent or unhealthy).
-When ``[http] token_file`` is set every request needs
+HTTP status that fits (400 bad parameter or body, 401 no/wrong token, 404,
+405 with ``Allow``, 409 conflict, 413, 422 unknown destination, 503 provider
+absent or unhealthy).  When ``[http] token_file`` is set every request needs
 ``Authorization: Bearer <token>``.
 """
 
@@ -28,6 +20,7 @@ import hmac
 import json
 import os
 import time
+from dataclasses import dataclass, field
 
 from twisted.application.service import IServiceCollection, Service
 from twisted.internet.defer import inlineCallbacks, maybeDeferred
@@ -38,11 +31,107 @@ from twisted.web.server import NOT_DONE_YET, Site
 from zope.interface import implementer
 
 from gateway import IMPLEMENTATION_CLASS_UID, __version__
-from gateway.interfaces import IHealthCheck, IReconfigurable
+from gateway.config.options import NAME
+from gateway.interfaces import IHealthCheck, IReconfigurable, JobNotFailed
 from gateway.export.jobs import JOB_STATES
 from gateway.net.listener import Listener
-from gateway.ops.query import MAX_LIMIT, PAGING, QueryError, one_of, parse_query
+from gateway.ops.query import (AE_PATTERN, LO_PATTERN, MAX_LIMIT, PAGING, UID_PATTERN, QueryError, date_time,
+                               integer, one_of, parse_query, text)
 from gateway.workflow.payloads import PAYLOAD_STATES
+
+_UID = text(UID_PATTERN, "a UID (digits and dots)", 64)
+_NAME = text(NAME.pattern[1:-1], "a name of 1 to 64 letters, digits or _-.", 64)
+_PAYLOAD_ID = text(r"[A-Za-z0-9_.\-]{1,128}", "a payload id", 128)
+_JOB_ID = integer(1, 2 ** 62)
+
+#: GET /studies: filters, and paging.
+STUDY_FILTERS = {
+    "PatientID": text(LO_PATTERN, "a Patient ID (1 to 64 characters, no backslash)", 64).describe(
+        "only instances of this Patient ID (exact)"),
+    "StudyInstanceUID": _UID.describe("only this study"),
+    "ae": text(AE_PATTERN, "an AE title", 16).describe("only instances received on this AE title of ours"),
+    "received_since": date_time().describe("only instances received at or after this time"),
+    "received_before": date_time().describe("only instances received before this time"),
+}
+
+
+@dataclass(frozen=True)
+class Route:
+    """One route of the API.  ``path`` segments in braces are parameters,
+    checked by ``path_params``; ``responses`` maps a status to
+    (description, a component schema name or a schema, [media type])."""
+
+    method: str
+    path: str
+    handler: str
+    summary: str
+    params: dict = field(default_factory=dict)
+    path_params: dict = field(default_factory=dict)
+    body: str | None = None
+    responses: dict = field(default_factory=dict)
+    description: str = ""
+
+    @property
+    def segments(self) -> tuple[str, ...]:
+        return tuple(self.path.strip("/").split("/"))
+
+
+_NO_PROVIDER = ("that part of the gateway is not configured", "Error")
+
+ROUTES = (
+    Route("GET", "/health", "get_health", "Whether the gateway works",
+          responses={200: ("ok, or degraded (works, not fully: reasons say why)", "Health"),
+                     503: ("unhealthy: a listener is down, the storage root is unusable or a service reports "
+                           "a problem", "Health")}),
+    Route("GET", "/status", "get_status", "Listeners, active associations, storage, queues",
+          responses={200: ("the gateway's state", "Status")}),
+    Route("GET", "/metrics", "get_metrics", "Prometheus metrics",
+          description="The text exposition format, or OpenMetrics when the Accept header asks for it.",
+          responses={200: ("every metric of the gateway's registry", {"type": "string"},
+                           ("text/plain", "application/openmetrics-text"))}),
+    Route("GET", "/openapi.json", "get_openapi", "This document",
+          responses={200: ("the OpenAPI document of the API", {"type": "object"})}),
+    Route("GET", "/associations", "get_associations", "The most recent associations (up to 1000 kept), newest first",
+          params=PAGING, responses={200: ("a page of associations", "AssociationPage")}),
+    Route("GET", "/studies", "get_studies", "What the gateway holds, study by study, the most recently received "
+                                             "first",
+          description="The counts, bytes and times of each study are of its instances that match the filters.",
+          params={**STUDY_FILTERS, **PAGING},
+          responses={200: ("a page of studies", "StudySummaryPage"), 503: _NO_PROVIDER}),
+    Route("GET", "/studies/{uid}", "get_study", "A study's series and instances, with the associations they came on",
+          path_params={"uid": _UID},
+          responses={200: ("the study", "Study"), 404: ("nothing of that study is held", "Error"),
+                     503: _NO_PROVIDER}),
+    Route("POST", "/studies/{uid}/export", "post_study_export", "Export every file held of a study",
+          path_params={"uid": _UID}, body="StudyExportRequest",
+          responses={202: ("one export job per destination, queued", "StudyExportQueued"),
+                     404: ("nothing of that study is held", "Error"),
+                     422: ("an unknown destination", "Error"), 503: _NO_PROVIDER}),
+    Route("GET", "/exports", "get_exports", "Export jobs, newest first",
+          params={**PAGING, "state": one_of(JOB_STATES)},
+          responses={200: ("a page of export jobs", "ExportJobPage"), 503: _NO_PROVIDER}),
+    Route("POST", "/exports", "post_exports", "Export files under the storage root", body="ExportRequest",
+          responses={202: ("one export job per destination, queued", "ExportsQueued"),
+                     422: ("an unknown destination", "Error"), 503: _NO_PROVIDER}),
+    Route("GET", "/exports/{id}", "get_export", "One export job with its files' statuses",
+          path_params={"id": _JOB_ID},
+          responses={200: ("the job", "ExportJob"), 404: ("no such job", "Error"), 503: _NO_PROVIDER}),
+    Route("GET", "/destinations", "get_destinations", "The configured destinations", params=PAGING,
+          responses={200: ("a page of destinations", "DestinationPage"), 503: _NO_PROVIDER}),
+    Route("POST", "/destinations/{name}/echo", "post_echo", "C-ECHO a destination",
+          path_params={"name": _NAME},
+          responses={200: ("it answered", "EchoResult"), 502: ("it did not answer, or refused (reason)",
+                                                               "EchoResult"),
+                     404: ("no such destination", "Error"), 503: _NO_PROVIDER}),
+    Route("GET", "/payloads", "get_payloads", "Payloads and their pipeline jobs, newest first",
+          params={**PAGING, "state": one_of(PAYLOAD_STATES)},
+          responses={200: ("a page of payloads", "PayloadPage"), 503: _NO_PROVIDER}),
+    Route("POST", "/payloads/{id}/jobs/{pipeline}/retry", "post_retry", "Run a failed pipeline job again",
+          description="One more attempt, now; its attempts go on counting.",
+          path_params={"id": _PAYLOAD_ID, "pipeline": _NAME},
+          responses={202: ("the job, pending", "PipelineJob"), 404: ("no such payload or job", "Error"),
+                     409: ("the job is not failed", "Error"), 503: _NO_PROVIDER}),
+)
 
 MAX_BODY = 1 << 20
 
@@ -75,7 +164,8 @@ class ApiService(Service):
     name = "api"
 
     def __init__(self, config, root, reactor, pool, *, scp, storage, metrics, recent,
-                 exports=None, destinations=None, payloads=None, reports=(), degradations=()):
+                 exports=None, destinations=None, payloads=None, studies=None, pipelines=None,
+                 reports=(), degradations=()):
         self.config = config
         self.root = root
         self.reactor = reactor
@@ -87,6 +177,8 @@ class ApiService(Service):
         self.exports = exports
         self.destinations = destinations
         self.payloads = payloads
+        self.studies = studies  # IStudyQuery
+        self.pipelines = pipelines  # IPipelineJobs
         self.reports = tuple(reports)  # IStatusReport: sections of /status, gauges of /metrics
         self.degradations = tuple(degradations)  # IDegradation: why /health says "degraded"
         self.started = reactor.seconds()
@@ -159,21 +251,6 @@ class ApiResource(Resource):
     def __init__(self, api: ApiService):
         super().__init__()
         self.api = api
-        # (method, path pattern, handler, the query parameters it takes); "{}"
-        # matches one segment.  A handler gets the request, the parameters'
-        # values, then the segments "{}" matched.
-        self.routes = [
-            ("GET", ("health",), self.get_health, {}),
-            ("GET", ("status",), self.get_status, {}),
-            ("GET", ("metrics",), self.get_metrics, {}),
-            ("GET", ("associations",), self.get_associations, PAGING),
-            ("GET", ("exports",), self.get_exports, dict(PAGING, state=one_of(JOB_STATES))),
-            ("POST", ("exports",), self.post_exports, {}),
-            ("GET", ("exports", "{}"), self.get_export, {}),
-            ("GET", ("destinations",), self.get_destinations, {}),
-            ("POST", ("destinations", "{}", "echo"), self.post_echo, {}),
-            ("GET", ("payloads",), self.get_payloads, dict(PAGING, state=one_of(PAYLOAD_STATES))),
-        ]
 
     # ---- dispatch ---------------------------------------------------------
 
@@ -192,24 +269,32 @@ class ApiResource(Resource):
             segments.pop()
         method = request.method.decode("ascii", "replace")
         allowed = []
-        for m, pattern, handler, params in self.routes:
+        for route in ROUTES:
+            pattern = route.segments
             if len(pattern) != len(segments):
                 continue
-            args = []
+            args = {}
             for p, s in zip(pattern, segments):
-                if p == "{}":
-                    args.append(s)
+                if p.startswith("{"):
+                    args[p[1:-1]] = s
                 elif p != s:
                     break
             else:
-                if m == method or (method == "HEAD" and m == "GET"):
+                if route.method == method or (method == "HEAD" and route.method == "GET"):
                     try:
-                        query = parse_query(request.args, params)
+                        query = parse_query(request.args, route.params)
                     except QueryError as e:
                         raise ApiError(400, str(e)) from None
-                    return handler(request, query, *args)
-                allowed.append(m)
+                    values = []
+                    for name, param in route.path_params.items():
+                        try:
+                            values.append(param.check(args[name]))
+                        except ValueError as e:
+                            raise ApiError(400, f"path parameter {name!r}: {args[name]!r} {e}") from None
+                    return getattr(self, route.handler)(request, query, *values)
+                allowed.append(route.method)
         if allowed:
+            allowed += ["HEAD"] if "GET" in allowed else []
             raise ApiError(405, f"{method} is not allowed on /{'/'.join(segments)}",
                            {"Allow": ", ".join(sorted(set(allowed)))})
         raise ApiError(404, f"no such resource: /{'/'.join(segments)}")
@@ -226,9 +311,9 @@ class ApiResource(Resource):
 
     def _write(self, result, request, gone=()):
         code, body = result[0], result[1]
-        if isinstance(body, str):  # /metrics
+        if isinstance(body, str):  # /metrics, whose content type comes with it
             data = body.encode("utf-8")
-            ctype = "text/plain; version=0.0.4; charset=utf-8"
+            ctype = "text/plain; charset=utf-8"
         else:
             data = (json.dumps(body, indent=1, default=str) + "\n").encode("utf-8")
             ctype = "application/json; charset=utf-8"
@@ -333,22 +418,35 @@ class ApiResource(Resource):
                            [({}, usage["total_bytes"])]))
         for report in api.reports:
             gauges.extend((yield report.metric_gauges()))
-        return 200, api.metrics.render(gauges)
+        accept = request.getHeader("accept")
+        content_type, text = api.metrics.render(gauges, accept)
+        return 200, text, {"content-type": content_type}
+
+    def get_openapi(self, request, query):
+        from gateway.ops.openapi import document
+
+        return 200, document()
+
+    @staticmethod
+    def _page(query, total, items):
+        return 200, {"items": items, "total": total, "limit": query["limit"], "offset": query["offset"]}
 
     @inlineCallbacks
     def get_associations(self, request, query):
         # The recent ones of this process, or (nodes sharing an index) the index's, of every node.
         total, items = yield maybeDeferred(self.api.recent.page, query["limit"], query["offset"])
-        return 200, {"total": total, "limit": query["limit"], "offset": query["offset"], "items": items}
+        return self._page(query, total, items)
 
     @inlineCallbacks
-    def _page_of(self, query, fetch):
-        """One page of a provider's list, with ``limit``, ``offset`` and ``state``."""
+    def _page_of(self, query, fetch, count):
+        """One page of a provider's list (``limit``, ``offset``, ``state``) and its total."""
         items = yield fetch(limit=query["limit"], offset=query["offset"], state=query["state"])
-        return 200, {"limit": query["limit"], "offset": query["offset"], "items": items}
+        total = yield count(state=query["state"])
+        return self._page(query, total, items)
 
     def get_exports(self, request, query):
-        return self._page_of(query, self._provider("exports", "export").jobs)
+        exports = self._provider("exports", "export")
+        return self._page_of(query, exports.jobs, exports.count)
 
     @inlineCallbacks
     def get_export(self, request, query, job_id):
@@ -358,31 +456,47 @@ class ApiResource(Resource):
             raise ApiError(404, f"no export job {job_id!r}")
         return 200, job
 
+    def _names(self, body, name):
+        value = body.get(name)
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+            raise ApiError(400, f"{name!r} must be a non-empty list of strings")
+        return value
+
+    def _only(self, body, fields):
+        unknown = sorted(set(body) - set(fields))
+        if unknown:
+            raise ApiError(400, f"unknown field(s): {', '.join(unknown)}")
+
+    @inlineCallbacks
+    def _submit(self, exports, destinations, paths, origin):
+        try:
+            ids = yield exports.submit(destinations, paths, origin)
+        except KeyError as e:
+            raise ApiError(422, f"unknown destination {e.args[0] if e.args else ''!r}") from None
+        return list(ids)
+
     @inlineCallbacks
     def post_exports(self, request, query):
         exports = self._provider("exports", "export")
         body = self._json_body(request)
-        destinations, paths = body.get("destinations"), body.get("paths")
-        unknown = sorted(set(body) - {"destinations", "paths"})
-        if unknown:
-            raise ApiError(400, f"unknown field(s): {', '.join(unknown)}")
-        for name, value in (("destinations", destinations), ("paths", paths)):
-            if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
-                raise ApiError(400, f"{name!r} must be a non-empty list of strings")
+        self._only(body, ("destinations", "paths"))
+        destinations, paths = self._names(body, "destinations"), self._names(body, "paths")
         problems = yield deferToThreadPool(self.api.reactor, self.api.pool, self._check_paths, paths)
         if problems:
             raise ApiError(400, "; ".join(problems))
-        try:
-            ids = yield exports.submit(destinations, [os.path.realpath(p) for p in paths], "api")
-        except KeyError as e:
-            raise ApiError(422, f"unknown destination {e.args[0] if e.args else ''!r}") from None
-        return 202, {"jobs": list(ids)}
+        ids = yield self._submit(exports, destinations, [os.path.realpath(p) for p in paths], "api")
+        return 202, {"jobs": ids}
 
     def _check_paths(self, paths):
         root = os.path.realpath(self.api.storage.root)
         problems = []
         for p in paths:
-            real = os.path.realpath(p)
+            try:
+                real = os.path.realpath(p)
+                os.fsencode(real)
+            except ValueError:  # a NUL byte, a lone surrogate: no file has that name
+                problems.append(f"{p!r} is not a valid path")
+                continue
             if os.path.commonpath([root, real]) != root:
                 problems.append(f"{p!r} is outside the storage root {root}")
             elif not os.path.isfile(real):
@@ -391,7 +505,15 @@ class ApiResource(Resource):
 
     def get_destinations(self, request, query):
         destinations = self._provider("destinations", "destinations")
-        return 200, {"destinations": sorted(destinations.names())}
+        names = sorted(destinations.names())
+        items = []
+        for name in names[query["offset"]:query["offset"] + query["limit"]]:
+            d = self.api.config.destination_named(name)
+            items.append({"name": name, "kind": None if d is None else "dicomweb" if d.dicomweb else "dimse",
+                          "ae_title": getattr(d, "ae_title", None), "host": getattr(d, "host", None),
+                          "port": getattr(d, "port", None), "tls": bool(d and (d.tls or d.https)),
+                          "url": getattr(d, "dicomweb", None)})
+        return self._page(query, len(names), items)
 
     @inlineCallbacks
     def post_echo(self, request, query, name):
@@ -405,4 +527,51 @@ class ApiResource(Resource):
         return (200 if result.get("ok") else 502), result
 
     def get_payloads(self, request, query):
-        return self._page_of(query, self._provider("payloads", "payload query").payloads)
+        payloads = self._provider("payloads", "payload query")
+        return self._page_of(query, payloads.payloads, payloads.count)
+
+    @inlineCallbacks
+    def post_retry(self, request, query, payload_id, pipeline):
+        pipelines = self._provider("pipelines", "pipeline jobs")
+        try:
+            job = yield pipelines.retry(payload_id, pipeline)
+        except JobNotFailed as e:
+            raise ApiError(409, f"payload {payload_id!r}, pipeline {pipeline!r}: {e}; only a failed job "
+                                "runs again") from None
+        if job is None:
+            raise ApiError(404, f"payload {payload_id!r} has no job of pipeline {pipeline!r}")
+        return 202, job
+
+    @inlineCallbacks
+    def get_studies(self, request, query):
+        studies = self._provider("studies", "the instance index")
+        filters = {name: query[name] for name in STUDY_FILTERS}
+        page = yield studies.studies(limit=query["limit"], offset=query["offset"], **filters)
+        return self._page(query, page["total"], page["items"])
+
+    @inlineCallbacks
+    def get_study(self, request, query, uid):
+        studies = self._provider("studies", "the instance index")
+        found = yield studies.study(uid)
+        if found is None:
+            raise ApiError(404, f"no instance of study {uid!r} is held")
+        return 200, found
+
+    @inlineCallbacks
+    def post_study_export(self, request, query, uid):
+        studies = self._provider("studies", "the instance index")
+        exports = self._provider("exports", "export")
+        body = self._json_body(request)
+        self._only(body, ("destinations",))
+        destinations = self._names(body, "destinations")
+        paths = yield studies.files(uid)
+        if not paths:
+            raise ApiError(404, f"no instance of study {uid!r} is held")
+        ids = yield self._submit(exports, destinations, paths, f"api study:{uid}")
+        jobs = []
+        for job_id in ids:
+            job = yield exports.job(job_id)
+            if job is not None:
+                job.pop("file_statuses", None)
+                jobs.append(job)
+        return 202, {"StudyInstanceUID": uid, "files": len(paths), "jobs": jobs}

@@ -1,25 +1,36 @@
-"""Prometheus metrics, counted by a log observer of the structured events.
+"""The gateway's Prometheus metrics: their definitions, fed by log events and by the ways in.
 
-:class:`Metrics` is a ``twisted.logger`` observer: services only log their
-events (see :mod:`gateway.interfaces`), and the counters here follow them.
-Stored instances, once per instance on the hot path, are counted by a
-direct call instead (:class:`~gateway.interfaces.IMetrics`).
-:meth:`Metrics.render` writes the Prometheus text exposition format 0.0.4
-(``GET /metrics``).  Every name starts with ``dicomgw_``.
-
-Events of other services are counted by :data:`EVENT_COUNTERS`: one line
-maps an event name to a counter and the event fields used as labels.
+:class:`Metrics` holds a ``prometheus_client`` registry of its own: our
+metrics (every name starts with ``dicomgw_``) beside the standard process
+and platform collectors (``process_resident_memory_bytes``,
+``process_open_fds``, ``process_cpu_seconds_total``, ``python_info``).
+It is a ``twisted.logger`` observer: services only log their events (see
+:mod:`gateway.interfaces`), and the counters here follow them
+(:data:`EVENT_COUNTERS`: one line maps an event name to a counter and the
+event fields used as labels).  Stored instances, once per instance on the
+hot path, are counted by a direct call instead
+(:class:`~gateway.interfaces.IMetrics`): a cached child per AE title, so
+that call is two counter increments and a histogram observation.
+:meth:`Metrics.render` is ``prometheus_client``'s exposition
+(``GET /metrics``), in the format the scraper asks for.
 """
 
 from __future__ import annotations
 
-import math
-
+from prometheus_client import (CollectorRegistry, Counter, Histogram, Info, PlatformCollector, ProcessCollector,
+                               disable_created_metrics)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import choose_encoder
 from twisted.logger import ILogObserver
 from zope.interface import implementer
 
 from gateway import __version__, IMPLEMENTATION_CLASS_UID
 from gateway.interfaces import IMetrics
+
+# No "<name>_created" series beside each counter and histogram: the start
+# time is process_start_time_seconds.  (A setting of the whole process; the
+# gateway's metrics are its only ones.)
+disable_created_metrics()
 
 # Upper bounds of the store latency histogram, in seconds.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -69,89 +80,79 @@ def reject_labels(result, source, reason) -> tuple[str, str, str]:
             _RJ_REASON.get(source, {}).get(reason, f"reason-{reason}"))
 
 
-class _Family:
-    def __init__(self, name, help_text, kind, labels):
-        self.name, self.help, self.kind, self.labels = name, help_text, kind, tuple(labels)
-        self.samples: dict[tuple, float] = {}
+class _Capped:
+    """A labelled metric that grows at most MAX_SERIES label sets; later ones
+    are counted under "other".  Children are cached by their label values."""
 
-    def key(self, values) -> tuple:
+    def __init__(self, metric):
+        self.metric = metric
+        self.children: dict[tuple, object] = {}
+
+    def child(self, values):
         values = tuple(str(v) for v in values)
-        if values not in self.samples and len(self.samples) >= MAX_SERIES:
-            values = ("other",) * len(values)
-        return values
-
-    def inc(self, values=(), amount=1):
-        k = self.key(values)
-        self.samples[k] = self.samples.get(k, 0) + amount
-
-
-class _Histogram:
-    def __init__(self, name, help_text, buckets):
-        self.name, self.help, self.buckets = name, help_text, tuple(buckets)
-        self.counts = [0] * len(self.buckets)
-        self.count = 0
-        self.sum = 0.0
-
-    def observe(self, value: float):
-        self.count += 1
-        self.sum += value
-        for i, bound in enumerate(self.buckets):
-            if value <= bound:
-                self.counts[i] += 1
-                break
+        found = self.children.get(values)
+        if found is None:
+            if len(self.children) >= MAX_SERIES:
+                values = ("other",) * len(values)
+                found = self.children.get(values)
+            if found is None:
+                found = self.children[values] = self.metric.labels(*values)
+        return found
 
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+class _ScrapeGauges:
+    """The gauges measured for one scrape (active associations, storage,
+    the services' reports), handed over by :meth:`Metrics.render`."""
 
+    def __init__(self):
+        self.gauges = ()
 
-def _number(value) -> str:
-    if isinstance(value, float):
-        if math.isinf(value):
-            return "+Inf" if value > 0 else "-Inf"
-        if value.is_integer() and abs(value) < 1e15:
-            return str(int(value))
-        return repr(value)
-    return str(value)
-
-
-def _labels(names, values) -> str:
-    if not names:
-        return ""
-    return "{" + ",".join(f'{n}="{_escape(v)}"' for n, v in zip(names, values)) + "}"
+    def collect(self):
+        for name, help_text, samples in self.gauges:
+            names = sorted({k for labels, _ in samples for k in labels})
+            family = GaugeMetricFamily(name, help_text, labels=names)
+            for labels, value in samples:
+                family.add_metric([str(labels.get(n, "")) for n in names], value)
+            yield family
 
 
 @implementer(ILogObserver, IMetrics)
 class Metrics:
-    """Counters and histograms fed by log events and by the ways in; see the module docstring."""
+    """Our metrics, in a registry of their own; see the module docstring."""
 
     def __init__(self):
-        self.families: dict[str, _Family] = {}
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        Info("dicomgw_build", "The running dicomgw version.", registry=self.registry).info(
+            {"version": __version__, "implementation_class_uid": IMPLEMENTATION_CLASS_UID})
         self._by_event = {}
         for event, (name, help_text, labels) in EVENT_COUNTERS.items():
-            self._by_event[event] = (self._family(name, help_text, "counter", labels), labels)
-        self.rejected = self._family(
-            "dicomgw_associations_rejected_total",
-            "Associations rejected, by PS3.8 result, source and reason.", "counter",
-            ("result", "source", "reason"))
-        self.instances = self._family(
-            "dicomgw_instances_received_total", "Instances stored, by called AE title.", "counter",
-            ("called_ae",))
-        self.bytes = self._family(
-            "dicomgw_received_bytes_total", "Dataset bytes stored, by called AE title.", "counter",
-            ("called_ae",))
-        self.failed = self._family(
-            "dicomgw_instances_failed_total",
-            "C-STORE requests answered with a failure, by called AE title and status.", "counter",
-            ("called_ae", "status"))
-        self.latency = _Histogram(
-            "dicomgw_store_latency_seconds",
-            "Seconds from a C-STORE command to the instance being durable on disk.", LATENCY_BUCKETS)
+            self._by_event[event] = (self._counter(name, help_text, labels), labels)
+        self.rejected = self._counter("dicomgw_associations_rejected_total",
+                                      "Associations rejected, by PS3.8 result, source and reason.",
+                                      ("result", "source", "reason"))
+        self.instances = self._counter("dicomgw_instances_received_total", "Instances stored, by called AE title.",
+                                       ("called_ae",))
+        self.bytes = self._counter("dicomgw_received_bytes_total", "Dataset bytes stored, by called AE title.",
+                                   ("called_ae",))
+        self.failed = self._counter("dicomgw_instances_failed_total",
+                                    "C-STORE requests answered with a failure, by called AE title and status.",
+                                    ("called_ae", "status"))
+        self.latency = Histogram("dicomgw_store_latency_seconds",
+                                 "Seconds from a C-STORE command to the instance being durable on disk.",
+                                 buckets=LATENCY_BUCKETS, registry=self.registry)
+        self._per_ae: dict[str, tuple] = {}  # called AE title -> (instances child, bytes child)
+        self._scrape = _ScrapeGauges()
+        self.registry.register(self._scrape)
 
-    def _family(self, name, help_text, kind, labels) -> _Family:
-        family = _Family(name, help_text, kind, labels)
-        self.families[name] = family
-        return family
+    def _counter(self, name, help_text, labels):
+        counter = Counter(name, help_text, labels, registry=self.registry)
+        return _Capped(counter) if labels else counter
+
+    @staticmethod
+    def _inc(metric, values=(), amount=1):
+        (metric.child(values) if isinstance(metric, _Capped) else metric).inc(amount)
 
     def __call__(self, event):
         try:
@@ -165,47 +166,30 @@ class Metrics:
             return
         mapped = self._by_event.get(kind)
         if mapped is not None:
-            family, fields = mapped
-            family.inc([event.get(f, "unknown") for f in fields])
+            metric, fields = mapped
+            self._inc(metric, [event.get(f, "unknown") for f in fields])
         if kind == "instance.failed":
-            self.failed.inc([event.get("called_ae", "unknown"), f"0x{int(event.get('status', 0)):04X}"])
+            self._inc(self.failed, [event.get("called_ae", "unknown"), f"0x{int(event.get('status', 0)):04X}"])
         elif kind == "association.closed" and event.get("result") == "rejected":
-            self.rejected.inc(reject_labels(event.get("reject_result"), event.get("reject_source"),
-                                            event.get("reject_reason")))
+            self._inc(self.rejected, reject_labels(event.get("reject_result"), event.get("reject_source"),
+                                                   event.get("reject_reason")))
 
     def instance_stored(self, called_ae, size, latency):
-        self.instances.inc([called_ae])
-        self.bytes.inc([called_ae], size)
+        children = self._per_ae.get(called_ae)
+        if children is None:
+            children = self._per_ae[called_ae] = (self.instances.child([called_ae]),
+                                                   self.bytes.child([called_ae]))
+        children[0].inc()
+        children[1].inc(size)
         self.latency.observe(latency)
 
-    def render(self, gauges=()) -> str:
-        """The exposition text.  ``gauges``: (name, help, [(labels dict, value)])."""
-        out = []
-        out.append("# HELP dicomgw_build_info The running dicomgw version.")
-        out.append("# TYPE dicomgw_build_info gauge")
-        out.append(f'dicomgw_build_info{{version="{_escape(__version__)}",'
-                   f'implementation_class_uid="{IMPLEMENTATION_CLASS_UID}"}} 1')
-        for name, help_text, samples in gauges:
-            out.append(f"# HELP {name} {help_text}")
-            out.append(f"# TYPE {name} gauge")
-            for labels, value in samples:
-                names = tuple(labels)
-                out.append(f"{name}{_labels(names, [str(labels[n]) for n in names])} {_number(value)}")
-        for family in self.families.values():
-            out.append(f"# HELP {family.name} {family.help}")
-            out.append(f"# TYPE {family.name} {family.kind}")
-            if not family.labels and not family.samples:
-                out.append(f"{family.name} 0")
-            for values, value in sorted(family.samples.items()):
-                out.append(f"{family.name}{_labels(family.labels, values)} {_number(value)}")
-        h = self.latency
-        out.append(f"# HELP {h.name} {h.help}")
-        out.append(f"# TYPE {h.name} histogram")
-        cumulative = 0
-        for bound, n in zip(h.buckets, h.counts):
-            cumulative += n
-            out.append(f'{h.name}_bucket{{le="{_number(float(bound))}"}} {cumulative}')
-        out.append(f'{h.name}_bucket{{le="+Inf"}} {h.count}')
-        out.append(f"{h.name}_sum {_number(h.sum)}")
-        out.append(f"{h.name}_count {h.count}")
-        return "\n".join(out) + "\n"
+    def render(self, gauges=(), accept: str | None = None) -> tuple[str, str]:
+        """(content type, exposition text) of every metric of the registry,
+        in the format ``accept`` (the request's Accept header) asks for.
+        ``gauges``: (name, help, [(labels dict, value)]) measured for this scrape."""
+        encoder, content_type = choose_encoder(accept or "")
+        self._scrape.gauges = tuple(gauges)
+        try:
+            return content_type, encoder(self.registry).decode("utf-8")
+        finally:
+            self._scrape.gauges = ()

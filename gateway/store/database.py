@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from urllib.parse import urlsplit
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThreadPool
@@ -196,6 +197,15 @@ class Database:
         self._batch_running = False
         self._batch_timer = None
         self._stopped = False
+
+    def describe(self) -> str:
+        """Where the database is, without a password: the file, or the server and schema."""
+        if not self.postgres:
+            return self.path
+        parts = urlsplit(self.path)
+        host = parts.netloc.rsplit("@", 1)[-1]
+        user = f"{parts.username}@" if parts.username else ""
+        return f"PostgreSQL {parts.scheme}://{user}{host}{parts.path} schema {self.namespace}"
 
     def start(self):
         if self._own_pool:

@@ -12,21 +12,22 @@ thread and back costs about 140 us, more than storing a small instance):
 
 - *Direct*: the writes, and with ``fsync`` off the close and the rename, run
   on the reactor thread as the data arrive: they go to the page cache and
-  take microseconds.  The file itself was created ahead of need
-  (:class:`Spares`), after the previous instance was answered, so no file
-  creation is on the way either.  Every such call is timed: when they add
-  up to more than :data:`BUSY` of a second (the page cache is full and the
-  kernel makes writers wait for the disk), or one takes longer than
-  :data:`SLOW`, new writers go to the pool for :data:`OFFLOAD_FOR` seconds,
-  so that a slow disk holds back the associations that write to it, not
-  the reactor.  A hiccup of a few milliseconds does neither.
+  take microseconds.  The file itself was created ahead of need, a batch at
+  a time in the pool (:class:`Spares`), so no file creation is on the way.
+  Every such call is timed: when they add up to more than :data:`BUSY` of
+  a second (the page cache is full and the kernel makes writers wait for
+  the disk), or one takes longer than :data:`SLOW`, new writers go to the
+  pool for :data:`OFFLOAD_FOR` seconds, so that a slow disk holds back the
+  associations that write to it, not the reactor.  A hiccup of a few
+  milliseconds does neither.
 
   Why not in a thread: on this machine kind a job handed to another thread
   and back costs 140 us, and every background thread that wants the GIL
   back after a system call while the reactor holds it makes the reactor
-  wait for a wake-up of the other CPU at its next system call.  A thread
-  doing a little per instance (creating the next file, say) cost more of
-  the reactor's time than doing it on the reactor does.
+  wait for a wake-up of the other CPU at its next system call.  Work of a
+  few microseconds per instance is cheaper on the reactor; work of a
+  fraction of a millisecond (creating a file) is cheaper in the pool, a
+  batch per hand-off.
 - *fsync*: with ``fsync`` on, the writes are direct and one disk pool job
   fsyncs the file, renames it and fsyncs its directory; the reactor never
   waits for it.
@@ -62,6 +63,7 @@ from collections import deque
 from dataclasses import dataclass
 
 import blake3
+from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -123,7 +125,7 @@ SLOW = 0.25
 OFFLOAD_FOR = 10.0
 #: Temporary files kept ready for the next instances (see :class:`Spares`),
 #: named ``tmp/spare-<random>.part``.
-SPARES = 4
+SPARES = 8
 SPARE_PREFIX = "spare-"
 #: The databases' reserve, in tmp/ (gateway.store.reserve).
 RESERVE_FILE = "database-reserve"
@@ -398,64 +400,79 @@ def _discard_spare(path: str, fd: int) -> None:
 
 
 class Spares:
-    """Empty temporary files created ahead of need, on the reactor, after the work at hand.
+    """Empty temporary files created ahead of need, in the disk pool, a batch per job.
 
-    Creating a file is the slowest step of storing a small instance (an
-    inode and a directory entry: 0.02 to 0.5 ms of system time here,
-    depending on what the file system has been through).  A writer takes a
-    ready file (:meth:`take`) and the next ones are made on the reactor's
-    next turn, once the instance that took one has been answered: while the
-    peer reads the response, not while it waits for it.  Each creation is
-    timed like any disk work on the reactor.  When none is ready the writer
-    is pooled and its job creates its file.  Spares are ``tmp/*.part``
-    files like any other: a crash leaves nothing that the start-up clean-up
-    does not remove.
+    Creating a file is the slowest step of storing an instance on some file
+    systems (an inode and a directory entry: 0.02 to 0.5 ms of system time
+    on the bench machines, depending on what the file system has been
+    through), and it blocks whoever makes the call.  So a writer takes a
+    ready file (:meth:`take`), and whenever half of them are used one pool
+    job makes the next batch: one hand-off to a thread and back per
+    ``keep // 2`` files, while the reactor goes on receiving.  When none is
+    ready the writer is pooled and its job creates its file.  Spares are
+    ``tmp/*.part`` files like any other: a crash leaves nothing that the
+    start-up clean-up does not remove.
     """
 
     def __init__(self, storage: "Storage", keep: int = SPARES):
         self._storage = storage
         self.keep = keep
-        self._ready: deque = deque()  # (path, fd)
+        self._ready: deque = deque()  # (path, fd, inode)
         self._closed = False
-        self._filling = False  # a top-up is scheduled
+        self._making = False  # a pool job is making a batch ...
+        self._batch = None  # ... and fires this when it is done
 
     def take(self):
-        """A ready (path, fd), or None; schedules the top-up (reactor thread)."""
+        """A ready (path, fd, inode), or None; starts the next batch when
+        half are used (reactor thread)."""
         spare = self._ready.popleft() if self._ready else None
-        if not self._filling and not self._closed and len(self._ready) < self.keep:
-            self._filling = True
-            self._storage.reactor.callLater(0, self.top_up)
+        if len(self._ready) <= self.keep // 2:
+            self.fill()
         return spare
 
-    def top_up(self) -> None:
-        """Make up to ``keep`` ready (reactor thread)."""
-        self._filling = False
+    def fill(self) -> None:
+        """Start a pool job making up to ``keep``, unless one runs (reactor thread)."""
+        if self._making or self._closed or len(self._ready) >= self.keep:
+            return
+        self._making = True
         storage = self._storage
-        while len(self._ready) < self.keep and not self._closed:
-            path = storage.temporary_path(spare=True)
-            started = _clock()
-            try:
-                fd = _create(path)
-                inode = os.fstat(fd).st_ino
-            except OSError:
-                return  # a full disk, say: writers will report it when they try
-            finally:
-                storage.timed(_clock() - started, "creating a file")
-            self._ready.append((path, fd, inode))
-            if storage.reactor.seconds() < storage.slow_until:
-                return  # the disk is slow: writers are pooled and make their own
+        paths = [storage.temporary_path(spare=True) for _ in range(self.keep - len(self._ready))]
+        self._batch = deferToThreadPool(storage.reactor, storage.pool, _make_spares, paths)
+        self._batch.addCallback(self._made)
+
+    def _made(self, spares):
+        self._making = False
+        self._ready.extend(spares)
 
     def close(self):
-        """Make no more; remove the ready files (in the pool)."""
+        """Make no more; remove the ready files, and a batch being made once
+        it is (in the pool)."""
         self._closed = True
-        spares, self._ready = list(self._ready), deque()
-        storage = self._storage
+        batch = self._batch if self._making else defer.succeed(None)
 
-        def remove():
-            for path, fd, _inode in spares:
-                _discard_spare(path, fd)
+        def discard(_):
+            spares, self._ready = list(self._ready), deque()
+            return deferToThreadPool(self._storage.reactor, self._storage.pool, _discard_spares, spares)
 
-        return deferToThreadPool(storage.reactor, storage.pool, remove)
+        return batch.addCallback(discard)
+
+
+def _make_spares(paths):
+    """Pool thread: create the files; stops at the first failure (a full
+    disk, say: writers will report it when they try)."""
+    made = []
+    for path in paths:
+        try:
+            fd = _create(path)
+            made.append((path, fd, os.fstat(fd).st_ino))
+        except OSError:
+            break
+    return made
+
+
+def _discard_spares(spares):
+    for path, fd, _inode in spares:
+        _discard_spare(path, fd)
 
 
 @implementer(IInstanceStorage)

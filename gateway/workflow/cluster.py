@@ -25,6 +25,7 @@ take anything over.
 from __future__ import annotations
 
 import os
+import time
 
 from twisted.application.service import Service
 from twisted.internet.defer import succeed
@@ -82,13 +83,20 @@ def _db_nodes(conn, lease):
              "pid": r["pid"], "version": r["version"]} for r in rows]
 
 
+def _iso(t) -> str:
+    if t is None:
+        return ""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"
+
+
 def _db_associations(conn, limit, offset):
     total = conn.execute("SELECT COUNT(*) FROM associations").fetchone()[0]
     rows = conn.execute(
         "SELECT a.id, a.node, a.calling_ae, a.called_ae, a.peer, a.started, a.ended, a.state, "
         "(SELECT COUNT(*) FROM instances i WHERE i.association = a.id) AS instances "
         "FROM associations a ORDER BY a.started DESC, a.id DESC LIMIT ? OFFSET ?", (limit, offset)).fetchall()
-    return total, [{"association": r["id"], "node": r["node"], "calling_ae": r["calling_ae"],
+    return total, [{"time": _iso(r["ended"] or r["started"]), "association": r["id"], "node": r["node"],
+                    "calling_ae": r["calling_ae"],
                     "called_ae": r["called_ae"], "peer": r["peer"], "started": r["started"], "ended": r["ended"],
                     "result": r["state"], "instances": r["instances"]} for r in rows]
 

@@ -260,6 +260,11 @@ def _db_payloads(conn, limit, offset, state):
     return out
 
 
+def _db_count(conn, state):
+    where, args = ("WHERE state = ?", (state,)) if state is not None else ("", ())
+    return conn.execute(f"SELECT COUNT(*) FROM payloads {where}", args).fetchone()[0]
+
+
 # ---- files (disk pool) ---------------------------------------------------------
 
 def _build_payload_dir(root, payload, instances, associations, pipelines, fsync):
@@ -723,3 +728,6 @@ class PayloadService(Service):
 
     def payloads(self, limit=100, offset=0, state=None):
         return self.db.run(_db_payloads, limit, offset, state)
+
+    def count(self, state=None):
+        return self.db.run(_db_count, state)

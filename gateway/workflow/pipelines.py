@@ -14,7 +14,8 @@ pipeline runs at most ``concurrency`` jobs at a time.
   ``timeout`` seconds is success.
 
 A failure is retried ``retries`` times, ``backoff`` * 2^(n-1) seconds after
-the n-th attempt, then the job is left ``failed`` with its reason.  After a
+the n-th attempt, then the job is left ``failed`` with its reason (an
+operator may run it again: :meth:`PipelineRunner.retry`).  After a
 successful command, Part 10 files in its output directory become an export
 job to the pipeline's ``export`` destinations (an :class:`IExportQueue`).
 """
@@ -37,6 +38,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
+from gateway.interfaces import IPipelineJobs, JobNotFailed
 from gateway.store import dialect
 from gateway.workflow.payloads import MANIFEST
 
@@ -79,6 +81,25 @@ def _db_end(conn, job_id, state, reason, now, next_attempt, outputs, export_jobs
         conn.execute("UPDATE payloads SET state = ?, finished = ? WHERE id = ? AND state = 'closed'",
                      (final, now, pid))
     return True
+
+
+def _db_retry(conn, payload_id, pipeline, now):
+    """Make a failed job pending again, and its payload closed (no longer
+    failed: the reclaimer and the API see it as in progress); None when
+    there is no such job, else (job id, its state before, its job row)."""
+    row = conn.execute("SELECT id, state FROM jobs WHERE payload = ? AND pipeline = ?",
+                       (payload_id, pipeline)).fetchone()
+    if row is None:
+        return None
+    job_id, state = row[0], row[1]
+    if state == "failed":
+        conn.execute("UPDATE jobs SET state = 'pending', next_attempt = ?, updated = ? WHERE id = ?",
+                     (now, now, job_id))
+        conn.execute("UPDATE payloads SET state = 'closed', finished = NULL WHERE id = ? AND state = 'failed'",
+                     (payload_id,))
+    job = conn.execute("SELECT payload, pipeline, state, attempts, reason FROM jobs WHERE id = ?",
+                       (job_id,)).fetchone()
+    return job_id, state, dict(job)
 
 
 def _db_pending(conn):
@@ -156,6 +177,7 @@ class _Bytes:
         pass
 
 
+@implementer(IPipelineJobs)
 class PipelineRunner(Service):
     """Runs pipeline jobs (the service "pipelines"); its payload service
     hands it new jobs and passes on reloads.  Stopping it kills the
@@ -188,6 +210,16 @@ class PipelineRunner(Service):
                 # Jobs running now release the semaphore they acquired.
                 self.semaphores[p.name] = DeferredSemaphore(p.concurrency)
 
+    def startService(self):
+        super().startService()
+        for p in self.config.pipeline:
+            aes = [a.title for a in self.config.ae if p.name in a.pipelines]
+            what = f"command {' '.join(p.command)}" if p.command else f"webhook {p.webhook}"
+            self.log.info("pipeline {pipeline}: {what} (for AE titles {aes}; concurrency {concurrency}, timeout "
+                          "{timeout:g} s, retries {retries}{export})", event="pipeline.loaded", pipeline=p.name,
+                          what=what, aes=", ".join(aes) or "none", concurrency=p.concurrency, timeout=p.timeout,
+                          retries=p.retries, export=f"; results to {', '.join(p.export)}" if p.export else "")
+
     def submit(self, job_ids):
         for job_id in job_ids:
             self._schedule(job_id, 0)
@@ -196,6 +228,23 @@ class PipelineRunner(Service):
         """Schedule (job id, next attempt time) pairs (jobs taken over from another node)."""
         for job_id, next_attempt in jobs:
             self._schedule(job_id, max(0.0, (next_attempt or 0) - self.reactor.seconds()))
+
+    @inlineCallbacks
+    def retry(self, payload_id, pipeline):
+        """IPipelineJobs: one more attempt of a failed job, now.  Its
+        ``attempts`` go on counting; a failure of this attempt leaves it
+        failed again (the retries of ``[pipeline.NAME]`` were spent)."""
+        found = yield self.db.run_durable(_db_retry, payload_id, pipeline, self.reactor.seconds())
+        if found is None:
+            return None
+        job_id, before, job = found
+        if before != "failed":
+            raise JobNotFailed(before)
+        self.log.info("payload {payload}: pipeline {pipeline} runs again (attempt {attempt} next), "
+                      "as asked", event="pipeline.retry", payload=payload_id, pipeline=pipeline, job=job_id,
+                      attempt=job["attempts"] + 1)
+        self.submit([job_id])
+        return job
 
     @inlineCallbacks
     def recover(self):

@@ -97,7 +97,8 @@ ca_certificates = "missing.pem"
             f.write(text)
         c = load_config(path)
         self.assertEqual([(d.name, d.ae_title, d.host, d.port, d.tls) for d in c.destination],
-                         [("pacs", "PACS", "10.0.0.5", 104, False), ("archive", None, None, None, False)])
+                         [("pacs", "PACS", "10.0.0.5", 104, False), ("archive", None, None, None, False),
+                          ("dcmtk-tls", "STORESCP", "localhost", 11113, True)])
         self.assertEqual((c.destination[1].dicomweb, c.destination[1].https),
                          ("https://archive.example.org/dicom-web", True))
 

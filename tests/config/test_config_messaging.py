@@ -109,17 +109,15 @@ class MessagingConfigTests(unittest.TestCase):
             self.assertIn(why, e.exception.problems[0])
 
     def test_a_ca_file_without_a_certificate_is_refused_before_start(self):
-        from twisted.python import usage
-
-        from gateway.tap import Options
+        from gateway.tap import load_checked_config
 
         pem, path = os.path.abspath(self.mktemp()), os.path.abspath(self.mktemp())
         with open(pem, "w") as f:
             f.write("not a certificate")
         with open(path, "w") as f:
             f.write(f'[messaging]\nurl = "amqps://h/"\nca_certificates = "{pem}"\n' + BASE)
-        with self.assertRaises(usage.UsageError) as e:
-            Options().parseOptions(["--config", path])
+        with self.assertRaises(ConfigError) as e:
+            load_checked_config(path)
         self.assertIn("messaging.ca_certificates", str(e.exception))
         self.assertIn("no PEM certificate", str(e.exception))
 

@@ -80,13 +80,11 @@ class ObserverLoadingTests(unittest.TestCase):
         return path
 
     def test_unimportable_observer_stops_start_up_naming_the_key(self):
-        from twisted.python import usage
-
-        from gateway.tap import Options
+        from gateway.tap import load_checked_config
 
         path = self.write('["gateway.testing.RecordingObserver", "nosuch.module.Factory"]')
-        with self.assertRaises(usage.UsageError) as cm:
-            Options().parseOptions(["--config", path])
+        with self.assertRaises(ConfigError) as cm:
+            load_checked_config(path)
         self.assertIn("notify.observers[1]: cannot import 'nosuch.module.Factory'", str(cm.exception))
         self.assertIn(path, str(cm.exception))
 

@@ -200,7 +200,10 @@ class APITests(unittest.TestCase):
         service, _, http = yield start_with_api(self, extra=extra)
         c = Client(http)
         code, body, _ = yield c.request("GET", "/destinations")
-        self.assertEqual((code, body), (200, {"destinations": ["gw"]}))
+        self.assertEqual((code, body), (200, {"items": [{"name": "gw", "kind": "dimse", "ae_title": "DICOMGW",
+                                                          "host": "127.0.0.1", "port": gw.port, "tls": False,
+                                                          "url": None}],
+                                              "total": 1, "limit": 100, "offset": 0}))
         code, body, _ = yield c.request("POST", "/destinations/gw/echo", {})
         self.assertEqual(code, 200, body)
         self.assertTrue(body["ok"], body)
@@ -232,6 +235,7 @@ class APITests(unittest.TestCase):
         code, body, _ = yield c.request("GET", "/exports?limit=1")
         self.assertEqual(code, 200)
         self.assertEqual([(j["id"], j["destination"]) for j in body["items"]], [("2", "archive")])
+        self.assertEqual((body["total"], body["limit"], body["offset"]), (2, 1, 0))
         code, body, _ = yield c.request("GET", "/exports/1")
         self.assertEqual((code, body["file_statuses"][0]["path"]), (200, os.path.realpath(stored)))
         code, body, _ = yield c.request("GET", "/exports/99")
@@ -263,8 +267,8 @@ class APITests(unittest.TestCase):
         self.assertEqual(code, 405)
         self.assertEqual(headers.getRawHeaders(b"allow"), [b"POST"])
         self.assertEqual(fake.echoed, ["pacs", "down"])
-        code, body, _ = yield c.request("GET", "/destinations")
-        self.assertEqual((code, body), (200, {"destinations": ["down", "pacs"]}))
+        code, body, _ = yield c.request("GET", "/destinations?limit=1&offset=1")
+        self.assertEqual((code, [d["name"] for d in body["items"]], body["total"]), (200, ["pacs"], 2))
 
     @defer.inlineCallbacks
     def test_payloads_and_unknown_paths(self):
@@ -273,6 +277,7 @@ class APITests(unittest.TestCase):
         c = Client(http)
         code, body, _ = yield c.request("GET", "/payloads?state=closed")
         self.assertEqual((code, [p["id"] for p in body["items"]]), (200, ["p2"]))
+        self.assertEqual((body["total"], body["limit"], body["offset"]), (1, 100, 0))
         code, body, _ = yield c.request("GET", "/nothing/here")
         self.assertEqual(code, 404)
         self.assertIn("/nothing/here", body["error"])

@@ -530,7 +530,7 @@ class OrthancTests(_Base):
             self.assertEqual(data[dataset_offset(data):], dataset_bytes(p))
 
 
-def start_export(testcase, destinations, scu="", storage=None):
+def start_export(testcase, destinations, scu='certificate = ""\nprivate_key = ""', storage=None):
     config = config_from_string(f"""
 [gateway]
 storage = "{storage or os.path.abspath(testcase.mktemp())}"
@@ -632,8 +632,6 @@ tls = true
         base = f"https://127.0.0.1:{gw.web_port}/dicomweb"
         export = start_export(self, f"""
 [tls]
-certificate = "{certs.client_cert}"
-private_key = "{certs.client_key}"
 ca_certificates = "{certs.ca_cert}"
 [[destination]]
 name = "good"
@@ -642,7 +640,7 @@ dicomweb = "{base}"
 name = "wrongca"
 dicomweb = "{base}"
 ca_certificates = "{certs.other_ca_cert}"
-""")
+""", scu=f'certificate = "{certs.client_cert}"\nprivate_key = "{certs.client_key}"')
         [job_id] = yield export.submit(["good"], paths, "test")
         self.assertEqual((yield export.wait(job_id)), "done")
         self.assertStoredAsSent(gw, paths)

@@ -24,6 +24,9 @@ from tests.integration.peers import Certs, free_port, start_old_tls_server, star
 from tests.export.test_jobs import scu_config
 
 
+DICOMGW = os.path.join(os.path.dirname(sys.executable), "dicomgw")
+
+
 def received_by_uid(directory):
     out = {}
     for root, _dirs, files in os.walk(directory):
@@ -90,7 +93,7 @@ class StorescpTests(PeerCase):
         out = os.path.abspath(self.mktemp())
         port = yield start_storescp(self, out, tls=certs)
         paths = sample_files(os.path.abspath(self.mktemp()))
-        # Our client certificate comes from [tls]; "stranger" overrides it
+        # Our client certificate comes from [scu]; "stranger" overrides it
         # with one from a CA the server does not trust; "wrongca" does not
         # trust the server's CA.
         config = config_from_string(f"""
@@ -99,9 +102,10 @@ storage = "{os.path.abspath(self.mktemp())}"
 [timeouts]
 artim = 5
 [tls]
+ca_certificates = "{certs.ca_cert}"
+[scu]
 certificate = "{certs.client_cert}"
 private_key = "{certs.client_key}"
-ca_certificates = "{certs.ca_cert}"
 [[ae]]
 title = "GW"
 [[destination]]
@@ -146,6 +150,48 @@ private_key = "{certs.stranger_key}"
         self.assertSameDatasets(paths, received_by_uid(out))
 
 
+class DevCertificateTests(PeerCase):
+    """What ``dicomgw dev-certs`` makes is enough for mutual TLS with DCMTK:
+    ``dicomgw send`` to ``storescp +tls`` that requires a client
+    certificate, with the shipped [tls] and the default [scu] certificate
+    (paths relative to where it runs, as in the README)."""
+
+    @defer.inlineCallbacks
+    def test_send_to_storescp_requiring_a_client_certificate(self):
+        work = os.path.abspath(self.mktemp())
+        os.makedirs(work)
+        code = yield getProcessOutputAndValue(DICOMGW, ["dev-certs"], env=dict(os.environ), path=work)
+        self.assertEqual(code[2], 0, code)
+        tls = os.path.join(work, "etc", "tls")
+
+        class DevCerts:
+            server_key, server_cert, ca_cert = (os.path.join(tls, n) for n in ("server.key", "server.pem",
+                                                                               "ca.pem"))
+        out = os.path.abspath(self.mktemp())
+        port = yield start_storescp(self, out, tls=DevCerts)
+        with open(os.path.join(work, "dicomgw.toml"), "w") as f:
+            f.write(f"""
+[gateway]
+storage = "var/dicomgw"
+[scu]
+retries = 0
+[[ae]]
+title = "DICOMGW"
+[[destination]]
+name = "dcmtk-tls"
+ae_title = "STORESCP"
+host = "localhost"
+port = {port}
+tls = true
+""")
+        paths = sample_files(os.path.abspath(self.mktemp()))[:2]
+        out_text, err_text, code = yield getProcessOutputAndValue(
+            DICOMGW, ["--config", "dicomgw.toml", "send", "-d", "dcmtk-tls", *paths], env=dict(os.environ),
+            path=work)
+        self.assertEqual(code, 0, (out_text, err_text))
+        self.assertSameDatasets(paths, received_by_uid(out))
+
+
 class TLSFailureTests(PeerCase):
     """Each way a TLS destination can fail reaches echo, the job's files and the CLI in words."""
 
@@ -182,6 +228,8 @@ storage = "{os.path.abspath(self.mktemp())}"
 artim = 5
 [scu]
 retries = 0
+certificate = ""
+private_key = ""
 [[ae]]
 title = "GW"
 """ + destinations)

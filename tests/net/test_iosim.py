@@ -67,7 +67,7 @@ class SCUIntoSCPTests(unittest.TestCase):
             client_tls = client_options(Destination("gw", "DICOMGW", "localhost", 104, tls=True,
                                                   ca_certificates=os.path.join(tls_dir, "ca.pem"),
                                                   certificate=os.path.join(tls_dir, "client.pem"),
-                                                  private_key=os.path.join(tls_dir, "client.key")), config.tls)
+                                                  private_key=os.path.join(tls_dir, "client.key")), config)
             client = TLSMemoryBIOFactory(client_tls, True, _One(client), clock=clock).buildProtocol(None)
         pump = iosim.connect(server, iosim.FakeTransport(server, isServer=True),
                              client, iosim.FakeTransport(client, isServer=False), greet=False, clock=clock)

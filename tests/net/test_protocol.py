@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import struct
 
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.protocols.tls import TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from gateway.config import config_from_string
@@ -279,3 +282,46 @@ class EchoBytesTests(unittest.TestCase):
         # A-ABORT, service-provider, invalid PDU parameter value (PS3.8 9.3.8)
         self.assertEqual(t.value(), bytes([A_ABORT, 0, 0, 0, 0, 4, 0, 0, 2, 6]))
         self.assertIn("unexpected C-ECHO-RSP", p.disconnect_reason)
+
+
+class _RecordsTransport(TLSMemoryBIOProtocol):
+    """Stands for the TLS layer: what the protocol writes is kept, nothing is encrypted."""
+
+    def __init__(self):
+        self.transport = StringTransport()
+        self.written = []
+
+    def write(self, data):
+        self.written.append(data)
+
+    def getPeer(self):
+        return self.transport.getPeer()
+
+
+class TLSRecordTests(unittest.TestCase):
+    """Over TLS the records of one read reach the core together, on the next turn."""
+
+    def connect(self):
+        clock, user = Clock(), Recorder()
+        p = DicomProtocol(user, clock, requestor=False, max_pdu_length=16384, artim_timeout=30, dimse_timeout=60)
+        p.makeConnection(_RecordsTransport())
+        return p, clock, user
+
+    def test_records_of_one_read_are_delivered_together_on_the_next_turn(self):
+        p, clock, user = self.connect()
+        data = encode_pdu(rq())
+        for i in range(0, len(data), 16):
+            p.dataReceived(data[i:i + 16])
+        self.assertEqual(user.events, [])
+        clock.advance(0)
+        self.assertEqual([e[0] for e in user.events], ["associate_indication"])
+
+    def test_a_close_does_not_overtake_the_records_before_it(self):
+        p, clock, user = self.connect()
+        p.dataReceived(encode_pdu(rq()))
+        clock.advance(0)
+        p.accept(AssociateAC("DICOMGW", "SCU", ()))
+        p.dataReceived(encode_pdu(Abort(0, 0)))
+        p.connectionLost(Failure(ConnectionDone()))
+        aborts = [e[1] for e in user.events if e[0] == "aborted"]
+        self.assertEqual([(a.provider, a.source) for a in aborts], [(False, 0)])  # the peer's A-ABORT

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import os
+from contextlib import redirect_stderr
 import shutil
 
 from OpenSSL import SSL
@@ -73,8 +75,11 @@ class TLSOptionsTests(unittest.TestCase):
         with open(config, "w") as f:
             f.write('[listen]\ndicom_tls = "tcp:0"\n[tls]\n'
                     f'certificate = "{work}/missing.pem"\n[[ae]]\ntitle = "A"\n')
-        e = self.assertRaises(usage.UsageError, Options().parseOptions, ["--config", config])
-        self.assertIn(f"tls.certificate: cannot read {work}/missing.pem", str(e))
+        err = io.StringIO()
+        with redirect_stderr(err):
+            e = self.assertRaises(SystemExit, Options().parseOptions, ["--config", config])
+        self.assertEqual(e.code, 1)
+        self.assertIn(f"tls.certificate: cannot read {work}/missing.pem", err.getvalue())
 
 
 class DevCertsTests(unittest.TestCase):
@@ -101,3 +106,26 @@ class DevCertsTests(unittest.TestCase):
             with open(os.path.join(d, name), "rb") as f:
                 cert = x509.load_pem_x509_certificate(f.read())
             self.assertIn("DEVELOPMENT ONLY", cert.subject.rfc4514_string())
+
+    def test_server_for_this_host_client_for_clients(self):
+        import socket
+
+        from cryptography import x509
+        from cryptography.x509.oid import ExtendedKeyUsageOID
+
+        d = self.mktemp()
+        make_dev_certs(d)
+
+        def load(name):
+            with open(os.path.join(d, name), "rb") as f:
+                return x509.load_pem_x509_certificate(f.read())
+
+        server, client = load("server.pem"), load("client.pem")
+        self.assertEqual(list(server.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value),
+                         [ExtendedKeyUsageOID.SERVER_AUTH])
+        self.assertEqual(list(client.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value),
+                         [ExtendedKeyUsageOID.CLIENT_AUTH])
+        names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        self.assertIn("localhost", names.get_values_for_type(x509.DNSName))
+        self.assertIn(socket.gethostname(), names.get_values_for_type(x509.DNSName))
+        self.assertIn("127.0.0.1", [str(a) for a in names.get_values_for_type(x509.IPAddress)])

@@ -54,10 +54,10 @@ class StorageCase(unittest.TestCase):
             self.storage.slow_until = 0.0
 
     @defer.inlineCallbacks
-    def spares_ready(self, count=S.SPARES // 2 + 1):
-        """Wait until ``count`` spares are made: the next writer is direct."""
-        if not self.storage.spares._ready:
-            self.storage.spares.take()
+    def spares_ready(self, count=S.SPARES):
+        """Wait until ``count`` spares are made: the next writer is direct,
+        and its taking one starts no job."""
+        self.storage.spares.fill()
         for _ in range(500):
             if len(self.storage.spares._ready) >= count:
                 self.jobs.clear()
@@ -396,20 +396,23 @@ def tmp_names(storage):
 
 
 class SpareTests(StorageCase):
-    """Temporary files made ahead of need, on the reactor once the work at hand is done."""
+    """Temporary files made ahead of need, a batch per disk pool job."""
 
     fsync = False
 
     @defer.inlineCallbacks
-    def test_a_writer_takes_a_spare_and_the_next_ones_are_made_on_the_next_turn(self):
+    def test_a_writer_takes_a_spare_and_a_pool_job_makes_the_next_batch(self):
         spares = self.storage.spares
+        made_in = []
+        real_create = S._create
+        self.patch(S, "_create", lambda path: made_in.append(threading.current_thread()) or real_create(path))
         self.assertEqual(len(spares._ready), 0)
-        w = self.begin("1.2.3.1")  # none ready: pooled, and its taking schedules the spares
+        w = self.begin("1.2.3.1")  # none ready: pooled, and its taking starts a batch
         self.assertFalse(w._direct)
-        self.assertEqual(len(spares._ready), 0)  # not now: on the next turn
         w.write(b"a" * 10)
         yield finished(w)
         yield self.spares_ready(S.SPARES)
+        self.assertNotIn(threading.main_thread(), made_in)  # never on the reactor
         ready = [path for path, _fd, _inode in spares._ready]
         self.assertEqual(tmp_names(self.storage), sorted(os.path.basename(p) for p in ready))
         self.assertEqual(partial_files(self.storage.tmp_dir), [])  # empty spares are not partial files
@@ -422,9 +425,11 @@ class SpareTests(StorageCase):
         w.finish(outcome.append)
         self.assertTrue(file_bytes(outcome[0].path).endswith(b"b" * 10))
         self.assertEqual(len(spares._ready), S.SPARES - 1)
-        yield task.deferLater(reactor, 0, lambda: None)
-        self.assertEqual(len(spares._ready), S.SPARES)  # made up again, on the reactor
-        self.assertEqual(self.jobs, [])
+        self.assertEqual(self.jobs, [])  # more than half are left: no batch yet
+        taken = [spares.take() for _ in range(S.SPARES // 2 - 1)]
+        self.assertEqual(len(self.jobs), 1)  # half used: one job makes the batch
+        S._discard_spares(taken)
+        yield self.spares_ready(S.SPARES)
 
         yield spares.close()
         self.assertEqual(tmp_names(self.storage), [])
@@ -437,17 +442,16 @@ class SpareTests(StorageCase):
         self.assertEqual(len(spares._ready), 0)
 
     @defer.inlineCallbacks
-    def test_a_slow_creation_stops_the_spares_and_pools_the_writers(self):
-        clock = iter([0.0, S.SLOW * 2] + [50.0] * 100)
-        self.patch(S, "_clock", lambda: next(clock))
-        self.storage.spares.take()
-        yield task.deferLater(reactor, 0, lambda: None)
-        self.assertEqual(len(self.storage.spares._ready), 1)  # the slow one, and no more
-        self.assertGreater(self.storage.slow_until, reactor.seconds())
-        w = self.storage.begin(called_ae="AE1", calling_ae="PEER", sop_class_uid="1.2.840.10008.5.1.4.1.1.7",
-                               sop_instance_uid="1.2.3.6", transfer_syntax_uid="1.2.840.10008.1.2")
-        self.assertFalse(w._direct)
-        w.discard()
+    def test_a_batch_that_arrives_after_close_is_removed(self):
+        spares = self.storage.spares
+        spares.take()  # a batch is being made
+        yield spares.close()
+        for _ in range(50):
+            if not spares._making and not tmp_names(self.storage):
+                break
+            yield _tick()
+        self.assertEqual(tmp_names(self.storage), [])
+        self.assertEqual(len(spares._ready), 0)
 
     @defer.inlineCallbacks
     def test_a_spare_that_cannot_be_made_is_not_an_error(self):
