@@ -113,7 +113,7 @@ class ClusterCase(unittest.TestCase):
     def path(self, *parts):
         return os.path.join(self.workdir, *parts)
 
-    def config(self, node, url=None, timeout=2.0, command=HANDOFF):
+    def config(self, node, url=None, timeout=2.0, command=HANDOFF, extra=""):
         port = self.ports.setdefault(node, free_port())
         http = self.http.setdefault(node, free_port())
         text = gateway_config(self.path("var", "dicomgw"), aes=(), fsync=True)
@@ -124,7 +124,8 @@ class ClusterCase(unittest.TestCase):
         text += (f'\n[index]\nurl = "{url or self.url}"\nschema = "{self.schema}"\n'
                  f'\n[cluster]\nlease = {LEASE}\n'
                  f'\n[pipeline.handoff]\ncommand = {toml_list(argv)}\n'
-                 f'[[ae]]\ntitle = "DICOMGW"\ngrouping = "study"\ntimeout = {timeout}\npipelines = ["handoff"]\n')
+                 f'[[ae]]\ntitle = "DICOMGW"\ngrouping = "study"\ntimeout = {timeout}\npipelines = ["handoff"]\n'
+                 + extra)
         return text
 
     @defer.inlineCallbacks
@@ -142,13 +143,13 @@ class ClusterCase(unittest.TestCase):
         self.procs[node].send_signal(signal.SIGKILL)
         self.procs[node].wait(10)
 
-    def query(self, sql, *args):
+    def query(self, sql, *args, schema=None):
         import psycopg
 
         from gateway.store.dialect import postgres_sql
 
         with psycopg.connect(self.url, connect_timeout=5) as conn:
-            conn.execute(f'SET search_path TO "{self.schema}"')
+            conn.execute(f'SET search_path TO "{schema or self.schema}"')
             return [tuple(r) for r in conn.execute(postgres_sql(sql), args).fetchall()]
 
     def lines(self, name):
@@ -172,10 +173,14 @@ class ClusterCase(unittest.TestCase):
         return run("storescu", "-aec", "DICOMGW", "127.0.0.1", str(port), *files)
 
     @defer.inlineCallbacks
-    def get(self, node, path):
-        from twisted.web.client import Agent, readBody
+    def get(self, node, path, method=b"GET", body=None):
+        from twisted.web.client import Agent, FileBodyProducer, readBody
 
-        response = yield Agent(reactor).request(b"GET", f"http://127.0.0.1:{self.http[node]}{path}".encode())
+        import io
+
+        producer = FileBodyProducer(io.BytesIO(json.dumps(body).encode())) if body is not None else None
+        response = yield Agent(reactor).request(method, f"http://127.0.0.1:{self.http[node]}{path}".encode(),
+                                                None, producer)
         body = yield readBody(response)
         return response.code, json.loads(body)
 
@@ -289,6 +294,36 @@ class NodeDeathTests(ClusterCase):
         self.assertEqual(self.query("SELECT state FROM payloads"), [("done",)])
         code, status = yield self.get("b", "/status")
         self.assertEqual({n["node"]: n["alive"] for n in status["cluster"]["nodes"]}, {"a": False, "b": True})
+
+    @defer.inlineCallbacks
+    def test_an_export_job_of_a_killed_node_is_finished_by_another(self):
+        from tests.integration.peers import _spawn
+
+        pacs = free_port()  # nothing listens there yet: the job waits, retrying, held by a
+        extra = (f'\n[scu]\nae_title = "DICOMGW"\nretries = 20\nretry_delay = 0.5\nconnect_timeout = 1\n'
+                 f'[[destination]]\nname = "pacs"\nae_title = "STORESCP"\nhost = "127.0.0.1"\nport = {pacs}\n')
+        yield defer.gatherResults([self.launch("a", extra=extra), self.launch("b", extra=extra)])
+        source = self.path("var", "dicomgw", "to-send")
+        files = dicomfiles.make_series(source, 4, rows=16, cols=16)
+        code, body = yield self.get("a", "/exports", b"POST", {"destinations": ["pacs"], "paths": files})
+        self.assertEqual(code, 202, body)
+        [job] = body["jobs"]
+        exports = f"{self.schema}_exports"
+        yield self.wait_for(lambda: self.query("SELECT node, state FROM jobs", schema=exports) == [("a", "retrying")],
+                            "the job retrying on a", timeout=20)
+        self.kill("a")
+        received = self.path("pacs")
+        os.makedirs(received)
+        yield _spawn(self, "storescp", ["-aet", "STORESCP", "+B", "-od", received, str(pacs)], pacs)
+        yield self.wait_for(lambda: self.query("SELECT state FROM jobs", schema=exports) == [("done",)],
+                            "b to finish the job", timeout=40)
+        [(job_id, node, attempts)] = self.query("SELECT id, node, attempts FROM jobs", schema=exports)
+        self.assertEqual((job_id, node), (job, "b"))
+        self.assertGreaterEqual(attempts, 2)  # a's attempts, then b's, all counted
+        self.assertEqual(self.query("SELECT state, COUNT(*) FROM files GROUP BY state", schema=exports),
+                         [("sent", 4)])
+        self.assertEqual(sorted(uid_of(os.path.join(received, n)) for n in os.listdir(received)),
+                         sorted(uid_of(p) for p in files))
 
     @defer.inlineCallbacks
     def test_a_node_killed_mid_study_behind_haproxy_and_the_sender_retrying(self):
