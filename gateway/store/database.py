@@ -189,6 +189,8 @@ class Database:
         # Why the last transaction failed to reach the database (None: it did).
         self.problem: str | None = None
         self.applied: list[int] = []  # the migrations the first connection applied
+        # Called (on the reactor thread, no arguments) when ``problem`` changes.
+        self.watchers: list = []
         # One thread owns the connection; tests may pass a pool of their own.
         self._own_pool = pool is None
         self.pool = pool if pool is not None else WorkerPool(1, f"dicomgw-{name}")
@@ -197,6 +199,15 @@ class Database:
         self._batch_running = False
         self._batch_timer = None
         self._stopped = False
+
+    def _set_problem(self, problem):
+        """On the database thread: record why it failed (None: it answers);
+        a change is told to the watchers, on the reactor thread."""
+        if problem == self.problem:
+            return
+        self.problem = problem
+        for watcher in self.watchers:
+            self.reactor.callFromThread(watcher)
 
     def describe(self) -> str:
         """Where the database is, without a password: the file, or the server and schema."""
@@ -286,9 +297,9 @@ class Database:
                 self._conn = self._connect()
             result = self._sqlite_transaction(f, args, durable)
         except sqlite3.OperationalError as e:
-            self.problem = f"SQLite: {e}"
+            self._set_problem(f"SQLite: {e}")
             raise
-        self.problem = None
+        self._set_problem(None)
         return result
 
     def _pg_transaction(self, f, args):
@@ -310,10 +321,10 @@ class Database:
             if _connection_trouble(e):
                 # The connection is gone (or never came): the next
                 # transaction connects again.
-                self.problem = f"PostgreSQL: {str(e).strip() or type(e).__name__}"
+                self._set_problem(f"PostgreSQL: {str(e).strip() or type(e).__name__}")
                 self._close()
             raise
-        self.problem = None
+        self._set_problem(None)
         return result
 
     def _sqlite_transaction(self, f, args, durable):

@@ -143,6 +143,11 @@ class ClusterService(Service):
     def startService(self):
         super().startService()
         self.started = self.reactor.seconds()
+        # Any transaction that finds a database unreachable (or back) is
+        # seen at once, not at the next heartbeat.
+        for db in self.dbs:
+            if self._watch not in db.watchers:
+                db.watchers.append(self._watch)
         self._loop = LoopingCall(self.beat)
         self._loop.clock = self.reactor
         # The first beat waits for the payload service's recovery, so that
@@ -181,6 +186,7 @@ class ClusterService(Service):
             interval = TROUBLE_INTERVAL if trouble else self.lease / 3
             if self._loop.interval != interval:
                 self._loop.interval = interval
+                self._loop.reset()  # the next beat after the new interval, not the old one
 
     def _beaten(self, result):
         broken, adopted, taken = result
