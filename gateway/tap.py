@@ -39,6 +39,7 @@ from gateway.store.studies import StudyIndex
 from gateway.store.writer import Storage
 from gateway.threads import WorkerPool
 from gateway.workflow.payloads import PayloadService
+from gateway.workflow.cluster import ClusterService, IndexAssociations
 from gateway.workflow.pipelines import PipelineRunner
 
 # Disk work (writes, fsync, rename) runs here; bounded so that a burst of
@@ -89,6 +90,14 @@ def load_checked_config(path):
     return load_config(path, checks=(external_problems,))
 
 
+def audit_path(config, root) -> str:
+    """The audit trail's file: under the storage root, one per node when
+    nodes share the root (``audit.jsonl`` -> ``nodes/<node>/audit.jsonl``)."""
+    if config.index.shared:
+        return os.path.join(root, "nodes", config.gateway.node, config.gateway.audit_log)
+    return os.path.join(root, config.gateway.audit_log)
+
+
 def serves_tls(config) -> bool:
     """Whether a listener uses the ``[tls]`` certificates: the DICOM TLS
     port, or the DICOMweb server with ``dicomweb.tls``."""
@@ -102,8 +111,8 @@ def tls_detail(tls) -> str:
 
 
 def describe_index(db) -> str:
-    """Where the index database is, for the start-up line."""
-    return getattr(db, "path", None) or repr(db)
+    """Where the index database is, for the start-up line (never a password)."""
+    return db.describe()
 
 
 class WorkerPoolService(Service):
@@ -185,9 +194,13 @@ def makeService(options, reactor=None) -> MultiService:
 
     pool = WorkerPool(DISK_THREADS, "dicomgw-disk")
     add(WorkerPoolService(pool))
+    # Nodes sharing an index share the storage root, each with a tmp/<node>/ of its own.
+    node_dir = config.gateway.node if config.index.shared else ""
     storage = Storage(config.gateway.storage, reactor, pool, fsync=config.storage.fsync,
-                      digest=config.storage.digest, implementation_version_name=config.gateway.implementation_version_name)
-    db = open_index(storage.root, reactor, durable=config.storage.fsync, reserve=storage.reserve)
+                      digest=config.storage.digest, implementation_version_name=config.gateway.implementation_version_name,
+                      node=node_dir)
+    db = open_index(storage.root, reactor, durable=config.storage.fsync, reserve=storage.reserve,
+                    url=config.index.url, namespace=config.index.schema)
     add(StorageService(storage, config, index=describe_index(db)))
     add(DatabaseService(db))
     # File reads for streaming share the disk pool.
@@ -201,11 +214,13 @@ def makeService(options, reactor=None) -> MultiService:
     # The metrics and the audit trail follow the log events, and are told of
     # every stored instance directly.
     metrics, recent = Metrics(), RecentAssociations()
-    audit = ([AuditTrail(os.path.join(storage.root, config.gateway.audit_log), reactor, pool)]
+    audit = ([AuditTrail(audit_path(config, storage.root), reactor, pool)]
              if config.gateway.audit_log else [])
     add(ObserverService(metrics, recent, *audit))
     scp = add(SCPService(config, storage, reactor, observers=[payloads, *audit, *load_observers(config)],
                          metrics=metrics))
+    # Heartbeats, leases, a stopped node's work taken over; it watches the databases.
+    cluster = add(ClusterService(config, db, reactor, payloads, runner, scp=scp, dbs=(db, export.store.db)))
     stow = None
     if config.listen.dicomweb:
         stow = add(StowService(config, scp, reactor, tls=config.dicomweb.tls))
@@ -234,10 +249,12 @@ def makeService(options, reactor=None) -> MultiService:
     if tls is not None:
         reload.add(tls)
     if config.listen.http:
+        # Nodes sharing an index list the associations of all of them.
+        listed = IndexAssociations(db) if config.index.shared else recent
         api = add(ApiService(config, root, reactor, pool, scp=scp, storage=storage, metrics=metrics,
-                             recent=recent, exports=export, destinations=export.destinations,
+                             recent=listed, exports=export, destinations=export.destinations,
                              payloads=payloads, studies=StudyIndex(db), pipelines=runner,
-                             reports=messaging, degradations=messaging))
+                             reports=[*messaging, cluster], degradations=messaging))
         add(Listener("http", config.listen.http, api.site(), reactor, what="management API",
                      detail="bearer token required" if config.http.token_file else "no token"))
     return root

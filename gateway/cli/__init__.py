@@ -71,6 +71,30 @@ def echo(args) -> int:
 def send(args) -> int:
     from gateway.cli import scu as scutool
     return scutool.send(_config_or_exit(args.config), args.destination, args.paths, retries=args.retries)
+@command("migrate", "bring the index and export databases to this version's schema (the daemon does it at "
+         "start too; safe beside running nodes)")
+def migrate(args) -> int:
+    from gateway.export import jobs
+    from gateway.store import index
+    from gateway.store.database import DatabaseError, SchemaTooNew, migrate_now
+
+    config = _config_or_exit(args.config)
+    root = os.path.abspath(config.gateway.storage)
+    url, schema = config.index.url, config.index.schema
+    where = config.index.safe_url() if url else root
+    try:
+        for what, path, migrations, namespace in (
+                ("index", url or os.path.join(root, index.DB_NAME), index.MIGRATIONS, schema),
+                ("export jobs", url or os.path.join(root, jobs.DB_NAME), jobs.MIGRATIONS, f"{schema}_exports")):
+            applied, version = migrate_now(path, migrations, namespace)
+            done = f"applied {', '.join(map(str, applied))}" if applied else "nothing to apply"
+            print(f"{what} ({where}): {done}; schema version {version}")
+    except (OSError, RuntimeError, SchemaTooNew, *DatabaseError) as e:
+        print(f"dicomgw migrate: {where}: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 @command("dev-certs", "create a DEVELOPMENT-ONLY CA, server and client certificate when missing",
          [(("--dir",), {"default": "etc/tls", "help": "where to write them (default: etc/tls)"})])
 def dev_certs(args) -> int:

@@ -44,6 +44,8 @@ class Config:
     dicomweb: S.DicomWeb = S.DicomWeb()
     scu: S.SCU = S.SCU()
     messaging: S.Messaging = S.Messaging()
+    index: S.Index = S.Index()
+    cluster: S.Cluster = S.Cluster()
     ae: tuple[AETitle, ...] = (AETitle("DICOMGW"),)
     source: tuple[Source, ...] = ()
     destination: tuple[Destination, ...] = ()
@@ -70,7 +72,8 @@ class Config:
 #: The TOML tables, each with how it is read.
 _SECTIONS = {"gateway": S.Gateway, "listen": S.Listen, "tls": S.TLS, "timeouts": S.Timeouts,
              "storage": S.Storage, "reclaimer": S.Reclaimer, "notify": S.Notify, "http": S.HTTP,
-             "dicomweb": S.DicomWeb, "scu": S.SCU, "messaging": S.Messaging}
+             "dicomweb": S.DicomWeb, "scu": S.SCU, "messaging": S.Messaging,
+             "index": S.Index, "cluster": S.Cluster}
 _ARRAYS = {"ae": (AETitle, "title"), "source": (Source, None), "destination": (Destination, "name")}
 
 

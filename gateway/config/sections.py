@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
@@ -33,6 +34,17 @@ from gateway.config.options import (
 )
 
 TLS_PROFILES = ("bcp195", "bcp195-nd", "bcp195-ex")
+#: ``[gateway] node``: letters, digits, ``.``, ``_``, ``-`` (it names a directory).
+NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+#: ``[index] schema``: a plain PostgreSQL identifier.
+SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,47}$")
+
+
+def default_node() -> str:
+    """The host name, as far as it is a valid node name."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname().split(".")[0])[:63].strip("-.") or "node"
+    return name if NODE_NAME.match(name) else "node"
+
 #: ``[storage] digest``: what every stored file is digested with (gateway.store.writer.DIGESTS).
 DIGEST_ALGORITHMS = ("blake3", "sha256", "none")
 
@@ -49,6 +61,10 @@ class Gateway:
     audit_log: str = option("audit.jsonl", text(), reload=False)  # under the storage root; "" = off
     reject_unknown_sources: bool = option(False, boolean)
     max_associations: int = option(25, integer(1, 1000))
+    # This node's name in a cluster (recorded with every association and
+    # instance; its temporary files are under tmp/<node>/).
+    node: str = option(default_node(),
+                       text(NODE_NAME, "a node name (letters, digits, '.', '_', '-'; up to 63)"), reload=False)
 
     def validate(self, key):
         if 0 < self.max_pdu_length < 4096:
@@ -102,6 +118,45 @@ class Storage:
     check_interval: float = option(10.0, number(0.1, 3600), reload=False)
     retention: float = option(0.0, number(0, 365 * 86400))
     aborted_retention: float = option(0.0, number(0, 365 * 86400))
+
+
+def _index_url(value):
+    url = text()(value)
+    if url and not url.startswith(("postgresql://", "postgres://")):
+        raise Invalid(f"{url!r} is not a postgresql:// URL (use \"\" for SQLite under the storage root)")
+    return url
+
+
+@dataclass(frozen=True)
+class Index:
+    """``[index]``: where the index lives.  ``url`` "": SQLite under the
+    storage root (one node); ``postgresql://...``: PostgreSQL, which
+    several nodes may share (with one storage root)."""
+
+    url: str = option("", _index_url, reload=False, repr=False)
+    schema: str = option("dicomgw", text(SCHEMA_NAME, "a lower-case SQL identifier"), reload=False)
+
+    @property
+    def shared(self) -> bool:
+        return bool(self.url)
+
+    def safe_url(self) -> str:
+        """The url without its password (for logs and /status)."""
+        parts = urlsplit(self.url)
+        if parts.password is None:
+            return self.url
+        netloc = parts.netloc.rsplit("@", 1)[1]
+        user = parts.username or ""
+        return parts._replace(netloc=f"{user}:***@{netloc}").geturl()
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """``[cluster]``: how nodes sharing one index hand work to each other."""
+
+    # Seconds a node holds a claimed job (renewed while it runs); a node
+    # that stops renewing loses its jobs to another after this long.
+    lease: float = option(30.0, number(2, 3600), reload=False)
 
 
 @dataclass(frozen=True)

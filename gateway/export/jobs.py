@@ -28,6 +28,7 @@ import os
 
 from twisted.application.service import Service
 from twisted.internet import defer
+from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -38,6 +39,7 @@ from gateway.export.dicomweb import StowClient
 from gateway.export.scu import MAX_CONTEXTS, ContextNotAccepted, SCUError
 from gateway.interfaces import IExportQueue, IReconfigurable
 from gateway.part10 import read_meta
+from gateway.store import dialect
 from gateway.store.database import Database
 
 DB_NAME = "exports.sqlite"
@@ -73,6 +75,15 @@ CREATE TABLE IF NOT EXISTS files (
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 """
 
+# The cluster: the node that holds a job, until lease_until (the database's clock).
+_CLUSTER = """
+ALTER TABLE jobs ADD COLUMN node TEXT;
+ALTER TABLE jobs ADD COLUMN lease_until REAL
+"""
+
+#: The export database's schema, as versioned migrations (gateway.store.database.migrate).
+MIGRATIONS = ((1, "exports", _SCHEMA), (2, "cluster", _CLUSTER))
+
 
 def expand_paths(paths) -> list[str]:
     """Files as given, directories walked in sorted order (blocking)."""
@@ -103,20 +114,49 @@ def job_outcome(total: int, failed: int) -> str:
 
 _JOB_COLUMNS = (
     "SELECT j.id, j.destination, j.state, j.origin, j.created, j.updated, j.attempts, j.next_attempt, "
-    "j.reason, COUNT(f.seq) AS files, COALESCE(SUM(f.state = 'sent'), 0) AS done, "
-    "COALESCE(SUM(f.state = 'failed'), 0) AS failed FROM jobs j LEFT JOIN files f ON f.job_id = j.id ")
+    "j.reason, COUNT(f.seq) AS files, COALESCE(SUM(CASE WHEN f.state = 'sent' THEN 1 ELSE 0 END), 0) AS done, "
+    "COALESCE(SUM(CASE WHEN f.state = 'failed' THEN 1 ELSE 0 END), 0) AS failed FROM jobs j LEFT JOIN files f ON f.job_id = j.id ")
 
 
-def _add_jobs(conn, destinations, paths, origin, now):
+def _add_jobs(conn, destinations, paths, origin, now, node="", lease=0.0):
     ids = []
+    until = dialect.db_now(conn) + lease
     for dest in destinations:
-        cur = conn.execute(
-            "INSERT INTO jobs (destination, origin, state, created, updated) VALUES (?, ?, 'queued', ?, ?)",
-            (dest, origin, now, now))
+        job_id = conn.execute(
+            "INSERT INTO jobs (destination, origin, state, created, updated, node, lease_until) "
+            "VALUES (?, ?, 'queued', ?, ?, ?, ?) RETURNING id", (dest, origin, now, now, node or None, until)
+        ).fetchone()[0]
         conn.executemany("INSERT INTO files (job_id, seq, path, state) VALUES (?, ?, ?, 'queued')",
-                         [(cur.lastrowid, i, p) for i, p in enumerate(paths)])
-        ids.append(cur.lastrowid)
+                         [(job_id, i, p) for i, p in enumerate(paths)])
+        ids.append(job_id)
     return ids
+
+
+_UNFINISHED = "('queued', 'in_progress', 'retrying')"
+
+
+def _claim(conn, job_id, now, node, lease):
+    """Start an attempt of the job on this node: the attempt's number, or
+    None when it is finished or another node holds it (its lease runs)."""
+    db_now = dialect.db_now(conn)
+    row = conn.execute(
+        "UPDATE jobs SET state = 'in_progress', attempts = attempts + 1, next_attempt = NULL, updated = ?, "
+        f"node = ?, lease_until = ? WHERE id = ? AND state IN {_UNFINISHED} "
+        "AND (node IS NULL OR node = ? OR lease_until IS NULL OR lease_until < ?) RETURNING attempts",
+        (now, node or None, db_now + lease, job_id, node, db_now)).fetchone()
+    return None if row is None else row[0]
+
+
+def _renew_and_take(conn, node, lease):
+    """Renew this node's leases; take the jobs whose lease expired (their
+    node stopped): returns them as _unfinished does."""
+    db_now = dialect.db_now(conn)
+    conn.execute(f"UPDATE jobs SET lease_until = ? WHERE node = ? AND state IN {_UNFINISHED}", (db_now + lease, node))
+    rows = conn.execute(
+        f"UPDATE jobs SET node = ?, lease_until = ? WHERE state IN {_UNFINISHED} AND lease_until < ? "
+        "AND (node IS NULL OR node != ?) RETURNING id, destination, state, next_attempt",
+        (node, db_now + lease, db_now, node))
+    return [dict(r) for r in rows]
 
 
 def _set_job(conn, job_id, now, fields):
@@ -144,8 +184,9 @@ def _pending_files(conn, job_id):
 
 def _counts(conn, job_id):
     row = conn.execute(
-        "SELECT COUNT(*) AS files, SUM(state = 'sent') AS done, SUM(state = 'failed') AS failed, "
-        "SUM(state IN ('queued', 'retry')) AS pending FROM files WHERE job_id = ?", (job_id,)).fetchone()
+        "SELECT COUNT(*) AS files, SUM(CASE WHEN state = 'sent' THEN 1 ELSE 0 END) AS done, "
+        "SUM(CASE WHEN state = 'failed' THEN 1 ELSE 0 END) AS failed, "
+        "SUM(CASE WHEN state IN ('queued', 'retry') THEN 1 ELSE 0 END) AS pending FROM files WHERE job_id = ?", (job_id,)).fetchone()
     return {k: row[k] or 0 for k in ("files", "done", "failed", "pending")}
 
 
@@ -183,10 +224,12 @@ class ExportStore:
     submitted job survives a power cut.
     """
 
-    def __init__(self, path: str, reactor, pool=None, durable: bool = True, reserve=None):
-        self.db = Database(path, reactor, schema=_SCHEMA, name="exportdb", durable=durable, pool=pool,
-                           reserve=reserve)
-        self.path = path
+    def __init__(self, path: str, reactor, pool=None, durable: bool = True, reserve=None, url: str = "",
+                 namespace: str = "dicomgw"):
+        # With [index] url, the jobs are in PostgreSQL, beside the index's schema.
+        self.db = Database(url or path, reactor, migrations=MIGRATIONS, name="exportdb", durable=durable, pool=pool,
+                           reserve=reserve, namespace=f"{namespace}_exports")
+        self.path = path if not url else f"{self.db.namespace} on PostgreSQL"
 
     def start(self):
         return self.db.start()
@@ -194,8 +237,14 @@ class ExportStore:
     def stop(self):
         return self.db.stop()
 
-    def add_jobs(self, destinations, paths, origin, now):
-        return self.db.run_durable(_add_jobs, list(destinations), list(paths), origin, now)
+    def add_jobs(self, destinations, paths, origin, now, node="", lease=0.0):
+        return self.db.run_durable(_add_jobs, list(destinations), list(paths), origin, now, node, lease)
+
+    def claim(self, job_id, now, node="", lease=0.0):
+        return self.db.run_durable(_claim, job_id, now, node, lease)
+
+    def renew_and_take(self, node, lease):
+        return self.db.run_durable(_renew_and_take, node, lease)
 
     def set_job(self, job_id, now, **fields):
         return self.db.run_durable(_set_job, job_id, now, fields)
@@ -257,7 +306,8 @@ class ExportService(Service):
         self.reactor = reactor
         self.read_pool = read_pool
         self.store = ExportStore(db_path or os.path.join(config.gateway.storage, DB_NAME), reactor, db_pool,
-                                 durable=config.storage.fsync, reserve=reserve)
+                                 durable=config.storage.fsync, reserve=reserve, url=config.index.url,
+                                 namespace=config.index.schema)
         self.destinations = destinations or Destinations(config, reactor, read_pool)
         self.resume = resume
         self._ready: list[tuple[int, str]] = []  # (job id, destination), FIFO
@@ -269,6 +319,7 @@ class ExportService(Service):
         self._started: defer.Deferred | None = None
         self._start_error: BaseException | None = None
         self._stopping = False
+        self._lease_loop = None
         self.max_running = 0  # the most associations we ever had at once
 
     # ---- service ----------------------------------------------------------
@@ -282,7 +333,35 @@ class ExportService(Service):
         self._started = self.store.start()
         if self.resume:
             self._started.addCallback(lambda _: self._resume())
+        if self.config.index.shared:
+            # Nodes share the jobs: this one renews the leases of those it
+            # holds and takes over those whose node stopped renewing them.
+            self._lease_loop = LoopingCall(self._lease_beat)
+            self._lease_loop.clock = self.reactor
+            self._started.addCallback(self._start_leases)
         self._started.addErrback(self._start_failed)
+
+    def _start_leases(self, result):
+        if self.running and not self._lease_loop.running:
+            self._lease_loop.start(self.config.cluster.lease / 3, now=False)  # errors are caught in the beat
+        return result
+
+    @defer.inlineCallbacks
+    def _lease_beat(self):
+        try:
+            taken = yield self.store.renew_and_take(self.config.gateway.node, self.config.cluster.lease)
+        except Exception as e:
+            self.log.warn("export jobs: leases not renewed: {error}", error=e)
+            return
+        for job in taken:
+            self.log.warn("export job {job} to {destination} taken over: its node stopped renewing its lease",
+                          job=job["id"], destination=job["destination"])
+            if job["state"] == "retrying" and job["next_attempt"]:
+                self._schedule(job["id"], job["destination"], max(0.0, job["next_attempt"] - self.reactor.seconds()))
+            else:
+                self._ready.append((job["id"], job["destination"]))
+        if taken:
+            self._pump()
 
     def _start_failed(self, failure):
         self._start_error = failure.value
@@ -305,6 +384,8 @@ class ExportService(Service):
             return defer.succeed(None)
         super().stopService()
         self._stopping = True
+        if self._lease_loop is not None and self._lease_loop.running:
+            self._lease_loop.stop()
         for call in self._timers.values():
             if call.active():
                 call.cancel()
@@ -350,7 +431,8 @@ class ExportService(Service):
         await self._when_started()
         if self._start_error is not None:
             raise self._start_error
-        ids = await self.store.add_jobs(destinations, paths, origin, self.reactor.seconds())
+        ids = await self.store.add_jobs(destinations, paths, origin, self.reactor.seconds(),
+                                        self.config.gateway.node, self.config.cluster.lease)
         for job_id, name in zip(ids, destinations):
             self.log.info("export job {job} to {destination}: {files} file(s) queued from {origin}",
                           event="export.job", job=job_id, destination=name, state="queued",
@@ -427,8 +509,10 @@ class ExportService(Service):
         job = await store.job(job_id)
         if job is None or job["state"] in FINAL_STATES:
             return
-        attempt = job["attempts"] + 1
-        await store.set_job(job_id, self.reactor.seconds(), state="in_progress", attempts=attempt, next_attempt=None)
+        attempt = await store.claim(job_id, self.reactor.seconds(), self.config.gateway.node,
+                                    self.config.cluster.lease)
+        if attempt is None:
+            return  # another node holds it
         files = await store.pending_files(job_id)
         if name not in self.destinations.names():
             for f in files:

@@ -78,7 +78,7 @@ def matching_sources(config, calling_ae: str, peer_host: str | None) -> set[str]
 
 
 def check_association(config, rq: P.AssociateRQ, *, peer_host: str | None, tls: bool,
-                      active: int, congestion: str | None) -> Reject | None:
+                      active: int, congestion: str | None, index_trouble: str | None = None) -> Reject | None:
     """None to go on negotiating, or why (and how) to reject."""
     if rq.application_context != P.DICOM_APPLICATION_CONTEXT:
         return _user(P.RJ_USER_APP_CONTEXT_NOT_SUPPORTED, f"application context {rq.application_context!r}")
@@ -105,6 +105,9 @@ def check_association(config, rq: P.AssociateRQ, *, peer_host: str | None, tls: 
     if congestion:
         return Reject(P.RJ_TRANSIENT, P.RJ_SOURCE_PRESENTATION, P.RJ_PRES_TEMPORARY_CONGESTION,
                       f"storage: {congestion}")
+    if index_trouble:
+        return Reject(P.RJ_TRANSIENT, P.RJ_SOURCE_PRESENTATION, P.RJ_PRES_TEMPORARY_CONGESTION,
+                      f"index: {index_trouble}")
     return None
 
 

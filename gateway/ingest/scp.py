@@ -106,6 +106,9 @@ class SCPService(Service):
         self.active: set[StoreSCP] = set()
         # Set by the watermark service: why storage is congested, or None.
         self.congestion: str | None = None
+        # Set by the cluster service: why the index cannot be reached, or None.
+        # New associations are refused (transient) meanwhile, as for congestion.
+        self.index_trouble: str | None = None
         self.disk_full = False  # a write found no room; the watermark clears it
 
     def notify(self, method: str, *args):
@@ -237,6 +240,7 @@ class StoreSCP(DIMSEUser):
         reject = policy.check_association(
             config, rq, peer_host=self.provider.peer_host, tls=self.tls,
             active=len(self.service.active), congestion=self.service.congestion,
+            index_trouble=self.service.index_trouble,
         )
         if reject is not None:
             self.outcome = f"rejected: {reject.describe()}"

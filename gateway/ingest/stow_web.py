@@ -428,6 +428,8 @@ class StowService(Service):
                                "bytes (dicomweb.max_request_bytes)")
         if self.ingest.congestion:
             raise Refusal(503, f"storage is congested: {self.ingest.congestion}", {"Retry-After": "60"})
+        if self.ingest.index_trouble:
+            raise Refusal(503, f"the index cannot be reached: {self.ingest.index_trouble}", {"Retry-After": "30"})
         info = AssociationInfo(new_association_id("w"), "", ae.title, _peer(request.transport),
                                self.reactor.seconds())
         receiver = StowReceiver(self.ingest, ae, where, boundary, info, max_parts=settings.max_parts,

@@ -23,6 +23,7 @@ from twisted.internet.defer import DeferredList, inlineCallbacks
 from twisted.logger import Logger
 
 from gateway.messaging.monai import Message
+from gateway.store import dialect
 
 #: Messages published ahead of their confirmations.
 WINDOW = 64
@@ -47,6 +48,20 @@ def db_waiting(conn, after: int, limit: int) -> list[tuple]:
     return [tuple(r) for r in conn.execute(
         "SELECT seq, message_id, routing_key, type, correlation_id, timestamp, body, payload FROM outbox "
         "WHERE state = 'waiting' AND seq > ? ORDER BY seq LIMIT ?", (after, limit))]
+
+
+def db_claim_waiting(conn, after: int, limit: int, node: str, lease: float) -> list[tuple]:
+    """Like :func:`db_waiting`, for one node of several: the rows no other
+    node holds (or whose holder let its lease expire) become this node's
+    for ``lease`` seconds (renewed by its heartbeat, gateway.workflow.cluster),
+    so that each message is published by one node."""
+    db_now = dialect.db_now(conn)
+    rows = conn.execute(
+        "UPDATE outbox SET node = ?, lease_until = ? WHERE seq IN (SELECT seq FROM outbox WHERE state = 'waiting' "
+        "AND seq > ? AND (node IS NULL OR node = ? OR lease_until IS NULL OR lease_until < ?) ORDER BY seq LIMIT ?"
+        f"{dialect.skip_locked(conn)}) RETURNING seq, message_id, routing_key, type, correlation_id, timestamp, "
+        "body, payload", (node, db_now + lease, after, node, db_now, limit)).fetchall()
+    return sorted(tuple(r) for r in rows)
 
 
 def db_sent(conn, seqs, failed, now: float) -> list[str]:
@@ -94,7 +109,10 @@ class Outbox:
 
     log = Logger()
 
-    def __init__(self, db, broker, reactor):
+    def __init__(self, db, broker, reactor, node: str = "", lease: float = 0.0):
+        # With a node name, several nodes share the outbox: each publishes the rows it claimed.
+        self.node = node
+        self.lease = lease
         self.db = db
         self.broker = broker
         self.reactor = reactor
@@ -137,7 +155,10 @@ class Outbox:
         after = 0
         while not self.stopped and self.broker.connected:
             self.again = False
-            rows = yield self.db.run(db_waiting, after, WINDOW)
+            if self.node:
+                rows = yield self.db.run(db_claim_waiting, after, WINDOW, self.node, self.lease)
+            else:
+                rows = yield self.db.run(db_waiting, after, WINDOW)
             if not rows:
                 return
             sends = []

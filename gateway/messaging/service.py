@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -77,7 +78,14 @@ class MessagingService(MultiService):
         self.db = db
         self.broker = Broker(self.settings, reactor, broker_tls(self.settings, config.path))
         self.broker.setServiceParent(self)
-        self.outbox = Outbox(db, self.broker, reactor)
+        shared = config.index.shared
+        self.outbox = Outbox(db, self.broker, reactor, node=config.gateway.node if shared else "",
+                             lease=config.cluster.lease)
+        # Nodes sharing the outbox look for rows a stopped node left, every lease.
+        self._sweep = LoopingCall(self.outbox.kick) if shared else None
+        if self._sweep is not None:
+            self._sweep.clock = reactor
+        self.lease = config.cluster.lease
         self.broker.when_connected(self.outbox.kick)
         self.handler = None
         if exports is not None and destinations is not None:
@@ -101,8 +109,12 @@ class MessagingService(MultiService):
         super().startService()
         # Requests left by an earlier run go out once the broker is there.
         self.outbox.kick()
+        if self._sweep is not None and not self._sweep.running:
+            self._sweep.start(self.lease, now=False)
 
     def stopService(self):
+        if self._sweep is not None and self._sweep.running:
+            self._sweep.stop()
         self.outbox.stop()
         return super().stopService()
 

@@ -431,8 +431,10 @@ class ApiResource(Resource):
     def _page(query, total, items):
         return 200, {"items": items, "total": total, "limit": query["limit"], "offset": query["offset"]}
 
+    @inlineCallbacks
     def get_associations(self, request, query):
-        total, items = self.api.recent.page(query["limit"], query["offset"])
+        # The recent ones of this process, or (nodes sharing an index) the index's, of every node.
+        total, items = yield maybeDeferred(self.api.recent.page, query["limit"], query["offset"])
         return self._page(query, total, items)
 
     @inlineCallbacks

@@ -62,12 +62,22 @@ def schemas(job_states, payload_states, instance_states) -> dict:
             "associations": _object(("active", "list"), {"active": _COUNT, "list": {
                 "type": "array", "items": {"type": "object"}}}),
             "storage": {"type": "object"}, "queues": {"type": "object"},
-            "messaging": {"type": "object"}}),
+            "messaging": {"type": "object"},
+            # This node, the index, and the nodes sharing it seen recently (gateway.workflow.cluster).
+            "cluster": _object(("node", "index", "lease_seconds", "problems", "nodes"), {
+                "node": _STRING, "index": _STRING, "lease_seconds": _NUMBER, "problems": _STRINGS,
+                "nodes": _nullable({"type": "array", "items": _object(
+                    ("node", "seen_ago", "alive", "pid", "version"), {
+                        "node": _STRING, "seen_ago": _NUMBER, "alive": {"type": "boolean"},
+                        "pid": _nullable(_INT), "version": _nullable(_STRING)})}),
+                "error": _STRING})}),
         "Association": {"type": "object", "required": ["time"], "properties": {
             "time": _STRING, "association": _STRING, "calling_ae": _STRING, "called_ae": _STRING,
             "peer": _STRING, "tls_subject": _nullable(_STRING), "result": _STRING, "outcome": _STRING,
             "instances": _COUNT, "bytes": _COUNT, "failures": _COUNT, "duration": _NUMBER,
-            "reject_result": _INT, "reject_source": _INT, "reject_reason": _INT}},
+            "reject_result": _INT, "reject_source": _INT, "reject_reason": _INT,
+            # Nodes sharing an index list every node's associations from it (gateway.workflow.cluster).
+            "node": _nullable(_STRING), "started": _nullable(_NUMBER), "ended": _nullable(_NUMBER)}},
         "ExportJob": _object(("id", "destination", "state", "origin", "created", "updated", "files", "done",
                               "failed"), {
             "id": {"type": ["integer", "string"]}, "destination": _STRING, "state": {"enum": list(job_states)},

@@ -68,12 +68,19 @@ def _tree_size(path):
     return total
 
 
+def _gone_already(function, path, excinfo):
+    """Nodes sharing a storage root may reclaim the same payload at once:
+    what the other removed first is not an error."""
+    if not isinstance(excinfo[1], FileNotFoundError):
+        raise excinfo[1]
+
+
 def _remove_trees(paths):
     freed = 0
     for path in paths:
         if path and os.path.isdir(path):
             freed += _tree_size(path)
-            shutil.rmtree(path)
+            shutil.rmtree(path, onerror=_gone_already)
     return freed
 
 

@@ -38,7 +38,7 @@ from gateway.store.database import Database
 
 DB_NAME = "dicomgw.sqlite"
 
-SCHEMA = """
+_BASE = """
 CREATE TABLE IF NOT EXISTS associations (
     id TEXT PRIMARY KEY,
     calling_ae TEXT, called_ae TEXT, peer TEXT,
@@ -120,26 +120,61 @@ CREATE TABLE IF NOT EXISTS export_requests (
 CREATE INDEX IF NOT EXISTS export_requests_message ON export_requests(message_id);
 """
 
+# The cluster: which node received what; leases on the work a node claims
+# (lease_until, in the database's clock); a heartbeat row per node.
+_CLUSTER = """
+ALTER TABLE associations ADD COLUMN node TEXT;
+ALTER TABLE instances ADD COLUMN node TEXT;
+CREATE INDEX IF NOT EXISTS associations_state ON associations(state, node);
+CREATE INDEX IF NOT EXISTS instances_group ON instances(ae, group_key, state);
+ALTER TABLE payloads ADD COLUMN node TEXT;
+ALTER TABLE payloads ADD COLUMN touches INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE payloads ADD COLUMN lease_until REAL;
+ALTER TABLE jobs ADD COLUMN node TEXT;
+ALTER TABLE jobs ADD COLUMN lease_until REAL;
+ALTER TABLE outbox ADD COLUMN node TEXT;
+ALTER TABLE outbox ADD COLUMN lease_until REAL;
+CREATE TABLE IF NOT EXISTS nodes (
+    name TEXT PRIMARY KEY,
+    started REAL, seen REAL,
+    pid INTEGER, version TEXT
+)
+"""
 
-def open_index(root: str, reactor, durable: bool, reserve=None) -> Database:
-    """The index database under the storage root (opened by ``start()``)."""
-    return Database(os.path.join(os.path.abspath(root), DB_NAME), reactor, schema=SCHEMA, name="db",
-                    durable=durable, reserve=reserve)
+#: The schema, as versioned migrations (gateway.store.database.migrate):
+#: (version, name, script).  A new version is appended, never edited.
+MIGRATIONS = ((1, "index", _BASE), (2, "cluster", _CLUSTER))
+
+
+def open_index(root: str, reactor, durable: bool, reserve=None, url: str = "",
+               namespace: str = "dicomgw") -> Database:
+    """The index database (opened by ``start()``): ``url`` (``[index] url``),
+    or, when that is "", SQLite under the storage root."""
+    return Database(url or os.path.join(os.path.abspath(root), DB_NAME), reactor, migrations=MIGRATIONS,
+                    name="db", durable=durable, reserve=reserve, namespace=namespace)
 
 
 #: An instance row as :func:`record_instances` takes it: these columns, in this order.
 INSTANCE_COLUMNS = ("association", "ae", "sop_class_uid", "sop_instance_uid", "patient_id", "patient_name",
                     "study_uid", "series_uid", "modality", "transfer_syntax", "size", "digest", "inode",
-                    "calling_ae", "called_ae", "peer", "received", "path", "group_key")
+                    "calling_ae", "called_ae", "peer", "received", "path", "group_key", "node")
 #: An association row as :func:`record_instances` takes it.
-ASSOCIATION_COLUMNS = ("id", "calling_ae", "called_ae", "peer", "started")
+ASSOCIATION_COLUMNS = ("id", "calling_ae", "called_ae", "peer", "started", "node")
+#: The columns that are not text (read from JSON through a cast).
+_NUMERIC = {"size": "INTEGER", "inode": "INTEGER", "received": "REAL", "started": "REAL"}
+
+
+def _json_values(columns) -> str:
+    return ", ".join(f"CAST(value->>{i} AS {_NUMERIC[c]})" if c in _NUMERIC else f"value->>{i}"
+                     for i, c in enumerate(columns))
+
 
 _RECORD_ASSOCIATIONS = (
     f"INSERT OR IGNORE INTO associations ({', '.join(ASSOCIATION_COLUMNS)}, state) "
-    f"SELECT {', '.join(f'value->>{i}' for i in range(len(ASSOCIATION_COLUMNS)))}, 'open' FROM json_each(?)")
+    f"SELECT {_json_values(ASSOCIATION_COLUMNS)}, 'open' FROM json_each(?)")
 _RECORD_INSTANCES = (
     f"INSERT INTO instances ({', '.join(INSTANCE_COLUMNS)}, state) "
-    f"SELECT {', '.join(f'value->>{i}' for i in range(len(INSTANCE_COLUMNS)))}, "
+    f"SELECT {_json_values(INSTANCE_COLUMNS)}, "
     "CASE (SELECT state FROM associations WHERE id = value->>0) WHEN 'open' THEN 'received' ELSE 'aborted' END "
     "FROM json_each(?) ORDER BY key")
 
@@ -194,17 +229,37 @@ def mark_removed(conn, instance_ids):
     conn.executemany("UPDATE instances SET state = 'removed' WHERE id = ?", [(i,) for i in instance_ids])
 
 
-def recover(conn, now, retention, instances_dir, started_before, keep_aes=(), handoff_aes=None):
-    """After a restart: end broken associations, adopt never-indexed files.
-
-    Returns (broken association ids, files adopted as aborted, files adopted
-    as kept, aborted instances now due for removal)."""
-    broken = [r[0] for r in conn.execute("SELECT id FROM associations WHERE state = 'open'")]
+def break_associations(conn, node, now, retention, keep_aes=()):
+    """The open associations of ``node`` (None: of no node, from before the
+    cluster) end ``broken``: a crash ended them; their instances are
+    aborted.  Returns their ids."""
+    if node is None:
+        broken = [r[0] for r in conn.execute("SELECT id FROM associations WHERE state = 'open' AND node IS NULL")]
+    else:
+        broken = [r[0] for r in conn.execute("SELECT id FROM associations WHERE state = 'open' AND node = ?",
+                                             (node,))]
     for a in broken:
-        conn.execute("UPDATE associations SET state = 'broken', ended = ? WHERE id = ?", (now, a))
+        conn.execute("UPDATE associations SET state = 'broken', ended = ? WHERE id = ? AND state = 'open'", (now, a))
         _keep(conn, keep_aes, "association = ?", [a])
         conn.execute("UPDATE instances SET state = 'aborted', discard_after = ? "
                      "WHERE association = ? AND state = 'received'", (now + retention, a))
+    return broken
+
+
+def recover(conn, now, retention, instances_dir, started_before, keep_aes=(), handoff_aes=None, node=None,
+            grace=0.0):
+    """After a restart: end broken associations, adopt never-indexed files.
+
+    ``node``: this node's name; only its own associations (and those of no
+    node) are broken by its restart, and only files older than ``grace``
+    seconds before ``started_before`` are adopted (on a shared root, a file
+    another node has just written has its row on the way).  Returns (broken
+    association ids, files adopted as aborted, files adopted as kept,
+    aborted instances now due for removal)."""
+    broken = break_associations(conn, None, now, retention, keep_aes)
+    if node:
+        broken += break_associations(conn, node, now, retention, keep_aes)
+    started_before -= grace
     known = {r[0] for r in conn.execute(
         "SELECT path FROM instances WHERE state IN ('received', 'kept', 'aborted', 'payload')")}
     orphans = kept = 0

@@ -487,9 +487,11 @@ class Storage:
     log = Logger()
 
     def __init__(self, root: str, reactor, pool: WorkerPool, *, fsync: bool = True, digest: str = "blake3",
-                 implementation_version_name: str = "DICOMGW"):
+                 implementation_version_name: str = "DICOMGW", node: str = ""):
         self.root = os.path.abspath(root)
-        self.tmp_dir = os.path.join(self.root, "tmp")
+        # Nodes sharing the root (a cluster) each have a tmp/<node>/ of their
+        # own: one node's start never removes another's files in progress.
+        self.tmp_dir = os.path.join(self.root, "tmp", node) if node else os.path.join(self.root, "tmp")
         self.instances_dir = os.path.join(self.root, "instances")
         self.payloads_dir = os.path.join(self.root, "payloads")
         self.outputs_dir = os.path.join(self.root, "outputs")

@@ -47,7 +47,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from gateway.interfaces import IInstanceStoredObserver, IPayloadQuery, IReconfigurable
-from gateway.store import index
+from gateway.store import dialect, index
 from gateway.store.files import fsync_dir, remove_all
 from gateway.store.header import header_attributes, quick_attributes
 
@@ -58,6 +58,9 @@ MANIFEST_VERSION = 2
 #: when this many wait (see instance_stored).
 INDEX_DELAY = 0.25
 INDEX_BATCH = 256
+#: An association the index could not record ended is tried again this often, this many times.
+DISCARD_RETRY = 2.0
+DISCARD_TRIES = 300
 #: The states a payload goes through (gateway.store.index says what each means).
 PAYLOAD_STATES = ("open", "closing", "closed", "done", "failed", "removed")
 
@@ -74,7 +77,7 @@ def group_key(grouping: str, association_id: str, attrs: dict) -> str:
 
 # ---- transactions (database thread) ------------------------------------------
 
-def _db_index(conn, associations: str, segments: list, groupings: dict):
+def _db_index(conn, associations: str, segments: list, groupings: dict, node: str = ""):
     """Record a batch of stored instances, in the order received.
 
     ``associations``: the JSON rows of their associations.  ``segments``:
@@ -94,31 +97,41 @@ def _db_index(conn, associations: str, segments: list, groupings: dict):
             attrs = header_attributes(instance.path, instance.head, instance.transfer_syntax_uid,
                                       instance.dataset_size <= len(instance.head))
             key = group_key(groupings.get(association.called_ae, "study"), association.id, attrs)
-            rows.append(instance_row(instance, association, received, attrs, key))
+            rows.append(instance_row(instance, association, received, attrs, key, node))
             read.append((key, attrs["header_error"]))
         index.record_instances(conn, "[]", json.dumps(rows))
     return read
 
 
-def instance_row(instance, association, received, attrs, key) -> list:
+def instance_row(instance, association, received, attrs, key, node="") -> list:
     """An instance's row, as index.INSTANCE_COLUMNS."""
     return [association.id, association.called_ae, instance.sop_class_uid, instance.sop_instance_uid,
             attrs["patient_id"], attrs["patient_name"], attrs["study_uid"], attrs["series_uid"], attrs["modality"],
             instance.transfer_syntax_uid, instance.size, instance.digest, instance.inode, association.calling_ae,
-            association.called_ae, association.peer, received, instance.path, key]
+            association.called_ae, association.peer, received, instance.path, key, node or None]
 
 
-def _db_release(conn, info, now, aes: dict):
+def _db_release(conn, info, now, aes: dict, node: str = ""):
     """Join the association's instances to payloads; return the open payloads touched.
 
     ``aes``: the AE titles that form payloads (PayloadService._handoff_aes)."""
     conn.execute(
-        "INSERT OR IGNORE INTO associations (id, calling_ae, called_ae, peer, started, state) "
-        "VALUES (?, ?, ?, ?, ?, 'open')",
-        (info.id, info.calling_ae, info.called_ae, info.peer, info.started))
-    conn.execute("UPDATE associations SET state = 'released', ended = ? WHERE id = ?", (now, info.id))
+        "INSERT OR IGNORE INTO associations (id, calling_ae, called_ae, peer, started, node, state) "
+        "VALUES (?, ?, ?, ?, ?, ?, 'open')",
+        (info.id, info.calling_ae, info.called_ae, info.peer, info.started, node or None))
+    cur = conn.execute("UPDATE associations SET state = 'released', ended = ? WHERE id = ? AND state = 'open'",
+                       (now, info.id))
+    if cur.rowcount == 0:
+        # Another node took it for broken (this node's heartbeat stopped for
+        # longer than the lease): its instances are aborted already.
+        raise RuntimeError(f"association {info.id} was ended meanwhile (by another node)")
     rows = conn.execute("SELECT id, ae, group_key, received, sop_instance_uid FROM instances "
-                        "WHERE association = ? AND state = 'received'", (info.id,)).fetchall()
+                        "WHERE association = ? AND state = 'received' ORDER BY id", (info.id,)).fetchall()
+    # A group's open payload is found (or made) and joined under its lock, so
+    # that nodes releasing at once make one payload; always in the same
+    # order, so that two releases never wait for each other.
+    for ae_title, key in sorted({(r["ae"], r["group_key"] or "") for r in rows if r["ae"] in aes}):
+        dialect.lock(conn, _group_lock(ae_title, key))
     touched = {}
     for r in rows:
         ae = aes.get(r["ae"])
@@ -130,40 +143,73 @@ def _db_release(conn, info, now, aes: dict):
                          (r["ae"], key)).fetchone()
         if p is None:
             pid = f"{int(now):d}-{secrets.token_hex(6)}"
-            conn.execute("INSERT INTO payloads (id, ae, grouping, key, state, created, updated) "
-                         "VALUES (?, ?, ?, ?, 'open', ?, ?)", (pid, r["ae"], ae.grouping, key, now, r["received"]))
-            updated = r["received"]
+            conn.execute("INSERT INTO payloads (id, ae, grouping, key, state, created, updated, node, touches) "
+                         "VALUES (?, ?, ?, ?, 'open', ?, ?, ?, 1)",
+                         (pid, r["ae"], ae.grouping, key, now, r["received"], node or None))
+            updated, touches = r["received"], 1
         else:
             pid, updated = p["id"], max(p["updated"] or 0, r["received"] or 0)
-            conn.execute("UPDATE payloads SET updated = ? WHERE id = ?", (updated, pid))
+            # The quiet timer of the payload runs on the node that joined it last.
+            touches = conn.execute("UPDATE payloads SET updated = ?, node = ?, touches = touches + 1 WHERE id = ? "
+                                   "RETURNING touches", (updated, node or None, pid)).fetchone()[0]
         conn.execute("UPDATE instances SET state = 'payload', payload = ? WHERE id = ?", (pid, r["id"]))
         # The same instance received again for the same payload: latest wins.
         conn.execute("UPDATE instances SET state = 'replaced' WHERE payload = ? AND state = 'payload' "
                      "AND sop_instance_uid = ? AND id < ?", (pid, r["sop_instance_uid"], r["id"]))
         conn.execute("INSERT OR IGNORE INTO payload_associations (payload, association) VALUES (?, ?)",
                      (pid, info.id))
-        touched[pid] = (r["ae"], key, updated)
+        touched[pid] = (r["ae"], key, updated, touches)
     return touched
 
 
-def _db_recover(conn, now, retention, instances_dir, started_before, keep_aes, handoff_aes):
-    """After a restart: the index's own recovery, then jobs that were running
-    run again, and open and closing payloads are found."""
+def _group_lock(ae, key) -> str:
+    return f"dicomgw-payload:{ae}:{key}"
+
+
+def _db_recover(conn, now, retention, instances_dir, started_before, keep_aes, handoff_aes, node="", grace=0.0):
+    """After a restart: the index's own recovery, then jobs this node was
+    running run again, and its open and closing payloads are found (those of
+    other nodes are theirs, or taken over when their leases expire:
+    gateway.workflow.cluster)."""
     broken, orphans, kept, due = index.recover(conn, now, retention, instances_dir, started_before,
-                                               keep_aes, handoff_aes)
+                                               keep_aes, handoff_aes, node or None, grace)
+    mine = "(node = ? OR node IS NULL)"
     conn.execute("UPDATE jobs SET state = 'pending', reason = 'interrupted by a restart', next_attempt = ? "
-                 "WHERE state = 'running'", (now,))
+                 f"WHERE state = 'running' AND {mine}", (now, node))
     opened = [tuple(r) for r in conn.execute(
-        "SELECT id, ae, key, updated FROM payloads WHERE state = 'open'")]
-    closing = [r[0] for r in conn.execute("SELECT id FROM payloads WHERE state = 'closing'")]
+        f"SELECT id, ae, key, updated, touches FROM payloads WHERE state = 'open' AND {mine}", (node,))]
+    closing = [r[0] for r in conn.execute(f"SELECT id FROM payloads WHERE state = 'closing' AND {mine}", (node,))]
     return broken, orphans, kept, due, opened, closing
 
 
-def _db_begin_close(conn, pid):
-    cur = conn.execute("UPDATE payloads SET state = 'closing' WHERE id = ? AND state IN ('open', 'closing')",
-                       (pid,))
-    if cur.rowcount == 0:
+#: _db_begin_close: the payload is not this node's to close now.
+NOT_MINE = "not mine"
+#: _db_begin_close: an open association (of another node) still brings instances for it.
+BUSY = "busy"
+
+
+def _db_begin_close(conn, pid, node="", touches=None):
+    """Mark the payload closing and read it, or say why not (None: not open
+    or closing any more; NOT_MINE: another node joined it since ``touches``
+    and runs its timer, or closes it; BUSY: an open association has
+    instances of its group not released yet)."""
+    row = conn.execute("SELECT ae, key FROM payloads WHERE id = ?", (pid,)).fetchone()
+    if row is None:
         return None
+    dialect.lock(conn, _group_lock(row["ae"], row["key"]))
+    p = conn.execute("SELECT state, node, touches FROM payloads WHERE id = ?", (pid,)).fetchone()
+    if p["state"] not in ("open", "closing"):
+        return None
+    if node and p["node"] not in (None, node):
+        return NOT_MINE
+    if p["state"] == "open":
+        if touches is not None and p["touches"] != touches:
+            return NOT_MINE
+        if conn.execute("SELECT 1 FROM instances i JOIN associations a ON a.id = i.association "
+                        "WHERE i.ae = ? AND i.group_key = ? AND i.state = 'received' AND a.state = 'open' LIMIT 1",
+                        (row["ae"], row["key"])).fetchone():
+            return BUSY
+    conn.execute("UPDATE payloads SET state = 'closing', node = ? WHERE id = ?", (node or p["node"], pid))
     payload = dict(conn.execute("SELECT * FROM payloads WHERE id = ?", (pid,)).fetchone())
     instances = [dict(r) for r in conn.execute(
         "SELECT * FROM instances WHERE payload = ? AND state = 'payload' ORDER BY id", (pid,))]
@@ -173,7 +219,7 @@ def _db_begin_close(conn, pid):
     return payload, instances, associations
 
 
-def _db_finish_close(conn, pid, directory, moved, missing, pipelines, now, participants=()):
+def _db_finish_close(conn, pid, directory, moved, missing, pipelines, now, participants=(), node="", lease=0.0):
     for instance_id, path in moved:
         conn.execute("UPDATE instances SET path = ? WHERE id = ?", (path, instance_id))
     for instance_id in missing:
@@ -184,9 +230,11 @@ def _db_finish_close(conn, pid, directory, moved, missing, pipelines, now, parti
     for name in pipelines:
         if conn.execute("SELECT 1 FROM jobs WHERE payload = ? AND pipeline = ?", (pid, name)).fetchone():
             continue
-        cur = conn.execute("INSERT INTO jobs (payload, pipeline, state, created, updated, next_attempt) "
-                           "VALUES (?, ?, 'pending', ?, ?, ?)", (pid, name, now, now, now))
-        ids.append(cur.lastrowid)
+        # The closing node holds the new jobs (gateway.workflow.cluster renews them).
+        ids.append(conn.execute("INSERT INTO jobs (payload, pipeline, state, created, updated, next_attempt, node, "
+                                "lease_until) VALUES (?, ?, 'pending', ?, ?, ?, ?, ?) RETURNING id",
+                                (pid, name, now, now, now, node or None, dialect.db_now(conn) + lease)
+                                ).fetchone()[0])
     # Participants (the broker's outbox) record their part in this same transaction.
     held = [p.close_transaction(conn, pid, now) for p in participants]
     if not pipelines and not any(held):
@@ -291,6 +339,7 @@ class PayloadService(Service):
         # payloads, with or without pipelines.
         self.participants = tuple(participants)
         self.aes = {ae.title: ae for ae in config.ae}
+        self.node = config.gateway.node
         self.open_keys: dict[str, set] = {}      # association id -> {(ae, key)}
         self.last_seen: dict[tuple, float] = {}  # (ae, key) -> time of the last instance
         self.open_payloads: dict[tuple, list] = {}  # (ae, key) -> [payload id, updated]
@@ -376,7 +425,7 @@ class PayloadService(Service):
                 self.recorded.add(aid)
                 first = True
                 self._associations[aid] = [aid, association.calling_ae, association.called_ae, association.peer,
-                                           association.started]
+                                           association.started, self.node]
             try:
                 attrs = quick_attributes(instance.head, instance.transfer_syntax_uid,
                                          instance.dataset_size <= len(instance.head))
@@ -388,7 +437,7 @@ class PayloadService(Service):
             ae = self.aes.get(association.called_ae)
             key = group_key(ae.grouping if ae else "study", aid, attrs)
             self._seen(association, key, received)
-            self._rows.append((aid, json.dumps(instance_row(instance, association, received, attrs, key)), None))
+            self._rows.append((aid, json.dumps(instance_row(instance, association, received, attrs, key, self.node)), None))
         if first:
             self._urgent = True
         self._index_soon()
@@ -431,7 +480,7 @@ class PayloadService(Service):
             segments.append("[" + ",".join(texts) + "]")
         self._indexing = True
         groupings = {title: ae.grouping for title, ae in self.aes.items()}
-        d = self.db.run(_db_index, json.dumps(list(associations.values())), segments, groupings)
+        d = self.db.run(_db_index, json.dumps(list(associations.values())), segments, groupings, self.node)
         d.addBoth(self._indexed, rows)
 
     def _indexed(self, result, rows):
@@ -482,14 +531,21 @@ class PayloadService(Service):
             # and the association counts as aborted.
             self.failed.discard(association.id)
             self.open_keys.pop(association.id, None)
-            yield self._discard(association.id, "aborted")
+            yield self._discard_or_later(association.id, "aborted")
             raise RuntimeError(f"association {association.id}: instances could not be indexed")
         now = self.reactor.seconds()
-        touched = yield self.db.run_durable(_db_release, association, now, self._handoff_aes())
+        try:
+            touched = yield self.db.run_durable(_db_release, association, now, self._handoff_aes(), self.node)
+        except Exception:
+            # Not released (the SCP aborts): the association ends aborted,
+            # now or, should the index be unreachable, once it answers again.
+            self.open_keys.pop(association.id, None)
+            self._discard_or_later(association.id, "aborted")
+            raise
         keys = self.open_keys.pop(association.id, set())
-        keys.update((ae, key) for ae, key, _u in touched.values())
-        for pid, (ae, key, updated) in touched.items():
-            self.open_payloads[(ae, key)] = [pid, updated]
+        keys.update((ae, key) for ae, key, _u, _t in touched.values())
+        for pid, (ae, key, updated, touches) in touched.items():
+            self.open_payloads[(ae, key)] = [pid, updated, touches]
         for k in keys:
             self._check_key(k)
 
@@ -499,9 +555,27 @@ class PayloadService(Service):
         self.recorded.discard(association.id)
         self.failed.discard(association.id)
         keys = self.open_keys.pop(association.id, set())
-        yield self._discard(association.id, result)
+        yield self._discard_or_later(association.id, result)
         for k in keys:
             self._check_key(k)
+
+    def _discard_or_later(self, association_id, result, tries=DISCARD_TRIES):
+        """End the association (:meth:`_discard`); while the index cannot be
+        reached, try again every DISCARD_RETRY seconds (an association left
+        open in the index would hold its groups' payloads open)."""
+        d = self._discard(association_id, result)
+
+        def failed(failure):
+            if tries <= 1 or not self.running:
+                self.log.failure("association {association}: could not be recorded {result}; the next start "
+                                 "ends it", failure, association=association_id, result=result)
+                return None
+            self.log.warn("association {association}: could not be recorded {result} ({why}); trying again",
+                          association=association_id, result=result, why=failure.getErrorMessage())
+            self.reactor.callLater(DISCARD_RETRY, self._discard_or_later, association_id, result, tries - 1)
+            return None
+
+        return d.addErrback(failed)
 
     @inlineCallbacks
     def _discard(self, association_id, result):
@@ -521,6 +595,10 @@ class PayloadService(Service):
         """The AE titles whose instances form payloads."""
         return {title: ae for title, ae in self.aes.items() if ae.pipelines or self.participants}
 
+    def keep_aes(self):
+        """The AE titles whose instances are kept, never handed off."""
+        return self._keep_aes()
+
     def _keep_aes(self):
         handoff = self._handoff_aes()
         return tuple(title for title in self.aes if title not in handoff)
@@ -533,7 +611,7 @@ class PayloadService(Service):
             if not any(k in keys for keys in self.open_keys.values()):
                 self.last_seen.pop(k, None)  # nothing waits for this group
             return
-        pid, updated = entry
+        pid, updated, touches = entry
         ae = self.aes.get(k[0])
         timeout = ae.timeout if ae else 5.0
         last = max(updated or 0, self.last_seen.get(k, 0))
@@ -554,7 +632,18 @@ class PayloadService(Service):
             return
         del self.open_payloads[k]
         self.last_seen.pop(k, None)
-        self.close(pid).addErrback(self._close_failed, pid)
+        d = self.close(pid, touches)
+        d.addCallback(self._closed_or_not, k, entry)
+        d.addErrback(self._close_failed, pid)
+
+    def _closed_or_not(self, outcome, k, entry):
+        """A payload another node's open association still feeds waits one
+        more timeout (that association's release joins it and restarts the
+        timer; its end lets it close)."""
+        if outcome == BUSY and k not in self.open_payloads:
+            self.open_payloads[k] = entry
+            ae = self.aes.get(k[0])
+            self.timers[entry[0]] = self.reactor.callLater(ae.timeout if ae else 5.0, self._check_key, k)
 
     def _close_failed(self, failure, pid):
         self.log.failure("payload {payload}: closing failed; trying again in 30 s", failure, payload=pid)
@@ -565,12 +654,16 @@ class PayloadService(Service):
         self.close(pid).addErrback(self._close_failed, pid)
 
     @inlineCallbacks
-    def close(self, pid):
-        """Close payload ``pid``: directory, manifest, jobs; hand it off."""
+    def close(self, pid, touches=None):
+        """Close payload ``pid``: directory, manifest, jobs; hand it off.
+
+        ``touches``: how many joins this node saw; should another node have
+        joined it since, that node closes it.  Returns its directory, or
+        None, NOT_MINE or BUSY when it is not closed (_db_begin_close)."""
         self.timers.pop(pid, None)
-        found = yield self.db.run(_db_begin_close, pid)
-        if found is None:
-            return None
+        found = yield self.db.run(_db_begin_close, pid, self.node, touches)
+        if found in (None, NOT_MINE, BUSY):
+            return found
         payload, instances, associations = found
         ae = self.aes.get(payload["ae"])
         pipelines = ae.pipelines if ae else ()
@@ -581,7 +674,8 @@ class PayloadService(Service):
                           "left out of the payload", payload=pid, count=len(missing))
         job_ids = yield self.db.run_durable(_db_finish_close, pid, directory,
                                     [(i, target) for i, target, _src, _ino in moved], missing,
-                                    pipelines, self.reactor.seconds(), self.participants)
+                                    pipelines, self.reactor.seconds(), self.participants, self.node,
+                                    self.config.cluster.lease)
         # The payload directory holds its own links now: drop the inbox ones
         # (only if no later copy of the same instance replaced them).
         yield self._disk(remove_all, [(i, src, ino) for i, _t, src, ino in moved])
@@ -602,7 +696,7 @@ class PayloadService(Service):
         retention = self.config.storage.aborted_retention
         broken, orphans, kept, due, opened, closing = yield self.db.run(
             _db_recover, now, retention, self.storage.instances_dir, now, self._keep_aes(),
-            tuple(self._handoff_aes()))
+            tuple(self._handoff_aes()), self.node, self.config.cluster.lease if self.config.index.shared else 0.0)
         if kept:
             self.log.info("recovery: {kept} file(s) not in the index were indexed as kept", kept=kept)
         if broken or orphans:
@@ -614,9 +708,8 @@ class PayloadService(Service):
         if due:
             yield self._disk(remove_all, due)
             yield self.db.run(index.mark_removed, [i for i, _p, _n in due])
-        for pid, ae, key, updated in opened:
-            self.open_payloads[(ae, key)] = [pid, updated]
-            self._check_key((ae, key))
+        for pid, ae, key, updated, touches in opened:
+            self.adopt(pid, ae, key, updated, touches)
         for pid in closing:
             try:
                 yield self.close(pid)
@@ -624,6 +717,12 @@ class PayloadService(Service):
                 self.log.failure("payload {payload}: closing after restart failed", payload=pid)
         if self.runner is not None:
             yield self.runner.recover()
+
+    def adopt(self, pid, ae, key, updated, touches):
+        """Run the quiet timer of an open payload (found at start, or taken
+        over from a node that stopped)."""
+        self.open_payloads[(ae, key)] = [pid, updated, touches]
+        self._check_key((ae, key))
 
     # ---- IPayloadQuery -------------------------------------------------------
 

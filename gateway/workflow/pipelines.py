@@ -39,6 +39,7 @@ from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
 from gateway.interfaces import IPipelineJobs, JobNotFailed
+from gateway.store import dialect
 from gateway.workflow.payloads import MANIFEST
 
 KILL_GRACE = 5.0
@@ -51,15 +52,25 @@ def _db_job(conn, job_id):
     return dict(r) if r is not None else None
 
 
-def _db_start(conn, job_id, now):
-    cur = conn.execute("UPDATE jobs SET state = 'running', attempts = attempts + 1, updated = ? "
-                       "WHERE id = ? AND state = 'pending'", (now, job_id))
-    if cur.rowcount == 0:
-        return None
-    return conn.execute("SELECT attempts FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
+def _db_start(conn, job_id, now, node="", lease=0.0):
+    """Claim the job for this node (one attempt more), or None when another
+    node (or an earlier call) has it.  The lease is renewed while it runs
+    (gateway.workflow.cluster); should it expire, another node takes the
+    job over."""
+    row = conn.execute("UPDATE jobs SET state = 'running', attempts = attempts + 1, updated = ?, node = ?, "
+                       "lease_until = ? WHERE id = ? AND state = 'pending' RETURNING attempts",
+                       (now, node or None, dialect.db_now(conn) + lease, job_id)).fetchone()
+    return None if row is None else row[0]
 
 
-def _db_end(conn, job_id, state, reason, now, next_attempt, outputs, export_jobs):
+def _db_end(conn, job_id, state, reason, now, next_attempt, outputs, export_jobs, node="", attempt=None):
+    """Record the attempt's outcome; False when the job is no longer this
+    node's attempt (its lease expired and another node took it over)."""
+    if node and attempt is not None:
+        held = conn.execute("SELECT 1 FROM jobs WHERE id = ? AND node = ? AND attempts = ? AND state = 'running'",
+                            (job_id, node, attempt)).fetchone()
+        if held is None:
+            return False
     conn.execute("UPDATE jobs SET state = ?, reason = ?, updated = ?, next_attempt = ?, outputs = ?, "
                  "export_jobs = ? WHERE id = ?",
                  (state, reason, now, next_attempt, outputs, json.dumps(list(export_jobs)), job_id))
@@ -69,6 +80,7 @@ def _db_end(conn, job_id, state, reason, now, next_attempt, outputs, export_jobs
         final = "done" if all(s == "done" for s in states) else "failed"
         conn.execute("UPDATE payloads SET state = ?, finished = ? WHERE id = ? AND state = 'closed'",
                      (final, now, pid))
+    return True
 
 
 def _db_retry(conn, payload_id, pipeline, now):
@@ -212,6 +224,11 @@ class PipelineRunner(Service):
         for job_id in job_ids:
             self._schedule(job_id, 0)
 
+    def submit_due(self, jobs):
+        """Schedule (job id, next attempt time) pairs (jobs taken over from another node)."""
+        for job_id, next_attempt in jobs:
+            self._schedule(job_id, max(0.0, (next_attempt or 0) - self.reactor.seconds()))
+
     @inlineCallbacks
     def retry(self, payload_id, pipeline):
         """IPipelineJobs: one more attempt of a failed job, now.  Its
@@ -289,7 +306,8 @@ class PipelineRunner(Service):
     @inlineCallbacks
     def _attempt(self, job, pipeline):
         job_id = job["id"]
-        attempt = yield self.db.run_durable(_db_start, job_id, self.reactor.seconds())
+        attempt = yield self.db.run_durable(_db_start, job_id, self.reactor.seconds(), self.config.gateway.node,
+                                            self.config.cluster.lease)
         if attempt is None:
             return
         started = self.reactor.seconds()
@@ -329,7 +347,13 @@ class PipelineRunner(Service):
             next_attempt = now + pipeline.backoff * 2 ** (attempt - 1)
         else:
             outcome, state = "failed", "failed"
-        yield self.db.run_durable(_db_end, job_id, state, reason, now, next_attempt, outputs, export_ids)
+        held = yield self.db.run_durable(_db_end, job_id, state, reason, now, next_attempt, outputs, export_ids,
+                                         self.config.gateway.node, attempt)
+        if not held:
+            self.log.warn("payload {payload}: pipeline {pipeline} attempt {attempt} ended ({outcome}) after its "
+                          "lease was lost; another node runs the job now", payload=job["payload"],
+                          pipeline=pipeline.name, job=job_id, attempt=attempt, outcome=outcome)
+            return None
         log = self.log.info if outcome == "done" else self.log.warn
         log("payload {payload}: pipeline {pipeline} attempt {attempt}: {outcome}{why}",
             event="pipeline.run", payload=job["payload"], pipeline=pipeline.name, job=job_id,

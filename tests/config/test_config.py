@@ -47,6 +47,19 @@ class ConfigTests(unittest.TestCase):
         )
         self.assertEqual(len(e.problems), 6)
 
+    def test_cluster_keys(self):
+        c = config_from_string('[gateway]\nnode = "gw-1.a"\n[index]\nurl = "postgresql://u:secret@db/x"\n'
+                               'schema = "site_a"\n[cluster]\nlease = 12\n[[ae]]\ntitle = "A"\n')
+        self.assertEqual((c.gateway.node, c.index.url, c.index.schema, c.cluster.lease),
+                         ("gw-1.a", "postgresql://u:secret@db/x", "site_a", 12.0))
+        self.assertTrue(c.index.shared)
+        self.assertEqual(c.index.safe_url(), "postgresql://u:***@db/x")
+        self.assertNotIn("secret", repr(c))
+        self.assertFalse(config_from_string('[[ae]]\ntitle = "A"\n').index.shared)  # SQLite by default
+        self.assertProblems('[gateway]\nnode = "a/b"\n[index]\nurl = "mysql://db"\nschema = "Bad-Name"\n'
+                            '[cluster]\nlease = 1\n[[ae]]\ntitle = "A"\n',
+                            "gateway.node", "index.url", "index.schema", "cluster.lease")
+
     def test_ae_titles(self):
         self.assertProblems("", "ae: at least one")
         self.assertProblems('[[ae]]\ntitle = "A"\n[[ae]]\ntitle = "A"\n', "ae[1].title: 'A' is configured twice")

@@ -11,7 +11,7 @@ import textwrap
 
 from twisted.internet import defer, reactor
 from twisted.internet.protocol import Factory, Protocol
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 
 from gateway.config import config_from_string
 from gateway.export.jobs import (
@@ -23,6 +23,7 @@ from gateway.export.jobs import (
 from gateway.threads import WorkerPool
 from tests.dicomfiles import ct_image, dataset_bytes, make_series, small_instance
 from tests.integration.harness import free_port, start_gateway
+from tests.pgtest import Backend, on_postgres
 
 
 
@@ -53,14 +54,14 @@ def scu_config(storage, destinations, *, max_associations=2, retries=3, retry_de
     return config_from_string(text)
 
 
-class ExportCase(TestCase):
+class ExportCase(Backend, TestCase):
     timeout = 60
 
     def start_export(self, config, **kw):
         pool = WorkerPool(2, "test-export-read")
         pool.start()
         self.addCleanup(pool.stop)
-        service = ExportService(config, reactor, pool, **kw)
+        service = ExportService(self.with_index(config), reactor, pool, **kw)
         service.startService()
         self.addCleanup(service.stopService)
         return service
@@ -179,6 +180,8 @@ class SendTests(ExportCase):
         self.assertIn("not a DICOM Part 10 file", job["file_statuses"][1]["reason"])
 
     def test_unusable_database_fails_submit_with_the_reason(self):
+        if self.backend != "sqlite":
+            raise SkipTest("a storage root that cannot hold the SQLite file")
         blocker = os.path.abspath(self.mktemp())
         with open(blocker, "w") as f:
             f.write("a file where the storage directory should be")
@@ -263,7 +266,9 @@ class RetryAndConcurrencyTests(ExportCase):
         config = scu_config(storage, [("gw", gw.port, "DICOMGW")])
 
         # A previous run queued a job and died while sending it.
-        store = ExportStore(os.path.join(storage, "exports.sqlite"), reactor)
+        options = self.index_options()
+        store = ExportStore(os.path.join(storage, "exports.sqlite"), reactor, url=options.get("url", ""),
+                            namespace=options.get("namespace", "dicomgw"))
         yield store.start()
         [job_id] = yield store.add_jobs(["gw"], paths, "test", 1.0)
         yield store.set_job(job_id, 2.0, state="in_progress", attempts=1)
@@ -416,3 +421,8 @@ class BackoffClockTests(TestCase):
         self.assertEqual(sum(len(a.stored) for a in dests.opened), 130)
         job = self.successResultOf(export.job(job_id))
         self.assertEqual((job["attempts"], job["done"]), (1, 130))
+
+
+SendTestsOnPostgres = on_postgres(SendTests)
+RetryAndConcurrencyTestsOnPostgres = on_postgres(RetryAndConcurrencyTests)
+StopTestsOnPostgres = on_postgres(StopTests)

@@ -12,6 +12,7 @@ from twisted.internet import defer
 from twisted.trial import unittest
 
 from tests import dicomfiles
+from gateway.config.sections import default_node
 from tests.integration.harness import in_thread, start_gateway
 from tests.integration.test_api import Client
 from tests.integration.test_payloads import PY, ae_table, pynetdicom_send, query, start, toml_list, wait_for
@@ -96,16 +97,14 @@ class StudyApiTests(unittest.TestCase):
             self.assertEqual(i["size"], os.path.getsize(i["path"]))
             self.assertTrue(i["digest"].startswith("blake3:"), i)
             self.assertEqual((i["called_ae"], i["calling_ae"], i["state"], i["node"], i["association"]),
-                             ("DICOMGW", "PYNETDICOM", "kept", None, association["id"]))
+                             ("DICOMGW", "PYNETDICOM", "kept", default_node(), association["id"]))
         self.assertEqual(study["bytes"], sum(i["size"] for i in instances))
         self.assertEqual(a["bytes"], study["bytes"])
         self.assertEqual((association["calling_ae"], association["state"], association["node"]),
-                         ("PYNETDICOM", "released", None))
+                         ("PYNETDICOM", "released", default_node()))
 
-        # Several nodes: when the index has a node column, it is reported.
+        # Several nodes: each row says which node received it ([gateway] node).
         conn = sqlite3.connect(os.path.join(gw.storage_root, "dicomgw.sqlite"))
-        conn.execute("ALTER TABLE instances ADD COLUMN node TEXT")
-        conn.execute("ALTER TABLE associations ADD COLUMN node TEXT")
         conn.execute("UPDATE instances SET node = 'gw-b'")
         conn.execute("UPDATE associations SET node = 'gw-b'")
         conn.commit()

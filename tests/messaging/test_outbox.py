@@ -11,9 +11,10 @@ from twisted.trial import unittest
 
 from gateway.messaging import monai
 from gateway.messaging.export_requests import ExportRequestHandler, db_begin, db_jobs
-from gateway.messaging.outbox import Outbox, db_counts, db_held, db_record
+from gateway.messaging.outbox import Outbox, db_claim_waiting, db_counts, db_held, db_record
 from gateway.config import Messaging
 from gateway.store.index import open_index
+from tests.pgtest import Backend, on_postgres
 from gateway.testing import FakeDestinations, FakeExportQueue, FakeMessageBroker
 from gateway.threads import WorkerPool
 
@@ -23,11 +24,11 @@ def message(n, payload=None):
                          "WorkflowRequestEvent", 1.0)
 
 
-class DatabaseCase(unittest.TestCase):
+class DatabaseCase(Backend, unittest.TestCase):
     def setUp(self):
         self.root = os.path.abspath(self.mktemp())
         os.makedirs(self.root)
-        self.db = open_index(self.root, reactor, durable=False)
+        self.db = open_index(self.root, reactor, durable=False, **self.index_options())
         self.addCleanup(self.db.stop)
         return self.db.start()
 
@@ -112,6 +113,22 @@ class OutboxTests(DatabaseCase):
         yield self.settle(outbox)
         self.assertEqual((yield self.db.run(db_held, ["p1"])), set())
         self.assertEqual((yield self.rows("SELECT state FROM payloads")), [("done",)])
+
+
+class SharedOutboxTests(DatabaseCase):
+    @defer.inlineCallbacks
+    def test_nodes_claim_disjoint_rows_until_a_lease_expires(self):
+        for n in range(5):
+            yield self.db.run(db_record, message(n), 1.0)
+        a = yield self.db.run(db_claim_waiting, 0, 3, "a", 30.0)
+        b = yield self.db.run(db_claim_waiting, 0, 3, "b", 30.0)
+        self.assertEqual([r[1] for r in a], ["id-0", "id-1", "id-2"])
+        self.assertEqual([r[1] for r in b], ["id-3", "id-4"])  # in order, none of a's
+        self.assertEqual((yield self.db.run(db_claim_waiting, 0, 10, "b", 30.0)), b)
+        # a stops renewing: its rows' leases run out, and b takes them.
+        yield self.db.run(lambda conn: conn.execute("UPDATE outbox SET lease_until = 0 WHERE node = 'a'"))
+        taken = yield self.db.run(db_claim_waiting, 0, 10, "b", 30.0)
+        self.assertEqual([r[1] for r in taken], [f"id-{n}" for n in range(5)])
 
 
 class SlowQueue(FakeExportQueue):
@@ -258,3 +275,8 @@ class ExportRequestFlowTests(DatabaseCase):
         self.assertEqual(answers["t-root"]["file_statuses"], {"../x.dcm": "ConfigurationError"})
         self.assertEqual({a["status"] for a in answers.values()}, {"Failure"})
         self.assertEqual(self.queue.submitted, 0)
+
+
+OutboxTestsOnPostgres = on_postgres(OutboxTests)
+ExportRequestFlowTestsOnPostgres = on_postgres(ExportRequestFlowTests)
+SharedOutboxTestsOnPostgres = on_postgres(SharedOutboxTests)

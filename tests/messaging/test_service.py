@@ -24,6 +24,7 @@ from gateway.messaging import monai
 from gateway.messaging.broker import Broker
 from gateway.messaging.service import MessagingService
 from gateway.store.index import open_index
+from tests.pgtest import Backend, on_postgres
 from gateway.testing import FakeDestinations, FakeExportQueue, FakeMessageBroker, RecordingParticipant
 
 URL = "amqp://guest:guest@127.0.0.1:1/%2F"  # nothing listens; nothing connects here
@@ -45,11 +46,11 @@ def closed_payload(conn, root):
                  "VALUES ('a1', 'DICOMGW', ?, 'payload', 'p1')", (os.path.join(root, "payloads", "p1", "1.dcm"),))
 
 
-class MessagingServiceTests(unittest.TestCase):
+class MessagingServiceTests(Backend, unittest.TestCase):
     def setUp(self):
         self.root = os.path.abspath(self.mktemp())
         os.makedirs(self.root)
-        self.db = open_index(self.root, reactor, durable=False)
+        self.db = open_index(self.root, reactor, durable=False, **self.index_options())
         self.addCleanup(self.db.stop)
         self.service = MessagingService(config(), self.root, self.db, reactor, None, FakeExportQueue(),
                                         FakeDestinations())
@@ -111,3 +112,6 @@ class MessagingServiceTests(unittest.TestCase):
         self.assertNotIn("guest:guest", reason)
         self.service.broker.connected = True
         self.assertEqual(self.service.degraded_reasons(), [])
+
+
+MessagingServiceTestsOnPostgres = on_postgres(MessagingServiceTests)

@@ -12,6 +12,7 @@ from twisted.trial import unittest
 from gateway.config import config_from_string
 from gateway.ops.reclaimer import Reclaimer, _db_candidates
 from gateway.store.index import open_index
+from tests.pgtest import Backend, on_postgres
 from gateway.testing import RecordingParticipant
 
 
@@ -45,10 +46,10 @@ class ReclaimerTests(unittest.TestCase):
         self.assertTrue(reclaimer.running)
 
 
-class HoldTests(unittest.TestCase):
+class HoldTests(Backend, unittest.TestCase):
     @defer.inlineCallbacks
     def test_a_held_payload_is_no_candidate_until_released(self):
-        db = open_index(os.path.abspath(self.mktemp()), reactor, durable=False)
+        db = open_index(os.path.abspath(self.mktemp()), reactor, durable=False, **self.index_options())
         yield db.start()
         self.addCleanup(db.stop)
         yield db.run(lambda c: c.executemany(
@@ -61,3 +62,6 @@ class HoldTests(unittest.TestCase):
         hold.release("p1")
         payloads, _aborted = yield db.run(_db_candidates, 100.0, 0.0, (hold,))
         self.assertEqual(sorted(p["id"] for p in payloads), ["p1", "p2"])
+
+
+HoldTestsOnPostgres = on_postgres(HoldTests)

@@ -8,6 +8,7 @@ from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from gateway.store.database import Database
+from tests.pgtest import Backend, on_postgres
 
 
 def insert(conn, shared, value):
@@ -16,10 +17,12 @@ def insert(conn, shared, value):
     return value
 
 
-class CoalescedTests(unittest.TestCase):
+class CoalescedTests(Backend, unittest.TestCase):
     @defer.inlineCallbacks
     def setUp(self):
-        self.db = Database(os.path.join(os.path.abspath(self.mktemp()) + ".sqlite"), reactor, schema="",
+        options = self.index_options()
+        path = options.get("url") or os.path.join(os.path.abspath(self.mktemp()) + ".sqlite")
+        self.db = Database(path, reactor, namespace=options.get("namespace", "dicomgw"),
                            name="test", durable=False)
         yield self.db.start()
         self.addCleanup(self.db.stop)
@@ -44,7 +47,7 @@ class CoalescedTests(unittest.TestCase):
         results = yield defer.DeferredList(ds, consumeErrors=True)  # the delay is up
         self.assertEqual([ok for ok, _ in results], [True, True, False, True])
         self.assertEqual([r for ok, r in results if ok], [1, 2, 3])
-        self.assertIn("UNIQUE", str(results[2][1].value))
+        self.assertIn("unique", str(results[2][1].value).lower())
         self.assertEqual(batches, [4])  # one transaction for four calls
         rows = yield self.db.run(lambda conn: [r[0] for r in conn.execute("SELECT v FROM t ORDER BY v")])
         self.assertEqual(rows, [0, 1, 2, 3])  # the failed call rolled back only itself
@@ -90,3 +93,6 @@ class CoalescedTests(unittest.TestCase):
         self.assertEqual(batches, [1, 2, 3])
         yield defer.gatherResults(full)
         self.assertIsNone(self.db._batch_timer)
+
+
+CoalescedTestsOnPostgres = on_postgres(CoalescedTests)

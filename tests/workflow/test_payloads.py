@@ -22,6 +22,7 @@ from gateway.part10 import dataset_offset
 from gateway.store.writer import HEAD_BYTES, Storage, StoredInstance
 from gateway.threads import WorkerPool
 from tests import dicomfiles
+from tests.pgtest import Backend, on_postgres
 
 
 class ClockReactor(task.Clock):
@@ -54,7 +55,7 @@ def config(grouping, timeout=5, titles=("DICOMGW",), command='["true"]', pipelin
     return config_from_string(f'[pipeline.p]\ncommand = {command}\n{aes}')
 
 
-class PayloadCase(unittest.TestCase):
+class PayloadCase(Backend, unittest.TestCase):
     """A PayloadService on a Clock, with a real database and disk pool."""
 
     timeout = 60
@@ -69,7 +70,7 @@ class PayloadCase(unittest.TestCase):
         self.addCleanup(pool.stop)
         self.storage = Storage(root, self.clock, pool, fsync=False)
         self.storage.prepare()
-        self.db = open_index(root, self.clock, durable=False)
+        self.db = open_index(root, self.clock, durable=False, **self.index_options())
         yield self.db.start()
         self.addCleanup(self.db.stop)
         self.runner = RecordingRunner()
@@ -484,3 +485,11 @@ class StorageOnlyTests(PayloadCase):
         self.assertEqual((yield _sql(self.db, "SELECT state FROM instances ORDER BY id")),
                          [("kept",), ("kept",), ("kept",)])
         self.assertEqual(len(os.listdir(os.path.join(self.storage.instances_dir, "DICOMGW"))), 3)
+
+
+GroupingTestsOnPostgres = on_postgres(GroupingTests)
+ParticipantTestsOnPostgres = on_postgres(ParticipantTests)
+ReconfigureTestsOnPostgres = on_postgres(ReconfigureTests)
+IndexFailureTestsOnPostgres = on_postgres(IndexFailureTests)
+RecoveryTestsOnPostgres = on_postgres(RecoveryTests)
+StorageOnlyTestsOnPostgres = on_postgres(StorageOnlyTests)
