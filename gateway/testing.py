@@ -20,7 +20,8 @@ from gateway.interfaces import (
     IPayloadQuery,
 )
 from gateway.dimse.sop import is_valid_uid
-from gateway.store.writer import HEAD_BYTES, RESERVE_FILE, SPARE_PREFIX, StoredInstance
+from gateway.store.spares import SPARE_PREFIX
+from gateway.store.writer import HEAD_BYTES, RESERVE_FILE, StoredInstance
 from gateway.threads import run_with_callback
 
 

@@ -47,6 +47,11 @@ def move_into_place(src: str, dst: str) -> bool:
     return replaced
 
 
+def create_exclusive(path: str) -> int:
+    """A new file for writing (never an existing one), readable by the group."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+
+
 def fsync_dir(path: str) -> None:
     """Make a directory's entries (a rename, a new file) survive a power failure."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)

@@ -13,7 +13,7 @@ thread and back costs about 140 us, more than storing a small instance):
 - *Direct*: the writes, and with ``fsync`` off the close and the rename, run
   on the reactor thread as the data arrive: they go to the page cache and
   take microseconds.  The file itself was created ahead of need, a batch at
-  a time in the pool (:class:`Spares`), so no file creation is on the way.
+  a time in the pool (:class:`~gateway.store.spares.Spares`), so no file creation is on the way.
   Every such call is timed: when they add up to more than :data:`BUSY` of
   a second (the page cache is full and the kernel makes writers wait for
   the disk), or one takes longer than :data:`SLOW`, new writers go to the
@@ -38,14 +38,14 @@ thread and back costs about 140 us, more than storing a small instance):
   ``pending`` counts bytes queued and not yet written, so that the protocol
   can pause the peer when the disk falls behind.
 
-The first bytes of each data set are kept (:data:`HEAD_BYTES`): the index
-picks the indexed attributes out of them (:mod:`gateway.store.header`), in
-its own thread.
+The first bytes of each data set are kept (:data:`HEAD_BYTES`): the payload
+service picks the indexed attributes out of them (:mod:`gateway.store.header`)
+on the reactor's next turn, after the response.
 
 Layout under the storage root (:class:`Storage` names each directory)::
 
-    tmp/<random>.part                            instances being received
-    tmp/database-reserve                         room kept for the databases (gateway.store.reserve)
+    tmp/[<node>/]<run>-<n>.part                  instances being received (and spares)
+    tmp/[<node>/]database-reserve                         room kept for the databases (gateway.store.reserve)
     instances/<called AE>/<SOP Instance UID>.dcm  stored instances (Part 10)
     payloads/<payload id>/                       closed payloads (gateway.workflow)
     outputs/<payload id>/<pipeline>/             what pipelines wrote
@@ -63,8 +63,6 @@ from collections import deque
 from dataclasses import dataclass
 
 import blake3
-from twisted.internet import defer
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -72,7 +70,9 @@ from gateway import IMPLEMENTATION_CLASS_UID
 from gateway.dimse.sop import is_valid_uid
 from gateway.interfaces import IInstanceStorage
 from gateway.part10 import file_meta
+from gateway.store import files
 from gateway.store.files import fsync_dir, move_into_place
+from gateway.store.spares import SPARE_PREFIX, Spares
 from gateway.store.reserve import SpaceReserve
 from gateway.threads import WorkerPool
 
@@ -123,10 +123,6 @@ BUSY = 0.25
 SLOW = 0.25
 #: ... for this long (seconds) after it was seen.
 OFFLOAD_FOR = 10.0
-#: Temporary files kept ready for the next instances (see :class:`Spares`),
-#: named ``tmp/spare-<random>.part``.
-SPARES = 8
-SPARE_PREFIX = "spare-"
 #: The databases' reserve, in tmp/ (gateway.store.reserve).
 RESERVE_FILE = "database-reserve"
 
@@ -316,7 +312,7 @@ class InstanceWriter:
 
     def _open(self):
         self._tmp = self._storage.temporary_path()
-        self._fd = _create(self._tmp)
+        self._fd = files.create_exclusive(self._tmp)
         self._inode = os.fstat(self._fd).st_ino
 
     def _close(self):
@@ -385,94 +381,6 @@ def _storage_error(e: OSError) -> OSError:
     if e.errno in (errno.ENOSPC, errno.EDQUOT) and not isinstance(e, StorageFull):
         return StorageFull(e.errno, e.strerror)
     return e
-
-
-def _create(path: str) -> int:
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
-
-
-def _discard_spare(path: str, fd: int) -> None:
-    os.close(fd)
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
-
-
-class Spares:
-    """Empty temporary files created ahead of need, in the disk pool, a batch per job.
-
-    Creating a file is the slowest step of storing an instance on some file
-    systems (an inode and a directory entry: 0.02 to 0.5 ms of system time
-    on the bench machines, depending on what the file system has been
-    through), and it blocks whoever makes the call.  So a writer takes a
-    ready file (:meth:`take`), and whenever half of them are used one pool
-    job makes the next batch: one hand-off to a thread and back per
-    ``keep // 2`` files, while the reactor goes on receiving.  When none is
-    ready the writer is pooled and its job creates its file.  Spares are
-    ``tmp/*.part`` files like any other: a crash leaves nothing that the
-    start-up clean-up does not remove.
-    """
-
-    def __init__(self, storage: "Storage", keep: int = SPARES):
-        self._storage = storage
-        self.keep = keep
-        self._ready: deque = deque()  # (path, fd, inode)
-        self._closed = False
-        self._making = False  # a pool job is making a batch ...
-        self._batch = None  # ... and fires this when it is done
-
-    def take(self):
-        """A ready (path, fd, inode), or None; starts the next batch when
-        half are used (reactor thread)."""
-        spare = self._ready.popleft() if self._ready else None
-        if len(self._ready) <= self.keep // 2:
-            self.fill()
-        return spare
-
-    def fill(self) -> None:
-        """Start a pool job making up to ``keep``, unless one runs (reactor thread)."""
-        if self._making or self._closed or len(self._ready) >= self.keep:
-            return
-        self._making = True
-        storage = self._storage
-        paths = [storage.temporary_path(spare=True) for _ in range(self.keep - len(self._ready))]
-        self._batch = deferToThreadPool(storage.reactor, storage.pool, _make_spares, paths)
-        self._batch.addCallback(self._made)
-
-    def _made(self, spares):
-        self._making = False
-        self._ready.extend(spares)
-
-    def close(self):
-        """Make no more; remove the ready files, and a batch being made once
-        it is (in the pool)."""
-        self._closed = True
-        batch = self._batch if self._making else defer.succeed(None)
-
-        def discard(_):
-            spares, self._ready = list(self._ready), deque()
-            return deferToThreadPool(self._storage.reactor, self._storage.pool, _discard_spares, spares)
-
-        return batch.addCallback(discard)
-
-
-def _make_spares(paths):
-    """Pool thread: create the files; stops at the first failure (a full
-    disk, say: writers will report it when they try)."""
-    made = []
-    for path in paths:
-        try:
-            fd = _create(path)
-            made.append((path, fd, os.fstat(fd).st_ino))
-        except OSError:
-            break
-    return made
-
-
-def _discard_spares(spares):
-    for path, fd, _inode in spares:
-        _discard_spare(path, fd)
 
 
 @implementer(IInstanceStorage)

@@ -12,6 +12,8 @@ from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from gateway.part10 import dataset_offset
+from gateway.store import files
+from gateway.store import spares as SP
 from gateway.store import writer as S
 from gateway.testing import finished, partial_files
 from gateway.threads import WorkerPool
@@ -54,7 +56,7 @@ class StorageCase(unittest.TestCase):
             self.storage.slow_until = 0.0
 
     @defer.inlineCallbacks
-    def spares_ready(self, count=S.SPARES):
+    def spares_ready(self, count=SP.SPARES):
         """Wait until ``count`` spares are made: the next writer is direct,
         and its taking one starts no job."""
         self.storage.spares.fill()
@@ -404,14 +406,14 @@ class SpareTests(StorageCase):
     def test_a_writer_takes_a_spare_and_a_pool_job_makes_the_next_batch(self):
         spares = self.storage.spares
         made_in = []
-        real_create = S._create
-        self.patch(S, "_create", lambda path: made_in.append(threading.current_thread()) or real_create(path))
+        real_create = files.create_exclusive
+        self.patch(files, "create_exclusive", lambda path: made_in.append(threading.current_thread()) or real_create(path))
         self.assertEqual(len(spares._ready), 0)
         w = self.begin("1.2.3.1")  # none ready: pooled, and its taking starts a batch
         self.assertFalse(w._direct)
         w.write(b"a" * 10)
         yield finished(w)
-        yield self.spares_ready(S.SPARES)
+        yield self.spares_ready(SP.SPARES)
         self.assertNotIn(threading.main_thread(), made_in)  # never on the reactor
         ready = [path for path, _fd, _inode in spares._ready]
         self.assertEqual(tmp_names(self.storage), sorted(os.path.basename(p) for p in ready))
@@ -424,12 +426,12 @@ class SpareTests(StorageCase):
         outcome = []
         w.finish(outcome.append)
         self.assertTrue(file_bytes(outcome[0].path).endswith(b"b" * 10))
-        self.assertEqual(len(spares._ready), S.SPARES - 1)
+        self.assertEqual(len(spares._ready), SP.SPARES - 1)
         self.assertEqual(self.jobs, [])  # more than half are left: no batch yet
-        taken = [spares.take() for _ in range(S.SPARES // 2 - 1)]
+        taken = [spares.take() for _ in range(SP.SPARES // 2 - 1)]
         self.assertEqual(len(self.jobs), 1)  # half used: one job makes the batch
-        S._discard_spares(taken)
-        yield self.spares_ready(S.SPARES)
+        SP._discard_spares(taken)
+        yield self.spares_ready(SP.SPARES)
 
         yield spares.close()
         self.assertEqual(tmp_names(self.storage), [])
@@ -458,7 +460,7 @@ class SpareTests(StorageCase):
         def refuse(path):
             raise OSError(errno.ENOSPC, "No space left on device")
 
-        self.patch(S, "_create", refuse)
+        self.patch(files, "create_exclusive", refuse)
         w = self.begin("1.2.3.5")
         w.write(b"x")
         with self.assertRaises(S.StorageFull):
