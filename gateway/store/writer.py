@@ -45,7 +45,7 @@ on the reactor's next turn, after the response.
 Layout under the storage root (:class:`Storage` names each directory)::
 
     tmp/[<node>/]<run>-<n>.part                  instances being received (and spares)
-    tmp/[<node>/]database-reserve                         room kept for the databases (gateway.store.reserve)
+    tmp/[<node>/]database-reserve                room kept for the databases (gateway.store.reserve)
     instances/<called AE>/<SOP Instance UID>.dcm  stored instances (Part 10)
     payloads/<payload id>/                       closed payloads (gateway.workflow)
     outputs/<payload id>/<pipeline>/             what pipelines wrote
