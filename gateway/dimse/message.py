@@ -24,8 +24,8 @@ from __future__ import annotations
 
 from typing import Iterable, Iterator, Optional, Union
 
-from gateway.dimse.commands import MAX_COMMAND_LENGTH, Command, DIMSEError, decode_command
-from gateway.ul import PDV, encode_pdata
+from gateway.dimse.commands import MAX_COMMAND_LENGTH, DIMSEError, decode_command
+from gateway.ul import encode_pdata
 
 __all__ = [
     "MessageAssembler",

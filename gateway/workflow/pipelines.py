@@ -40,7 +40,7 @@ from zope.interface import implementer
 
 from gateway.interfaces import IPipelineJobs, JobNotFailed
 from gateway.store import dialect
-from gateway.workflow.payloads import MANIFEST
+from gateway.workflow.payload_db import MANIFEST
 
 KILL_GRACE = 5.0
 TAIL = 2048

@@ -15,6 +15,7 @@ from twisted.trial import unittest
 from gateway.config import config_from_string
 from gateway.store.header import header_attributes
 from gateway.store.index import open_index
+from gateway.workflow import payload_db
 from gateway.workflow import payloads as payloads_module
 from gateway.workflow.payloads import PayloadService
 from gateway.ingest.scp import AssociationInfo
@@ -224,12 +225,12 @@ class GroupingTests(PayloadCase):
         real = self.db.run
         self.patch(self.db, "run", lambda f, *a: jobs.append(f) or real(f, *a))
         digests = [(yield self.store(a1, "P1", generate_uid(), generate_uid()))]
-        self.assertEqual(jobs, [payloads_module._db_index])  # an association's first row goes at once
+        self.assertEqual(jobs, [payload_db.record_batch])  # an association's first row goes at once
         for _ in range(3):
             digests.append((yield self.store(a1, "P1", generate_uid(), generate_uid(), turn=False)))
         self.assertEqual(len(jobs), 1)  # the SCP answers at once; the rows wait for company
         yield self.service.association_released(a1)  # the peer released at once: they go now
-        self.assertEqual(jobs.count(payloads_module._db_index), 2)  # one job for the three
+        self.assertEqual(jobs.count(payload_db.record_batch), 2)  # one job for the three
         rows = yield self.db.run(lambda c: c.execute("SELECT digest, patient_id FROM instances").fetchall())
         self.assertEqual(sorted(tuple(r) for r in rows), sorted((d, "P1") for d in digests))
 
