@@ -74,7 +74,7 @@ def send(args) -> int:
 @command("migrate", "bring the index and export databases to this version's schema (the daemon does it at "
          "start too; safe beside running nodes)")
 def migrate(args) -> int:
-    from gateway.export import jobs
+    from gateway.export import store as jobs
     from gateway.store import index
     from gateway.store.database import DatabaseError, SchemaTooNew, migrate_now
 

@@ -16,7 +16,8 @@ from twisted.internet import defer
 from twisted.logger import globalLogPublisher
 
 from gateway.export.destinations import Destinations
-from gateway.export.jobs import ExportService, expand_paths
+from gateway.export.jobs import ExportService
+from gateway.export.store import expand_paths
 from gateway.store.database import DatabaseError
 from gateway.threads import WorkerPool
 

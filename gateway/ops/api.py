@@ -33,7 +33,7 @@ from zope.interface import implementer
 from gateway import IMPLEMENTATION_CLASS_UID, __version__
 from gateway.config.options import NAME
 from gateway.interfaces import IHealthCheck, IReconfigurable, JobNotFailed
-from gateway.export.jobs import JOB_STATES
+from gateway.export.store import JOB_STATES
 from gateway.net.listener import Listener
 from gateway.ops.query import (AE_PATTERN, LO_PATTERN, MAX_LIMIT, PAGING, UID_PATTERN, QueryError, date_time,
                                integer, one_of, parse_query, text)

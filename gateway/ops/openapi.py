@@ -186,7 +186,7 @@ def operation(route) -> dict:
 
 def document(routes=None) -> dict:
     """The OpenAPI document of ``routes`` (default: the API's)."""
-    from gateway.export.jobs import JOB_STATES
+    from gateway.export.store import JOB_STATES
     from gateway.ops.api import ROUTES
     from gateway.store.studies import HELD_STATES
     from gateway.workflow.payloads import PAYLOAD_STATES

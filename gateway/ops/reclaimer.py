@@ -28,7 +28,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from gateway.interfaces import IReconfigurable
-from gateway.export.jobs import FINAL_STATES
+from gateway.export.store import FINAL_STATES
 from gateway.store import index
 from gateway.store.files import remove_all
 

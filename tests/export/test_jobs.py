@@ -14,12 +14,8 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import SkipTest, TestCase
 
 from gateway.config import config_from_string
-from gateway.export.jobs import (
-    ExportService,
-    ExportStore,
-    job_outcome,
-    read_meta,
-)
+from gateway.export.jobs import ExportService, read_meta
+from gateway.export.store import ExportStore, job_outcome
 from gateway.threads import WorkerPool
 from tests.dicomfiles import ct_image, dataset_bytes, make_series, small_instance
 from tests.integration.harness import free_port, start_gateway
