@@ -49,6 +49,11 @@ def page_of(item: str) -> dict:
 
 
 def schemas(job_states, payload_states, instance_states) -> dict:
+    """The document's components: the status and log views, exports, payloads and studies."""
+    return {**_status_schemas(), **_export_schemas(job_states), **_held_schemas(payload_states, instance_states)}
+
+
+def _status_schemas() -> dict:
     return {
         "Error": _object(("error",), {"error": _STRING}),
         "Health": _object(("status",), {"status": {"enum": ["ok", "degraded", "unhealthy"]},
@@ -78,6 +83,11 @@ def schemas(job_states, payload_states, instance_states) -> dict:
             "reject_result": _INT, "reject_source": _INT, "reject_reason": _INT,
             # Nodes sharing an index list every node's associations from it (gateway.workflow.cluster).
             "node": _nullable(_STRING), "started": _nullable(_NUMBER), "ended": _nullable(_NUMBER)}},
+    }
+
+
+def _export_schemas(job_states) -> dict:
+    return {
         "ExportJob": _object(("id", "destination", "state", "origin", "created", "updated", "files", "done",
                               "failed"), {
             "id": {"type": ["integer", "string"]}, "destination": _STRING, "state": {"enum": list(job_states)},
@@ -100,6 +110,11 @@ def schemas(job_states, payload_states, instance_states) -> dict:
             "host": _nullable(_STRING), "port": _nullable(_INT), "tls": _BOOL, "url": _nullable(_STRING)}),
         "EchoResult": _object(("destination", "ok", "rtt_ms", "reason"), {
             "destination": _STRING, "ok": _BOOL, "rtt_ms": _nullable(_NUMBER), "reason": _nullable(_STRING)}),
+    }
+
+
+def _held_schemas(payload_states, instance_states) -> dict:
+    return {
         "Payload": _object(("id", "ae", "key", "state", "instances", "pipelines"), {
             "id": _STRING, "ae": _STRING, "key": _STRING, "state": {"enum": list(payload_states)},
             "created": _nullable(_NUMBER), "closed": _nullable(_NUMBER), "instances": _COUNT,
