@@ -151,6 +151,15 @@ def _walk(service):
             yield from _walk(child)
 
 
+@inlineCallbacks
+def _found(d, missing: str):
+    """(200, what ``d`` fires with), or a 404 saying ``missing`` when it fires with None."""
+    found = yield d
+    if found is None:
+        raise ApiError(404, missing)
+    return 200, found
+
+
 def _iso(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
@@ -448,13 +457,8 @@ class ApiResource(Resource):
         exports = self._provider("exports", "export")
         return self._page_of(query, exports.jobs, exports.count)
 
-    @inlineCallbacks
     def get_export(self, request, query, job_id):
-        exports = self._provider("exports", "export")
-        job = yield exports.job(job_id)
-        if job is None:
-            raise ApiError(404, f"no export job {job_id!r}")
-        return 200, job
+        return _found(self._provider("exports", "export").job(job_id), f"no export job {job_id!r}")
 
     def _names(self, body, name):
         value = body.get(name)
@@ -549,13 +553,9 @@ class ApiResource(Resource):
         page = yield studies.studies(limit=query["limit"], offset=query["offset"], **filters)
         return self._page(query, page["total"], page["items"])
 
-    @inlineCallbacks
     def get_study(self, request, query, uid):
-        studies = self._provider("studies", "the instance index")
-        found = yield studies.study(uid)
-        if found is None:
-            raise ApiError(404, f"no instance of study {uid!r} is held")
-        return 200, found
+        return _found(self._provider("studies", "the instance index").study(uid),
+                      f"no instance of study {uid!r} is held")
 
     @inlineCallbacks
     def post_study_export(self, request, query, uid):
