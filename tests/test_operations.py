@@ -119,7 +119,44 @@ def _closed(association="1-a", **kw):
     return event
 
 
+class HeldPool:
+    """A disk pool whose jobs run when the test says; once stopped, it drops
+    new jobs as WorkerPool does."""
+
+    def __init__(self):
+        self.jobs, self.stopped = [], False
+
+    def callInThreadWithCallback(self, on_result, f, *args, **kw):
+        if not self.stopped:
+            self.jobs.append((on_result, f, args, kw))
+
+    def run_next(self):
+        on_result, f, args, kw = self.jobs.pop(0)
+        on_result(True, f(*args, **kw))
+
+
 class AuditTests(unittest.TestCase):
+    def test_close_while_a_write_runs_and_the_pool_stops_still_writes_every_line(self):
+        from twisted.internet import reactor, task
+
+        path = os.path.join(self.mktemp(), "audit.jsonl")
+        pool = HeldPool()
+        audit = AuditTrail(path, reactor, pool)
+        audit.open()
+        audit(_closed("1-a"))  # its write job is in the pool
+        closed = audit.close()
+        audit(_closed("2-b"))  # came while closing
+        pool.stopped = True  # the disk pool stops with the gateway
+        pool.run_next()  # the first write ends; nothing more may go to the pool
+        d = task.deferLater(reactor, 0.05, lambda: None)  # the thread's result reaches the reactor
+        d.addCallback(lambda _: self.assertTrue(closed.called, "close() waited for a job the pool dropped"))
+
+        def check(_):
+            with open(path) as f:
+                self.assertEqual([json.loads(line)["association"] for line in f], ["1-a", "2-b"])
+
+        return d.addCallback(check)
+
     def test_one_line_per_association_with_what_was_stored_and_refused(self):
         path = os.path.join(self.mktemp(), "audit.jsonl")
         audit = AuditTrail(path)

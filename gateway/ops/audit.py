@@ -146,7 +146,10 @@ class AuditTrail:
                                error=result.getErrorMessage())
             else:
                 self.log.failure("could not write the audit trail {path}", result, path=self.path)
-        self._kick()
+        # While closing, the rest is written by close() itself: the disk pool
+        # may be stopped by now, and a job queued there would never run.
+        if not self._waiters:
+            self._kick()
         if not self._busy:
             waiters, self._waiters = self._waiters, []
             for d in waiters:
