@@ -47,7 +47,25 @@ def _admin(sql: str) -> None:
         conn.execute(sql)
 
 
-class Node:
+class _Child:
+    """A process of the bench's (``self.proc``): its CPU seconds, and a stop."""
+
+    proc = None
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.proc.pid) or 0.0
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class Node(_Child):
     """One ``twistd -n dicomgw`` of a run."""
 
     def __init__(self, root: str, storage: str, name: str, url: str, schema: str):
@@ -86,20 +104,8 @@ class Node:
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         wait_for_port(self.port, self.proc)
 
-    def cpu(self) -> float:
-        return cpu_seconds(self.proc.pid) or 0.0
 
-    def stop(self):
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-class Balancer:
+class Balancer(_Child):
     def __init__(self, root: str, ports: list[int]):
         self.root, self.ports = root, ports
         self.port = free_port()
@@ -128,14 +134,6 @@ class Balancer:
         self.proc = subprocess.Popen(["haproxy", "-db", "-f", path], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, start_new_session=True)
         wait_for_port(self.port, self.proc)
-
-    def cpu(self) -> float:
-        return cpu_seconds(self.proc.pid) or 0.0
-
-    def stop(self):
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
 
 
 def count_files(directory: str) -> int:
