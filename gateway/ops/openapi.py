@@ -1,6 +1,6 @@
 """The OpenAPI 3.1 document of the management API, made from its routes table.
 
-:data:`gateway.ops.api.ROUTES` lists every route with its parameters,
+:data:`gateway.ops.routes.ROUTES` lists every route with its parameters,
 body and answers; :func:`document` turns that table and the schemas here
 into the document the API serves at ``GET /openapi.json``.  The same
 document is kept in the repository (``gateway/ops/openapi.json``) for
@@ -202,7 +202,7 @@ def operation(route) -> dict:
 def document(routes=None) -> dict:
     """The OpenAPI document of ``routes`` (default: the API's)."""
     from gateway.export.store import JOB_STATES
-    from gateway.ops.api import ROUTES
+    from gateway.ops.routes import ROUTES
     from gateway.store.studies import HELD_STATES
     from gateway.workflow.payloads import PAYLOAD_STATES
 

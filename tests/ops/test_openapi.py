@@ -7,7 +7,7 @@ import json
 from twisted.trial import unittest
 
 from gateway.ops import openapi
-from gateway.ops.api import ROUTES
+from gateway.ops.routes import ROUTES
 
 
 class DocumentTests(unittest.TestCase):
