@@ -22,7 +22,7 @@ from zope.interface import implementer
 from gateway.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
 from gateway.export.jobs import ExportService
 from gateway.ingest.observers import load_observers, observer_problems
-from gateway.ingest.scp import SCPService
+from gateway.ingest.service import SCPService
 from gateway.ingest.stow_web import StowService
 from gateway.interfaces import IReconfigurable
 from gateway.messaging.service import MessagingService, broker_tls

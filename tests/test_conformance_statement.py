@@ -22,7 +22,8 @@ from gateway.dimse import commands as C
 from gateway.dimse import sop
 from gateway.export.scu import MAX_CONTEXTS, verification_contexts
 from gateway.ingest import policy
-from gateway.ingest.scp import SCPService, StoreSCP
+from gateway.ingest.scp import StoreSCP
+from gateway.ingest.service import SCPService
 from gateway.messaging import monai
 from gateway.testing import FakeProvider
 from gateway import ul as P

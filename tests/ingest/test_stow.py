@@ -16,7 +16,8 @@ from twisted.trial.unittest import TestCase
 
 from gateway.config import config_from_string
 from gateway.ingest import stow as S
-from gateway.ingest.scp import AssociationInfo, SCPService
+from gateway.ingest.scp import AssociationInfo
+from gateway.ingest.service import SCPService
 from gateway.ingest.stow_receiver import StowReceiver
 from gateway.testing import MemoryStorage, RecordingObserver
 from tests.dicomfiles import ct_image, dataset_bytes, small_instance

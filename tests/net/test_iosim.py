@@ -23,7 +23,7 @@ from gateway.dimse import sop
 from gateway.net.tls import client_options
 from gateway.part10 import read_meta
 from gateway.export.scu import Peer, SCUAssociation, verification_contexts
-from gateway.ingest.scp import SCPService
+from gateway.ingest.service import SCPService
 from gateway.net.protocol import DicomProtocol
 from gateway.net.tls import server_options
 from gateway.store.writer import Storage

@@ -14,7 +14,7 @@ from twisted.trial import unittest
 from gateway.config import config_from_string
 from gateway.dimse import commands as C
 from gateway.net.protocol import DicomProtocol
-from gateway.ingest.scp import SCPService
+from gateway.ingest.service import SCPService
 from gateway.ul import (
     A_ABORT,
     Abort,
