@@ -25,7 +25,6 @@ take anything over.
 from __future__ import annotations
 
 import os
-import time
 
 from twisted.application.service import Service
 from twisted.internet.defer import succeed
@@ -35,6 +34,7 @@ from zope.interface import implementer
 
 from gateway import __version__
 from gateway.interfaces import IHealthCheck, IStatusReport
+from gateway.logs import iso_time
 from gateway.store import dialect, index
 
 #: Nodes seen within this many leases are listed by /status.
@@ -83,19 +83,13 @@ def _db_nodes(conn, lease):
              "pid": r["pid"], "version": r["version"]} for r in rows]
 
 
-def _iso(t) -> str:
-    if t is None:
-        return ""
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"
-
-
 def _db_associations(conn, limit, offset):
     total = conn.execute("SELECT COUNT(*) FROM associations").fetchone()[0]
     rows = conn.execute(
         "SELECT a.id, a.node, a.calling_ae, a.called_ae, a.peer, a.started, a.ended, a.state, "
         "(SELECT COUNT(*) FROM instances i WHERE i.association = a.id) AS instances "
         "FROM associations a ORDER BY a.started DESC, a.id DESC LIMIT ? OFFSET ?", (limit, offset)).fetchall()
-    return total, [{"time": _iso(r["ended"] or r["started"]), "association": r["id"], "node": r["node"],
+    return total, [{"time": iso_time(r["ended"] or r["started"]) if (r["ended"] or r["started"]) else "", "association": r["id"], "node": r["node"],
                     "calling_ae": r["calling_ae"],
                     "called_ae": r["called_ae"], "peer": r["peer"], "started": r["started"], "ended": r["ended"],
                     "result": r["state"], "instances": r["instances"]} for r in rows]
@@ -152,7 +146,7 @@ class ClusterService(Service):
         self._loop.clock = self.reactor
         # The first beat waits for the payload service's recovery, so that
         # this node's own leftovers are its own before anything is taken over.
-        recovered = self.payloads.recovered if self.payloads.recovered is not None else None
+        recovered = self.payloads.recovered
         if recovered is not None:
             recovered.addBoth(lambda r: (self._start_loop(), r)[1])
         else:
