@@ -226,7 +226,8 @@ class StatusTests(_Base):
     def test_instances_reach_payloads_and_pipelines(self):
         out = os.path.abspath(self.mktemp())
         # an AE title with a pipeline, its payloads closing quickly
-        extra = f'[pipeline.record]\ncommand = ["/bin/sh", "-c", "cp {{manifest}} {out}"]\n' \
+        # cp then mv: the test must never read a half-copied manifest
+        extra = f'[pipeline.record]\ncommand = ["/bin/sh", "-c", "cp {{manifest}} {out}.part && mv {out}.part {out}"]\n' \
                 '[[ae]]\ntitle = "PIPE"\ngrouping = "study"\ntimeout = 0.2\npipelines = ["record"]\n'
         gw = yield self.gateway(extra=extra)
         closed = collect_events(self, "association.closed")
