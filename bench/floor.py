@@ -1,6 +1,7 @@
 """The floor: the least a Twisted receiver must do to store what storescu sends.
 
     python -m bench.floor PORT STORE_DIR [--digest none|sha256|blake3] [--rename reactor|thread]
+                                         [--tls CERT KEY]
 
 One process, one reactor thread: it frames PDUs, accepts every presentation
 context with its first transfer syntax, writes each data set's PDV payloads
@@ -10,7 +11,9 @@ No validation, no timers, no index, no logs: whatever the gateway spends
 beyond this on the same machine is its own overhead.  ``--digest`` hashes
 every byte inline; ``--rename thread`` puts close and rename in a worker
 thread (one hand-off per instance, as the gateway does), ``reactor`` does them
-inline.  A bench tool only: it trusts its peer completely.
+inline.  ``--tls`` puts Twisted's TLS (pyOpenSSL, as the gateway uses) under
+the same receiver, with the certificate and key given and no client
+certificate asked for.  A bench tool only: it trusts its peer completely.
 """
 
 from __future__ import annotations
@@ -191,11 +194,19 @@ def main(argv=None):
     parser.add_argument("root")
     parser.add_argument("--digest", choices=("none", "sha256", "blake3"), default="blake3")
     parser.add_argument("--rename", choices=("reactor", "thread"), default="thread")
+    parser.add_argument("--tls", nargs=2, metavar=("CERT", "KEY"))
     args = parser.parse_args(argv)
     from twisted.internet import reactor
 
-    reactor.listenTCP(args.port, Server(reactor, os.path.abspath(args.root), args.digest, args.rename),
-                      interface="127.0.0.1")
+    server = Server(reactor, os.path.abspath(args.root), args.digest, args.rename)
+    if args.tls:
+        from twisted.internet import ssl
+
+        with open(args.tls[0]) as cert, open(args.tls[1]) as key:
+            options = ssl.PrivateCertificate.loadPEM(cert.read() + key.read()).options()
+        reactor.listenSSL(args.port, server, options, interface="127.0.0.1")
+    else:
+        reactor.listenTCP(args.port, server, interface="127.0.0.1")
     reactor.run()
 
 

@@ -246,14 +246,19 @@ class Floor(Receiver):
     the instances, with ``digest`` inline and close and rename in a thread
     (``rename="thread"``) or on the reactor."""
 
-    def __init__(self, workdir: str, *, digest: str = "blake3", rename: str = "reactor"):
+    def __init__(self, workdir: str, *, digest: str = "blake3", rename: str = "reactor",
+                 tls: "TLSFiles | None" = None):
         super().__init__(workdir)
-        self.digest, self.rename = digest, rename
-        self.name = f"floor ({digest}, rename on the {rename})"
+        self.digest, self.rename, self.tls_files = digest, rename, tls
+        self.tls = tls is not None
+        self.name = f"floor ({digest}, rename on the {rename})" + (" TLS" if tls else "")
 
     def command(self):
-        return [sys.executable, "-m", "bench.floor", str(self.port), "out", "--digest", self.digest,
-                "--rename", self.rename]
+        cmd = [sys.executable, "-m", "bench.floor", str(self.port), "out", "--digest", self.digest,
+               "--rename", self.rename]
+        if self.tls_files is not None:
+            cmd += ["--tls", self.tls_files.cert, self.tls_files.key]
+        return cmd
 
     def prepare(self):
         os.makedirs(os.path.join(self.root, "out"))
