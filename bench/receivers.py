@@ -99,14 +99,22 @@ class Receiver:
     def command(self) -> list[str]:
         raise NotImplementedError
 
+    def python_path(self) -> list[str]:
+        """Directories searched for modules before this checkout's."""
+        return []
+
     def store_dir(self) -> str:
         return self.root
 
     def prepare(self) -> None:
         pass
 
+    #: A directory of this bench run's own under RUNS (bench.run --keep-runs): runs
+    #: kept from before are never removed to make room for this one's.
+    run_set = ""
+
     def start(self, run_id: str) -> None:
-        self.root = os.path.join(self.workdir, RUNS, run_id)
+        self.root = os.path.join(self.workdir, RUNS, self.run_set, run_id)
         shutil.rmtree(self.root, ignore_errors=True)
         os.makedirs(self.root)
         self.port = free_port()
@@ -115,7 +123,7 @@ class Receiver:
         env = dict(os.environ, TCP_NODELAY="1")
         # The bench package must import in the receiver's directory too.
         repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, env.get("PYTHONPATH")]))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [*self.python_path(), repo, env.get("PYTHONPATH")]))
         self.proc = subprocess.Popen(self.command(), cwd=self.root, stdout=self.log,
                                      stderr=subprocess.STDOUT, env=env, start_new_session=True)
         wait_for_port(self.port, self.proc)
@@ -156,12 +164,19 @@ class Receiver:
 class Gateway(Receiver):
     """This project: ``twistd -n dicomgw`` with a bench configuration."""
 
-    def __init__(self, workdir: str, *, fsync: bool = True, tls: "TLSFiles | None" = None, name=None):
+    def __init__(self, workdir: str, *, fsync: bool = True, tls: "TLSFiles | None" = None, name=None,
+                 source: str | None = None):
         super().__init__(workdir)
         self.fsync = fsync
         self.tls_files = tls
         self.tls = tls is not None
-        self.name = name or ("dicomgw" + ("" if fsync else " fsync=false") + (" TLS" if tls else ""))
+        #: Another checkout whose gateway package runs instead of this one's (bench.run --candidate).
+        self.source = source
+        self.name = name or ("dicomgw" + ("" if fsync else " fsync=false") + (" TLS" if tls else "")
+                             + (f" @{os.path.basename(source.rstrip(os.sep))}" if source else ""))
+
+    def python_path(self) -> list[str]:
+        return [self.source] if self.source else []
 
     def config_text(self) -> str:
         listen = f'dicom = "tcp:{self.port}:interface=127.0.0.1"'

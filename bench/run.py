@@ -38,6 +38,7 @@ from bench.receivers import (
     Floor,
     Gateway,
     PynetdicomStorescp,
+    Receiver,
     TLSFiles,
     gateway_tls_support,
 )
@@ -234,6 +235,14 @@ def build_scenarios(workdir: str, sizes: Sizes, only: set[str], big: bool, log=p
     return out
 
 
+def add_candidate(scenarios: list[Scenario], workdir: str, source: str) -> None:
+    """Put the gateway of another checkout beside this one's fsync-off gateway."""
+    for sc in scenarios:
+        if sc.key in ("1", "2", "6-tls"):
+            at = next(i for i, r in enumerate(sc.receivers) if isinstance(r, Gateway) and not r.fsync)
+            sc.receivers.insert(at + 1, Gateway(workdir, fsync=False, tls=sc.tls, source=source))
+
+
 #: How many files the disk probe makes each way (at most the workload's count).
 DISK_PROBE_FILES = 200
 
@@ -314,7 +323,7 @@ def measure(scenario: Scenario, reps: int, log=print) -> list[Run]:
     for rep in range(reps):
         disk = None
         if scenario.fsync_probe:
-            disk = disk_fsync_cost(os.path.join(scenario.receivers[0].workdir, RUNS, "disk-probe"),
+            disk = disk_fsync_cost(os.path.join(scenario.receivers[0].workdir, RUNS, Receiver.run_set, "disk-probe"),
                                    size // max(count, 1), min(count, DISK_PROBE_FILES))
             log(f"  [{scenario.key}] the disk: a durable file of {size // max(count, 1):,} bytes costs "
                 f"{disk * 1000:.3f} ms more than one that is not")
@@ -737,6 +746,13 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", metavar="DIR",
                     help="run the gateway under cProfile, one .pstats file per run in DIR")
     ap.add_argument("--note", default="", help="a remark printed at the top of results.md")
+    ap.add_argument("--keep-runs", action="store_true",
+                    help="leave the runs' emptied files in the work directory: removing thousands of files slows "
+                         "file creation for minutes after it (see bench.receivers.RUNS), which the next of a "
+                         "series of runs would pay")
+    ap.add_argument("--candidate", metavar="DIR",
+                    help="another checkout of the gateway (a change under test): it runs beside this one's, "
+                         "fsync off, in scenarios 1, 2 and 6-tls, interleaved in every repetition")
     args = ap.parse_args(argv)
     args.argv = argv
     missing = check_peers()
@@ -745,6 +761,8 @@ def main(argv=None) -> int:
         return 2
     if args.profile:
         Gateway.profile_dir = os.path.abspath(args.profile)
+    if args.keep_runs:
+        Receiver.run_set = time.strftime("%Y%m%d-%H%M%S")
     sizes = dataclasses.replace(QUICK if args.quick else Sizes())
     if args.reps:
         sizes.reps = sizes.reps_big = args.reps
@@ -753,9 +771,11 @@ def main(argv=None) -> int:
     info = machine()
     workdir = args.workdir or tempfile.mkdtemp(prefix="dicomgw-bench-")
     os.makedirs(workdir, exist_ok=True)
-    keep = args.workdir is not None
+    keep = args.workdir is not None or args.keep_runs
     try:
         scenarios = build_scenarios(workdir, sizes, only, args.big)
+        if args.candidate:
+            add_candidate(scenarios, workdir, os.path.abspath(args.candidate))
         if args.receivers:
             prefixes = tuple(args.receivers.split(","))
             for sc in scenarios:
@@ -772,7 +792,8 @@ def main(argv=None) -> int:
             reps = sizes.reps_big if sc.key == "5" else sizes.reps
             runs += measure(sc, 1 if sc.key == "4" and args.big else reps)
     finally:
-        shutil.rmtree(os.path.join(workdir, RUNS), ignore_errors=True)
+        if not args.keep_runs:
+            shutil.rmtree(os.path.join(workdir, RUNS), ignore_errors=True)
         if not keep:
             shutil.rmtree(workdir, ignore_errors=True)
     rows = summarize(scenarios, runs)

@@ -159,6 +159,23 @@ class QuickRunTests(unittest.TestCase):
         self.assertFalse(os.path.exists(os.path.join(workdir, RUNS)))
         self.assertTrue(os.listdir(os.path.join(workdir, "data")))
 
+    def test_a_candidate_checkout_runs_beside_and_kept_runs_stay(self):
+        require_program("storescu")
+        require_program("openssl")
+        require_pynetdicom()
+        repo = os.path.dirname(os.path.dirname(os.path.abspath(B.__file__)))
+        workdir, out = os.path.abspath(self.mktemp()), os.path.abspath(self.mktemp())
+        code = B.main(["--quick", "--only", "1", "--reps", "1", "--receivers", "dicomgw fsync=false",
+                       "--candidate", repo, "--keep-runs", "--workdir", workdir, "--out", out])
+        self.assertEqual(code, 0)
+        with open(os.path.join(out, "results.json")) as f:
+            runs = json.load(f)["runs"]
+        self.assertEqual(sorted(r["receiver"] for r in runs),
+                         ["dicomgw fsync=false", f"dicomgw fsync=false @{os.path.basename(repo)}"])
+        self.assertTrue(all(r["stored"] == B.QUICK.ct_single for r in runs), runs)
+        [run_set] = os.listdir(os.path.join(workdir, RUNS))
+        self.assertEqual(len(os.listdir(os.path.join(workdir, RUNS, run_set))), 2 + 1)  # two runs, the disk probe
+
 
 class MessagingBenchTests(unittest.TestCase):
     timeout = 180
