@@ -27,7 +27,7 @@ from gateway.ingest.stow_web import StowService
 from gateway.interfaces import IReconfigurable
 from gateway.messaging.service import MessagingService, broker_tls
 from gateway.net.listener import Listener
-from gateway.net.tls import ReloadableServerTLS, file_problems, server_options
+from gateway.net.tls import DicomTLSFactory, ReloadableServerTLS, file_problems, server_options
 from gateway.ops.api import ApiService
 from gateway.ops.audit import AuditTrail, ObserverService, RecentAssociations
 from gateway.ops.metrics import Metrics
@@ -230,7 +230,7 @@ def makeService(options, reactor=None) -> MultiService:
     if serves_tls(config):
         tls = ReloadableServerTLS(server_options(config.tls, config.path), config.tls, config.path, reactor, pool)
     if config.listen.dicom_tls is not None:
-        factory = TLSMemoryBIOFactory(tls, False, scp.factory(tls=True))
+        factory = DicomTLSFactory(tls, False, scp.factory(tls=True))
         factory.noisy = False
         add(Listener("dicom_tls", config.listen.dicom_tls, factory, reactor, what="DICOM over TLS",
                      detail=tls_detail(config.tls)))

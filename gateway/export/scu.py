@@ -26,7 +26,7 @@ import os
 from dataclasses import dataclass
 
 from twisted.internet import defer, error
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
 from twisted.internet.threads import deferToThreadPool
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
@@ -38,6 +38,7 @@ from gateway.dimse.message import CONTROL_LAST, pdv_data_limit
 from gateway.dimse.sop import IMPLICIT_VR_LITTLE_ENDIAN, VERIFICATION
 from gateway.dimse.user import DIMSEUser
 from gateway.net.protocol import DicomProtocol
+from gateway.net.tls import DicomClientTLSEndpoint
 from gateway import ul as P
 
 # Presentation contexts one A-ASSOCIATE-RQ may carry (odd ids 1..255).
@@ -492,7 +493,7 @@ def connect(reactor, peer: Peer, contexts, *, read_pool, max_pdu_length: int,
                              artim_timeout=artim_timeout, dimse_timeout=dimse_timeout)
     endpoint = HostnameEndpoint(reactor, peer.host, peer.port, timeout=connect_timeout)
     if tls_options is not None:
-        endpoint = wrapClientTLS(tls_options, endpoint)
+        endpoint = DicomClientTLSEndpoint(tls_options, endpoint)
     d = connectProtocol(endpoint, protocol)
 
     def connected(_):

@@ -24,11 +24,10 @@ from twisted.internet import tcp
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import implementer
 
 from gateway.interfaces import IAssociationProvider
-from gateway.net.tls import describe_peer_certificate
+from gateway.net.tls import DicomTLSProtocol, describe_peer_certificate
 from gateway import ul
 
 #: Bytes read from a TCP socket at a time (see connectionMade).
@@ -87,7 +86,6 @@ class DicomProtocol(Protocol):
         self._writer: DirectWriter | None = None
         #: Over TLS, the records decrypted from one socket read (see dataReceived).
         self._records: list | None = None
-        self._records_call = None
         self._paused = False
         self.closed = False
         self.disconnect_reason = None  # why we closed, if we did
@@ -96,7 +94,7 @@ class DicomProtocol(Protocol):
 
     def connectionMade(self):
         transport = self.transport
-        if isinstance(transport, TLSMemoryBIOProtocol):
+        if isinstance(transport, DicomTLSProtocol):
             self._records = []
             transport = transport.transport
         if isinstance(transport, tcp.Connection):
@@ -120,16 +118,15 @@ class DicomProtocol(Protocol):
     def dataReceived(self, data):
         if self._records is not None:
             # TLS hands over one record (at most 16 KiB) per call, a dozen or
-            # more per socket read: the core gets them joined, on the
-            # reactor's next turn, once per read instead of once per record.
+            # more per socket read: the core gets them joined when the TLS
+            # layer says the read is done, once per read instead of once per
+            # record.
             self._records.append(data)
-            if self._records_call is None:
-                self._records_call = self.reactor.callLater(0, self._deliver_records)
             return
         self._receive(data)
 
-    def _deliver_records(self):
-        self._records_call = None
+    def tls_read_done(self):
+        """The TLS layer has handed over every record of one socket read."""
         records, self._records = self._records, []
         if records and not self.closed:
             self._receive(records[0] if len(records) == 1 else b"".join(records))
@@ -144,9 +141,8 @@ class DicomProtocol(Protocol):
         self._check_pdu_deadline()
 
     def connectionLost(self, reason):
-        if self._records_call is not None:  # what arrived before the close comes first
-            self._records_call.cancel()
-            self._deliver_records()
+        if self._records:  # what arrived before the close comes first
+            self.tls_read_done()
         self.closed = True
         self._cancel_artim()
         self._cancel_dimse()

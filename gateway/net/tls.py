@@ -31,10 +31,11 @@ import os
 
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
-from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IStreamClientEndpoint
 from twisted.internet.ssl import AcceptableCiphers, CertificateOptions, TLSVersion
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from zope.interface import implementer
 
 from gateway.config import ConfigError
@@ -282,3 +283,36 @@ class ReloadableServerTLS:
                            problems=problems, problem_text="\n".join(f"  - {p}" for p in problems))
 
         return d.addCallbacks(swap, keep)
+
+
+class DicomTLSProtocol(TLSMemoryBIOProtocol):
+    """Twisted's TLS layer, telling the DICOM protocol above it when the
+    records decrypted from one socket read have all been handed over
+    (``tls_read_done``): the protocol gives them to its core joined, once
+    per read, not once per record of at most 16 KiB
+    (:meth:`gateway.net.protocol.DicomProtocol.dataReceived`)."""
+
+    def dataReceived(self, data):
+        try:
+            super().dataReceived(data)
+        finally:
+            self.wrappedProtocol.tls_read_done()
+
+
+class DicomTLSFactory(TLSMemoryBIOFactory):
+    """``TLSMemoryBIOFactory`` for the DICOM protocol: the listener's and the SCU's."""
+
+    protocol = DicomTLSProtocol
+
+
+@implementer(IStreamClientEndpoint)
+class DicomClientTLSEndpoint:
+    """``wrapClientTLS`` for the SCU, with :class:`DicomTLSFactory` as the TLS layer."""
+
+    def __init__(self, options, endpoint):
+        self._options = options
+        self._endpoint = endpoint
+
+    def connect(self, factory):
+        d = self._endpoint.connect(DicomTLSFactory(self._options, True, factory))
+        return d.addCallback(lambda tls: tls.wrappedProtocol)

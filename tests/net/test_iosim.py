@@ -5,7 +5,7 @@ requestor :class:`DicomProtocol`), the SCP side the listener's factory with
 a storage root in a temporary directory; every thread hand-off runs at once
 (:class:`InlinePool`, :class:`ThreadlessClock`), so a test is one
 ``pump.flush()`` after each request.  The same exchange runs over TLS, with
-``TLSMemoryBIOFactory`` on both ends as the real listener and client use it.
+``DicomTLSFactory`` on both ends as the real listener and client use it.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 
 from twisted.internet.protocol import Factory
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.test import iosim
 from twisted.trial import unittest
 
@@ -25,7 +24,7 @@ from gateway.part10 import read_meta
 from gateway.export.scu import Peer, SCUAssociation, verification_contexts
 from gateway.ingest.service import SCPService
 from gateway.net.protocol import DicomProtocol
-from gateway.net.tls import server_options
+from gateway.net.tls import DicomTLSFactory, server_options
 from gateway.store.writer import Storage
 from gateway.testing import InlinePool, ThreadlessClock
 from tests.dicomfiles import ct_image, dataset_bytes
@@ -62,13 +61,13 @@ class SCUIntoSCPTests(unittest.TestCase):
         if tls_dir is not None:
             # The TLS layer gathers small writes until the clock moves on: the
             # pump advances it.
-            server = TLSMemoryBIOFactory(server_options(config.tls), False, _One(server),
+            server = DicomTLSFactory(server_options(config.tls), False, _One(server),
                                          clock=clock).buildProtocol(None)
             client_tls = client_options(Destination("gw", "DICOMGW", "localhost", 104, tls=True,
                                                   ca_certificates=os.path.join(tls_dir, "ca.pem"),
                                                   certificate=os.path.join(tls_dir, "client.pem"),
                                                   private_key=os.path.join(tls_dir, "client.key")), config)
-            client = TLSMemoryBIOFactory(client_tls, True, _One(client), clock=clock).buildProtocol(None)
+            client = DicomTLSFactory(client_tls, True, _One(client), clock=clock).buildProtocol(None)
         pump = iosim.connect(server, iosim.FakeTransport(server, isServer=True),
                              client, iosim.FakeTransport(client, isServer=False), greet=False, clock=clock)
         pump.flush()

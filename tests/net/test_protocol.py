@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from unittest import mock
 
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
@@ -14,6 +15,7 @@ from twisted.trial import unittest
 from gateway.config import config_from_string
 from gateway.dimse import commands as C
 from gateway.net.protocol import DicomProtocol
+from gateway.net.tls import DicomTLSProtocol
 from gateway.ingest.service import SCPService
 from gateway.ul import (
     A_ABORT,
@@ -284,7 +286,7 @@ class EchoBytesTests(unittest.TestCase):
         self.assertIn("unexpected C-ECHO-RSP", p.disconnect_reason)
 
 
-class _RecordsTransport(TLSMemoryBIOProtocol):
+class _RecordsTransport(DicomTLSProtocol):
     """Stands for the TLS layer: what the protocol writes is kept, nothing is encrypted."""
 
     def __init__(self):
@@ -299,7 +301,7 @@ class _RecordsTransport(TLSMemoryBIOProtocol):
 
 
 class TLSRecordTests(unittest.TestCase):
-    """Over TLS the records of one read reach the core together, on the next turn."""
+    """Over TLS the records of one read reach the core together, once the TLS layer says the read is done."""
 
     def connect(self):
         clock, user = Clock(), Recorder()
@@ -307,19 +309,35 @@ class TLSRecordTests(unittest.TestCase):
         p.makeConnection(_RecordsTransport())
         return p, clock, user
 
-    def test_records_of_one_read_are_delivered_together_on_the_next_turn(self):
+    def test_records_of_one_read_are_delivered_together_when_the_read_is_done(self):
         p, clock, user = self.connect()
         data = encode_pdu(rq())
         for i in range(0, len(data), 16):
             p.dataReceived(data[i:i + 16])
         self.assertEqual(user.events, [])
-        clock.advance(0)
+        p.tls_read_done()
         self.assertEqual([e[0] for e in user.events], ["associate_indication"])
+        p.tls_read_done()  # a read that decrypted no record (a handshake message, say)
+        self.assertEqual(len(user.events), 1)
+
+    def test_the_tls_layer_says_when_a_read_is_done_even_when_it_fails(self):
+        class Top:
+            reads = 0
+
+            def tls_read_done(self):
+                self.reads += 1
+
+        tls = DicomTLSProtocol.__new__(DicomTLSProtocol)
+        tls.wrappedProtocol = Top()
+        with mock.patch.object(TLSMemoryBIOProtocol, "dataReceived", side_effect=[None, RuntimeError("bug")]):
+            tls.dataReceived(b"one read")
+            self.assertRaises(RuntimeError, tls.dataReceived, b"another")
+        self.assertEqual(tls.wrappedProtocol.reads, 2)
 
     def test_a_close_does_not_overtake_the_records_before_it(self):
         p, clock, user = self.connect()
         p.dataReceived(encode_pdu(rq()))
-        clock.advance(0)
+        p.tls_read_done()
         p.accept(AssociateAC("DICOMGW", "SCU", ()))
         p.dataReceived(encode_pdu(Abort(0, 0)))
         p.connectionLost(Failure(ConnectionDone()))
