@@ -80,40 +80,44 @@ def release(conn, info, now, aes: dict, node: str = ""):
         # Another node took it for broken (this node's heartbeat stopped for
         # longer than the lease): its instances are aborted already.
         raise RuntimeError(f"association {info.id} was ended meanwhile (by another node)")
-    rows = conn.execute("SELECT id, ae, group_key, received, sop_instance_uid FROM instances "
-                        "WHERE association = ? AND state = 'received' ORDER BY id", (info.id,)).fetchall()
+    handoff = sorted(aes)
+    marks = ", ".join("?" * len(handoff))
+    # Instances on AE titles that form no payloads are kept as they are.
+    conn.execute("UPDATE instances SET state = 'kept' WHERE association = ? AND state = 'received'"
+                 + (f" AND ae NOT IN ({marks})" if handoff else ""), (info.id, *handoff))
+    groups = [tuple(g) for g in conn.execute(
+        "SELECT ae, COALESCE(group_key, '') AS k, MAX(received) AS received FROM instances "
+        "WHERE association = ? AND state = 'received' GROUP BY ae, k ORDER BY ae, k", (info.id,))]
     # A group's open payload is found (or made) and joined under its lock, so
     # that nodes releasing at once make one payload; always in the same
     # order, so that two releases never wait for each other.
-    for ae_title, key in sorted({(r["ae"], r["group_key"] or "") for r in rows if r["ae"] in aes}):
+    for ae_title, key, _received in groups:
         dialect.lock(conn, group_lock(ae_title, key))
     touched = {}
-    for r in rows:
-        ae = aes.get(r["ae"])
-        if ae is None:
-            conn.execute("UPDATE instances SET state = 'kept' WHERE id = ?", (r["id"],))
-            continue
-        key = r["group_key"] or ""
+    for ae_title, key, received in groups:
         p = conn.execute("SELECT id, updated FROM payloads WHERE ae = ? AND key = ? AND state = 'open'",
-                         (r["ae"], key)).fetchone()
+                         (ae_title, key)).fetchone()
         if p is None:
             pid = f"{int(now):d}-{secrets.token_hex(6)}"
             conn.execute("INSERT INTO payloads (id, ae, grouping, key, state, created, updated, node, touches) "
                          "VALUES (?, ?, ?, ?, 'open', ?, ?, ?, 1)",
-                         (pid, r["ae"], ae.grouping, key, now, r["received"], node or None))
-            updated, touches = r["received"], 1
+                         (pid, ae_title, aes[ae_title].grouping, key, now, received, node or None))
+            updated, touches = received, 1
         else:
-            pid, updated = p["id"], max(p["updated"] or 0, r["received"] or 0)
+            pid, updated = p["id"], max(p["updated"] or 0, received or 0)
             # The quiet timer of the payload runs on the node that joined it last.
             touches = conn.execute("UPDATE payloads SET updated = ?, node = ?, touches = touches + 1 WHERE id = ? "
                                    "RETURNING touches", (updated, node or None, pid)).fetchone()[0]
-        conn.execute("UPDATE instances SET state = 'payload', payload = ? WHERE id = ?", (pid, r["id"]))
-        # The same instance received again for the same payload: latest wins.
+        conn.execute("UPDATE instances SET state = 'payload', payload = ? WHERE association = ? "
+                     "AND state = 'received' AND ae = ? AND COALESCE(group_key, '') = ?",
+                     (pid, info.id, ae_title, key))
+        # An instance received again for the same payload: the latest copy wins.
         conn.execute("UPDATE instances SET state = 'replaced' WHERE payload = ? AND state = 'payload' "
-                     "AND sop_instance_uid = ? AND id < ?", (pid, r["sop_instance_uid"], r["id"]))
+                     "AND id NOT IN (SELECT MAX(id) FROM instances WHERE payload = ? AND state = 'payload' "
+                     "GROUP BY sop_instance_uid)", (pid, pid))
         conn.execute("INSERT OR IGNORE INTO payload_associations (payload, association) VALUES (?, ?)",
                      (pid, info.id))
-        touched[pid] = (r["ae"], key, updated, touches)
+        touched[pid] = (ae_title, key, updated, touches)
     return touched
 
 
@@ -208,7 +212,9 @@ def list_payloads(conn, limit, offset, state):
     out = []
     for p in conn.execute(q, args).fetchall():
         d = {k: p[k] for k in ("id", "ae", "key", "state", "created", "closed")}
-        d["instances"] = conn.execute("SELECT COUNT(*) FROM instances WHERE payload = ?", (p["id"],)).fetchone()[0]
+        # An instance received again counts once: its earlier copies are 'replaced'.
+        d["instances"] = conn.execute("SELECT COUNT(*) FROM instances WHERE payload = ? AND state != 'replaced'",
+                                      (p["id"],)).fetchone()[0]
         d["pipelines"] = {j["pipeline"]: {"state": j["state"], "attempts": j["attempts"], "reason": j["reason"]}
                           for j in conn.execute("SELECT * FROM jobs WHERE payload = ? ORDER BY id", (p["id"],))}
         out.append(d)

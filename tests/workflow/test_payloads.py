@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sys
 import time
@@ -82,20 +83,28 @@ class PayloadCase(Backend, unittest.TestCase):
         self.n = 0
 
     @defer.inlineCallbacks
-    def store(self, association, patient, study, series, ae="DICOMGW", turn=True):
+    def store(self, association, patient, study, series, ae="DICOMGW", turn=True, sop_instance_uid=None):
         """Put an instance in the inbox as the SCP would, and tell the service
         with the record the writer makes.
 
         Without ``turn`` the reactor does not turn after the SCP's call: the
-        examination has not started (the caller advances the clock).
+        examination has not started (the caller advances the clock).  With
+        ``sop_instance_uid``, the instance is that one received again (its
+        new file replaces the old one, as the writer's rename does).
         """
         self.n += 1
         src = dicomfiles.ct_image(os.path.join(self.source, f"{self.n}.dcm"), study_uid=study,
                                   series_uid=series, number=self.n, rows=8, cols=8, patient_id=patient)
+        if sop_instance_uid is not None:
+            ds = pydicom.dcmread(src)
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = sop_instance_uid
+            ds.save_as(src, enforce_file_format=True)
         ds = pydicom.dcmread(src, stop_before_pixels=True)
         directory = os.path.join(self.storage.instances_dir, ae)
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, ds.SOPInstanceUID + ".dcm")
+        if sop_instance_uid is not None and os.path.exists(path):
+            os.unlink(path)
         os.link(src, path)
         with open(path, "rb") as f:  # as the writer digests and keeps what it writes
             data = f.read()
@@ -169,6 +178,29 @@ class GroupingTests(PayloadCase):
     @defer.inlineCallbacks
     def test_grouping_by_series(self):
         self.assertEqual((yield self.two_associations("series")), [1, 1, 1, 2])
+
+    @defer.inlineCallbacks
+    def test_an_instance_received_again_is_in_its_payload_once_as_its_latest_copy(self):
+        yield self.make("study")
+        study, series, again = generate_uid(), generate_uid(), generate_uid()
+        a1, a2 = self.association(), self.association()
+        yield self.store(a1, "P1", study, series, sop_instance_uid=again)
+        yield self.store(a1, "P1", study, series)
+        yield self.store(a1, "P1", study, series, sop_instance_uid=again)
+        yield self.service.association_released(a1)
+        yield self.store(a2, "P1", study, series, sop_instance_uid=again)
+        yield self.store(a2, "P1", study, series)
+        yield self.service.association_released(a2)
+        rows = yield self.db.run(lambda conn: [tuple(r) for r in conn.execute(
+            "SELECT association, state FROM instances WHERE sop_instance_uid = ? ORDER BY id", (again,))])
+        self.assertEqual(rows, [("a1", "replaced"), ("a1", "replaced"), ("a2", "payload")])
+        self.clock.advance(5.1)
+        self.assertEqual((yield self.states(expected_closed=1)), [("closed", 3)])
+        [payload] = yield self.service.payloads()
+        with open(os.path.join(self.storage.payloads_dir, payload["id"], "manifest.json")) as f:
+            manifest = json.load(f)
+        self.assertEqual(sum(i["sop_instance_uid"] == again for i in manifest["instances"]), 1)
+        self.assertEqual(len(manifest["instances"]), 3)
 
     @defer.inlineCallbacks
     def test_key_is_scoped_by_ae_title(self):
