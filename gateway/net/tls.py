@@ -290,7 +290,12 @@ class DicomTLSProtocol(TLSMemoryBIOProtocol):
     records decrypted from one socket read have all been handed over
     (``tls_read_done``): the protocol gives them to its core joined, once
     per read, not once per record of at most 16 KiB
-    (:meth:`gateway.net.protocol.DicomProtocol.dataReceived`)."""
+    (:meth:`gateway.net.protocol.DicomProtocol.dataReceived`).
+
+    Each write is encrypted and sent as it is made: the DICOM protocol
+    writes whole PDUs.  (``TLSMemoryBIOFactory``'s own protocol holds small
+    writes for the next reactor turn, and a C-STORE response waited there
+    behind whatever else that turn ran, while the peer waited for it.)"""
 
     def dataReceived(self, data):
         try:

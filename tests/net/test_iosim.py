@@ -59,15 +59,12 @@ class SCUIntoSCPTests(unittest.TestCase):
                                dimse_timeout=20)
         server = scp.factory(tls=tls_dir is not None).buildProtocol(None)
         if tls_dir is not None:
-            # The TLS layer gathers small writes until the clock moves on: the
-            # pump advances it.
-            server = DicomTLSFactory(server_options(config.tls), False, _One(server),
-                                         clock=clock).buildProtocol(None)
+            server = DicomTLSFactory(server_options(config.tls), False, _One(server)).buildProtocol(None)
             client_tls = client_options(Destination("gw", "DICOMGW", "localhost", 104, tls=True,
                                                   ca_certificates=os.path.join(tls_dir, "ca.pem"),
                                                   certificate=os.path.join(tls_dir, "client.pem"),
                                                   private_key=os.path.join(tls_dir, "client.key")), config)
-            client = DicomTLSFactory(client_tls, True, _One(client), clock=clock).buildProtocol(None)
+            client = DicomTLSFactory(client_tls, True, _One(client)).buildProtocol(None)
         pump = iosim.connect(server, iosim.FakeTransport(server, isServer=True),
                              client, iosim.FakeTransport(client, isServer=False), greet=False, clock=clock)
         pump.flush()
@@ -113,6 +110,16 @@ class SCUIntoSCPTests(unittest.TestCase):
         association = self.exchange(make_certificates(self))
         self.assertTrue(association.tls)
         self.assertIn("CN=", association.tls_subject)  # the SCU's client certificate
+
+    def test_over_tls_a_pdu_goes_out_without_waiting_for_a_reactor_turn(self):
+        # TLSMemoryBIOFactory's own protocol holds small writes for the next
+        # reactor turn; the DICOM TLS layer sends each PDU as it is written,
+        # so this echo is answered with no clock moving at all.
+        scp, user, pump = self.associate(verification_contexts(), make_certificates(self))
+        echoed = []
+        user.echo().addCallback(echoed.append)
+        pump.flush(advanceClock=False)
+        self.assertEqual(echoed, [C.SUCCESS])
 
     def test_a_context_the_scp_refuses_fails_the_store_only(self):
         # The SCP accepts storage SOP classes only: Storage Commitment is
