@@ -127,8 +127,11 @@ class DicomProtocol(Protocol):
 
     def tls_read_done(self):
         """The TLS layer has handed over every record of one socket read."""
-        records, self._records = self._records, []
-        if records and not self.closed:
+        records = self._records
+        if not records:  # a read of handshake messages only
+            return
+        self._records = []
+        if not self.closed:
             self._receive(records[0] if len(records) == 1 else b"".join(records))
 
     def _receive(self, data):
