@@ -761,8 +761,7 @@ def main(argv=None) -> int:
         return 2
     if args.profile:
         Gateway.profile_dir = os.path.abspath(args.profile)
-    if args.keep_runs:
-        Receiver.run_set = time.strftime("%Y%m%d-%H%M%S")
+    Receiver.run_set = time.strftime("%Y%m%d-%H%M%S") if args.keep_runs else ""
     sizes = dataclasses.replace(QUICK if args.quick else Sizes())
     if args.reps:
         sizes.reps = sizes.reps_big = args.reps
